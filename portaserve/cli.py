@@ -1,0 +1,110 @@
+"""The ``portaserve`` command: generate, env (and serve / bench as they land)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+
+
+def cmd_env(ns) -> int:
+    """Platforms, their probes, and the op table each would use."""
+    import torch
+
+    from portaserve.platforms import platform_classes, probe_all, resolve_op_table, resolve_platform
+
+    print(f"portaserve {__import__('portaserve').__version__}  python {sys.version.split()[0]}  "
+          f"torch {torch.__version__} (cuda {torch.version.cuda}, hip {getattr(torch.version, 'hip', None)})")
+    probes = probe_all()
+    try:
+        chosen = resolve_platform(ns.device)
+    except Exception as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\nplatforms (probe order):")
+    for name, reason in probes.items():
+        mark = "*" if name == chosen.name else " "
+        print(f" {mark} {name:<6} {'available' if reason is None else 'unavailable: ' + reason}")
+    classes = platform_classes()
+    show = list(classes) if ns.all else [chosen.name]
+    for name in show:
+        p = classes[name]()
+        table = resolve_op_table(p, ns.kernel or [])
+        print(f"\nop table for {name}" + (" (selected)" if name == chosen.name else "") + ":")
+        print(table.format())
+    if chosen.name != "cpu":
+        info = chosen.describe()
+        print("\n" + json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_generate(ns, args) -> int:
+    from portaserve.engine import Engine
+    from portaserve.core.sampling_params import InvalidRequest
+
+    sp = {"max_new_tokens": ns.max_new_tokens, "temperature": ns.temperature}
+    with Engine(server_args=args) as engine:
+        prompt = ns.prompt
+        if ns.chat and engine.tokenizer is not None and engine.tokenizer.chat_template:
+            prompt = engine.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        try:
+            last = ""
+            for chunk in engine.generate(prompt, sp, stream=True):
+                sys.stdout.write(chunk["text"][len(last):])
+                sys.stdout.flush()
+                last = chunk["text"]
+        except InvalidRequest as e:
+            print(f"\nerror: {e}", file=sys.stderr)
+            return 2
+        print()
+        m = chunk["meta_info"]
+        print(f"[{m['prompt_tokens']} prompt tokens, {m['completion_tokens']} generated, "
+              f"finish: {m['finish_reason']}]", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    from portaserve.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(prog="portaserve", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p_env = sub.add_parser("env", help="show platforms, probes and the op provider table")
+    p_env.add_argument("--device", default="auto")
+    p_env.add_argument("--kernel", action="append", help="OP=PROVIDER override to preview")
+    p_env.add_argument("--all", action="store_true", help="show the op table of every platform")
+
+    p_gen = sub.add_parser("generate", help="generate a completion for one prompt on the console")
+    p_gen.add_argument("prompt")
+    p_gen.add_argument("--max-new-tokens", type=int, default=128)
+    p_gen.add_argument("--temperature", type=float, default=0.0)
+    p_gen.add_argument("--no-chat", dest="chat", action="store_false",
+                       help="send the prompt raw instead of through the chat template")
+    ServerArgs.add_cli_args(p_gen)
+
+    ns = parser.parse_args(argv)
+    if ns.cmd == "env":
+        return cmd_env(ns)
+    args = ServerArgs.from_cli(ns)
+    _setup_logging(args.log_level)
+    try:
+        args.validate()
+    except ValueError as e:
+        parser.error(str(e))
+    if ns.cmd == "generate":
+        try:
+            return cmd_generate(ns, args)
+        except (ValueError, RuntimeError) as e:
+            print(f"portaserve: error: {e}", file=sys.stderr)
+            return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""What one model forward pass needs to know about its batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from portaserve.core.memory import KVPool
+
+
+@dataclass
+class ForwardBatch:
+    is_decode: bool
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    out_cache_loc: torch.Tensor  # [T] KV slots the new tokens are written to
+    req_pool_indices: torch.Tensor  # [B]
+    seq_lens: torch.Tensor  # [B] tokens in the cache after this pass
+    kv: KVPool
+    req_to_token: torch.Tensor
+    prefix_lens: Optional[torch.Tensor] = None  # [B] (extend)
+    extend_lens: Optional[torch.Tensor] = None  # [B] (extend)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.req_pool_indices.shape[0])

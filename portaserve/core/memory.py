@@ -1,0 +1,132 @@
+"""KV memory: the KV pool, the request -> token table, and the slot allocator.
+
+Slots are indices into the per-layer K/V buffers.  Slots are handed out in pages of
+``page_size`` tokens; page 0 is reserved as the padding page (dummy writes go there), so
+every usable slot is >= page_size.  With page_size 1 this is exactly token-level
+allocation.  A request owns whole pages: its last page may be partly filled.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVPool:
+    """Per-layer K and V buffers of shape [num_slots, kv_heads, head_dim]."""
+
+    def __init__(self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device, v_head_dim: int | None = None):
+        self.num_layers = num_layers
+        self.num_slots = num_slots
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        v_head_dim = v_head_dim or head_dim
+        # torch.empty: pages are only touched when written.  Every slot is written before
+        # it is read except the padding slots of page 0, which are zeroed.
+        self.k = [torch.empty(num_slots, kv_heads, head_dim, dtype=dtype, device=device)
+                  for _ in range(num_layers)]
+        self.v = [torch.empty(num_slots, kv_heads, v_head_dim, dtype=dtype, device=device)
+                  for _ in range(num_layers)]
+
+    def zero_padding(self, page_size: int) -> None:
+        for t in self.k + self.v:
+            t[:page_size].zero_()
+
+    @staticmethod
+    def bytes_per_token(num_layers, kv_heads, head_dim, dtype, v_head_dim=None) -> int:
+        esize = torch.empty((), dtype=dtype).element_size()
+        return num_layers * kv_heads * (head_dim + (v_head_dim or head_dim)) * esize
+
+
+class ReqToTokenPool:
+    """Row r maps position p of the request holding row r to its KV slot."""
+
+    def __init__(self, size: int, max_context_len: int, device):
+        self.size = size
+        self.req_to_token = torch.zeros(size, max_context_len, dtype=torch.int32, device=device)
+        self._free = list(range(size - 1, -1, -1))
+
+    def available(self) -> int:
+        return len(self._free)
+
+    def alloc(self) -> int | None:
+        return self._free.pop() if self._free else None
+
+    def free(self, idx: int) -> None:
+        assert 0 <= idx < self.size and idx not in self._free, f"double free of req row {idx}"
+        self._free.append(idx)
+
+
+class OutOfSlots(RuntimeError):
+    pass
+
+
+class SlotAllocator:
+    """Hands out KV slots page by page.  ``size`` usable tokens (a multiple of page_size)
+    plus the reserved padding page 0."""
+
+    def __init__(self, size: int, page_size: int = 1):
+        if page_size < 1:
+            raise ValueError("page_size must be >= 1")
+        self.page_size = page_size
+        self.num_pages = size // page_size
+        self.size = self.num_pages * page_size
+        self.clear()
+
+    def clear(self) -> None:
+        # pages 1..num_pages; pop() from the end hands out low pages first
+        self._free_pages = list(range(self.num_pages, 0, -1))
+        self._free_set = set(self._free_pages)
+
+    @property
+    def total_slots(self) -> int:
+        return (self.num_pages + 1) * self.page_size
+
+    def available_size(self) -> int:
+        return len(self._free_pages) * self.page_size
+
+    def free_slot_set(self) -> set[int]:
+        ps = self.page_size
+        return {p * ps + i for p in self._free_pages for i in range(ps)}
+
+    def alloc_tokens(self, n: int, last_slot: int | None = None, seq_len: int = 0) -> list[int]:
+        """Slots for the next n tokens of a request whose first seq_len tokens already
+        have slots, the last of them being last_slot.  Fills the rest of the request's
+        last page before taking new pages.  Raises OutOfSlots (taking nothing) if short."""
+        ps = self.page_size
+        out: list[int] = []
+        if ps > 1 and seq_len % ps and last_slot is not None:
+            room = ps - seq_len % ps
+            take = min(room, n)
+            out.extend(range(last_slot + 1, last_slot + 1 + take))
+        need = n - len(out)
+        pages_needed = -(-need // ps)
+        if pages_needed > len(self._free_pages):
+            raise OutOfSlots(f"need {pages_needed} pages, {len(self._free_pages)} free")
+        for _ in range(pages_needed):
+            page = self._free_pages.pop()
+            self._free_set.discard(page)
+            out.extend(range(page * ps, page * ps + ps))
+        return out[:n]
+
+    def pages_needed(self, n: int, seq_len: int = 0) -> int:
+        ps = self.page_size
+        room = (ps - seq_len % ps) % ps if ps > 1 else 0
+        return -(-max(0, n - room) // ps)
+
+    def free(self, slots) -> None:
+        """Return the pages holding these slots.  Callers pass slots that cover whole
+        pages, or the tail of a request starting on a page boundary."""
+        if isinstance(slots, torch.Tensor):
+            slots = slots.tolist()
+        if not slots:
+            return
+        ps = self.page_size
+        pages = {s // ps for s in slots} if ps > 1 else slots
+        for p in pages:
+            if p <= 0 or p > self.num_pages:
+                raise ValueError(f"freeing slot page {p} outside the pool")
+            if p in self._free_set:
+                raise ValueError(f"double free of KV page {p}")
+            self._free_set.add(p)
+            self._free_pages.append(p)

@@ -1,0 +1,92 @@
+"""Op declarations and dispatch.
+
+Model and engine code call ``ops.rmsnorm(...)`` etc.; each call goes to the provider the
+registry chose for the current platform (see registry.py).  Until ``use_table`` is called
+the native implementations run, so the ops work in isolation (tests, notebooks).
+"""
+from __future__ import annotations
+
+from portaserve.core.ops import native
+from portaserve.core.ops.registry import (
+    OPS,
+    PROVIDERS,
+    OpResolutionError,
+    OpTable,
+    declare_op,
+    parse_kernel_overrides,
+    register_provider,
+    resolve_ops,
+)
+
+# (op name, family, native implementation)
+_DECLARATIONS = [
+    ("rmsnorm", "norm", native.rmsnorm),
+    ("fused_add_rmsnorm", "norm", native.fused_add_rmsnorm),
+    ("silu_and_mul", "activation", native.silu_and_mul),
+    ("rotary_embedding", "rotary", native.rotary_embedding),
+    ("kv_store", "kv_cache", native.kv_store),
+    ("attention_extend", "attention", native.attention_extend),
+    ("attention_decode", "attention", native.attention_decode),
+    ("apply_penalties", "sampling", native.apply_penalties),
+    ("top_k_top_p_min_p_sample", "sampling", native.top_k_top_p_min_p_sample),
+]
+for _name, _family, _fn in _DECLARATIONS:
+    declare_op(_name, _family, _fn)
+
+_fns = {name: fn for name, _, fn in _DECLARATIONS}
+_table: OpTable | None = None
+
+
+def use_table(table: OpTable) -> None:
+    """Route every op call to the providers chosen in ``table``."""
+    global _table
+    _table = table
+    _fns.update({op: c.fn for op, c in table.choices.items()})
+
+
+def current_table() -> OpTable | None:
+    return _table
+
+
+def rmsnorm(x, weight, eps):
+    return _fns["rmsnorm"](x, weight, eps)
+
+
+def fused_add_rmsnorm(x, residual, weight, eps):
+    return _fns["fused_add_rmsnorm"](x, residual, weight, eps)
+
+
+def silu_and_mul(x):
+    return _fns["silu_and_mul"](x)
+
+
+def rotary_embedding(positions, q, k, cos_sin_cache, is_neox=True):
+    return _fns["rotary_embedding"](positions, q, k, cos_sin_cache, is_neox)
+
+
+def kv_store(k_cache, v_cache, loc, k, v):
+    return _fns["kv_store"](k_cache, v_cache, loc, k, v)
+
+
+def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens,
+                     extend_lens, scale):
+    return _fns["attention_extend"](q, k_cache, v_cache, req_to_token, req_pool_indices,
+                                    prefix_lens, extend_lens, scale)
+
+
+def attention_decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale):
+    return _fns["attention_decode"](q, k_cache, v_cache, req_to_token, req_pool_indices,
+                                    seq_lens, scale)
+
+
+def apply_penalties(logits, output_counts, seen_mask, frequency, presence, repetition):
+    return _fns["apply_penalties"](logits, output_counts, seen_mask, frequency, presence,
+                                   repetition)
+
+
+def top_k_top_p_min_p_sample(probs, top_k, top_p, min_p, noise):
+    return _fns["top_k_top_p_min_p_sample"](probs, top_k, top_p, min_p, noise)
+
+
+__all__ = ["OPS", "PROVIDERS", "OpResolutionError", "OpTable", "parse_kernel_overrides",
+           "register_provider", "resolve_ops", "use_table", "current_table"]

@@ -1,0 +1,163 @@
+"""Native (pure torch) implementations of every op.
+
+These run on any device torch supports and are the oracle for every other provider.
+They favour clarity; where a vectorised form is as clear as a loop, it is used so the
+CPU platform stays usable.
+
+Tensor conventions
+  tokens are packed: T tokens of B requests, request i owning extend_lens[i] of them;
+  q: [T, H, D]; k/v caches: [num_slots, H_kv, D] per layer; slot 0 is a padding slot;
+  req_to_token: [max_reqs, max_context] int32, the KV slot of each position of a request.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# ---- normalisation -----------------------------------------------------------------
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)  # the same rounding order as Hugging Face's LlamaRMSNorm
+
+
+def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Returns (rmsnorm(x + residual), x + residual)."""
+    residual = x + residual
+    return rmsnorm(residual, weight, eps), residual
+
+
+# ---- activation --------------------------------------------------------------------
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [..., 2*I] = [gate | up] -> silu(gate) * up."""
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
+# ---- rotary ------------------------------------------------------------------------
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, is_neox: bool = True):
+    """Apply rotary embedding.  q: [T, H, D], k: [T, Hk, D]; cos_sin_cache: [max_pos, R]
+    holding cos (first R/2) and sin (last R/2) for rotary dim R <= D.  Returns (q, k)."""
+    cos_sin = cos_sin_cache.index_select(0, positions)
+    rot = cos_sin.shape[-1]
+    cos, sin = cos_sin.chunk(2, dim=-1)  # [T, R/2]
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+
+    def apply(x):
+        xr = x[..., :rot].float()
+        if is_neox:
+            x1, x2 = xr.chunk(2, dim=-1)
+        else:
+            x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        o1 = x1 * cos - x2 * sin
+        o2 = x2 * cos + x1 * sin
+        if is_neox:
+            out = torch.cat((o1, o2), dim=-1)
+        else:
+            out = torch.stack((o1, o2), dim=-1).flatten(-2)
+        out = out.to(x.dtype)
+        if rot < x.shape[-1]:
+            out = torch.cat((out, x[..., rot:]), dim=-1)
+        return out
+
+    return apply(q), apply(k)
+
+
+# ---- KV cache ----------------------------------------------------------------------
+def kv_store(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write k/v [T, Hk, D] into the caches at slots loc [T] (in place)."""
+    k_cache[loc] = k.to(k_cache.dtype)
+    v_cache[loc] = v.to(v_cache.dtype)
+
+
+# ---- attention ---------------------------------------------------------------------
+def attention_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                     prefix_lens: torch.Tensor, extend_lens: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Causal attention of each request's new tokens over its cached prefix plus
+    themselves.  The new tokens' K/V must already be in the cache.  GQA by head groups."""
+    T, H, D = q.shape
+    Hk = k_cache.shape[1]
+    out = torch.empty(T, H, v_cache.shape[-1], dtype=q.dtype, device=q.device)
+    start = 0
+    for rp, pl, el in zip(req_pool_indices.tolist(), prefix_lens.tolist(), extend_lens.tolist()):
+        total = pl + el
+        slots = req_to_token[rp, :total].long()
+        k = k_cache[slots].to(q.dtype).transpose(0, 1)  # [Hk, L, D]
+        v = v_cache[slots].to(q.dtype).transpose(0, 1)
+        qi = q[start:start + el].transpose(0, 1)  # [H, el, D]
+        qpos = torch.arange(pl, total, device=q.device).unsqueeze(1)
+        kpos = torch.arange(total, device=q.device).unsqueeze(0)
+        mask = kpos <= qpos  # [el, L]
+        if H != Hk:
+            k = k.repeat_interleave(H // Hk, dim=0)
+            v = v.repeat_interleave(H // Hk, dim=0)
+        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale)
+        out[start:start + el] = o.transpose(0, 1)
+        start += el
+    return out
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per request (q: [B, H, D]) over its seq_lens[i] cached tokens."""
+    B, H, D = q.shape
+    Hk = k_cache.shape[1]
+    max_len = int(seq_lens.max())
+    pos = torch.arange(max_len, device=q.device)
+    valid = pos.unsqueeze(0) < seq_lens.unsqueeze(1)  # [B, L]
+    slots = req_to_token[req_pool_indices, :max_len].long()
+    slots = torch.where(valid, slots, torch.zeros_like(slots))
+    k = k_cache[slots].to(q.dtype)  # [B, L, Hk, D]
+    v = v_cache[slots].to(q.dtype)
+    g = H // Hk
+    qg = q.view(B, Hk, g, D)
+    scores = torch.einsum("bkgd,blkd->bkgl", qg.float(), k.float()) * scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    o = torch.einsum("bkgl,blkd->bkgd", p, v.float())
+    return o.reshape(B, H, -1).to(q.dtype)
+
+
+# ---- sampling ----------------------------------------------------------------------
+def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, seen_mask: torch.Tensor,
+                    frequency: torch.Tensor, presence: torch.Tensor,
+                    repetition: torch.Tensor) -> torch.Tensor:
+    """OpenAI frequency/presence penalties over output-token counts, and the CTRL/HF
+    repetition penalty over every token seen (prompt and output).  logits: [B, V] float."""
+    counts = output_counts.to(logits.dtype)
+    logits = logits - frequency.unsqueeze(1) * counts
+    logits = logits - presence.unsqueeze(1) * (counts > 0).to(logits.dtype)
+    rep = repetition.unsqueeze(1).to(logits.dtype)
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    return torch.where(seen_mask, penalised, logits)
+
+
+def top_k_top_p_min_p_sample(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                             min_p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Sample one token per row of probs [B, V] after top-k (k<=0: off), top-p and min-p
+    filtering.  noise [B, V] are Exp(1) draws: the sample is argmax(p / noise) over the
+    kept tokens (an exact draw from the renormalised distribution), so a provider given
+    the same noise must return the same ids."""
+    B, V = probs.shape
+    if bool((top_k <= 0).all() and (top_p >= 1).all() and (min_p <= 0).all()):
+        return (probs / noise).argmax(dim=-1)  # nothing filtered: skip the sort
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(V, device=probs.device).unsqueeze(0)
+    k = torch.where(top_k <= 0, torch.full_like(top_k, V), top_k).unsqueeze(1)
+    keep = rank < k
+    cum = sorted_p.cumsum(-1)
+    keep &= (cum - sorted_p) < top_p.unsqueeze(1)
+    keep &= sorted_p >= min_p.unsqueeze(1) * sorted_p[:, :1]
+    keep[:, 0] = True
+    sorted_noise = noise.gather(1, order)
+    score = torch.where(keep, sorted_p / sorted_noise, torch.full_like(sorted_p, -1.0))
+    choice = score.argmax(dim=-1, keepdim=True)
+    return order.gather(1, choice).squeeze(1)

@@ -1,0 +1,86 @@
+"""Turning a batch of logits into next tokens (and their logprobs).
+
+Order of operations per request: min_new_tokens masking, penalties, then either greedy
+argmax or temperature -> softmax -> top-k / top-p / min-p -> a draw.  Draws use Exp(1)
+noise from the request's own generator when it set ``sampling_seed`` (reproducible
+whatever else shares its batch), otherwise from the engine's generator.
+Logprobs are those of the model's raw distribution (log_softmax of the logits).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from portaserve.core import ops
+from portaserve.core.request import Req
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device, seed: int = 0):
+        self.vocab_size = vocab_size
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def request_generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
+        if seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(int(seed))
+
+    def sample(self, logits: torch.Tensor, reqs: list[Req], eos_ids: set[int]):
+        """logits: [B, V] float32.  Returns (next token ids [B] list, raw logprobs [B, V]
+        or None when no request asked for logprobs)."""
+        B, V = logits.shape
+        raw = logits
+        logprobs = torch.log_softmax(raw, dim=-1) if any(r.return_logprob for r in reqs) else None
+        logits = self._mask_min_tokens(logits, reqs, eos_ids)
+        if any(r.sampling.needs_penalties for r in reqs):
+            logits = self._penalise(logits, reqs)
+        greedy = [r.sampling.greedy for r in reqs]
+        if all(greedy):
+            return logits.argmax(dim=-1).tolist(), logprobs
+        dev = logits.device
+        temps = torch.tensor([1.0 if g else r.sampling.temperature for g, r in zip(greedy, reqs)],
+                             device=dev, dtype=logits.dtype)
+        probs = torch.softmax(logits / temps.unsqueeze(1), dim=-1)
+        noise = torch.empty_like(probs)
+        for i, r in enumerate(reqs):
+            noise[i].exponential_(generator=r.generator or self.generator)
+        top_k = torch.tensor([r.sampling.top_k for r in reqs], device=dev)
+        top_p = torch.tensor([r.sampling.top_p for r in reqs], device=dev, dtype=probs.dtype)
+        min_p = torch.tensor([r.sampling.min_p for r in reqs], device=dev, dtype=probs.dtype)
+        sampled = ops.top_k_top_p_min_p_sample(probs, top_k, top_p, min_p, noise)
+        if any(greedy):
+            g = torch.tensor(greedy, device=dev)
+            sampled = torch.where(g, logits.argmax(dim=-1), sampled)
+        return sampled.tolist(), logprobs
+
+    def _mask_min_tokens(self, logits, reqs, eos_ids):
+        rows = [i for i, r in enumerate(reqs) if len(r.output_ids) < r.sampling.min_new_tokens]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            banned = set(eos_ids) | set(reqs[i].sampling.stop_token_ids or [])
+            idx = [t for t in banned if 0 <= t < logits.shape[1]]
+            if idx:
+                logits[i, idx] = float("-inf")
+        return logits
+
+    def _penalise(self, logits, reqs):
+        B, V = logits.shape
+        dev = logits.device
+        counts = torch.zeros(B, V, dtype=torch.int32, device=dev)
+        seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
+        for i, r in enumerate(reqs):
+            if not r.sampling.needs_penalties:
+                continue
+            if r.output_ids:
+                out = torch.tensor(r.output_ids, device=dev)
+                counts[i].scatter_add_(0, out, torch.ones_like(out, dtype=torch.int32))
+            if r.sampling.repetition_penalty != 1.0:
+                seen[i, torch.tensor(r.fill_ids, device=dev)] = True
+        f = torch.tensor([r.sampling.frequency_penalty for r in reqs], device=dev, dtype=logits.dtype)
+        p = torch.tensor([r.sampling.presence_penalty for r in reqs], device=dev, dtype=logits.dtype)
+        rp = torch.tensor([r.sampling.repetition_penalty for r in reqs], device=dev, dtype=logits.dtype)
+        return ops.apply_penalties(logits, counts, seen, f, p, rp)

@@ -1,0 +1,115 @@
+"""Sampling parameters, with SGLang's names and validation that names the problem."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Optional, Union
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses; ``param`` names the offending field."""
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    stop: Union[str, list, None] = None
+    stop_token_ids: Optional[list] = None
+    ignore_eos: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    json_schema: Optional[str] = None
+    regex: Optional[str] = None
+    ebnf: Optional[str] = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    sampling_seed: Optional[int] = None
+    no_stop_trim: bool = False
+    min_new_tokens: int = 0
+    n: int = 1
+    stop_strs: list = field(default_factory=list, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "SamplingParams":
+        if d is None:
+            return cls()
+        if isinstance(d, SamplingParams):
+            return d
+        if not isinstance(d, dict):
+            raise InvalidRequest("sampling_params must be an object", "sampling_params")
+        known = {f.name for f in fields(cls)} - {"stop_strs"}
+        unknown = set(d) - known
+        if unknown:
+            raise InvalidRequest(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}",
+                                 sorted(unknown)[0])
+        p = cls(**{k: v for k, v in d.items() if v is not None or k in ("stop", "stop_token_ids")})
+        p.validate()
+        return p
+
+    def validate(self) -> None:
+        def num(name, lo=None, hi=None, lo_open=False, integer=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+                raise InvalidRequest(f"{name} must be a{'n integer' if integer else ' number'}, got {v!r}", name)
+            if isinstance(v, float) and math.isnan(v):
+                raise InvalidRequest(f"{name} must not be NaN", name)
+            if lo is not None and (v <= lo if lo_open else v < lo):
+                raise InvalidRequest(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}", name)
+            if hi is not None and v > hi:
+                raise InvalidRequest(f"{name} must be <= {hi}, got {v}", name)
+
+        num("max_new_tokens", 0, integer=True)
+        num("min_new_tokens", 0, integer=True)
+        num("temperature", 0.0)
+        if math.isinf(self.temperature):
+            raise InvalidRequest("temperature must be finite", "temperature")
+        num("top_p", 0.0, 1.0, lo_open=True)
+        num("top_k", integer=True)
+        if self.top_k == 0 or self.top_k < -1:
+            raise InvalidRequest(f"top_k must be -1 (off) or >= 1, got {self.top_k}", "top_k")
+        num("min_p", 0.0, 1.0)
+        num("frequency_penalty", -2.0, 2.0)
+        num("presence_penalty", -2.0, 2.0)
+        num("repetition_penalty", 0.0, 2.0, lo_open=True)
+        num("n", 1, integer=True)
+        if self.sampling_seed is not None and (isinstance(self.sampling_seed, bool)
+                                               or not isinstance(self.sampling_seed, int)):
+            raise InvalidRequest("sampling_seed must be an integer", "sampling_seed")
+        stop = self.stop
+        if stop is None:
+            self.stop_strs = []
+        elif isinstance(stop, str):
+            self.stop_strs = [stop] if stop else []
+        elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
+            self.stop_strs = [s for s in stop if s]
+        else:
+            raise InvalidRequest("stop must be a string or a list of strings", "stop")
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+                raise InvalidRequest("stop_token_ids must be a list of integers", "stop_token_ids")
+        kinds = [k for k in ("json_schema", "regex", "ebnf") if getattr(self, k) is not None]
+        if len(kinds) > 1:
+            raise InvalidRequest(f"only one of json_schema, regex, ebnf may be set (got {', '.join(kinds)})",
+                                 kinds[1])
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-6 or self.top_k == 1
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stop_strs"}

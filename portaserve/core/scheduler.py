@@ -1,0 +1,536 @@
+"""The scheduler: admission, chunked prefill, continuous batching, retraction.
+
+One ``step()`` runs one forward pass:
+  * if requests are waiting (or a chunked prefill is in progress) and fit, a prefill
+    ("extend") batch over their uncached tokens, at most ``chunked_prefill_size`` tokens;
+  * otherwise one decode step of every running request.
+New requests therefore join between decode steps (continuous batching).  Prefixes come
+from the radix cache; a request's KV goes back into the tree when it finishes.  When a
+decode step cannot get a slot per request even after evicting the cache, the requests
+with the least progress are retracted: their KV is handed to the tree (evictable), and
+they go back to the front of the queue to be re-prefilled later, output kept.
+
+The scheduler is single-threaded and transport-free: the in-process Engine drives it from
+a thread, the server from its own process.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from portaserve.core.forward_batch import ForwardBatch
+from portaserve.core.memory import KVPool, OutOfSlots, ReqToTokenPool, SlotAllocator
+from portaserve.core.radix_cache import RadixCache
+from portaserve.core.request import Req
+from portaserve.core.sampler import Sampler
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("fcfs", "lpm", "dfs-weight", "random")
+
+
+@dataclass
+class SchedulerConfig:
+    context_len: int
+    max_total_tokens: int
+    max_running_requests: int = 256
+    chunked_prefill_size: int = 8192  # <= 0: no chunking
+    max_prefill_tokens: int = 16384
+    page_size: int = 1
+    schedule_policy: str = "fcfs"
+    disable_radix_cache: bool = False
+    random_seed: int = 0
+    init_new_token_ratio: float = 0.7
+    min_new_token_ratio: float = 0.1
+    new_token_ratio_decay: float = 0.001
+
+
+@dataclass
+class StepStats:
+    mode: str = "idle"  # "extend" | "decode" | "idle"
+    batch_size: int = 0
+    num_tokens: int = 0
+    retracted: int = 0
+
+
+@dataclass
+class SchedulerCounters:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    retractions: int = 0
+    forward_extend: int = 0
+    forward_decode: int = 0
+    extend_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, model, kv: KVPool, device, eos_ids,
+                 decode_fn: Optional[Callable[[list[int]], str]] = None):
+        if cfg.schedule_policy not in POLICIES:
+            raise ValueError(f"unknown schedule policy {cfg.schedule_policy!r}; choose from {POLICIES}")
+        self.cfg = cfg
+        self.model = model
+        self.kv = kv
+        self.device = device
+        self.eos_ids = set(eos_ids)
+        self.decode_fn = decode_fn
+        self.page_size = cfg.page_size
+        self.allocator = SlotAllocator(cfg.max_total_tokens, cfg.page_size)
+        self.req_pool = ReqToTokenPool(cfg.max_running_requests + 1, cfg.context_len + 8, device)
+        self.tree: Optional[RadixCache] = None if cfg.disable_radix_cache else RadixCache(
+            self.allocator, cfg.page_size)
+        self.sampler = Sampler(model.cfg.vocab_size, device, cfg.random_seed)
+        self.rng = random.Random(cfg.random_seed)
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.chunked: Optional[Req] = None
+        self.new_token_ratio = cfg.init_new_token_ratio
+        self.counters = SchedulerCounters()
+        self.last_step = StepStats()
+
+    # ---- public interface -------------------------------------------------------------
+    def add_request(self, req: Req) -> None:
+        req.generator = self.sampler.request_generator(req.sampling.sampling_seed)
+        self.waiting.append(req)
+
+    def abort(self, rid: str) -> Optional[Req]:
+        """Abort a request wherever it is.  Returns it (finished) if it was found."""
+        reason = {"type": "abort", "message": "aborted by request"}
+        for i, r in enumerate(self.waiting):
+            if r.rid == rid:
+                self.waiting.pop(i)
+                r.finished_reason = reason
+                if r.req_pool_idx is not None:  # a retracted request keeps nothing
+                    self._release(r)
+                return r
+        if self.chunked is not None and self.chunked.rid == rid:
+            r, self.chunked = self.chunked, None
+            r.finished_reason = reason
+            self._release(r)
+            return r
+        for i, r in enumerate(self.running):
+            if r.rid == rid:
+                self.running.pop(i)
+                r.finished_reason = reason
+                self._release(r)
+                return r
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked)
+
+    def num_requests(self) -> int:
+        return len(self.waiting) + len(self.running) + (1 if self.chunked else 0)
+
+    def step(self) -> list[Req]:
+        """Run one forward pass.  Returns requests that produced tokens or finished."""
+        self.last_step = StepStats()
+        reqs = self._schedule_prefill()
+        if reqs:
+            return self._run_extend(reqs)
+        if self.running:
+            return self._run_decode()
+        return []
+
+    def flush_cache(self) -> bool:
+        """Drop the whole prefix cache.  Only allowed when no request is in flight."""
+        if self.has_work():
+            return False
+        if self.tree is not None:
+            self.tree.reset()
+        self.allocator.clear()
+        return True
+
+    # memory accounting, for /server_info and tests
+    def kv_stats(self) -> dict:
+        evictable = self.tree.evictable_size() if self.tree else 0
+        protected = self.tree.protected_size() if self.tree else 0
+        free = self.allocator.available_size()
+        return {"max_total_tokens": self.allocator.size, "free": free, "evictable": evictable,
+                "protected": protected, "used": self.allocator.size - free,
+                "usage": (self.allocator.size - free - evictable) / max(1, self.allocator.size)}
+
+    # ---- memory helpers ---------------------------------------------------------------
+    def _available(self) -> int:
+        return self.allocator.available_size() + (self.tree.evictable_size() if self.tree else 0)
+
+    def _alloc(self, req: Req, start: int, n: int) -> list[int]:
+        """Slots for positions [start, start+n) of req, evicting cache if needed."""
+        last = int(self.req_pool.req_to_token[req.req_pool_idx, start - 1]) if start > 0 else None
+        pages = self.allocator.pages_needed(n, start)
+        short = pages * self.page_size - self.allocator.available_size()
+        if short > 0 and self.tree is not None:
+            self.tree.evict(short)
+        slots = self.allocator.alloc_tokens(n, last, start)
+        self.req_pool.req_to_token[req.req_pool_idx, start:start + n] = torch.tensor(
+            slots, dtype=torch.int32, device=self.req_pool.req_to_token.device)
+        return slots
+
+    def _match(self, req: Req) -> None:
+        """Find req's cached prefix (limited so at least one token is computed, and so
+        positions whose input logprobs are wanted are computed)."""
+        fill = req.fill_ids
+        limit = len(fill) - 1
+        if req.return_logprob and req.input_logprob_start() < len(req.input_ids) and not req.admitted_once:
+            limit = min(limit, max(req.input_logprob_start() - 1, 0))
+        if self.tree is None or limit <= 0:
+            req.prefix_indices = torch.empty(0, dtype=torch.int64)
+            req.last_node = None
+            return
+        req.prefix_indices, req.last_node = self.tree.match_prefix(fill[:limit])
+
+    def _release(self, req: Req) -> None:
+        """Return req's KV: into the radix tree if there is one, else to the allocator."""
+        if req.req_pool_idx is None:
+            return
+        row = self.req_pool.req_to_token[req.req_pool_idx]
+        kv_len = req.kv_len
+        slots = row[:kv_len].to(torch.int64).cpu()
+        own_from = len(req.prefix_indices)
+        if self.tree is None:
+            self.allocator.free(slots[own_from:])
+        else:
+            aligned = kv_len - kv_len % self.page_size
+            already = self.tree.insert(req.fill_ids[:aligned], slots[:aligned])
+            # slots of ours whose tokens another request cached first are duplicates
+            if already > own_from:
+                self.allocator.free(slots[own_from:already])
+            if kv_len > aligned:
+                self.allocator.free(slots[aligned:kv_len])
+            if req.last_node is not None:
+                self.tree.dec_lock_ref(req.last_node)
+        req.last_node = None
+        req.prefix_indices = torch.empty(0, dtype=torch.int64)
+        self.req_pool.free(req.req_pool_idx)
+        req.req_pool_idx = None
+        req.kv_len = 0
+
+    def _cache_unfinished(self, req: Req) -> None:
+        """After a chunk: put the computed prefix in the tree and hold it locked, so the
+        rest of the prompt (and other requests) can reuse it."""
+        if self.tree is None:
+            return
+        kv_len = req.kv_len
+        aligned = kv_len - kv_len % self.page_size
+        row = self.req_pool.req_to_token[req.req_pool_idx]
+        slots = row[:aligned].to(torch.int64).cpu()
+        own_from = len(req.prefix_indices)
+        already = self.tree.insert(req.fill_ids[:aligned], slots)
+        if already > own_from:
+            self.allocator.free(slots[own_from:already])
+        new_prefix, new_node = self.tree.match_prefix(req.fill_ids[:aligned])
+        assert len(new_prefix) == aligned
+        row[:aligned] = new_prefix.to(row.dtype).to(row.device)
+        self.tree.inc_lock_ref(new_node)
+        if req.last_node is not None:
+            self.tree.dec_lock_ref(req.last_node)
+        req.last_node = new_node
+        req.prefix_indices = new_prefix
+
+    # ---- policies ---------------------------------------------------------------------
+    def _order_waiting(self) -> None:
+        p = self.cfg.schedule_policy
+        if p == "fcfs" or self.tree is None:
+            return
+        if p == "random":
+            self.rng.shuffle(self.waiting)
+            return
+        for r in self.waiting:
+            self._match(r)
+        if p == "lpm":
+            self.waiting.sort(key=lambda r: -len(r.prefix_indices))
+        elif p == "dfs-weight":
+            self.waiting = self._dfs_weight_order(self.waiting)
+
+    def _dfs_weight_order(self, reqs: list[Req]) -> list[Req]:
+        """Visit the radix tree depth-first, heavier subtrees (more waiting requests below)
+        first, so requests sharing a prefix are admitted together."""
+        at: dict[int, list[Req]] = {}
+        nodes = {}
+        for r in reqs:
+            n = r.last_node or self.tree.root
+            at.setdefault(n.id, []).append(r)
+            nodes[n.id] = n
+        weight: dict[int, int] = {}
+        for nid, rs in at.items():
+            n = nodes[nid]
+            while n is not None:
+                weight[n.id] = weight.get(n.id, 0) + len(rs)
+                nodes[n.id] = n
+                n = n.parent
+        out: list[Req] = []
+        stack = [self.tree.root]
+        while stack:
+            n = stack.pop()
+            out.extend(at.get(n.id, []))
+            kids = [c for c in n.children.values() if c.id in weight]
+            kids.sort(key=lambda c: weight[c.id])  # lightest pushed first, heaviest popped first
+            stack.extend(kids)
+        return out
+
+    # ---- prefill ----------------------------------------------------------------------
+    def _reserved_for_running(self) -> int:
+        return int(sum(max(0, r.sampling.max_new_tokens - len(r.output_ids)) for r in self.running)
+                   * self.new_token_ratio)
+
+    def _schedule_prefill(self) -> list[Req]:
+        if not self.waiting and self.chunked is None:
+            return []
+        self._order_waiting()
+        chunk_budget = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else 1 << 62
+        token_budget = self.cfg.max_prefill_tokens
+        batch: list[Req] = []
+
+        if self.chunked is not None:
+            req = self.chunked
+            n = min(req.extend_len(), chunk_budget, self._available())
+            if n < req.extend_len():
+                n -= n % self.page_size
+            if n <= 0:
+                return []  # no room for the next chunk yet: let decode run and free some
+            self._alloc(req, req.kv_len, n)
+            req.extend_n = n
+            chunk_budget -= n
+            token_budget -= n
+            batch.append(req)
+            self.chunked = None if n == req.extend_len() else req
+
+        while self.waiting and self.chunked is None:
+            if len(self.running) + len(batch) >= self.cfg.max_running_requests:
+                break
+            if self.req_pool.available() == 0:
+                break
+            req = self.waiting[0]
+            self._match(req)
+            if self.tree is not None and req.last_node is not None:
+                self.tree.inc_lock_ref(req.last_node)  # protect the prefix from eviction
+            prefix = len(req.prefix_indices)
+            extend = len(req.fill_ids) - prefix
+            reserve = int(max(0, req.sampling.max_new_tokens - len(req.output_ids)) * self.new_token_ratio)
+            need = extend + reserve
+            avail = self._available() - self._reserved_for_running() - sum(
+                r.extend_n for r in batch)
+            fits = need <= avail or (not batch and not self.running and extend <= avail)
+            if not fits or chunk_budget <= 0 or (token_budget < extend and batch):
+                if self.tree is not None and req.last_node is not None:
+                    self.tree.dec_lock_ref(req.last_node)
+                break
+            n = min(extend, chunk_budget)
+            if n < extend:
+                n -= n % self.page_size
+                if n <= 0:
+                    if self.tree is not None and req.last_node is not None:
+                        self.tree.dec_lock_ref(req.last_node)
+                    break
+            self.waiting.pop(0)
+            req.req_pool_idx = self.req_pool.alloc()
+            if prefix:
+                self.req_pool.req_to_token[req.req_pool_idx, :prefix] = req.prefix_indices.to(
+                    torch.int32).to(self.req_pool.req_to_token.device)
+            req.kv_len = prefix
+            if not req.admitted_once:
+                req.admitted_once = True
+                req.cached_tokens = prefix
+                self.counters.prompt_tokens += len(req.input_ids)
+                self.counters.cached_tokens += prefix
+            try:
+                self._alloc(req, prefix, n)
+            except OutOfSlots:
+                # accounting said it fits; if the allocator disagrees, put it back
+                self._release(req)
+                self.waiting.insert(0, req)
+                break
+            req.extend_n = n
+            chunk_budget -= n
+            token_budget -= n
+            batch.append(req)
+            if n < extend:
+                self.chunked = req
+        return batch
+
+    def _run_extend(self, batch: list[Req]) -> list[Req]:
+        dev = self.device
+        ids, pos, locs, sel, sel_owner = [], [], [], [], []
+        row = 0
+        for req in batch:
+            start, n = req.kv_len, req.extend_n
+            fill = req.fill_ids
+            ids.extend(fill[start:start + n])
+            pos.extend(range(start, start + n))
+            locs.append(self.req_pool.req_to_token[req.req_pool_idx, start:start + n])
+            completes = start + n == len(fill)
+            # rows whose logits we need: input logprobs, and the last row to sample from
+            lp_from = req.input_logprob_start()
+            want_input = req.return_logprob and lp_from < len(req.input_ids) and not req.input_lp_done
+            for p in range(start, start + n):
+                last = completes and p == start + n - 1
+                if last or (want_input and max(lp_from - 1, 0) <= p < len(req.input_ids) - 1):
+                    sel.append(row + (p - start))
+                    sel_owner.append((req, p, last))
+            row += n
+        fb = ForwardBatch(
+            is_decode=False,
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(pos, dtype=torch.int64, device=dev),
+            out_cache_loc=torch.cat(locs).to(torch.int64),
+            req_pool_indices=torch.tensor([r.req_pool_idx for r in batch], dtype=torch.int64, device=dev),
+            seq_lens=torch.tensor([r.kv_len + r.extend_n for r in batch], dtype=torch.int64, device=dev),
+            kv=self.kv,
+            req_to_token=self.req_pool.req_to_token,
+            prefix_lens=torch.tensor([r.kv_len for r in batch], dtype=torch.int64, device=dev),
+            extend_lens=torch.tensor([r.extend_n for r in batch], dtype=torch.int64, device=dev),
+        )
+        with torch.inference_mode():
+            hidden = self.model(fb)
+            logits = self.model.compute_logits(hidden[torch.tensor(sel, dtype=torch.int64, device=dev)]) \
+                if sel else None
+        self.counters.forward_extend += 1
+        self.counters.extend_tokens += len(ids)
+        self.last_step = StepStats("extend", len(batch), len(ids))
+
+        # input logprobs: logits at position p score token p+1
+        sample_rows, sample_reqs = [], []
+        if logits is not None:
+            need_lp = [i for i, (r, p, last) in enumerate(sel_owner)
+                       if r.return_logprob and p + 1 < len(r.input_ids)]
+            if need_lp:
+                lps = torch.log_softmax(logits[need_lp], dim=-1)
+                for j, i in enumerate(need_lp):
+                    r, p, _ = sel_owner[i]
+                    if p + 1 >= r.input_logprob_start():
+                        self._record_input_logprob(r, lps[j], r.input_ids[p + 1])
+            for i, (r, p, last) in enumerate(sel_owner):
+                if last:
+                    sample_rows.append(i)
+                    sample_reqs.append(r)
+
+        for req in batch:
+            req.kv_len += req.extend_n
+            req.extend_n = 0
+            if req is self.chunked:
+                self._cache_unfinished(req)
+        for r in sample_reqs:
+            if r.return_logprob and r.input_logprob_start() < len(r.input_ids) and not r.input_lp_done:
+                if r.input_logprob_start() == 0:
+                    r.input_token_logprobs.insert(0, (None, r.input_ids[0], None))
+                    if r.top_logprobs_num:
+                        r.input_top_logprobs.insert(0, None)
+                r.input_lp_done = True
+        if sample_reqs:
+            self._sample_and_advance(logits[sample_rows], sample_reqs)
+        return [r for r in batch if r is not self.chunked]
+
+    def _record_input_logprob(self, req: Req, lp: torch.Tensor, tok: int) -> None:
+        req.input_token_logprobs.append((float(lp[tok]), tok, None))
+        if req.top_logprobs_num:
+            v, i = lp.topk(req.top_logprobs_num)
+            req.input_top_logprobs.append([(float(a), int(b), None) for a, b in zip(v.tolist(), i.tolist())])
+
+    # ---- decode -----------------------------------------------------------------------
+    def _run_decode(self) -> list[Req]:
+        retracted = self._ensure_decode_memory()
+        batch = self.running
+        if not batch:
+            return []
+        dev = self.device
+        locs = []
+        for r in batch:
+            locs.extend(self._alloc(r, r.kv_len, 1))
+        fb = ForwardBatch(
+            is_decode=True,
+            input_ids=torch.tensor([r.fill_ids[r.kv_len] for r in batch], dtype=torch.int64, device=dev),
+            positions=torch.tensor([r.kv_len for r in batch], dtype=torch.int64, device=dev),
+            out_cache_loc=torch.tensor(locs, dtype=torch.int64, device=dev),
+            req_pool_indices=torch.tensor([r.req_pool_idx for r in batch], dtype=torch.int64, device=dev),
+            seq_lens=torch.tensor([r.kv_len + 1 for r in batch], dtype=torch.int64, device=dev),
+            kv=self.kv,
+            req_to_token=self.req_pool.req_to_token,
+        )
+        with torch.inference_mode():
+            logits = self.model.compute_logits(self.model(fb))
+        for r in batch:
+            r.kv_len += 1
+        self.counters.forward_decode += 1
+        self.last_step = StepStats("decode", len(batch), len(batch), retracted)
+        self.new_token_ratio = max(self.cfg.min_new_token_ratio,
+                                   self.new_token_ratio - self.cfg.new_token_ratio_decay)
+        return self._sample_and_advance(logits, list(batch))
+
+    def _ensure_decode_memory(self) -> int:
+        """Make room for one more token per running request, retracting if needed."""
+        retracted = 0
+        while self.running:
+            need = sum(self.allocator.pages_needed(1, r.kv_len) for r in self.running) * self.page_size
+            if need <= self._available():
+                return retracted
+            if len(self.running) == 1:
+                # One request alone cannot grow: admission guarantees this never happens
+                # (prompt + max_new_tokens <= pool), so fail loudly rather than loop.
+                r = self.running.pop()
+                r.finished_reason = {"type": "abort", "message": "out of KV cache memory"}
+                self._release(r)
+                logger.error("request %s aborted: KV pool exhausted", r.rid)
+                return retracted
+            # retract the request with the least output (and longest prompt) first
+            victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
+            self.running.remove(victim)
+            self._release(victim)
+            victim.retractions += 1
+            self.waiting.insert(0, victim)
+            retracted += 1
+            self.counters.retractions += 1
+            self.new_token_ratio = min(1.0, self.new_token_ratio + 0.2)
+        return retracted
+
+    # ---- sampling and finishing ----------------------------------------------------------
+    def _sample_and_advance(self, logits: torch.Tensor, reqs: list[Req]) -> list[Req]:
+        next_ids, logprobs = self.sampler.sample(logits, reqs, self.eos_ids)
+        for i, (r, tok) in enumerate(zip(reqs, next_ids)):
+            if r.sampling.max_new_tokens == 0:  # prompt scoring only: no output token
+                r.finished_reason = {"type": "length", "length": 0}
+                continue
+            r.output_ids.append(tok)
+            self.counters.generated_tokens += 1
+            if r.return_logprob:
+                lp = logprobs[i]
+                r.output_token_logprobs.append((float(lp[tok]), tok, None))
+                if r.top_logprobs_num:
+                    v, idx = lp.topk(r.top_logprobs_num)
+                    r.output_top_logprobs.append(
+                        [(float(a), int(b), None) for a, b in zip(v.tolist(), idx.tolist())])
+            self._check_finished(r)
+        for r in reqs:
+            if r.finished:
+                if r in self.running:
+                    self.running.remove(r)
+                self._release(r)
+            elif r not in self.running:
+                self.running.append(r)
+        return reqs
+
+    def _check_finished(self, r: Req) -> None:
+        tok = r.output_ids[-1]
+        sp = r.sampling
+        if len(r.output_ids) > sp.min_new_tokens or sp.min_new_tokens == 0:
+            if not sp.ignore_eos and tok in self.eos_ids:
+                r.finished_reason = {"type": "stop", "matched": tok}
+                return
+            if sp.stop_token_ids and tok in sp.stop_token_ids:
+                r.finished_reason = {"type": "stop", "matched": tok}
+                return
+            if sp.stop_strs and self.decode_fn is not None:
+                longest = max(len(s) for s in sp.stop_strs)
+                tail = self.decode_fn(r.output_ids[-(longest + 2):])
+                for s in sp.stop_strs:
+                    if s in tail:
+                        r.finished_reason = {"type": "stop", "matched": s}
+                        return
+        if len(r.output_ids) >= sp.max_new_tokens:
+            r.finished_reason = {"type": "length", "length": sp.max_new_tokens}
+        elif len(r.input_ids) + len(r.output_ids) >= self.cfg.context_len:
+            r.finished_reason = {"type": "length", "length": len(r.output_ids)}

@@ -1,0 +1,300 @@
+"""``portaserve.Engine``: the in-process API (DESIGN.md §5).
+
+    with portaserve.Engine() as engine:
+        out = engine.generate("The capital of France is", {"max_new_tokens": 16, "temperature": 0})
+        print(out["text"], out["meta_info"]["cached_tokens"])
+
+A background thread drives the scheduler; ``generate`` may be called from several
+threads at once, and their requests are batched together.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Iterator, Optional, Union
+
+from portaserve.core.detokenize import IncrementalDetokenizer
+from portaserve.core.request import Req
+from portaserve.core.sampling_params import InvalidRequest, SamplingParams
+from portaserve.runtime import Runtime, build_runtime
+from portaserve.server_args import ServerArgs
+
+logger = logging.getLogger("portaserve")
+
+
+class EngineDead(RuntimeError):
+    pass
+
+
+class _Handle:
+    """Consumer-side state of one request: its queue and detokenizer."""
+
+    def __init__(self, req: Req, tokenizer):
+        self.req = req
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        sp = req.sampling
+        self.detok = IncrementalDetokenizer(tokenizer, sp.skip_special_tokens,
+                                            sp.spaces_between_special_tokens, sp.stop_strs,
+                                            sp.no_stop_trim) if tokenizer is not None else None
+        self.output_ids: list[int] = []
+        self.finished_reason = None
+        self.meta: dict = {}
+        self.logprobs = {"input_token_logprobs": [], "input_top_logprobs": [],
+                         "output_token_logprobs": [], "output_top_logprobs": []}
+
+    def absorb(self, msg: dict) -> None:
+        self.output_ids.extend(msg["new_ids"])
+        if self.detok is not None:
+            self.detok.add(msg["new_ids"])
+        for k in self.logprobs:
+            self.logprobs[k].extend(msg.get(k, []))
+        self.meta.update(msg["meta"])
+        if msg["finished_reason"] is not None:
+            self.finished_reason = msg["finished_reason"]
+            if self.detok is not None:
+                self.detok.finish(self.finished_reason)
+
+    def result(self) -> dict:
+        meta = {"id": self.req.rid, **self.meta, "finish_reason": self.finished_reason}
+        if self.req.return_logprob:
+            meta.update(self.logprobs)
+        return {"text": self.detok.text if self.detok is not None else "",
+                "output_ids": list(self.output_ids), "meta_info": meta}
+
+
+def make_output_message(r: Req, sent: dict) -> dict:
+    """The delta of r since the last message (sent tracks per-rid offsets)."""
+    s = sent.setdefault(r.rid, {"ids": 0, "olp": 0, "ilp": 0})
+    msg = {
+        "rid": r.rid,
+        "new_ids": r.output_ids[s["ids"]:],
+        "finished_reason": r.finished_reason,
+        "meta": {"prompt_tokens": len(r.input_ids), "completion_tokens": len(r.output_ids),
+                 "cached_tokens": r.cached_tokens},
+    }
+    if r.return_logprob:
+        msg["output_token_logprobs"] = r.output_token_logprobs[s["olp"]:]
+        msg["output_top_logprobs"] = r.output_top_logprobs[s["olp"]:]
+        msg["input_token_logprobs"] = r.input_token_logprobs[s["ilp"]:]
+        msg["input_top_logprobs"] = r.input_top_logprobs[s["ilp"]:]
+        s["olp"] = len(r.output_token_logprobs)
+        s["ilp"] = len(r.input_token_logprobs)
+    s["ids"] = len(r.output_ids)
+    if r.finished_reason is not None:
+        sent.pop(r.rid, None)
+    return msg
+
+
+class Engine:
+    def __init__(self, model_path: Optional[str] = None, **kwargs):
+        args = kwargs.pop("server_args", None) or ServerArgs(model_path=model_path, **kwargs)
+        self.args = args
+        self.rt: Runtime = build_runtime(args)
+        logger.info("portaserve engine ready\n%s", self.rt.startup_report())
+        self.tokenizer = self.rt.tokenizer
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._handles: dict[str, _Handle] = {}
+        self._sent: dict = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._loop, name="portaserve-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- scheduler thread -------------------------------------------------------------
+    def _loop(self) -> None:
+        sched = self.rt.scheduler
+        try:
+            while not self._stop.is_set():
+                block = not sched.has_work()
+                while True:
+                    try:
+                        item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    block = False
+                    self._handle_command(item)
+                if sched.has_work():
+                    for r in sched.step():
+                        self._deliver(r)
+        except BaseException as e:  # report to every waiter instead of hanging them
+            logger.exception("scheduler thread died")
+            self._error = e
+            with self._lock:
+                for h in self._handles.values():
+                    h.q.put(e)
+
+    def _handle_command(self, item) -> None:
+        kind, payload = item
+        sched = self.rt.scheduler
+        if kind == "add":
+            sched.add_request(payload)
+        elif kind == "abort":
+            r = sched.abort(payload)
+            if r is not None:
+                self._deliver(r)
+        elif kind == "call":
+            fn, done = payload
+            try:
+                done.put(fn())
+            except Exception as e:  # pragma: no cover - surfaced to the caller
+                done.put(e)
+
+    def _deliver(self, r: Req) -> None:
+        msg = make_output_message(r, self._sent)
+        with self._lock:
+            h = self._handles.get(r.rid)
+        if h is not None:
+            h.q.put(msg)
+
+    def _call(self, fn):
+        """Run fn on the scheduler thread (where scheduler state may be touched)."""
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox.put(("call", (fn, done)))
+        res = done.get()
+        if isinstance(res, Exception):
+            raise res
+        return res
+
+    # ---- request construction ---------------------------------------------------------
+    def _make_req(self, prompt, input_ids, sp: dict, return_logprob, logprob_start_len,
+                  top_logprobs_num, rid=None) -> Req:
+        if input_ids is None:
+            if not isinstance(prompt, str):
+                raise InvalidRequest("prompt must be a string", "prompt")
+            if self.tokenizer is None:
+                raise InvalidRequest("this engine was started without a tokenizer: pass input_ids",
+                                     "prompt")
+            input_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not isinstance(input_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
+            raise InvalidRequest("input_ids must be a list of integers", "input_ids")
+        if not input_ids:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        vocab = self.rt.model_config.vocab_size
+        bad = [t for t in input_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (size {vocab})", "input_ids")
+        params = SamplingParams.from_dict(sp)
+        ctx = self.rt.context_len
+        if len(input_ids) >= ctx:
+            raise InvalidRequest(
+                f"the prompt has {len(input_ids)} tokens; this model's context length is {ctx}",
+                "prompt")
+        if len(input_ids) + params.max_new_tokens > ctx:
+            raise InvalidRequest(
+                f"prompt ({len(input_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                f"exceeds the context length {ctx}", "max_new_tokens")
+        pool = self.rt.scheduler.allocator.size
+        if len(input_ids) + params.max_new_tokens > pool:
+            raise InvalidRequest(
+                f"prompt + max_new_tokens ({len(input_ids) + params.max_new_tokens}) exceeds the KV "
+                f"pool ({pool} tokens)", "max_new_tokens")
+        if params.json_schema or params.regex or params.ebnf:
+            raise InvalidRequest("structured output (json_schema/regex/ebnf) is not available yet",
+                                 "json_schema" if params.json_schema else "regex" if params.regex else "ebnf")
+        top_n = int(top_logprobs_num or 0)
+        if top_n < 0:
+            raise InvalidRequest("top_logprobs_num must be >= 0", "top_logprobs_num")
+        start = -1 if logprob_start_len is None else int(logprob_start_len)
+        return Req(rid or uuid.uuid4().hex, list(input_ids), params, bool(return_logprob), start, top_n)
+
+    def _submit(self, req: Req) -> _Handle:
+        if self._error is not None or not self._thread.is_alive():
+            raise EngineDead(f"the engine's scheduler has stopped: {self._error!r}")
+        h = _Handle(req, self.tokenizer)
+        with self._lock:
+            self._handles[req.rid] = h
+        self._inbox.put(("add", req))
+        return h
+
+    def _wait(self, h: _Handle) -> Iterator[dict]:
+        try:
+            while h.finished_reason is None:
+                msg = h.q.get()
+                if isinstance(msg, BaseException):
+                    raise EngineDead(f"the engine's scheduler died: {msg!r}") from msg
+                h.absorb(msg)
+                yield msg
+        finally:
+            with self._lock:
+                self._handles.pop(h.req.rid, None)
+            if h.finished_reason is None:  # consumer went away: free its KV
+                self._inbox.put(("abort", h.req.rid))
+
+    # ---- public API -------------------------------------------------------------------
+    def generate(self, prompt: Union[str, list, None] = None, sampling_params=None,
+                 input_ids=None, return_logprob: bool = False, logprob_start_len=None,
+                 top_logprobs_num=None, stream: bool = False, rid=None):
+        """One prompt -> one dict; a list of prompts -> a list of dicts; stream=True ->
+        an iterator of dicts whose ``text`` is the text so far (SGLang's semantics)."""
+        batch = isinstance(prompt, list) or (isinstance(input_ids, list) and input_ids
+                                             and isinstance(input_ids[0], list))
+        if prompt is None and input_ids is None:
+            raise InvalidRequest("give prompt or input_ids", "prompt")
+        if batch:
+            n = len(prompt) if prompt is not None else len(input_ids)
+            sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n
+            if len(sps) != n:
+                raise InvalidRequest("sampling_params list length differs from the prompts", "sampling_params")
+            if stream:
+                raise InvalidRequest("stream=True takes a single prompt", "stream")
+            reqs = [self._make_req(prompt[i] if prompt is not None else None,
+                                   input_ids[i] if input_ids is not None else None, sps[i],
+                                   return_logprob, logprob_start_len, top_logprobs_num)
+                    for i in range(n)]
+            handles = [self._submit(r) for r in reqs]
+            for h in handles:
+                for _ in self._wait(h):
+                    pass
+            return [h.result() for h in handles]
+        req = self._make_req(prompt, input_ids, sampling_params, return_logprob,
+                             logprob_start_len, top_logprobs_num, rid)
+        h = self._submit(req)
+        if stream:
+            return self._stream(h)
+        for _ in self._wait(h):
+            pass
+        return h.result()
+
+    def _stream(self, h: _Handle) -> Iterator[dict]:
+        for _ in self._wait(h):
+            out = h.result()
+            if h.detok is not None:
+                # never stream a prefix of a stop string that may still be trimmed
+                h.detok.pop_delta(h.finished_reason is not None)
+                out["text"] = h.detok.text[:h.detok.sent]
+            yield out
+
+    def abort_request(self, rid: str) -> None:
+        self._inbox.put(("abort", rid))
+
+    def flush_cache(self) -> bool:
+        return self._call(self.rt.scheduler.flush_cache)
+
+    def get_server_info(self) -> dict:
+        info = self.rt.info()
+        info["kv"] = self._call(self.rt.scheduler.kv_stats)
+        info["counters"] = dict(vars(self._call(lambda: self.rt.scheduler.counters)))
+        return info
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        return False
+
+    def __del__(self):  # pragma: no cover
+        try:
+            self._stop.set()
+        except Exception:
+            pass

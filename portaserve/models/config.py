@@ -1,0 +1,87 @@
+"""The model description the engine needs, read from a Hugging Face config dict."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from portaserve.models.rope import rope_params
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: dict
+    rotary_dim: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: Optional[int] = None
+    eos_token_ids: list = field(default_factory=list)
+    bos_token_id: Optional[int] = None
+    torch_dtype: Optional[str] = None
+    hf: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def context_length(self) -> int:
+        ctx = self.max_position_embeddings
+        if self.sliding_window:
+            # No sliding-window attention kernel yet: serve within one window, where full
+            # attention and sliding-window attention are the same computation.
+            ctx = min(ctx, self.sliding_window)
+        return ctx
+
+
+def _eos_list(v) -> list:
+    if v is None:
+        return []
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def llama_family_config(arch: str, c: dict) -> ModelConfig:
+    num_heads = c["num_attention_heads"]
+    hidden = c["hidden_size"]
+    head_dim = c.get("head_dim") or hidden // num_heads
+    mt = c.get("model_type", "llama")
+    qwen2 = mt in ("qwen2",) or arch.startswith("Qwen2")
+    qwen3 = mt in ("qwen3",) or arch.startswith("Qwen3")
+    attn_bias = bool(c.get("attention_bias", False)) or qwen2
+    sliding = None
+    if mt == "mistral" or c.get("use_sliding_window"):
+        sliding = c.get("sliding_window")
+    return ModelConfig(
+        architecture=arch,
+        model_type=mt,
+        vocab_size=c["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=c["intermediate_size"],
+        num_layers=c["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=c.get("num_key_value_heads") or num_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
+        rope=rope_params(c),
+        rotary_dim=int(head_dim * float(c.get("partial_rotary_factor", 1.0))),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        attention_bias=attn_bias,
+        o_bias=bool(c.get("attention_bias", False)) and not qwen2,
+        mlp_bias=bool(c.get("mlp_bias", False)),
+        qk_norm=qwen3,
+        sliding_window=sliding,
+        eos_token_ids=_eos_list(c.get("eos_token_id")),
+        bos_token_id=c.get("bos_token_id"),
+        torch_dtype=str(c.get("torch_dtype") or c.get("dtype") or "") or None,
+        hf=c,
+    )

@@ -1,0 +1,79 @@
+"""The Platform interface.
+
+A Platform describes one kind of accelerator (or the CPU): which torch device string it
+uses, which collective backend, how to ask it for free memory, and in which order the op
+registry should try providers for each op family.  Subclasses live in one package per
+platform (``platforms/cuda`` ...); nothing outside ``platforms/`` asks vendor questions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MemoryInfo:
+    free_bytes: int
+    total_bytes: int
+
+
+class PlatformUnavailable(RuntimeError):
+    """Raised when an explicitly requested platform cannot be used, with the reason."""
+
+
+class Platform:
+    name: str = "base"
+    device_type: str = "cpu"  # torch device string
+    dist_backend: str = "gloo"
+    supports_graphs: bool = False
+    supported_dtypes: tuple = (torch.float32,)
+    # Default fraction of device memory the KV pool plus weights may take.
+    default_mem_fraction_static: float = 0.88
+
+    # ---- detection -----------------------------------------------------------------
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when this platform can run here; otherwise a human-readable reason.
+
+        Probes must be side-effect free: no device initialisation beyond what answering
+        needs, and never a decision taken from a build flag alone.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return cls.unavailable_reason() is None
+
+    # ---- runtime queries -------------------------------------------------------------
+    def device(self, index: int = 0) -> torch.device:
+        return torch.device(self.device_type, index) if self.device_type != "cpu" else torch.device("cpu")
+
+    def memory_info(self, index: int = 0) -> MemoryInfo:
+        raise NotImplementedError
+
+    def default_dtype(self) -> torch.dtype:
+        return self.supported_dtypes[0]
+
+    def provider_priority(self, op_family: str) -> list[str]:
+        """Provider names to try for an op family, best first.  'native' is appended
+        by the registry if missing."""
+        return []
+
+    def synchronize(self) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {
+            "platform": self.name,
+            "device": str(self.device()),
+            "device_name": self.device_name(),
+            "torch": torch.__version__,
+            "dist_backend": self.dist_backend,
+        }
+
+    def device_name(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<Platform {self.name}>"

@@ -1,0 +1,38 @@
+"""NVIDIA CUDA platform.  Providers (Triton kernels, FlashInfer) register in later work;
+until then every op resolves to its native torch implementation on the GPU."""
+from __future__ import annotations
+
+import torch
+
+from portaserve.platforms.base import MemoryInfo, Platform
+
+
+class CudaPlatform(Platform):
+    name = "cuda"
+    device_type = "cuda"
+    dist_backend = "nccl"
+    supports_graphs = True
+    supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
+
+    @classmethod
+    def unavailable_reason(cls):
+        if getattr(torch.version, "hip", None):
+            return "this torch is a ROCm build (use the rocm platform)"
+        if getattr(torch.version, "cuda", None) is None:
+            return "this torch build has no CUDA support"
+        if not torch.cuda.is_available():
+            return "no CUDA device visible (torch.cuda.is_available() is False)"
+        return None
+
+    def memory_info(self, index: int = 0) -> MemoryInfo:
+        free, total = torch.cuda.mem_get_info(index)
+        return MemoryInfo(free, total)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(0)
+
+    def provider_priority(self, op_family: str) -> list[str]:
+        return ["flashinfer", "triton", "native"]

@@ -1,0 +1,35 @@
+"""AMD ROCm platform (HIP builds of torch expose the torch.cuda API)."""
+from __future__ import annotations
+
+import torch
+
+from portaserve.platforms.base import MemoryInfo, Platform
+
+
+class RocmPlatform(Platform):
+    name = "rocm"
+    device_type = "cuda"  # HIP devices are addressed as "cuda" in torch
+    dist_backend = "nccl"  # RCCL behind torch.distributed's nccl backend
+    supports_graphs = True
+    supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
+
+    @classmethod
+    def unavailable_reason(cls):
+        if not getattr(torch.version, "hip", None):
+            return "this torch build is not a ROCm (HIP) build"
+        if not torch.cuda.is_available():
+            return "no ROCm device visible"
+        return None
+
+    def memory_info(self, index: int = 0) -> MemoryInfo:
+        free, total = torch.cuda.mem_get_info(index)
+        return MemoryInfo(free, total)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(0)
+
+    def provider_priority(self, op_family: str) -> list[str]:
+        return ["aiter", "triton", "native"]

@@ -1,0 +1,157 @@
+"""Assembling a runnable engine from ServerArgs: platform, op table, model, KV pool,
+scheduler.  Shared by the in-process Engine and the server's scheduler process."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from portaserve.core import ops
+from portaserve.core.memory import KVPool
+from portaserve.core.scheduler import Scheduler, SchedulerConfig
+from portaserve.models.config import ModelConfig
+from portaserve.models.loader import (ModelSource, load_hf_config, load_model, load_tokenizer,
+                                      resolve_dtype, resolve_model_path)
+from portaserve.models.registry import build_config
+from portaserve.platforms import Platform, resolve_op_table, resolve_platform, set_current_platform
+from portaserve.server_args import ServerArgs
+
+logger = logging.getLogger("portaserve")
+
+
+@dataclass
+class Runtime:
+    args: ServerArgs
+    platform: Platform
+    op_table: Any
+    source: ModelSource
+    model_config: ModelConfig
+    model: torch.nn.Module
+    tokenizer: Any
+    scheduler: Scheduler
+    context_len: int
+    dtype: torch.dtype
+    eos_ids: list
+    weight_bytes: int
+
+    @property
+    def model_name(self) -> str:
+        return self.args.served_model_name or self.source.name
+
+    def info(self) -> dict:
+        d = {
+            **self.platform.describe(),
+            "model_path": str(self.source.path),
+            "served_model_name": self.model_name,
+            "architecture": self.model_config.architecture,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "context_length": self.context_len,
+            "max_total_num_tokens": self.scheduler.allocator.size,
+            "page_size": self.scheduler.page_size,
+            "max_running_requests": self.scheduler.cfg.max_running_requests,
+            "chunked_prefill_size": self.scheduler.cfg.chunked_prefill_size,
+            "schedule_policy": self.scheduler.cfg.schedule_policy,
+            "disable_radix_cache": self.scheduler.tree is None,
+            "ops": self.op_table.as_dict(),
+        }
+        return d
+
+    def startup_report(self) -> str:
+        p = self.platform.describe()
+        lines = [
+            f"platform: {p['platform']}  device: {p['device']} ({p['device_name']})  "
+            f"torch {p['torch']}  dist backend: {p['dist_backend']}",
+            f"model: {self.source.path} ({self.model_config.architecture}, {self.dtype}, "
+            f"{self.weight_bytes / 2**20:.0f} MiB of weights)",
+            f"KV pool: {self.scheduler.allocator.size} tokens (page size {self.scheduler.page_size}), "
+            f"context length {self.context_len}, radix cache "
+            f"{'off' if self.scheduler.tree is None else 'on'}",
+            "ops:",
+            self.op_table.format(),
+        ]
+        return "\n".join(lines)
+
+
+def _eos_ids(cfg: ModelConfig, tokenizer, src: ModelSource) -> list:
+    ids = set(cfg.eos_token_ids)
+    gen = src.folder / "generation_config.json" if src.kind == "hf" else None
+    if gen is not None and gen.exists():
+        e = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(e if isinstance(e, list) else [e] if e is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(i for i in ids if i is not None)
+
+
+def _pool_tokens(args: ServerArgs, platform: Platform, cfg: ModelConfig, dtype, weight_bytes, context_len) -> int:
+    if args.max_total_tokens:
+        return int(args.max_total_tokens)
+    per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+    mem = platform.memory_info()
+    frac = args.mem_fraction_static or platform.default_mem_fraction_static
+    if platform.device_type == "cpu":
+        budget = mem.total_bytes * frac - weight_bytes
+        budget = min(budget, mem.free_bytes * 0.9)
+    else:
+        # weights are already resident: keep (1 - frac) of the device free for activations
+        budget = mem.free_bytes - mem.total_bytes * (1 - frac)
+    tokens = int(budget // per_token)
+    if tokens < context_len:
+        logger.warning("KV pool of %d tokens is smaller than the context length %d", tokens, context_len)
+    if tokens < 64:
+        raise RuntimeError(
+            f"not enough memory for a KV pool ({budget / 2**20:.0f} MiB left after weights); "
+            "lower the context or raise --mem-fraction-static / set --max-total-tokens")
+    return tokens
+
+
+def build_runtime(args: ServerArgs) -> Runtime:
+    args.validate()
+    platform = resolve_platform(args.device)
+    set_current_platform(platform)
+    table = resolve_op_table(platform, args.kernel)
+    ops.use_table(table)
+
+    src = resolve_model_path(args.model_path)
+    hf = load_hf_config(src)
+    cfg = build_config(hf)
+    dtype = resolve_dtype(args.dtype, cfg, platform)
+    device = platform.device()
+    context_len = cfg.context_length
+    if args.context_length is not None:
+        if args.context_length > cfg.max_position_embeddings:
+            raise ValueError(f"--context-length {args.context_length} exceeds the model's "
+                             f"max_position_embeddings {cfg.max_position_embeddings}")
+        context_len = args.context_length
+    tokenizer = None if args.skip_tokenizer_init else load_tokenizer(src, args.tokenizer_path)
+    model = load_model(src, cfg, dtype, device, args.load_format, args.random_seed)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    tokens = _pool_tokens(args, platform, cfg, dtype, weight_bytes, context_len)
+    page = args.page_size
+    tokens = tokens - tokens % page
+    kv = KVPool(cfg.num_layers, tokens + page, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+    kv.zero_padding(page)
+    eos = _eos_ids(cfg, tokenizer, src)
+
+    def decode_fn(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    sched = Scheduler(
+        SchedulerConfig(
+            context_len=context_len,
+            max_total_tokens=tokens,
+            max_running_requests=args.max_running_requests,
+            chunked_prefill_size=args.chunked_prefill_size,
+            max_prefill_tokens=args.max_prefill_tokens,
+            page_size=page,
+            schedule_policy=args.schedule_policy,
+            disable_radix_cache=args.disable_radix_cache,
+            random_seed=args.random_seed,
+        ),
+        model, kv, device, eos, decode_fn if tokenizer is not None else None)
+    return Runtime(args, platform, table, src, cfg, model, tokenizer, sched, context_len, dtype,
+                   eos, weight_bytes)

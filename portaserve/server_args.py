@@ -1,0 +1,90 @@
+"""All engine and server options, with SGLang's flag names where SGLang has them.
+
+``ServerArgs`` is used both by ``portaserve.Engine(**kwargs)`` and by the CLI
+(``portaserve serve --flag``); every field below becomes ``--field-name``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+def _opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ServerArgs:
+    model_path: Optional[str] = _opt(None, "Hugging Face folder or .gguf file; default: the built-in SmolLM2-135M-Instruct")
+    tokenizer_path: Optional[str] = _opt(None, "tokenizer folder if not the model's own")
+    load_format: str = _opt("auto", "auto: load the checkpoint; dummy: random weights from the config (benchmarks)",
+                            choices=["auto", "dummy"])
+    host: str = _opt("127.0.0.1", "address to bind (default loopback only)")
+    port: int = _opt(30000, "HTTP port")
+    device: str = _opt("auto", "auto|cuda|rocm|xpu|tpu|cpu, or a plugin platform; also PORTASERVE_DEVICE")
+    dtype: str = _opt("auto", "auto|float32|bfloat16|float16 (auto: float32 on CPU, the checkpoint's 16-bit type on GPUs)")
+    tp_size: int = _opt(1, "tensor parallel size", aliases=["--tp"])
+    context_length: Optional[int] = _opt(None, "maximum tokens per request (prompt + output); default: the model's")
+    mem_fraction_static: Optional[float] = _opt(None, "fraction of device memory for weights + KV pool (platform default)")
+    max_total_tokens: Optional[int] = _opt(None, "KV pool size in tokens (overrides --mem-fraction-static)")
+    max_running_requests: int = _opt(256, "maximum concurrently running requests")
+    max_queued_requests: Optional[int] = _opt(None, "beyond this many waiting requests new ones get HTTP 503")
+    chunked_prefill_size: int = _opt(8192, "maximum tokens per prefill chunk (<=0 disables chunking)")
+    max_prefill_tokens: int = _opt(16384, "maximum prompt tokens in one prefill batch")
+    page_size: int = _opt(1, "KV pool page size in tokens")
+    schedule_policy: str = _opt("fcfs", "order of admission", choices=["fcfs", "lpm", "dfs-weight", "random"])
+    disable_radix_cache: bool = _opt(False, "turn off prefix caching (RadixAttention)")
+    random_seed: int = _opt(0, "seed of the engine's sampling generator")
+    api_key: Optional[str] = _opt(None, "require Authorization: Bearer KEY on every endpoint but /health")
+    served_model_name: Optional[str] = _opt(None, "model name reported by the API (default: the model's)")
+    chat_template: Optional[str] = _opt(None, "Jinja chat template file or string overriding the tokenizer's")
+    enable_metrics: bool = _opt(False, "serve Prometheus metrics at /metrics")
+    log_level: str = _opt("info", "logging level", choices=["debug", "info", "warning", "error"])
+    kernel: list = _opt(None, "force an op provider, OP=PROVIDER (repeatable); all=native bisects numerics",
+                        action="append")
+    skip_tokenizer_init: bool = _opt(False, "accept and return token ids only")
+
+    def __post_init__(self):
+        if self.kernel is None:
+            self.kernel = []
+
+    def validate(self) -> None:
+        if self.tp_size != 1:
+            raise ValueError("--tp-size > 1 is not available yet (tensor parallelism is pending)")
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
+            raise ValueError("--mem-fraction-static must be in (0, 1)")
+        if self.max_total_tokens is not None and self.max_total_tokens < 16:
+            raise ValueError("--max-total-tokens must be at least 16")
+        if self.max_running_requests < 1:
+            raise ValueError("--max-running-requests must be >= 1")
+        if self.page_size < 1:
+            raise ValueError("--page-size must be >= 1")
+
+    # ---- CLI --------------------------------------------------------------------------
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        for f in dataclasses.fields(cls):
+            md = dict(f.metadata)
+            flag = "--" + f.name.replace("_", "-")
+            names = [flag] + md.pop("aliases", [])
+            help_ = md.pop("help", "")
+            if f.type in ("bool", bool):
+                parser.add_argument(*names, dest=f.name, action="store_true", help=help_)
+                continue
+            kw = {"dest": f.name, "help": help_ + (f" (default: {f.default})" if f.default not in (None, []) else "")}
+            if "action" in md:
+                kw["action"] = md.pop("action")
+            else:
+                typ = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float}.get(str(f.type), str)
+                kw["type"] = typ
+            if "choices" in md:
+                kw["choices"] = md.pop("choices")
+            kw["default"] = None if kw.get("action") == "append" else f.default
+            parser.add_argument(*names, **kw)
+
+    @classmethod
+    def from_cli(cls, ns: argparse.Namespace) -> "ServerArgs":
+        vals = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
+        return cls(**vals)
