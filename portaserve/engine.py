@@ -18,7 +18,8 @@ from typing import Iterator, Optional, Union
 
 from portaserve.core.detokenize import IncrementalDetokenizer
 from portaserve.core.request import Req
-from portaserve.core.sampling_params import InvalidRequest, SamplingParams
+from portaserve.core.request_builder import build_req
+from portaserve.core.sampling_params import InvalidRequest
 from portaserve.runtime import Runtime, build_runtime
 from portaserve.server_args import ServerArgs
 
@@ -159,48 +160,10 @@ class Engine:
             raise res
         return res
 
-    # ---- request construction ---------------------------------------------------------
-    def _make_req(self, prompt, input_ids, sp: dict, return_logprob, logprob_start_len,
+    def _make_req(self, prompt, input_ids, sp, return_logprob, logprob_start_len,
                   top_logprobs_num, rid=None) -> Req:
-        if input_ids is None:
-            if not isinstance(prompt, str):
-                raise InvalidRequest("prompt must be a string", "prompt")
-            if self.tokenizer is None:
-                raise InvalidRequest("this engine was started without a tokenizer: pass input_ids",
-                                     "prompt")
-            input_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-        if not isinstance(input_ids, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
-            raise InvalidRequest("input_ids must be a list of integers", "input_ids")
-        if not input_ids:
-            raise InvalidRequest("the prompt is empty", "prompt")
-        vocab = self.rt.model_config.vocab_size
-        bad = [t for t in input_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (size {vocab})", "input_ids")
-        params = SamplingParams.from_dict(sp)
-        ctx = self.rt.context_len
-        if len(input_ids) >= ctx:
-            raise InvalidRequest(
-                f"the prompt has {len(input_ids)} tokens; this model's context length is {ctx}",
-                "prompt")
-        if len(input_ids) + params.max_new_tokens > ctx:
-            raise InvalidRequest(
-                f"prompt ({len(input_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                f"exceeds the context length {ctx}", "max_new_tokens")
-        pool = self.rt.scheduler.allocator.size
-        if len(input_ids) + params.max_new_tokens > pool:
-            raise InvalidRequest(
-                f"prompt + max_new_tokens ({len(input_ids) + params.max_new_tokens}) exceeds the KV "
-                f"pool ({pool} tokens)", "max_new_tokens")
-        if params.json_schema or params.regex or params.ebnf:
-            raise InvalidRequest("structured output (json_schema/regex/ebnf) is not available yet",
-                                 "json_schema" if params.json_schema else "regex" if params.regex else "ebnf")
-        top_n = int(top_logprobs_num or 0)
-        if top_n < 0:
-            raise InvalidRequest("top_logprobs_num must be >= 0", "top_logprobs_num")
-        start = -1 if logprob_start_len is None else int(logprob_start_len)
-        return Req(rid or uuid.uuid4().hex, list(input_ids), params, bool(return_logprob), start, top_n)
+        return build_req(self.rt.limits(), self.tokenizer, prompt, input_ids, sp, return_logprob,
+                         logprob_start_len, top_logprobs_num, rid)
 
     def _submit(self, req: Req) -> _Handle:
         if self._error is not None or not self._thread.is_alive():

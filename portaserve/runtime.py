@@ -37,6 +37,11 @@ class Runtime:
     eos_ids: list
     weight_bytes: int
 
+    def limits(self):
+        from portaserve.core.request_builder import Limits
+
+        return Limits(self.context_len, self.model_config.vocab_size, self.scheduler.allocator.size)
+
     @property
     def model_name(self) -> str:
         return self.args.served_model_name or self.source.name

@@ -1,0 +1,61 @@
+"""Turning user input into a validated Req; shared by the Engine and the HTTP server so
+both refuse the same bad input with the same messages."""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+from portaserve.core.request import Req
+from portaserve.core.sampling_params import InvalidRequest, SamplingParams
+
+
+@dataclass(frozen=True)
+class Limits:
+    context_len: int
+    vocab_size: int
+    pool_tokens: int
+    grammar: bool = False  # structured output available
+
+
+def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=False,
+              logprob_start_len=None, top_logprobs_num=None, rid: Optional[str] = None) -> Req:
+    if input_ids is None:
+        if not isinstance(prompt, str):
+            raise InvalidRequest("prompt must be a string", "prompt")
+        if tokenizer is None:
+            raise InvalidRequest("this engine was started without a tokenizer: pass input_ids", "prompt")
+        input_ids = tokenizer.encode(prompt, add_special_tokens=True)
+    if not isinstance(input_ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
+        raise InvalidRequest("input_ids must be a list of integers", "input_ids")
+    if not input_ids:
+        raise InvalidRequest("the prompt is empty", "prompt")
+    bad = [t for t in input_ids if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (size {limits.vocab_size})",
+                             "input_ids")
+    params = SamplingParams.from_dict(sp)
+    ctx = limits.context_len
+    if len(input_ids) >= ctx:
+        raise InvalidRequest(
+            f"the prompt has {len(input_ids)} tokens; this model's context length is {ctx}", "prompt")
+    if len(input_ids) + params.max_new_tokens > ctx:
+        raise InvalidRequest(
+            f"prompt ({len(input_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+            f"exceeds the context length {ctx}", "max_new_tokens")
+    if len(input_ids) + params.max_new_tokens > limits.pool_tokens:
+        raise InvalidRequest(
+            f"prompt + max_new_tokens ({len(input_ids) + params.max_new_tokens}) exceeds the KV "
+            f"pool ({limits.pool_tokens} tokens)", "max_new_tokens")
+    if (params.json_schema or params.regex or params.ebnf) and not limits.grammar:
+        kind = "json_schema" if params.json_schema else "regex" if params.regex else "ebnf"
+        raise InvalidRequest(f"structured output ({kind}) is not available in this build", kind)
+    if isinstance(top_logprobs_num, bool) or not isinstance(top_logprobs_num or 0, int) or (top_logprobs_num or 0) < 0:
+        raise InvalidRequest("top_logprobs_num must be an integer >= 0", "top_logprobs_num")
+    if logprob_start_len is not None and (isinstance(logprob_start_len, bool)
+                                          or not isinstance(logprob_start_len, int)):
+        raise InvalidRequest("logprob_start_len must be an integer", "logprob_start_len")
+    start = -1 if logprob_start_len is None else logprob_start_len
+    return Req(rid or uuid.uuid4().hex, list(input_ids), params, bool(return_logprob), start,
+               int(top_logprobs_num or 0))
