@@ -1,0 +1,238 @@
+"""Engine behaviour: chunked prefill, prefix reuse, retraction, stop conditions,
+streaming, seeded sampling, logprobs, abort, bad input."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from portaserve.core.sampling_params import InvalidRequest
+from tests.conftest import PROMPTS, hf_greedy, random_prompts
+
+GREEDY = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(default_engine):
+    return [o["output_ids"] for o in default_engine.generate(PROMPTS, GREEDY)]
+
+
+def _free_all(engine):
+    assert engine.flush_cache()
+    kv = engine.get_server_info()["kv"]
+    assert kv["free"] == kv["max_total_tokens"], kv
+
+
+def test_chunked_prefill_same_tokens(reference_outputs):
+    from portaserve import Engine
+
+    long = [p * 6 for p in PROMPTS]  # some prompts span many chunks
+    with Engine(max_total_tokens=8192, chunked_prefill_size=7) as small, \
+            Engine(max_total_tokens=8192, chunked_prefill_size=-1) as whole:
+        a = small.generate(PROMPTS + long, GREEDY)
+        b = whole.generate(PROMPTS + long, GREEDY)
+        assert [o["output_ids"] for o in a] == [o["output_ids"] for o in b]
+        assert [o["output_ids"] for o in a[: len(PROMPTS)]] == reference_outputs
+        assert small.get_server_info()["counters"]["forward_extend"] > 2 * len(PROMPTS)
+        _free_all(small)
+
+
+def test_prefix_reuse_reports_cached_tokens_and_same_output():
+    from portaserve import Engine
+
+    prefix = "You are a careful assistant. " * 30
+    questions = ["What is 2+2?", "Name a planet.", "What colour is the sky?"]
+    with Engine(max_total_tokens=8192) as on, Engine(max_total_tokens=8192, disable_radix_cache=True) as off:
+        first = on.generate(prefix + questions[0], GREEDY)
+        assert first["meta_info"]["cached_tokens"] == 0
+        n_prefix = len(on.tokenizer.encode(prefix))
+        for q in questions[1:]:
+            hit = on.generate(prefix + q, GREEDY)
+            miss = off.generate(prefix + q, GREEDY)
+            assert hit["meta_info"]["cached_tokens"] >= n_prefix - 2
+            assert miss["meta_info"]["cached_tokens"] == 0
+            assert hit["output_ids"] == miss["output_ids"]
+        _free_all(on)
+        _free_all(off)
+
+
+def test_retraction_under_memory_pressure(reference_outputs):
+    from portaserve import Engine
+
+    # 8 requests x (<=20 prompt + 24 output) cannot all grow in a 200-token pool
+    with Engine(max_total_tokens=200, chunked_prefill_size=64) as eng:
+        outs = eng.generate(PROMPTS, GREEDY)
+        assert [o["output_ids"] for o in outs] == reference_outputs
+        assert eng.get_server_info()["counters"]["retractions"] > 0
+        _free_all(eng)
+
+
+@pytest.mark.parametrize("policy", ["lpm", "dfs-weight", "random"])
+def test_schedule_policies_same_outputs(tiny_models, policy):
+    from portaserve import Engine
+
+    path = tiny_models("llama3")
+    base = random_prompts(4, 512, 30, 60, seed=11)
+    prompts = [b + s for b in base for s in random_prompts(3, 512, 2, 6, seed=12)]
+    with Engine(str(path), skip_tokenizer_init=True, max_total_tokens=4000) as fcfs, \
+            Engine(str(path), skip_tokenizer_init=True, max_total_tokens=4000, schedule_policy=policy) as other:
+        a = fcfs.generate(input_ids=prompts, sampling_params=GREEDY)
+        b = other.generate(input_ids=prompts, sampling_params=GREEDY)
+        assert [o["output_ids"] for o in a] == [o["output_ids"] for o in b]
+
+
+def test_stop_conditions(default_engine):
+    e = default_engine
+    base = {"max_new_tokens": 32, "temperature": 0, "ignore_eos": True}
+    ref = e.generate("1, 2, 3, 4, 5,", base)
+    text = ref["text"]
+    # stop string: trimmed from the text, reported as matched
+    stop = text[6:9]
+    out = e.generate("1, 2, 3, 4, 5,", {**base, "stop": [stop]})
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert out["text"] == text[: text.index(stop)]
+    # stop token id
+    tid = ref["output_ids"][5]
+    out = e.generate("1, 2, 3, 4, 5,", {**base, "stop_token_ids": [tid]})
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": tid}
+    assert out["output_ids"] == ref["output_ids"][: ref["output_ids"].index(tid) + 1]
+    # max_new_tokens
+    out = e.generate("1, 2, 3, 4, 5,", {**base, "max_new_tokens": 3})
+    assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 3}
+    assert out["output_ids"] == ref["output_ids"][:3]
+    # eos honoured unless ignore_eos
+    chat = e.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    out = e.generate(chat, {"max_new_tokens": 64, "temperature": 0})
+    assert out["meta_info"]["finish_reason"]["type"] == "stop"
+    assert out["output_ids"][-1] in e.rt.eos_ids and "Paris" in out["text"]
+    out2 = e.generate(chat, {"max_new_tokens": 20, "temperature": 0, "ignore_eos": True})
+    assert len(out2["output_ids"]) == 20
+
+
+def test_streaming_equals_final(default_engine):
+    e = default_engine
+    sp = {"max_new_tokens": 40, "temperature": 0, "stop": [" the "]}
+    full = e.generate("Once upon a time, in a small village by the sea,", sp)
+    chunks = list(e.generate("Once upon a time, in a small village by the sea,", sp, stream=True))
+    assert len(chunks) > 3
+    texts = [c["text"] for c in chunks]
+    assert all(texts[i + 1].startswith(texts[i]) for i in range(len(texts) - 1))
+    assert texts[-1] == full["text"]
+    assert chunks[-1]["output_ids"] == full["output_ids"]
+    assert chunks[-1]["meta_info"]["finish_reason"] == full["meta_info"]["finish_reason"]
+
+
+def test_multibyte_utf8_streaming(default_engine):
+    e = default_engine
+    sp = {"max_new_tokens": 30, "temperature": 0, "ignore_eos": True}
+    prompt = "Les élèves français écrivent: « Ça va très bien » — 日本語も"
+    full = e.generate(prompt, sp)
+    chunks = list(e.generate(prompt, sp, stream=True))
+    assert chunks[-1]["text"] == full["text"]
+    assert full["text"] == e.tokenizer.decode(full["output_ids"], skip_special_tokens=True)
+    assert "\ufffd" not in full["text"] or "\ufffd" in e.tokenizer.decode(full["output_ids"])
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(default_engine):
+    e = default_engine
+    sp = {"max_new_tokens": 16, "temperature": 1.0, "top_p": 0.9, "top_k": 50, "sampling_seed": 42}
+    a = e.generate("Write a word:", sp)
+    b = e.generate(["Tell me a story.", "Write a word:", "Hi"], [
+        {"max_new_tokens": 16, "temperature": 0.7}, sp, {"max_new_tokens": 5, "temperature": 1.0}])[1]
+    assert a["output_ids"] == b["output_ids"]
+    c = e.generate("Write a word:", {**sp, "sampling_seed": 7})
+    d = e.generate("Write a word:", {**sp, "sampling_seed": 8})
+    assert len({tuple(a["output_ids"]), tuple(c["output_ids"]), tuple(d["output_ids"])}) > 1
+    # top_k=1 is greedy whatever the temperature
+    g = e.generate("Write a word:", {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True})
+    k1 = e.generate("Write a word:", {"max_new_tokens": 8, "temperature": 1.5, "top_k": 1, "ignore_eos": True})
+    assert g["output_ids"] == k1["output_ids"]
+
+
+def test_input_logprobs_match_transformers(default_engine, hf_default):
+    hf_model, tok = hf_default
+    prompt = "The quick brown fox jumps over the lazy dog because"
+    ids = tok.encode(prompt)
+    out = default_engine.generate(prompt, {"max_new_tokens": 2, "temperature": 0}, return_logprob=True,
+                                  logprob_start_len=0, top_logprobs_num=3)
+    ilp = out["meta_info"]["input_token_logprobs"]
+    assert len(ilp) == len(ids) and ilp[0][0] is None and [t for _, t, _ in ilp] == ids
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), -1)
+    for i in range(1, len(ids)):
+        assert abs(ilp[i][0] - float(ref[i - 1, ids[i]])) < 2e-3
+    # with a start offset, only positions from there are returned
+    out = default_engine.generate(prompt, {"max_new_tokens": 0}, return_logprob=True, logprob_start_len=4)
+    assert out["output_ids"] == [] and out["meta_info"]["completion_tokens"] == 0
+    ilp = out["meta_info"]["input_token_logprobs"]
+    assert [t for _, t, _ in ilp] == ids[4:]
+    assert abs(ilp[0][0] - float(ref[3, ids[4]])) < 2e-3
+
+
+def test_abort_frees_kv():
+    from portaserve import Engine
+
+    with Engine(max_total_tokens=4096) as e:
+        it = e.generate("Tell me a long story about dragons.", {"max_new_tokens": 500, "ignore_eos": True},
+                        stream=True, rid="victim")
+        next(it)
+        next(it)
+        e.abort_request("victim")
+        last = list(it)[-1]
+        assert last["meta_info"]["finish_reason"]["type"] == "abort"
+        # a consumer that walks away mid-stream also frees its request
+        it2 = e.generate("Another long story.", {"max_new_tokens": 500, "ignore_eos": True}, stream=True)
+        next(it2)
+        it2.close()
+        deadline = time.time() + 10
+        while time.time() < deadline and e.rt.scheduler.num_requests():
+            time.sleep(0.05)
+        _free_all(e)
+
+
+def test_concurrent_callers(default_engine, reference_outputs):
+    results = [None] * len(PROMPTS)
+
+    def call(i):
+        results[i] = default_engine.generate(PROMPTS[i], GREEDY)["output_ids"]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == reference_outputs
+
+
+@pytest.mark.parametrize("sp,param", [
+    ({"temperature": -1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": 0}, "top_k"),
+    ({"max_new_tokens": -1}, "max_new_tokens"),
+    ({"max_new_tokens": 10 ** 6}, "max_new_tokens"),
+    ({"stop": 5}, "stop"),
+    ({"bogus": 1}, "bogus"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+])
+def test_invalid_sampling_params(default_engine, sp, param):
+    with pytest.raises(InvalidRequest) as ei:
+        default_engine.generate("hello", sp)
+    assert ei.value.param == param and param.split("_")[0] in str(ei.value)
+
+
+def test_invalid_prompts(default_engine):
+    e = default_engine
+    with pytest.raises(InvalidRequest, match="empty"):
+        e.generate(input_ids=[])
+    with pytest.raises(InvalidRequest, match="vocabulary"):
+        e.generate(input_ids=[1, 10 ** 7])
+    with pytest.raises(InvalidRequest, match="context length"):
+        e.generate(input_ids=[1] * 9000)
+    # the engine still serves afterwards
+    assert e.generate("Hi", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
