@@ -1,0 +1,167 @@
+"""Offline throughput of the in-process Engine, optionally side by side with Hugging
+Face transformers ``generate`` (batched, left-padded) on the same weights and prompts.
+
+    python -m portaserve.bench.offline --dataset mixed --compare-hf
+    python -m portaserve.bench.offline --dataset generated-shared-prefix --compare-hf \
+        --compare-no-cache
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from portaserve.bench.datasets import (BenchRequest, random_dataset, shared_prefix_dataset,
+                                       uniform_dataset)
+
+
+def run_engine(engine, reqs: list[BenchRequest]) -> dict:
+    sps = [{"max_new_tokens": r.output_len, "temperature": 0, "ignore_eos": True} for r in reqs]
+    t0 = time.perf_counter()
+    outs = engine.generate(input_ids=[r.input_ids for r in reqs], sampling_params=sps)
+    dt = time.perf_counter() - t0
+    out_tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
+    assert out_tokens == sum(r.output_len for r in reqs)
+    cached = sum(o["meta_info"]["cached_tokens"] for o in outs)
+    prompt = sum(len(r.input_ids) for r in reqs)
+    return {"seconds": dt, "output_tokens": out_tokens, "output_tok_s": out_tokens / dt,
+            "total_tok_s": (out_tokens + prompt) / dt, "cache_hit_rate": cached / prompt,
+            "outputs": [o["output_ids"] for o in outs]}
+
+
+@torch.inference_mode()
+def run_hf(model, reqs: list[BenchRequest], pad_id: int, batch_size: int) -> dict:
+    """transformers generate, batched with left padding; a batch runs until its longest
+    request is done, and only each request's own output tokens are counted."""
+    t0 = time.perf_counter()
+    outputs = []
+    for s in range(0, len(reqs), batch_size):
+        chunk = reqs[s:s + batch_size]
+        L = max(len(r.input_ids) for r in chunk)
+        ids = torch.full((len(chunk), L), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), L), dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, L - len(r.input_ids):] = torch.tensor(r.input_ids)
+            mask[i, L - len(r.input_ids):] = 1
+        n = max(r.output_len for r in chunk)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=pad_id)
+        for i, r in enumerate(chunk):
+            outputs.append(gen[i, L:L + r.output_len].tolist())
+    dt = time.perf_counter() - t0
+    out_tokens = sum(r.output_len for r in reqs)
+    prompt = sum(len(r.input_ids) for r in reqs)
+    return {"seconds": dt, "output_tokens": out_tokens, "output_tok_s": out_tokens / dt,
+            "total_tok_s": (out_tokens + prompt) / dt, "outputs": outputs}
+
+
+def make_dataset(ns, vocab: int) -> list[BenchRequest]:
+    if ns.dataset == "mixed":
+        return uniform_dataset(ns.num_prompts, (ns.min_input_len, ns.max_input_len),
+                               (ns.min_output_len, ns.max_output_len), vocab, ns.seed)
+    if ns.dataset == "random":
+        return random_dataset(ns.num_prompts, ns.random_input_len, ns.random_output_len,
+                              ns.random_range_ratio, vocab, ns.seed)
+    return shared_prefix_dataset(ns.gsp_num_groups, ns.gsp_prompts_per_group, ns.gsp_system_prompt_len,
+                                 ns.gsp_question_len, ns.gsp_output_len, vocab, ns.seed)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=["mixed", "random", "generated-shared-prefix"], default="mixed")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--min-input-len", type=int, default=20)
+    p.add_argument("--max-input-len", type=int, default=400)
+    p.add_argument("--min-output-len", type=int, default=8)
+    p.add_argument("--max-output-len", type=int, default=128)
+    p.add_argument("--random-input-len", type=int, default=1024)
+    p.add_argument("--random-output-len", type=int, default=1024)
+    p.add_argument("--random-range-ratio", type=float, default=0.0)
+    p.add_argument("--gsp-num-groups", type=int, default=8)
+    p.add_argument("--gsp-prompts-per-group", type=int, default=8)
+    p.add_argument("--gsp-system-prompt-len", type=int, default=512)
+    p.add_argument("--gsp-question-len", type=int, default=32)
+    p.add_argument("--gsp-output-len", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-path", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--max-total-tokens", type=int, default=None)
+    p.add_argument("--chunked-prefill-size", type=int, default=8192)
+    p.add_argument("--max-running-requests", type=int, default=256)
+    p.add_argument("--compare-hf", action="store_true", help="also run transformers generate")
+    p.add_argument("--hf-batch-size", type=int, default=None, help="default: all prompts in one batch")
+    p.add_argument("--compare-no-cache", action="store_true", help="also run with --disable-radix-cache")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--output-file", default=None)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    ns = p.parse_args(argv)
+    from portaserve import Engine
+
+    kw = dict(model_path=ns.model_path, device=ns.device, dtype=ns.dtype, load_format=ns.load_format,
+              max_total_tokens=ns.max_total_tokens, chunked_prefill_size=ns.chunked_prefill_size,
+              max_running_requests=ns.max_running_requests)
+    results = {}
+    configs = [("portaserve", {})]
+    if ns.compare_no_cache:
+        configs.append(("portaserve --disable-radix-cache", {"disable_radix_cache": True}))
+    engine_outputs = None
+    reqs = None
+    for label, extra in configs:
+        with Engine(**kw, **extra) as eng:
+            reqs = make_dataset(ns, eng.rt.model_config.vocab_size)
+            warm = [BenchRequest(r.input_ids[:16], 4) for r in reqs[: ns.warmup * 4]]
+            if warm:
+                run_engine(eng, warm)
+                eng.flush_cache()
+            results[label] = run_engine(eng, reqs)
+            engine_outputs = engine_outputs or results[label]["outputs"]
+            info = eng.rt.info()
+        gc.collect()
+    if ns.compare_hf:
+        from transformers import AutoModelForCausalLM
+
+        src = info["model_path"]
+        if src.endswith(".gguf"):
+            import pathlib
+
+            pth = pathlib.Path(src)
+            model = AutoModelForCausalLM.from_pretrained(str(pth.parent), gguf_file=pth.name,
+                                                         torch_dtype=torch.float32).eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(src, torch_dtype="auto").eval()
+        pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        warm = [BenchRequest(r.input_ids[:16], 4) for r in reqs[:4]]
+        run_hf(model, warm, pad, 4)
+        results["transformers"] = run_hf(model, reqs, pad, ns.hf_batch_size or len(reqs))
+        same = sum(a == b for a, b in zip(engine_outputs, results["transformers"]["outputs"]))
+        results["transformers"]["identical_outputs"] = f"{same}/{len(reqs)}"
+
+    print(f"\n# {ns.dataset}: {len(reqs)} requests, {sum(len(r.input_ids) for r in reqs)} prompt tokens, "
+          f"{sum(r.output_len for r in reqs)} output tokens; {info['platform']} ({info['device_name']}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, python {platform.python_version()}")
+    base = results.get("transformers")
+    print(f"{'run':<36}{'seconds':>9}{'out tok/s':>11}{'total tok/s':>13}{'cache hit':>11}{'vs HF':>8}")
+    for label, r in results.items():
+        ratio = f"{r['output_tok_s'] / base['output_tok_s']:.2f}x" if base else "-"
+        hit = f"{r['cache_hit_rate']:.1%}" if "cache_hit_rate" in r else "-"
+        print(f"{label:<36}{r['seconds']:>9.2f}{r['output_tok_s']:>11.1f}{r['total_tok_s']:>13.1f}{hit:>11}{ratio:>8}")
+    if base:
+        print(f"greedy outputs identical to transformers: {base['identical_outputs']}")
+    if ns.output_file:
+        with open(ns.output_file, "w") as f:
+            json.dump({k: {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in results.items()}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
