@@ -1,4 +1,4 @@
-"""The ``portaserve`` command: generate, env (and serve / bench as they land)."""
+"""The ``portaserve`` command: serve, generate, env, bench serving."""
 from __future__ import annotations
 
 import argparse
@@ -34,7 +34,11 @@ def cmd_env(ns) -> int:
     show = list(classes) if ns.all else [chosen.name]
     for name in show:
         p = classes[name]()
-        table = resolve_op_table(p, ns.kernel or [])
+        try:
+            table = resolve_op_table(p, ns.kernel or [])
+        except (ValueError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"\nop table for {name}" + (" (selected)" if name == chosen.name else "") + ":")
         print(table.format())
     if chosen.name != "cpu":
@@ -88,9 +92,27 @@ def main(argv=None) -> int:
                        help="send the prompt raw instead of through the chat template")
     ServerArgs.add_cli_args(p_gen)
 
+    p_serve = sub.add_parser(
+        "serve", help="run the HTTP server (OpenAI + SGLang-native API)",
+        description="Run the HTTP server: OpenAI-compatible /v1/completions, "
+                    "/v1/chat/completions, /v1/models and SGLang's native /generate API. "
+                    "The model runs in a separate scheduler process.")
+    ServerArgs.add_cli_args(p_serve)
+
+    p_bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = p_bench.add_subparsers(dest="bench_cmd", required=True)
+    p_bs = bench_sub.add_parser("serving", help="load a running server like SGLang's bench_serving")
+    from portaserve.bench.serving import add_cli_args as add_bench_serving_args
+
+    add_bench_serving_args(p_bs)
+
     ns = parser.parse_args(argv)
     if ns.cmd == "env":
         return cmd_env(ns)
+    if ns.cmd == "bench":
+        from portaserve.bench.serving import run_from_cli
+
+        return run_from_cli(ns)
     args = ServerArgs.from_cli(ns)
     _setup_logging(args.log_level)
     try:
@@ -103,6 +125,10 @@ def main(argv=None) -> int:
         except (ValueError, RuntimeError) as e:
             print(f"portaserve: error: {e}", file=sys.stderr)
             return 2
+    if ns.cmd == "serve":
+        from portaserve.server.app import serve
+
+        return serve(args)
     return 1
 
 

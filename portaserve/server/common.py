@@ -1,0 +1,116 @@
+"""Helpers shared by the OpenAI and native endpoints: building requests, waiting for
+them, streaming them, token texts for logprobs."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import AsyncIterator, Optional
+
+from portaserve.core.request import Req
+from portaserve.core.request_builder import build_req
+from portaserve.core.sampling_params import InvalidRequest
+from portaserve.server.errors import APIError, from_invalid
+from portaserve.server.manager import Overloaded, ReqState, SchedulerClient, SchedulerDead
+
+
+def overloaded_error(e: Exception) -> APIError:
+    return APIError(503, str(e), "server_error", None, "overloaded", headers={"Retry-After": "1"})
+
+
+def dead_error(message: str) -> APIError:
+    return APIError(503, f"the engine is unavailable: {message}", "server_error", None,
+                    "engine_dead")
+
+
+def make_req(client: SchedulerClient, prompt, input_ids, sp: dict, return_logprob=False,
+             logprob_start_len=None, top_logprobs_num=None, rid=None, rename=None,
+             prefix: str = "") -> Req:
+    """build_req with the engine's limits; InvalidRequest -> 400 (names renamed for the
+    API at hand, e.g. max_new_tokens -> max_tokens)."""
+    try:
+        return build_req(client.limits, client.tokenizer, prompt, input_ids, sp, return_logprob,
+                         logprob_start_len, top_logprobs_num, rid)
+    except InvalidRequest as e:
+        err = from_invalid(e, prefix)
+        for old, new in (rename or {}).items():
+            err.message = err.message.replace(old, new)
+            if err.param == old:
+                err.param = new
+        raise err
+
+
+def submit(client: SchedulerClient, reqs: list[Req]) -> list[ReqState]:
+    try:
+        return client.submit(reqs)
+    except Overloaded as e:
+        raise overloaded_error(e)
+    except SchedulerDead as e:
+        raise dead_error(str(e))
+
+
+async def wait_all(client: SchedulerClient, states: list[ReqState], request=None) -> None:
+    """Wait until every state finished; abort them all if the client goes away."""
+    event = states[0].event
+    try:
+        while not all(st.finished for st in states):
+            try:
+                await asyncio.wait_for(event.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    return
+                continue
+            event.clear()
+        for st in states:
+            if st.error is not None:
+                raise dead_error(st.error)
+    finally:
+        for st in states:
+            client.release(st)
+
+
+async def follow(client: SchedulerClient, states: list[ReqState]) -> AsyncIterator[None]:
+    """Yield each time any of states progressed; the caller reads the states.  Stops
+    after all finished.  Leaving early (client disconnect) aborts the unfinished ones."""
+    event = states[0].event
+    try:
+        while True:
+            await event.wait()
+            event.clear()
+            for st in states:
+                if st.error is not None:
+                    raise SchedulerDead(st.error)
+            yield
+            if all(st.finished for st in states):
+                return
+    finally:
+        for st in states:
+            client.release(st)
+
+
+def sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_error(message: str, type_: str = "server_error", code: Optional[str] = None) -> bytes:
+    return sse({"error": {"message": message, "type": type_, "param": None, "code": code}})
+
+
+class TokenTexts:
+    """Text of single tokens (for logprobs), cached."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, tid: int) -> str:
+        s = self.cache.get(tid)
+        if s is None:
+            if self.tok is None:
+                return ""
+            s = self.tok.decode([tid], skip_special_tokens=False)
+            if len(self.cache) < 200_000:
+                self.cache[tid] = s
+        return s

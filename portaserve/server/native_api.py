@@ -1,0 +1,260 @@
+"""SGLang's native API: /generate, /get_model_info, /server_info, /flush_cache, /health,
+/health_generate, /abort_request.  Shapes follow SGLang 0.5 so that its frontend client
+(``sgl.RuntimeEndpoint``) works unmodified."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from portaserve.server.common import (SSE_DONE, dead_error, follow, make_req, sse, sse_error,
+                                      submit, wait_all)
+from portaserve.server.errors import bad_request, get, read_json_object
+from portaserve.server.manager import ReqState, SchedulerDead
+
+router = APIRouter()
+
+
+def _client(request: Request):
+    return request.app.state.client
+
+
+def _per_item(value, i: int, n: int, name: str):
+    """SGLang lets several fields be a single value or one per batch item."""
+    if isinstance(value, list):
+        if len(value) != n:
+            raise bad_request(f"{name} has {len(value)} entries for {n} prompts", name)
+        return value[i]
+    return value
+
+
+def _logprob_list(entries, texts, with_text: bool):
+    if not with_text:
+        return [list(e) for e in entries]
+    return [[lp, tid, texts(tid)] for lp, tid, _ in entries]
+
+
+def _top_list(entries, texts, with_text: bool):
+    return [None if pos is None else _logprob_list(pos, texts, with_text) for pos in entries]
+
+
+def native_result(st: ReqState, texts, with_text: bool, cumulative_text: str = None) -> dict:
+    meta = {"id": st.rid, "finish_reason": st.finished_reason,
+            "prompt_tokens": st.meta["prompt_tokens"],
+            "completion_tokens": st.meta["completion_tokens"],
+            "cached_tokens": st.meta["cached_tokens"],
+            "e2e_latency": time.perf_counter() - st.created}
+    if st.req.return_logprob:
+        lp = st.logprobs
+        meta["input_token_logprobs"] = _logprob_list(lp["input_token_logprobs"], texts, with_text)
+        meta["output_token_logprobs"] = _logprob_list(lp["output_token_logprobs"], texts, with_text)
+        if st.req.top_logprobs_num:
+            meta["input_top_logprobs"] = _top_list(lp["input_top_logprobs"], texts, with_text)
+            meta["output_top_logprobs"] = _top_list(lp["output_top_logprobs"], texts, with_text)
+    text = st.text if cumulative_text is None else cumulative_text
+    return {"text": text, "output_ids": list(st.output_ids), "meta_info": meta}
+
+
+def _build_reqs(client, body: dict):
+    text = body.get("text")
+    input_ids = body.get("input_ids")
+    if text is None and input_ids is None:
+        raise bad_request("give text or input_ids", "text")
+    if text is not None and input_ids is not None:
+        raise bad_request("give text or input_ids, not both", "text")
+    if text is not None:
+        if not isinstance(text, (str, list)) or (isinstance(text, list)
+                                                 and not all(isinstance(t, str) for t in text)):
+            raise bad_request("text must be a string or a list of strings", "text")
+        batch = isinstance(text, list)
+        items = text if batch else [text]
+    else:
+        if not isinstance(input_ids, list):
+            raise bad_request("input_ids must be a list of integers or a list of lists", "input_ids")
+        batch = bool(input_ids) and isinstance(input_ids[0], list)
+        items = input_ids if batch else [input_ids]
+    if batch and not items:
+        raise bad_request("the batch is empty", "text" if text is not None else "input_ids")
+    n = len(items)
+    sps = body.get("sampling_params")
+    if sps is not None and not isinstance(sps, (dict, list)):
+        raise bad_request("sampling_params must be an object (or a list of them)", "sampling_params")
+    rids = body.get("rid")
+    if rids is not None and not isinstance(rids, (str, list)):
+        raise bad_request("rid must be a string (or a list of strings)", "rid")
+    reqs, index = [], []
+    for i in range(n):
+        sp = dict(_per_item(sps, i, n, "sampling_params") or {})
+        if not isinstance(sp, dict):
+            raise bad_request("sampling_params must be an object", "sampling_params")
+        copies = sp.pop("n", 1)
+        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+            raise bad_request(f"n must be an integer >= 1, got {copies!r}", "n")
+        rl = _per_item(body.get("return_logprob", False), i, n, "return_logprob")
+        lsl = _per_item(body.get("logprob_start_len"), i, n, "logprob_start_len")
+        tln = _per_item(body.get("top_logprobs_num"), i, n, "top_logprobs_num")
+        rid = _per_item(rids, i, n, "rid")
+        if rid is not None and not isinstance(rid, str):
+            raise bad_request("rid must be a string", "rid")
+        if not isinstance(rl, bool):
+            raise bad_request("return_logprob must be a boolean", "return_logprob")
+        for j in range(copies):
+            r = make_req(client, items[i] if text is not None else None,
+                         items[i] if text is None else None, sp, rl, lsl, tln,
+                         (rid if copies == 1 else f"{rid}-{j}") if rid else None,
+                         prefix=f"item {i}: " if batch else "")
+            reqs.append(r)
+            index.append(i * copies + j)
+    return reqs, batch or len(reqs) > 1
+
+
+@router.api_route("/generate", methods=["POST", "PUT"])
+async def generate(request: Request):
+    client = _client(request)
+    body = await read_json_object(request)
+    stream = get(body, "stream", bool, False)
+    with_text = get(body, "return_text_in_logprobs", bool, False)
+    reqs, batch = _build_reqs(client, body)
+    states = submit(client, reqs)
+    texts = request.app.state.token_texts
+    if not stream:
+        await wait_all(client, states, request)
+        out = [native_result(st, texts, with_text) for st in states]
+        return JSONResponse(out if batch else out[0])
+
+    async def gen():
+        try:
+            async for _ in follow(client, states):
+                for i, st in enumerate(states):
+                    if st.detok is not None:
+                        delta = st.detok.pop_delta(st.finished_reason is not None)
+                    else:
+                        delta = ""
+                    new_ids = len(st.output_ids) > st.sent_ids
+                    if not (delta or new_ids or st.finished_reason is not None) or st.sent_ids < 0:
+                        continue
+                    st.sent_ids = len(st.output_ids) if st.finished_reason is None else -1
+                    text = st.detok.text[:st.detok.sent] if st.detok is not None else ""
+                    chunk = native_result(st, texts, with_text, text)
+                    if batch:
+                        chunk["index"] = i
+                    yield sse(chunk)
+        except SchedulerDead as e:
+            yield sse_error(str(dead_error(str(e))), code="engine_dead")
+        yield SSE_DONE
+
+    return StreamingResponse(gen(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/get_model_info")
+@router.get("/model_info")
+async def get_model_info(request: Request):
+    c = _client(request)
+    a = c.args
+    return {"model_path": c.info.get("model_path"),
+            "tokenizer_path": a.tokenizer_path or c.info.get("model_path"),
+            "served_model_name": c.info.get("served_model_name"),
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": "default",
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "model_type": c.model_type,
+            "architectures": [c.info.get("architecture")],
+            "context_length": c.info.get("context_length")}
+
+
+def _public_args(args) -> dict:
+    import dataclasses
+
+    d = dataclasses.asdict(args)
+    if d.get("api_key"):
+        d["api_key"] = "***"
+    return d
+
+
+@router.get("/server_info")
+@router.get("/get_server_info")
+async def server_info(request: Request):
+    from portaserve import __version__
+
+    c = _client(request)
+    stats = await _stats_or_503(c)
+    return {**_public_args(c.args), **c.info, "version": __version__,
+            "kv": stats["kv"], "counters": stats["counters"],
+            "internal_states": [{"num_waiting": stats["num_waiting"],
+                                 "num_running": stats["num_running"],
+                                 "cache_hit_rate": stats["cache_hit_rate"],
+                                 "kv": stats["kv"]}],
+            "http": {"in_flight": c.num_inflight, "queued": c.num_queued},
+            "limits": {"context_len": c.limits.context_len, "vocab_size": c.limits.vocab_size,
+                       "pool_tokens": c.limits.pool_tokens, "grammar": c.limits.grammar}}
+
+
+async def _stats_or_503(c):
+    try:
+        return await c.call("stats")
+    except SchedulerDead as e:
+        raise dead_error(str(e))
+    except asyncio.TimeoutError:
+        raise dead_error("the scheduler did not answer within 30 s")
+
+
+@router.api_route("/flush_cache", methods=["POST", "GET"])
+async def flush_cache(request: Request):
+    c = _client(request)
+    try:
+        ok = await c.call("flush_cache")
+    except SchedulerDead as e:
+        raise dead_error(str(e))
+    if ok:
+        return Response("Cache flushed.\nPlease check backend logs for more details. "
+                        "(When there are running or waiting requests, the operation will not be performed.)\n",
+                        status_code=200)
+    return Response("Cache not flushed: requests are in flight.\n", status_code=400)
+
+
+@router.api_route("/health", methods=["GET", "POST"])
+async def health(request: Request):
+    c = _client(request)
+    if c.dead is not None:
+        return Response(f"unhealthy: {c.dead}\n", status_code=503)
+    return Response(status_code=200)
+
+
+@router.api_route("/health_generate", methods=["GET", "POST"])
+async def health_generate(request: Request):
+    """Runs one real token through the whole path (SGLang does the same)."""
+    c = _client(request)
+    if c.dead is not None:
+        return Response(f"unhealthy: {c.dead}\n", status_code=503)
+    req = make_req(c, None, [0], {"max_new_tokens": 1, "temperature": 0},
+                   rid=f"HEALTH_CHECK_{uuid.uuid4().hex}")
+    try:
+        states = c.submit([req])
+    except Exception as e:  # noqa: BLE001 - dead or overloaded
+        return Response(f"unhealthy: {e}\n", status_code=503)
+    try:
+        await asyncio.wait_for(wait_all(c, states), timeout=20)
+    except Exception as e:  # noqa: BLE001 - any failure means unhealthy
+        return Response(f"unhealthy: {e}\n", status_code=503)
+    return Response(status_code=200)
+
+
+@router.post("/abort_request")
+async def abort_request(request: Request):
+    c = _client(request)
+    body = await read_json_object(request)
+    if get(body, "abort_all", bool, False):
+        for rid in list(c.states):
+            c.abort(rid)
+        return Response(status_code=200)
+    rid = get(body, "rid", str)
+    if not rid:
+        raise bad_request("give rid (or abort_all: true)", "rid")
+    c.abort(rid)
+    return Response(status_code=200)

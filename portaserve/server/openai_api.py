@@ -1,0 +1,472 @@
+"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models.
+
+Choices: an unknown ``model`` is a 400 (``code: model_not_found``, as SGLang answers; OpenAI
+itself uses 404).  Unknown body fields are ignored (as vLLM and SGLang do); known fields
+are type-checked.  ``n`` fans out into n engine requests.  ``usage.prompt_tokens`` counts
+each prompt once (not once per choice), ``completion_tokens`` sums every choice.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Optional
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from portaserve.server.common import (SSE_DONE, dead_error, follow, make_req, sse, sse_error,
+                                      submit, wait_all)
+from portaserve.server.errors import APIError, bad_request, get, read_json_object
+from portaserve.server.manager import ReqState, SchedulerDead
+
+router = APIRouter()
+
+MAX_TOP_LOGPROBS = 20
+
+
+def _client(request: Request):
+    return request.app.state.client
+
+
+def model_names(client) -> list[str]:
+    names = [client.info.get("served_model_name"), client.info.get("model_path")]
+    return [n for n in names if n]
+
+
+def _check_model(client, body: dict) -> str:
+    model = get(body, "model", str)
+    served = client.info.get("served_model_name")
+    if model is None or model in ("default", "") or model in model_names(client):
+        return served
+    raise APIError(400, f"the model {model!r} does not exist; this server serves {served!r}",
+                   "invalid_request_error", "model", "model_not_found")
+
+
+def _finish(fr: Optional[dict]) -> Optional[str]:
+    if fr is None:
+        return None
+    return fr["type"]
+
+
+def _matched(fr: Optional[dict]):
+    return None if fr is None else fr.get("matched")
+
+
+# ---- sampling parameters -------------------------------------------------------------------
+def sampling_params(body: dict, chat: bool) -> tuple[dict, dict]:
+    """OpenAI + SGLang-extra fields -> SGLang sampling params; also the renames used to
+    translate engine messages back to the field names this request used."""
+    sp: dict = {}
+    rename = {"sampling_seed": "seed", "min_new_tokens": "min_tokens"}
+    mt_name = "max_tokens"
+    max_tokens = get(body, "max_tokens", int)
+    if chat and get(body, "max_completion_tokens", int) is not None:
+        max_tokens = body["max_completion_tokens"]
+        mt_name = "max_completion_tokens"
+    rename["max_new_tokens"] = mt_name
+    if max_tokens is not None:
+        if max_tokens < (1 if chat else 0):
+            raise bad_request(f"{mt_name} must be >= {1 if chat else 0}, got {max_tokens}", mt_name)
+        sp["max_new_tokens"] = max_tokens
+    elif not chat:
+        sp["max_new_tokens"] = 16  # OpenAI's default for completions
+    for name, typ, key in (("temperature", float, "temperature"), ("top_p", float, "top_p"),
+                           ("presence_penalty", float, "presence_penalty"),
+                           ("frequency_penalty", float, "frequency_penalty"),
+                           ("seed", int, "sampling_seed"), ("top_k", int, "top_k"),
+                           ("min_p", float, "min_p"),
+                           ("repetition_penalty", float, "repetition_penalty"),
+                           ("ignore_eos", bool, "ignore_eos"), ("regex", str, "regex"),
+                           ("ebnf", str, "ebnf"), ("min_tokens", int, "min_new_tokens"),
+                           ("skip_special_tokens", bool, "skip_special_tokens"),
+                           ("spaces_between_special_tokens", bool, "spaces_between_special_tokens"),
+                           ("no_stop_trim", bool, "no_stop_trim")):
+        v = get(body, name, typ)
+        if v is not None:
+            sp[key] = v
+    stop = get(body, "stop", (str, list))
+    if stop is not None:
+        if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
+            raise bad_request("stop must be a string or a list of strings", "stop")
+        sp["stop"] = stop
+    sti = get(body, "stop_token_ids", list)
+    if sti is not None:
+        sp["stop_token_ids"] = sti
+    js = get(body, "json_schema", (str, dict))
+    if js is not None:
+        sp["json_schema"] = js if isinstance(js, str) else json.dumps(js)
+    if chat:
+        rf = get(body, "response_format", dict)
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_schema":
+                schema = (rf.get("json_schema") or {}).get("schema")
+                if not isinstance(schema, dict):
+                    raise bad_request("response_format.json_schema.schema must be an object",
+                                      "response_format")
+                sp["json_schema"] = json.dumps(schema)
+            elif kind == "json_object":
+                sp["json_schema"] = json.dumps({"type": "object"})
+            elif kind != "text":
+                raise bad_request(f"response_format.type must be text, json_object or json_schema, "
+                                  f"got {kind!r}", "response_format")
+    lb = get(body, "logit_bias", dict)
+    if lb:
+        raise bad_request("logit_bias is not supported", "logit_bias")
+    return sp, rename
+
+
+def _n(body: dict) -> int:
+    n = get(body, "n", int, 1)
+    if n < 1 or n > 128:
+        raise bad_request(f"n must be between 1 and 128, got {n}", "n")
+    best_of = get(body, "best_of", int)
+    if best_of is not None and best_of != n:
+        raise bad_request("best_of other than n is not supported", "best_of")
+    return n
+
+
+def _stream_opts(body: dict) -> tuple[bool, bool]:
+    stream = get(body, "stream", bool, False)
+    so = get(body, "stream_options", dict)
+    include_usage = False
+    if so is not None:
+        if not stream:
+            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        include_usage = get(so, "include_usage", bool, False)
+    return stream, include_usage
+
+
+def _usage(states: list[ReqState], n: int) -> dict:
+    prompt = sum(states[i].meta["prompt_tokens"] for i in range(0, len(states), n))
+    cached = sum(states[i].meta["cached_tokens"] for i in range(0, len(states), n))
+    completion = sum(st.meta["completion_tokens"] for st in states)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _check_abort(states: list[ReqState]) -> None:
+    for st in states:
+        fr = st.finished_reason
+        if fr is not None and fr.get("type") == "abort":
+            raise APIError(500, f"the request was aborted: {fr.get('message', '')}", "server_error",
+                           None, "aborted")
+
+
+# ---- /v1/models ----------------------------------------------------------------------------
+@router.get("/v1/models")
+async def list_models(request: Request):
+    c = _client(request)
+    return {"object": "list", "data": [_model_card(c)]}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, request: Request):
+    c = _client(request)
+    if model not in model_names(c):
+        raise APIError(404, f"the model {model!r} does not exist", "invalid_request_error", "model",
+                       "model_not_found")
+    return _model_card(c)
+
+
+def _model_card(c) -> dict:
+    return {"id": c.info.get("served_model_name"), "object": "model", "created": c.started,
+            "owned_by": "portaserve", "root": c.info.get("model_path"),
+            "max_model_len": c.info.get("context_length")}
+
+
+# ---- /v1/completions -----------------------------------------------------------------------
+def _prompts(body: dict) -> list:
+    """OpenAI's prompt forms -> list of (text or None, ids or None)."""
+    if "prompt" not in body or body["prompt"] is None:
+        raise bad_request("prompt is required", "prompt")
+    p = body["prompt"]
+    if isinstance(p, str):
+        return [(p, None)]
+    if isinstance(p, list):
+        if not p:
+            raise bad_request("the prompt is empty", "prompt")
+        if all(isinstance(x, str) for x in p):
+            return [(x, None) for x in p]
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+            return [(None, p)]
+        if all(isinstance(x, list) for x in p):
+            return [(None, x) for x in p]
+    raise bad_request("prompt must be a string, a list of strings, a list of token ids or a "
+                      "list of lists of token ids", "prompt")
+
+
+def _completion_logprobs(st: ReqState, texts, echo: bool, offset0: int, new_from: int = 0,
+                         echo_prompt: bool = False):
+    """OpenAI completions logprobs for output tokens [new_from:] (plus the prompt's when
+    echo_prompt)."""
+    tokens, token_lps, tops = [], [], []
+    lp = st.logprobs
+    want_top = st.req.top_logprobs_num > 0
+
+    def add(entries, top_entries):
+        for k, (v, tid, _) in enumerate(entries):
+            tokens.append(texts(tid))
+            token_lps.append(v)
+            if want_top:
+                t = top_entries[k] if k < len(top_entries) else None
+                tops.append(None if t is None else {texts(b): a for a, b, _ in t})
+            else:
+                tops.append(None)
+
+    if echo_prompt:
+        add(lp["input_token_logprobs"], lp["input_top_logprobs"])
+    add(lp["output_token_logprobs"][new_from:], lp["output_top_logprobs"][new_from:])
+    offsets, pos = [], offset0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": token_lps,
+            "top_logprobs": tops if want_top else None, "text_offset": offsets}
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    c = _client(request)
+    body = await read_json_object(request)
+    model = _check_model(c, body)
+    prompts = _prompts(body)
+    n = _n(body)
+    stream, include_usage = _stream_opts(body)
+    sp, rename = sampling_params(body, chat=False)
+    echo = get(body, "echo", bool, False)
+    logprobs = get(body, "logprobs", int)
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {logprobs}",
+                          "logprobs")
+    if get(body, "suffix", str):
+        raise bad_request("suffix is not supported", "suffix")
+    want_lp = logprobs is not None
+    reqs, prompt_texts = [], []
+    for i, (text, ids) in enumerate(prompts):
+        for _ in range(n):
+            reqs.append(make_req(c, text, ids, sp, want_lp, 0 if (want_lp and echo) else None,
+                                 logprobs or 0, rename=rename,
+                                 prefix=f"prompt {i}: " if len(prompts) > 1 else ""))
+        if echo:
+            prompt_texts.append(text if text is not None else c.tokenizer.decode(ids)
+                                if c.tokenizer is not None else "")
+    texts = request.app.state.token_texts
+    states = submit(c, reqs)
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    if not stream:
+        await wait_all(c, states, request)
+        _check_abort(states)
+        choices = []
+        for k, st in enumerate(states):
+            prefix = prompt_texts[k // n] if echo else ""
+            ch = {"index": k, "text": prefix + st.text, "logprobs": None,
+                  "finish_reason": _finish(st.finished_reason),
+                  "matched_stop": _matched(st.finished_reason)}
+            if want_lp:
+                ch["logprobs"] = _completion_logprobs(st, texts, echo, 0, echo_prompt=echo)
+            choices.append(ch)
+        return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                "choices": choices, "usage": _usage(states, n)}
+
+    async def gen():
+        text_pos = [0] * len(states)
+        started = [False] * len(states)
+        try:
+            async for _ in follow(c, states):
+                for k, st in enumerate(states):
+                    if st.sent_ids < 0:
+                        continue
+                    done = st.finished_reason is not None
+                    if done and st.finished_reason.get("type") == "abort":
+                        yield sse_error(f"the request was aborted: "
+                                        f"{st.finished_reason.get('message', '')}", code="aborted")
+                        st.sent_ids = -1
+                        continue
+                    delta = st.detok.pop_delta(done) if st.detok is not None else ""
+                    first = not started[k]
+                    if first and echo:
+                        delta = prompt_texts[k // n] + delta
+                    n_new = len(st.output_ids) - st.sent_ids
+                    if not (delta or done or (want_lp and n_new)):
+                        continue
+                    ch = {"index": k, "text": delta, "logprobs": None, "finish_reason": None}
+                    if want_lp:
+                        ch["logprobs"] = _completion_logprobs(st, texts, echo, text_pos[k],
+                                                              st.sent_ids, echo_prompt=first and echo)
+                    started[k] = True
+                    text_pos[k] += len(delta)
+                    st.sent_ids = len(st.output_ids)
+                    if done:
+                        ch["finish_reason"] = _finish(st.finished_reason)
+                        ch["matched_stop"] = _matched(st.finished_reason)
+                        st.sent_ids = -1
+                    chunk = {"id": rid, "object": "text_completion", "created": created,
+                             "model": model, "choices": [ch]}
+                    if include_usage:
+                        chunk["usage"] = None
+                    yield sse(chunk)
+            if include_usage:
+                yield sse({"id": rid, "object": "text_completion", "created": created,
+                           "model": model, "choices": [], "usage": _usage(states, n)})
+        except SchedulerDead as e:
+            yield sse_error(str(dead_error(str(e))), code="engine_dead")
+        yield SSE_DONE
+
+    return StreamingResponse(gen(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ---- /v1/chat/completions ------------------------------------------------------------------
+def _messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        raise bad_request("messages must be a list of {role, content} objects", "messages")
+    if not msgs:
+        raise bad_request("messages must not be empty", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise bad_request(f"messages[{i}] must be an object", "messages")
+        role = m.get("role")
+        if role not in ("system", "user", "assistant", "developer", "tool"):
+            raise bad_request(f"messages[{i}].role must be system, user, assistant, developer "
+                              f"or tool, got {role!r}", "messages")
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                    kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+                    raise bad_request(f"messages[{i}].content: only text parts are supported, got "
+                                      f"{kind!r}", "messages")
+                parts.append(p["text"])
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise bad_request(f"messages[{i}].content must be a string or a list of text parts",
+                              "messages")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def _chat_prompt_ids(c, body: dict) -> list[int]:
+    tok = c.tokenizer
+    if tok is None:
+        raise bad_request("this server was started without a tokenizer; use /generate with input_ids",
+                          "messages")
+    msgs = _messages(body)
+    if get(body, "tools", list):
+        raise bad_request("tools are not supported", "tools")
+    if not getattr(tok, "chat_template", None):
+        raise bad_request("this model has no chat template; start the server with --chat-template",
+                          "messages")
+    kwargs = get(body, "chat_template_kwargs", dict, {})
+    try:
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - template errors are the caller's input
+        raise bad_request(f"the chat template failed on these messages: {e}", "messages")
+    return tok.encode(text, add_special_tokens=False)
+
+
+def _chat_logprobs(st: ReqState, texts, new_from: int = 0) -> dict:
+    content = []
+    lp = st.logprobs
+    tops = lp["output_top_logprobs"]
+    for k, (v, tid, _) in enumerate(lp["output_token_logprobs"][new_from:], start=new_from):
+        s = texts(tid)
+        entry = {"token": s, "logprob": v, "bytes": list(s.encode("utf-8")), "top_logprobs": []}
+        if st.req.top_logprobs_num and k < len(tops) and tops[k] is not None:
+            entry["top_logprobs"] = [{"token": texts(b), "logprob": a,
+                                      "bytes": list(texts(b).encode("utf-8"))} for a, b, _ in tops[k]]
+        content.append(entry)
+    return {"content": content}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    c = _client(request)
+    body = await read_json_object(request)
+    model = _check_model(c, body)
+    n = _n(body)
+    stream, include_usage = _stream_opts(body)
+    sp, rename = sampling_params(body, chat=True)
+    want_lp = get(body, "logprobs", bool, False)
+    top = get(body, "top_logprobs", int)
+    if top is not None:
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise bad_request(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top}",
+                              "top_logprobs")
+        if top and not want_lp:
+            raise bad_request("top_logprobs requires logprobs: true", "top_logprobs")
+    ids = _chat_prompt_ids(c, body)
+    if "max_new_tokens" not in sp:
+        # no max_tokens: up to the context (and the KV pool), as OpenAI does
+        room = min(c.limits.context_len, c.limits.pool_tokens) - len(ids)
+        sp["max_new_tokens"] = max(room, 1)
+    reqs = [make_req(c, None, ids, sp, want_lp, None, top or 0, rename=rename) for _ in range(n)]
+    texts = request.app.state.token_texts
+    states = submit(c, reqs)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    if not stream:
+        await wait_all(c, states, request)
+        _check_abort(states)
+        choices = []
+        for k, st in enumerate(states):
+            choices.append({"index": k, "message": {"role": "assistant", "content": st.text},
+                            "logprobs": _chat_logprobs(st, texts) if want_lp else None,
+                            "finish_reason": _finish(st.finished_reason),
+                            "matched_stop": _matched(st.finished_reason)})
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                "choices": choices, "usage": _usage(states, n)}
+
+    def chunk(choices, usage=False):
+        d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": choices}
+        if include_usage:
+            d["usage"] = _usage(states, n) if usage else None
+        return sse(d)
+
+    async def gen():
+        try:
+            for k in range(n):
+                yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}])
+            async for _ in follow(c, states):
+                for k, st in enumerate(states):
+                    if st.sent_ids < 0:
+                        continue
+                    done = st.finished_reason is not None
+                    if done and st.finished_reason.get("type") == "abort":
+                        yield sse_error(f"the request was aborted: "
+                                        f"{st.finished_reason.get('message', '')}", code="aborted")
+                        st.sent_ids = -1
+                        continue
+                    delta = st.detok.pop_delta(done) if st.detok is not None else ""
+                    n_new = len(st.output_ids) - st.sent_ids
+                    if not (delta or done or (want_lp and n_new)):
+                        continue
+                    ch = {"index": k, "delta": {"content": delta} if delta else {},
+                          "logprobs": _chat_logprobs(st, texts, st.sent_ids) if want_lp else None,
+                          "finish_reason": None}
+                    st.sent_ids = len(st.output_ids)
+                    if done:
+                        ch["finish_reason"] = _finish(st.finished_reason)
+                        ch["matched_stop"] = _matched(st.finished_reason)
+                        st.sent_ids = -1
+                    yield chunk([ch])
+            if include_usage:
+                yield chunk([], usage=True)
+        except SchedulerDead as e:
+            yield sse_error(str(dead_error(str(e))), code="engine_dead")
+        yield SSE_DONE
+
+    return StreamingResponse(gen(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,142 @@
+"""The scheduler process: owns the model, the KV pool and the Scheduler.
+
+Started by the HTTP process with multiprocessing's ``spawn``.  It talks to the HTTP
+process over two ZMQ ipc:// sockets:
+
+  HTTP --PUSH--> [in]  ("add", Req) | ("abort", rid) | ("flush_cache", token)
+                       | ("stats", token) | ("shutdown",)
+  HTTP <--PULL-- [out] {"ready": {...}} | {"error": msg}        (once, at startup)
+                       ("out", [delta message, ...])            (after every step)
+                       ("reply", token, payload)                (answers to commands)
+                       ("fatal", msg)                           (just before dying)
+
+The loop drains the input (without blocking while there is work, with a short blocking
+poll when idle), runs one ``scheduler.step()`` and pushes the deltas of every request
+the step touched (``engine.make_output_message``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+import traceback
+
+logger = logging.getLogger("portaserve.scheduler")
+
+IDLE_POLL_MS = 500
+
+
+def _parent_alive(parent_pid: int) -> bool:
+    return os.getppid() == parent_pid
+
+
+def run_scheduler_process(args, in_addr: str, out_addr: str, parent_pid: int) -> None:
+    import zmq
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="[%(asctime)s scheduler] %(message)s", datefmt="%H:%M:%S")
+    ctx = zmq.Context()
+    recv = ctx.socket(zmq.PULL)
+    recv.setsockopt(zmq.RCVHWM, 0)
+    recv.connect(in_addr)
+    send = ctx.socket(zmq.PUSH)
+    send.setsockopt(zmq.SNDHWM, 0)
+    send.setsockopt(zmq.LINGER, 2000)
+    send.connect(out_addr)
+
+    try:
+        from portaserve.runtime import build_runtime
+
+        rt = build_runtime(args)
+    except BaseException as e:  # report why instead of dying silently
+        logger.error("startup failed: %s", e, exc_info=args.log_level == "debug")
+        send.send_pyobj({"error": f"{type(e).__name__}: {e}"})
+        send.close()
+        ctx.term()
+        sys.exit(1)
+
+    limits = dataclasses.asdict(rt.limits())
+    send.send_pyobj({"ready": {"info": rt.info(), "limits": limits, "report": rt.startup_report(),
+                               "model_type": rt.model_config.architecture}})
+    try:
+        _loop(rt, recv, send, parent_pid)
+    except BaseException as e:
+        if isinstance(e, SystemExit):
+            raise
+        logger.error("scheduler loop crashed:\n%s", traceback.format_exc())
+        try:
+            send.send_pyobj(("fatal", f"the scheduler crashed: {type(e).__name__}: {e}"))
+        except Exception:
+            pass
+        send.close(linger=1000)
+        ctx.term()
+        sys.exit(1)
+    send.close(linger=1000)
+    recv.close(linger=0)
+    ctx.term()
+
+
+def _stats(rt) -> dict:
+    sched = rt.scheduler
+    c = sched.counters
+    return {
+        "kv": sched.kv_stats(),
+        "counters": dict(vars(c)),
+        "num_waiting": len(sched.waiting) + (1 if sched.chunked is not None else 0),
+        "num_running": len(sched.running),
+        "cache_hit_rate": c.cached_tokens / c.prompt_tokens if c.prompt_tokens else 0.0,
+    }
+
+
+def _loop(rt, recv, send, parent_pid: int) -> None:
+    import zmq
+
+    from portaserve.engine import make_output_message
+
+    sched = rt.scheduler
+    sent: dict = {}
+    poller = zmq.Poller()
+    poller.register(recv, zmq.POLLIN)
+    last_parent_check = time.monotonic()
+    while True:
+        busy = sched.has_work()
+        if not busy:
+            events = dict(poller.poll(IDLE_POLL_MS))
+            if recv not in events:
+                if not _parent_alive(parent_pid):
+                    logger.warning("the HTTP process is gone; exiting")
+                    return
+                continue
+        elif time.monotonic() - last_parent_check > 2.0:
+            last_parent_check = time.monotonic()
+            if not _parent_alive(parent_pid):
+                logger.warning("the HTTP process is gone; exiting")
+                return
+        outs = []
+        while True:
+            try:
+                item = recv.recv_pyobj(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            kind = item[0]
+            if kind == "add":
+                sched.add_request(item[1])
+            elif kind == "abort":
+                r = sched.abort(item[1])
+                if r is not None:
+                    outs.append(make_output_message(r, sent))
+            elif kind == "flush_cache":
+                send.send_pyobj(("reply", item[1], sched.flush_cache()))
+            elif kind == "stats":
+                send.send_pyobj(("reply", item[1], _stats(rt)))
+            elif kind == "shutdown":
+                return
+            else:
+                logger.error("unknown command %r", kind)
+        if sched.has_work():
+            for r in sched.step():
+                outs.append(make_output_message(r, sent))
+        if outs:
+            send.send_pyobj(("out", outs))
