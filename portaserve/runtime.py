@@ -40,7 +40,8 @@ class Runtime:
     def limits(self):
         from portaserve.core.request_builder import Limits
 
-        return Limits(self.context_len, self.model_config.vocab_size, self.scheduler.allocator.size)
+        return Limits(self.context_len, self.model_config.vocab_size, self.scheduler.allocator.size,
+                      grammar=self.scheduler.grammar is not None)
 
     @property
     def model_name(self) -> str:
@@ -145,6 +146,11 @@ def build_runtime(args: ServerArgs) -> Runtime:
     def decode_fn(ids):
         return tokenizer.decode(ids, skip_special_tokens=True)
 
+    grammar = None
+    if args.grammar_backend == "xgrammar" and tokenizer is not None:
+        from portaserve.core.grammar import GrammarBackend
+
+        grammar = GrammarBackend(tokenizer, cfg.vocab_size, eos)
     sched = Scheduler(
         SchedulerConfig(
             context_len=context_len,
@@ -157,6 +163,7 @@ def build_runtime(args: ServerArgs) -> Runtime:
             disable_radix_cache=args.disable_radix_cache,
             random_seed=args.random_seed,
         ),
-        model, kv, device, eos, decode_fn if tokenizer is not None else None)
+        model, kv, device, eos, decode_fn if tokenizer is not None else None, grammar,
+        jump_forward=not args.disable_jump_forward)
     return Runtime(args, platform, table, src, cfg, model, tokenizer, sched, context_len, dtype,
                    eos, weight_bytes)

@@ -45,6 +45,9 @@ class ServerArgs:
     kernel: list = _opt(None, "force an op provider, OP=PROVIDER (repeatable); all=native bisects numerics",
                         action="append")
     skip_tokenizer_init: bool = _opt(False, "accept and return token ids only")
+    grammar_backend: str = _opt("xgrammar", "structured output backend (json_schema / regex / ebnf)",
+                                choices=["xgrammar", "none"])
+    disable_jump_forward: bool = _opt(False, "decode grammar-forced text token by token instead of appending it at once")
 
     def __post_init__(self):
         if self.kernel is None:

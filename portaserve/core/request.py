@@ -40,9 +40,19 @@ class Req:
     output_top_logprobs: list = field(default_factory=list)
     # sampling state
     generator: Optional[torch.Generator] = None
+    grammar: Any = None  # xgrammar matcher of a constrained request
+    grammar_future: Any = None
+    jump_forward_tokens: int = 0
     # timing
     created: float = field(default_factory=time.perf_counter)
     first_token_time: Optional[float] = None
+
+    def constraint(self) -> Optional[tuple[str, str]]:
+        for kind in ("json_schema", "regex", "ebnf"):
+            v = getattr(self.sampling, kind)
+            if v is not None:
+                return kind, v
+        return None
 
     @property
     def fill_ids(self) -> list[int]:

@@ -48,9 +48,21 @@ def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=F
         raise InvalidRequest(
             f"prompt + max_new_tokens ({len(input_ids) + params.max_new_tokens}) exceeds the KV "
             f"pool ({limits.pool_tokens} tokens)", "max_new_tokens")
-    if (params.json_schema or params.regex or params.ebnf) and not limits.grammar:
-        kind = "json_schema" if params.json_schema else "regex" if params.regex else "ebnf"
-        raise InvalidRequest(f"structured output ({kind}) is not available in this build", kind)
+    for kind in ("json_schema", "regex", "ebnf"):
+        value = getattr(params, kind)
+        if value is None:
+            continue
+        if not limits.grammar:
+            raise InvalidRequest(f"structured output ({kind}) is off on this server (--grammar-backend none "
+                                 "or no tokenizer)", kind)
+        from portaserve.core.grammar import GrammarError, normalise, validate_constraint
+
+        try:
+            text = normalise(kind, value)
+            validate_constraint(kind, text)
+        except GrammarError as e:
+            raise InvalidRequest(str(e), kind) from None
+        setattr(params, kind, text)
     if isinstance(top_logprobs_num, bool) or not isinstance(top_logprobs_num or 0, int) or (top_logprobs_num or 0) < 0:
         raise InvalidRequest("top_logprobs_num must be an integer >= 0", "top_logprobs_num")
     if logprob_start_len is not None and (isinstance(logprob_start_len, bool)

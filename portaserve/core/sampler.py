@@ -27,7 +27,7 @@ class Sampler:
             return None
         return torch.Generator(device=self.device).manual_seed(int(seed))
 
-    def sample(self, logits: torch.Tensor, reqs: list[Req], eos_ids: set[int]):
+    def sample(self, logits: torch.Tensor, reqs: list[Req], eos_ids: set[int], grammar=None):
         """logits: [B, V] float32.  Returns (next token ids [B] list, raw logprobs [B, V]
         or None when no request asked for logprobs)."""
         B, V = logits.shape
@@ -36,6 +36,11 @@ class Sampler:
         logits = self._mask_min_tokens(logits, reqs, eos_ids)
         if any(r.sampling.needs_penalties for r in reqs):
             logits = self._penalise(logits, reqs)
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if rows:
+            if logits is raw:
+                logits = logits.clone()
+            grammar.apply_masks(logits, rows, [reqs[i].grammar for i in rows])
         greedy = [r.sampling.greedy for r in reqs]
         if all(greedy):
             return logits.argmax(dim=-1).tolist(), logprobs

@@ -65,12 +65,14 @@ class SchedulerCounters:
     retractions: int = 0
     forward_extend: int = 0
     forward_decode: int = 0
+    jump_forward_tokens: int = 0
     extend_tokens: int = 0
 
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, model, kv: KVPool, device, eos_ids,
-                 decode_fn: Optional[Callable[[list[int]], str]] = None):
+                 decode_fn: Optional[Callable[[list[int]], str]] = None, grammar=None,
+                 jump_forward: bool = True):
         if cfg.schedule_policy not in POLICIES:
             raise ValueError(f"unknown schedule policy {cfg.schedule_policy!r}; choose from {POLICIES}")
         self.cfg = cfg
@@ -86,9 +88,13 @@ class Scheduler:
             self.allocator, cfg.page_size)
         self.sampler = Sampler(model.cfg.vocab_size, device, cfg.random_seed)
         self.rng = random.Random(cfg.random_seed)
+        self.grammar = grammar  # GrammarBackend or None
+        self.jump_forward = jump_forward and self.tree is not None
+        self.grammar_queue: list[Req] = []  # constrained requests waiting for their grammar
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked: Optional[Req] = None
+        self._finished_early: list[Req] = []  # finished without running (reported next step)
         self.new_token_ratio = cfg.init_new_token_ratio
         self.counters = SchedulerCounters()
         self.last_step = StepStats()
@@ -96,11 +102,52 @@ class Scheduler:
     # ---- public interface -------------------------------------------------------------
     def add_request(self, req: Req) -> None:
         req.generator = self.sampler.request_generator(req.sampling.sampling_seed)
+        c = req.constraint()
+        if c is not None:
+            if self.grammar is None:
+                req.finished_reason = {"type": "abort", "message": "structured output is off on this server"}
+                self._finished_early.append(req)
+                return
+            req.grammar_future = self.grammar.compile(*c)
+            self.grammar_queue.append(req)
+            return
         self.waiting.append(req)
+
+    def _poll_grammars(self) -> None:
+        """Move requests whose grammar compiled into the queue (compiling happens on a
+        worker thread, off this loop)."""
+        if not self.grammar_queue:
+            return
+        if not self.waiting and not self.running and self.chunked is None:
+            # nothing else to do: wait briefly for the first grammar instead of spinning
+            try:
+                self.grammar_queue[0].grammar_future.exception(timeout=0.01)
+            except Exception:
+                pass
+        still = []
+        for r in self.grammar_queue:
+            fut = r.grammar_future
+            if not fut.done():
+                still.append(r)
+                continue
+            r.grammar_future = None
+            err = fut.exception()
+            if err is not None:
+                r.finished_reason = {"type": "abort", "message": str(err)}
+                self._finished_early.append(r)
+            else:
+                r.grammar = self.grammar.matcher(fut.result())
+                self.waiting.append(r)
+        self.grammar_queue = still
 
     def abort(self, rid: str) -> Optional[Req]:
         """Abort a request wherever it is.  Returns it (finished) if it was found."""
         reason = {"type": "abort", "message": "aborted by request"}
+        for i, r in enumerate(self.grammar_queue):
+            if r.rid == rid:
+                self.grammar_queue.pop(i)
+                r.finished_reason = reason
+                return r
         for i, r in enumerate(self.waiting):
             if r.rid == rid:
                 self.waiting.pop(i)
@@ -122,20 +169,24 @@ class Scheduler:
         return None
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked)
+        return bool(self.waiting or self.running or self.chunked or self.grammar_queue
+                    or self._finished_early)
 
     def num_requests(self) -> int:
-        return len(self.waiting) + len(self.running) + (1 if self.chunked else 0)
+        return (len(self.waiting) + len(self.running) + (1 if self.chunked else 0)
+                + len(self.grammar_queue))
 
     def step(self) -> list[Req]:
         """Run one forward pass.  Returns requests that produced tokens or finished."""
         self.last_step = StepStats()
+        self._poll_grammars()
+        early, self._finished_early = self._finished_early, []
         reqs = self._schedule_prefill()
         if reqs:
-            return self._run_extend(reqs)
+            return early + self._run_extend(reqs)
         if self.running:
-            return self._run_decode()
-        return []
+            return early + self._run_decode()
+        return early
 
     def flush_cache(self) -> bool:
         """Drop the whole prefix cache.  Only allowed when no request is in flight."""
@@ -489,7 +540,7 @@ class Scheduler:
 
     # ---- sampling and finishing ----------------------------------------------------------
     def _sample_and_advance(self, logits: torch.Tensor, reqs: list[Req]) -> list[Req]:
-        next_ids, logprobs = self.sampler.sample(logits, reqs, self.eos_ids)
+        next_ids, logprobs = self.sampler.sample(logits, reqs, self.eos_ids, self.grammar)
         for i, (r, tok) in enumerate(zip(reqs, next_ids)):
             if r.sampling.max_new_tokens == 0:  # prompt scoring only: no output token
                 r.finished_reason = {"type": "length", "length": 0}
@@ -503,15 +554,53 @@ class Scheduler:
                     v, idx = lp.topk(r.top_logprobs_num)
                     r.output_top_logprobs.append(
                         [(float(a), int(b), None) for a, b in zip(v.tolist(), idx.tolist())])
+            if r.grammar is not None and not self._advance_grammar(r, tok):
+                continue
             self._check_finished(r)
+        jumped = []
+        for r in reqs:
+            if not r.finished and r.grammar is not None and self.jump_forward and not r.return_logprob:
+                if self._jump_forward(r):
+                    jumped.append(r)
         for r in reqs:
             if r.finished:
                 if r in self.running:
                     self.running.remove(r)
                 self._release(r)
+            elif r in jumped:
+                # the forced tokens need their KV: re-prefill them on top of the cached rest
+                if r in self.running:
+                    self.running.remove(r)
+                self._release(r)
+                self.waiting.insert(0, r)
             elif r not in self.running:
                 self.running.append(r)
         return reqs
+
+    def _advance_grammar(self, r: Req, tok: int) -> bool:
+        if not r.grammar.accept_token(tok):
+            r.finished_reason = {"type": "abort", "message": f"grammar rejected token {tok}"}
+            logger.error("request %s: sampled token %d rejected by its grammar", r.rid, tok)
+            return False
+        if r.grammar.is_terminated():
+            r.finished_reason = {"type": "stop", "matched": tok}
+            return False
+        return True
+
+    def _jump_forward(self, r: Req) -> bool:
+        room = r.sampling.max_new_tokens - len(r.output_ids)
+        if room <= 1:
+            return False
+        toks = self.grammar.jump_forward(r.grammar, room - 1)
+        if not toks:
+            return False
+        r.output_ids.extend(toks)
+        r.jump_forward_tokens += len(toks)
+        self.counters.jump_forward_tokens += len(toks)
+        self.counters.generated_tokens += len(toks)
+        if r.grammar.is_terminated():
+            r.finished_reason = {"type": "stop", "matched": toks[-1]}
+        return True
 
     def _check_finished(self, r: Req) -> None:
         tok = r.output_ids[-1]

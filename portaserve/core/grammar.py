@@ -1,0 +1,131 @@
+"""Structured output with xgrammar: JSON schema, regex and EBNF constraints.
+
+* ``validate_constraint`` parses a constraint without a tokenizer (cheap), so bad input is
+  refused before any decoding with a message naming the problem.
+* ``GrammarBackend`` compiles constraints against the model's tokenizer on a worker
+  thread (a request waits for its grammar; others keep running), caching compiled
+  grammars by (kind, text).
+* Each constrained request holds a ``GrammarMatcher``; the sampler fills one token bitmask
+  row per constrained request and applies the mask to the logits in place, and the
+  scheduler advances the matcher with every accepted token.
+* Jump-forward: when the grammar admits exactly one continuation (e.g. the literal key of
+  a JSON object), ``jump_forward`` returns its tokens so the scheduler can append them
+  without a decode step each.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("json_schema", "regex", "ebnf")
+
+
+class GrammarError(ValueError):
+    pass
+
+
+def _clean(msg: str) -> str:
+    # xgrammar prefixes its messages with a timestamp and C++ source location
+    msg = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(msg).strip())
+    msg = msg.replace("Check failed: (error.empty()) is false: ", "")
+    return msg.splitlines()[0] if msg else "invalid grammar"
+
+
+def normalise(kind: str, value) -> str:
+    if kind == "json_schema" and not isinstance(value, str):
+        return json.dumps(value)
+    if not isinstance(value, str):
+        raise GrammarError(f"{kind} must be a string")
+    return value
+
+
+def validate_constraint(kind: str, text: str) -> None:
+    """Raise GrammarError naming the problem if the constraint cannot be compiled."""
+    import xgrammar as xgr
+
+    try:
+        if kind == "json_schema":
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as e:
+                raise GrammarError(f"json_schema is not valid JSON: {e}") from None
+            xgr.Grammar.from_json_schema(text)
+        elif kind == "regex":
+            xgr.Grammar.from_regex(text)
+        elif kind == "ebnf":
+            xgr.Grammar.from_ebnf(text)
+        else:
+            raise GrammarError(f"unknown constraint kind {kind!r}")
+    except GrammarError:
+        raise
+    except Exception as e:
+        raise GrammarError(f"invalid {kind}: {_clean(str(e))}") from None
+
+
+class GrammarBackend:
+    def __init__(self, tokenizer, vocab_size: int, eos_ids, threads: int = 1):
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        self.vocab_size = vocab_size
+        self.tokenizer = tokenizer
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                       stop_token_ids=list(eos_ids) or None)
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=threads)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
+        self.cache: dict[tuple[str, str], Future] = {}
+
+    def compile(self, kind: str, text: str) -> Future:
+        key = (kind, text)
+        fut = self.cache.get(key)
+        if fut is None:
+            fut = self.pool.submit(self._compile, kind, text)
+            self.cache[key] = fut
+        return fut
+
+    def _compile(self, kind: str, text: str):
+        try:
+            if kind == "json_schema":
+                return self.compiler.compile_json_schema(text, any_whitespace=False)
+            if kind == "regex":
+                return self.compiler.compile_regex(text)
+            return self.compiler.compile_grammar(text)
+        except Exception as e:
+            raise GrammarError(f"invalid {kind}: {_clean(str(e))}") from None
+
+    def matcher(self, compiled):
+        return self.xgr.GrammarMatcher(compiled)
+
+    # ---- masks ----------------------------------------------------------------------
+    def apply_masks(self, logits: torch.Tensor, rows: list[int], matchers: list) -> None:
+        """Mask logits[rows[i]] in place to the tokens matchers[i] accepts next."""
+        bitmask = self.xgr.allocate_token_bitmask(len(logits), self.vocab_size)
+        for row, m in zip(rows, matchers):
+            m.fill_next_token_bitmask(bitmask, row)
+        mask_dev = bitmask.to(logits.device)
+        self.xgr.apply_token_bitmask_inplace(logits, mask_dev, vocab_size=self.vocab_size, indices=rows)
+
+    def jump_forward(self, matcher, max_tokens: int) -> list[int]:
+        """Tokens of the unique continuation the grammar forces now (may be empty), at
+        most max_tokens.  Every token is checked against the matcher, which is advanced
+        past exactly the tokens returned."""
+        s = matcher.find_jump_forward_string()
+        if not s or max_tokens <= 0:
+            return []
+        ids = self.tokenizer.encode(s, add_special_tokens=False)[:max_tokens]
+        taken = []
+        for t in ids:
+            if not matcher.accept_token(t):
+                break
+            taken.append(t)
+        return taken
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
