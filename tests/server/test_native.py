@@ -1,0 +1,144 @@
+"""SGLang's native API over raw HTTP."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+
+def _sse(resp):
+    """The data payloads of an SSE response, up to [DONE] (which must be there)."""
+    out = []
+    for line in resp.iter_lines():
+        if not line:
+            continue
+        assert line.startswith(b"data: "), line
+        data = line[len(b"data: "):]
+        if data == b"[DONE]":
+            return out
+        out.append(json.loads(data))
+    raise AssertionError("stream ended without data: [DONE]")
+
+
+def test_generate_text_and_input_ids(server):
+    sp = {"max_new_tokens": 8, "temperature": 0}
+    r = server.post("/generate", json={"text": "The capital of France is", "sampling_params": sp})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    m = out["meta_info"]
+    assert out["text"] and len(out["output_ids"]) == m["completion_tokens"]
+    assert m["prompt_tokens"] == 5 and m["finish_reason"]["type"] in ("stop", "length")
+    assert {"id", "cached_tokens", "e2e_latency"} <= set(m)
+    # the same prompt as token ids gives the same tokens
+    scored = server.post("/generate", json={"text": "The capital of France is", "return_logprob": True,
+                                            "logprob_start_len": 0, "sampling_params": {"max_new_tokens": 0}})
+    ids = [e[1] for e in scored.json()["meta_info"]["input_token_logprobs"]]
+    assert len(ids) == 5
+    toks = server.post("/generate", json={"input_ids": ids, "sampling_params": sp}).json()
+    assert toks["output_ids"] == out["output_ids"] and toks["text"] == out["text"]
+
+
+def test_generate_batch_and_n(server):
+    sp = {"max_new_tokens": 4, "temperature": 0}
+    r = server.post("/generate", json={"text": ["Hello", "The sky is"], "sampling_params": sp})
+    outs = r.json()
+    assert isinstance(outs, list) and len(outs) == 2
+    single = server.post("/generate", json={"text": "The sky is", "sampling_params": sp}).json()
+    assert outs[1]["output_ids"] == single["output_ids"]
+    r = server.post("/generate", json={"input_ids": [[1, 2, 3], [4, 5, 6]],
+                                       "sampling_params": [sp, {**sp, "max_new_tokens": 2}]})
+    outs = r.json()
+    assert [o["meta_info"]["completion_tokens"] for o in outs][1] <= 2
+    r = server.post("/generate", json={"text": "Hi", "sampling_params": {**sp, "n": 2}})
+    assert len(r.json()) == 2
+
+
+def test_generate_stream_cumulative(server):
+    body = {"text": "Once upon a time", "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
+    full = server.post("/generate", json=body).json()
+    with server.post("/generate", json={**body, "stream": True}, stream=True) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        chunks = _sse(r)
+    texts = [c["text"] for c in chunks]
+    assert all(texts[i + 1].startswith(texts[i]) for i in range(len(texts) - 1))  # cumulative
+    assert texts[-1] == full["text"]
+    assert chunks[-1]["meta_info"]["finish_reason"] == full["meta_info"]["finish_reason"]
+    assert chunks[-1]["output_ids"] == full["output_ids"]
+
+
+def test_generate_logprobs(server):
+    text = "The quick brown fox jumps over the lazy dog"
+    r = server.post("/generate", json={
+        "text": text, "sampling_params": {"max_new_tokens": 3, "temperature": 0},
+        "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2,
+        "return_text_in_logprobs": True}).json()
+    m = r["meta_info"]
+    ilp, olp = m["input_token_logprobs"], m["output_token_logprobs"]
+    assert len(ilp) == m["prompt_tokens"] and len(olp) == m["completion_tokens"]
+    assert ilp[0][0] is None and all(e[0] <= 0 for e in ilp[1:])
+    assert "".join(e[2] for e in ilp) == text
+    assert [e[1] for e in olp] == r["output_ids"]
+    assert "".join(e[2] for e in olp) == r["text"]
+    assert len(m["output_top_logprobs"]) == 3 and len(m["output_top_logprobs"][0]) == 2
+    assert m["input_top_logprobs"][0] is None and len(m["input_top_logprobs"][1]) == 2
+    # prompt scoring (what sglang's select does): max_new_tokens 0 from a start offset
+    s = server.post("/generate", json={
+        "text": text, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+        "logprob_start_len": 5}).json()
+    sm = s["meta_info"]
+    assert s["output_ids"] == [] and sm["completion_tokens"] == 0
+    assert len(sm["input_token_logprobs"]) == sm["prompt_tokens"] - 5
+    assert [e[0] for e in sm["input_token_logprobs"]] == pytest.approx([e[0] for e in ilp[5:]], abs=1e-4)
+    assert sm["input_token_logprobs"][0][2] is None  # no text unless asked
+
+
+def test_info_endpoints(server):
+    info = server.get("/get_model_info").json()
+    assert info["is_generation"] is True and info["model_path"].endswith(".gguf")
+    assert "tokenizer_path" in info
+    si = server.get("/get_server_info").json()
+    assert set(server.get("/server_info").json()) == set(si)  # both routes
+    assert si["platform"] == "cpu" and si["max_total_num_tokens"] == 20000
+    assert si["kv"]["max_total_tokens"] == 20000
+    assert "ops" in si and si["version"]
+    assert server.get("/health").status_code == 200
+    assert server.get("/health_generate").status_code == 200
+    assert server.get("/v1/models").json()["data"][0]["id"] == si["served_model_name"]
+
+
+def test_metrics(server):
+    server.post("/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 2}})
+    r = server.get("/metrics")
+    assert r.status_code == 200
+    body = r.text
+    for name in ("portaserve:num_requests_total", "portaserve:prompt_tokens_total",
+                 "portaserve:generation_tokens_total", "portaserve:time_to_first_token_seconds_bucket",
+                 "portaserve:inter_token_latency_seconds_bucket", "portaserve:e2e_request_latency_seconds_count",
+                 "portaserve:num_queue_reqs", "portaserve:num_running_reqs", "portaserve:token_usage",
+                 "portaserve:cache_hit_rate"):
+        assert name in body, name
+
+
+def test_abort_request(server):
+    rid = "abort-me-1"
+    result = {}
+
+    def run():
+        result["r"] = server.post("/generate", json={
+            "text": "Count: 1, 2, 3,", "rid": rid,
+            "sampling_params": {"max_new_tokens": 400, "ignore_eos": True, "temperature": 0}}).json()
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 30
+    while server.server_info()["internal_states"][0]["num_running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert server.post("/abort_request", json={"rid": rid}).status_code == 200
+    t.join(timeout=30)
+    assert not t.is_alive()
+    m = result["r"]["meta_info"]
+    assert m["finish_reason"]["type"] == "abort" and m["completion_tokens"] < 400
+    server.wait_idle()
