@@ -1,0 +1,119 @@
+"""The shared Triton kernels against the native ops (under TRITON_INTERPRET=1 on the CPU;
+on a GPU host the same tests run on the device with --device)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from portaserve.core.ops import native
+from portaserve.core.ops.registry import providers_for
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+DEVICE = os.environ.get("PORTASERVE_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton(op):
+    import portaserve.platforms.providers  # noqa: F401  (registers)
+
+    return next(p for p in providers_for(op) if p.name == "triton").load()
+
+
+def _paged_setup(g, lens_prefix, lens_ext, H, Hk, D, dtype, slots_total=2048):
+    """A KV pool with scattered slots for each request, plus the packed q."""
+    B = len(lens_prefix)
+    total = [p + e for p, e in zip(lens_prefix, lens_ext)]
+    k_cache = torch.randn(slots_total, Hk, D, generator=g).to(dtype)
+    v_cache = torch.randn(slots_total, Hk, D, generator=g).to(dtype)
+    k_cache[0] = 0
+    v_cache[0] = 0
+    perm = torch.randperm(slots_total - 1, generator=g) + 1
+    r2t = torch.zeros(B + 2, max(total) + 5, dtype=torch.int32)
+    rows = torch.randperm(B + 2, generator=g)[:B]
+    off = 0
+    for i, t in enumerate(total):
+        r2t[rows[i], :t] = perm[off:off + t].to(torch.int32)
+        off += t
+    return k_cache, v_cache, r2t, rows.to(torch.int64)
+
+
+def _to(dev, *ts):
+    return [t.to(dev) for t in ts]
+
+
+@pytest.mark.parametrize("H,Hk,D", [(4, 4, 32), (8, 2, 64), (6, 2, 48)])
+def test_attention_decode(H, Hk, D):
+    g = torch.Generator().manual_seed(H * 100 + D)
+    seq = [1, 17, 70, 5, 133]
+    k, v, r2t, rows = _paged_setup(g, seq, [0] * len(seq), H, Hk, D, torch.float32)
+    q = torch.randn(len(seq), H, D, generator=g)
+    seq_lens = torch.tensor(seq)
+    ref = native.attention_decode(q, k, v, r2t, rows, seq_lens, D ** -0.5)
+    q, k, v, r2t, rows, seq_lens = _to(DEVICE, q, k, v, r2t, rows, seq_lens)
+    out = _triton("attention_decode")(q, k, v, r2t, rows, seq_lens, D ** -0.5)
+    torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("H,Hk,D", [(4, 4, 32), (8, 2, 64), (6, 3, 48)])
+def test_attention_extend(H, Hk, D):
+    g = torch.Generator().manual_seed(H * 10 + D)
+    prefix = [0, 40, 3, 0, 65]
+    ext = [7, 33, 1, 70, 20]
+    k, v, r2t, rows = _paged_setup(g, prefix, ext, H, Hk, D, torch.float32)
+    q = torch.randn(sum(ext), H, D, generator=g)
+    pl, el = torch.tensor(prefix), torch.tensor(ext)
+    ref = native.attention_extend(q, k, v, r2t, rows, pl, el, D ** -0.5)
+    q, k, v, r2t, rows, pl, el = _to(DEVICE, q, k, v, r2t, rows, pl, el)
+    out = _triton("attention_extend")(q, k, v, r2t, rows, pl, el, D ** -0.5)
+    torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
+
+
+# Triton's CPU interpreter computes through numpy, which has no bfloat16: 16-bit dtypes are
+# checked on the GPU host only.
+DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_and_fused_add(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(13, 200, generator=g).to(dtype)
+    r = torch.randn(13, 200, generator=g).to(dtype)
+    w = (torch.rand(200, generator=g) + 0.5).to(dtype)
+    ref = native.rmsnorm(x, w, 1e-6)
+    ref2, ref_res = native.fused_add_rmsnorm(x, r, w, 1e-6)
+    xd, rd, wd = _to(DEVICE, x, r, w)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(_triton("rmsnorm")(xd, wd, 1e-6).cpu(), ref, **tol)
+    y, res = _triton("fused_add_rmsnorm")(xd, rd, wd, 1e-6)
+    torch.testing.assert_close(y.cpu(), ref2, **tol)
+    torch.testing.assert_close(res.cpu(), ref_res, **tol)
+
+
+def test_silu_and_mul():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 2 * 300, generator=g)
+    torch.testing.assert_close(_triton("silu_and_mul")(x.to(DEVICE)).cpu(), native.silu_and_mul(x),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("rot", [64, 32])
+def test_rotary(is_neox, rot):
+    from portaserve.models.rope import cos_sin_cache
+
+    g = torch.Generator().manual_seed(2)
+    cs = cos_sin_cache(rot, 512, {"rope_theta": 10000.0, "rope_type": "default"})
+    pos = torch.randint(0, 512, (11,), generator=g)
+    q = torch.randn(11, 6, 64, generator=g)
+    k = torch.randn(11, 2, 64, generator=g)
+    rq, rk = native.rotary_embedding(pos, q, k, cs, is_neox)
+    tq, tk = _triton("rotary_embedding")(*_to(DEVICE, pos, q, k, cs), is_neox)
+    torch.testing.assert_close(tq.cpu(), rq, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tk.cpu(), rk, atol=1e-5, rtol=1e-5)
+    # inputs untouched (the op returns new tensors)
+    assert not torch.equal(tq.cpu(), q)
