@@ -1,0 +1,306 @@
+"""The interpreter: one ``StreamExecutor`` per program state (and per fork).
+
+``s += expr`` only queues ``expr``; the executor's own thread runs the queue in order,
+so a program body returns quickly and independent states (forks, run_batch) run their
+backend calls concurrently, which the server batches.  Reading ``s["var"]`` waits for
+that variable; ``s.text()`` waits for everything queued so far."""
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+from portaserve.lang.errors import LangError
+from portaserve.lang.ir import Expr, Gen, Join, RoleBegin, RoleEnd, Select, Seq, Text, to_expr
+
+_END = object()
+
+
+class StreamExecutor:
+    def __init__(self, backend, default_sampling: Optional[dict] = None, stream: bool = False):
+        self.backend = backend
+        self.default_sampling = dict(default_sampling or {})
+        self.stream = stream
+        self.text = ""
+        self.messages: list[dict] = []
+        self.variables: dict = {}
+        self.meta_info: dict = {}
+        self.error: Optional[LangError] = None
+        self.new_vars: set = set()      # set since this state was forked (for join)
+        self._roles: list = []          # open roles: (role, start offset, suffix)
+        self._var_ready: dict[str, threading.Event] = {}
+        self._events: list = []         # (var name or None, text piece) for text_iter
+        self._cond = threading.Condition()
+        self._ended = False
+        self._children: list = []       # forks, ended with this state
+        self._queue: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="portaserve-lang")
+        self._thread.start()
+
+    # ---- called from the program's thread -----------------------------------------------
+    def submit(self, expr) -> None:
+        if self._ended:
+            raise RuntimeError("this program state has finished; it can be read, not extended")
+        expr = to_expr(expr)
+        for name in _names(expr):
+            self._var_ready.setdefault(name, threading.Event()).clear()
+        self._queue.put(expr)
+
+    def sync(self) -> None:
+        self._queue.join()
+
+    def end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._queue.put(_END)
+        for k in self._children:  # forks never joined still end (and free their thread)
+            k.end()
+
+    def wait_done(self) -> None:
+        self._done.wait()
+
+    def get_var(self, name: str):
+        ev = self._var_ready.get(name)
+        if ev is not None:
+            ev.wait()
+        else:
+            self.sync()
+        if name in self.variables:
+            return self.variables[name]
+        if self.error is not None:
+            raise self.error
+        raise KeyError(f"no variable {name!r} in this state")
+
+    def fork(self, n: int) -> list["StreamExecutor"]:
+        """n copies of this state.  The shared prefix is first prefilled once
+        (max_new_tokens=0), so every branch's first call finds it in the radix cache."""
+        self.sync()
+        if self.error is not None:
+            raise self.error
+        if n > 1 and self.text:
+            try:
+                self.backend.generate(self.text, {"max_new_tokens": 0})
+            except LangError as e:
+                self.error = e
+                raise
+        kids = []
+        for _ in range(n):
+            k = StreamExecutor(self.backend, self.default_sampling, self.stream)
+            k.text, k.messages = self.text, list(self.messages)
+            k.variables, k.meta_info = dict(self.variables), dict(self.meta_info)
+            k._roles = list(self._roles)
+            kids.append(k)
+        self._children.extend(kids)
+        return kids
+
+    def iter_events(self, var_name: Optional[str] = None):
+        """Text pieces as they are appended (only those of ``var_name`` if given)."""
+        i = 0
+        while True:
+            with self._cond:
+                while i >= len(self._events) and not self._done.is_set():
+                    self._cond.wait()
+                batch, i = self._events[i:], len(self._events)
+                finished = self._done.is_set()
+            for name, piece in batch:
+                if var_name is None or name == var_name:
+                    yield piece
+            if finished and i >= len(self._events):
+                return
+
+    # ---- the executor's thread ----------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            expr = self._queue.get()
+            try:
+                if expr is _END:
+                    return
+                if self.error is None:
+                    try:
+                        self._exec(expr)
+                    except LangError as e:
+                        self.error = e
+                    except Exception as e:  # noqa: BLE001 - a bug or bad input: keep the state
+                        self.error = LangError(f"{type(e).__name__}: {e}")
+                        self.error.__cause__ = e
+            finally:
+                if expr is not _END:
+                    for name in _names(expr):
+                        self._var_ready[name].set()
+                else:
+                    with self._cond:
+                        self._done.set()
+                        self._cond.notify_all()
+                self._queue.task_done()
+
+    def _append(self, piece: str, var: Optional[str] = None) -> None:
+        if not piece:
+            return
+        with self._cond:
+            self.text += piece
+            self._events.append((var, piece))
+            self._cond.notify_all()
+
+    def _exec(self, expr: Expr) -> None:
+        if isinstance(expr, Text):
+            self._append(expr.value)
+        elif isinstance(expr, Seq):
+            for e in expr.items:
+                self._exec(e)
+        elif isinstance(expr, RoleBegin):
+            prefix, suffix = self.backend.chat_template().affixes(expr.role, self.messages)
+            self._append(prefix)
+            self._roles.append((expr.role, len(self.text), suffix))
+        elif isinstance(expr, RoleEnd):
+            if not self._roles or self._roles[-1][0] != expr.role:
+                raise LangError(f"{expr.role}_end() without a matching {expr.role}_begin()")
+            role, start, suffix = self._roles.pop()
+            self.messages.append({"role": role, "content": self.text[start:]})
+            self._append(suffix)
+        elif isinstance(expr, Gen):
+            self._gen(expr)
+        elif isinstance(expr, Select):
+            self._select(expr)
+        elif isinstance(expr, Join):
+            self._join(expr)
+        else:
+            raise TypeError(f"unknown expression {expr!r}")
+
+    def _set_var(self, name: Optional[str], value, meta: dict) -> None:
+        if name is not None:
+            self.variables[name] = value
+            self.meta_info[name] = meta
+            self.new_vars.add(name)
+
+    def _gen(self, g: Gen) -> None:
+        sp = {**self.default_sampling, **g.sampling}
+        if self.stream:
+            out, sent = None, 0
+            for out in self.backend.generate(self.text, sp, stream=True):
+                self._append(out["text"][sent:], g.name)
+                sent = len(out["text"])
+        else:
+            out = self.backend.generate(self.text, sp)
+            self._append(out["text"], g.name)
+        text = out["text"] if out else ""
+        value = text
+        if g.dtype is not None:
+            try:
+                value = g.dtype(text.strip())
+            except ValueError:
+                raise LangError(f"gen({g.name!r}, dtype={g.dtype.__name__}) produced {text!r}, "
+                                f"which is not a {g.dtype.__name__} (finish reason "
+                                f"{out['meta_info'].get('finish_reason')})") from None
+        self._set_var(g.name, value, out["meta_info"] if out else {})
+
+    def _select(self, s: Select) -> None:
+        """Score each choice by the logprob of its tokens after the current text (one
+        max_new_tokens=0 request per choice, logprobs from the prompt boundary on) and
+        append the best one."""
+        prompt = self.text
+        # prefill the prompt once: its length, and a radix-cache hit for every choice
+        n_prompt = 0
+        if prompt:
+            fill = self.backend.generate(prompt, {"max_new_tokens": 0})
+            n_prompt = fill["meta_info"]["prompt_tokens"]
+        outs = self.backend.generate([prompt + c for c in s.choices], {"max_new_tokens": 0},
+                                     return_logprob=True, logprob_start_len=n_prompt)
+        sums, norms, tokens = [], [], []
+        for o in outs:
+            lps = [e[0] for e in o["meta_info"]["input_token_logprobs"] if e[0] is not None]
+            sums.append(sum(lps))
+            norms.append(sum(lps) / max(len(lps), 1))
+            tokens.append([e[2] if len(e) > 2 else e[1] for e in o["meta_info"]["input_token_logprobs"]])
+        scores = norms if s.method == "normalized" else sums
+        best = max(range(len(scores)), key=lambda i: scores[i])
+        self._append(s.choices[best], s.name)
+        self._set_var(s.name, s.choices[best], {
+            "choices": list(s.choices), "method": s.method, "scores": scores,
+            "normalized_logprobs": norms, "logprobs": sums, "choice_tokens": tokens,
+            "prompt_tokens": n_prompt,
+            "cached_tokens": [o["meta_info"]["cached_tokens"] for o in outs]})
+
+    def _join(self, j: Join) -> None:
+        for k in j.children:
+            k.sync()
+            k.end()
+            k.wait_done()
+        for k in j.children:
+            if k.error is not None:
+                raise k.error
+        if j.mode == "gather_variable":
+            names = {n for k in j.children for n in k.new_vars}
+            for n in sorted(names):
+                self._set_var(n, [k.variables.get(n) for k in j.children],
+                              [k.meta_info.get(n) for k in j.children])
+        elif j.mode == "concate_and_append":
+            base = len(self.text)
+            self._append("".join(k.text[base:] for k in j.children))
+        else:
+            raise LangError(f"join mode must be 'gather_variable' or 'concate_and_append', "
+                            f"got {j.mode!r}")
+
+
+def _names(expr) -> list:
+    if isinstance(expr, (Gen, Select)):
+        return [expr.name] if expr.name is not None else []
+    if isinstance(expr, Seq):
+        return [n for e in expr.items for n in _names(e)]
+    if isinstance(expr, Join):
+        return sorted({n for k in expr.children for n in k.new_vars | set(k._var_ready)})
+    return []
+
+
+# ---- running programs -------------------------------------------------------------------
+def run_program(program, backend, args, kwargs, sampling, stream=False):
+    from portaserve.lang.state import ProgramState
+
+    ex = StreamExecutor(backend, sampling, stream)
+    state = ProgramState(ex)
+    try:
+        program.fn(state, *args, **kwargs)
+    except LangError as e:
+        ex.end()
+        ex.wait_done()
+        e.state = state
+        raise
+    except BaseException:
+        ex.end()
+        raise
+    ex.end()
+    if not stream:
+        ex.wait_done()
+        if ex.error is not None:
+            ex.error.state = state
+            raise ex.error
+    return state
+
+
+def run_batch(program, backend, batch_kwargs, sampling, num_threads="auto", progress_bar=False):
+    """Run the program once per kwargs dict, ``num_threads`` at a time; returns the states
+    in order.  A failed program's state has ``.error`` set instead of raising here."""
+    from portaserve.lang.state import ProgramState
+
+    if num_threads == "auto":
+        num_threads = min(64, max(1, len(batch_kwargs)))
+
+    def one(kw):
+        try:
+            return run_program(program, backend, (), dict(kw), sampling)
+        except LangError as e:
+            return e.state if e.state is not None else ProgramState.failed(backend, e)
+
+    with ThreadPoolExecutor(max_workers=max(1, int(num_threads))) as pool:
+        futures = [pool.submit(one, kw) for kw in batch_kwargs]
+        it = futures
+        if progress_bar:
+            try:
+                from tqdm import tqdm
+
+                it = tqdm(futures, total=len(futures))
+            except ImportError:
+                pass
+        return [f.result() for f in it]
