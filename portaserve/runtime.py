@@ -60,6 +60,7 @@ class Runtime:
             "max_running_requests": self.scheduler.cfg.max_running_requests,
             "chunked_prefill_size": self.scheduler.cfg.chunked_prefill_size,
             "schedule_policy": self.scheduler.cfg.schedule_policy,
+            "decode_graphs": getattr(self.scheduler.decode_graph, "sizes", None),
             "disable_radix_cache": self.scheduler.tree is None,
             "ops": self.op_table.as_dict(),
         }
@@ -165,5 +166,8 @@ def build_runtime(args: ServerArgs) -> Runtime:
         ),
         model, kv, device, eos, decode_fn if tokenizer is not None else None, grammar,
         jump_forward=not args.disable_jump_forward)
+    if platform.supports_graphs and not args.disable_cuda_graph:
+        max_bs = args.cuda_graph_max_bs or min(args.max_running_requests, 256)
+        sched.decode_graph = platform.decode_graph_runner(model, kv, sched.req_pool, max_bs)
     return Runtime(args, platform, table, src, cfg, model, tokenizer, sched, context_len, dtype,
                    eos, weight_bytes)

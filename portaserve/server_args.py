@@ -45,6 +45,8 @@ class ServerArgs:
     kernel: list = _opt(None, "force an op provider, OP=PROVIDER (repeatable); all=native bisects numerics",
                         action="append")
     skip_tokenizer_init: bool = _opt(False, "accept and return token ids only")
+    disable_cuda_graph: bool = _opt(False, "run decode eagerly instead of replaying captured CUDA/HIP graphs")
+    cuda_graph_max_bs: Optional[int] = _opt(None, "largest decode batch captured in a graph (default: min(max-running-requests, 256))")
     grammar_backend: str = _opt("xgrammar", "structured output backend (json_schema / regex / ebnf)",
                                 choices=["xgrammar", "none"])
     disable_jump_forward: bool = _opt(False, "decode grammar-forced text token by token instead of appending it at once")

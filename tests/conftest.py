@@ -52,7 +52,8 @@ def hf_default(default_gguf):
 @torch.inference_mode()
 def hf_greedy(model, ids, n, repetition_penalty=1.0):
     """Greedy decoding with transformers' own KV cache; returns (tokens, logprobs per step)."""
-    out = model(torch.tensor([ids]), use_cache=True)
+    dev = next(model.parameters()).device
+    out = model(torch.tensor([ids], device=dev), use_cache=True)
     past = out.past_key_values
     logits = out.logits[0, -1].float()
     toks, lps = [], []
@@ -61,14 +62,14 @@ def hf_greedy(model, ids, n, repetition_penalty=1.0):
         lp = torch.log_softmax(logits, -1)
         scores = logits.clone()
         if repetition_penalty != 1.0:
-            idx = torch.tensor(sorted(set(seen)))
+            idx = torch.tensor(sorted(set(seen)), device=dev)
             s = scores[idx]
             scores[idx] = torch.where(s > 0, s / repetition_penalty, s * repetition_penalty)
         t = int(scores.argmax())
         toks.append(t)
-        lps.append(lp)
+        lps.append(lp.cpu())
         seen.append(t)
-        out = model(torch.tensor([[t]]), past_key_values=past, use_cache=True)
+        out = model(torch.tensor([[t]], device=dev), past_key_values=past, use_cache=True)
         past = out.past_key_values
         logits = out.logits[0, -1].float()
     return toks, lps

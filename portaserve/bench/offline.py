@@ -94,6 +94,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-total-tokens", type=int, default=None)
     p.add_argument("--chunked-prefill-size", type=int, default=8192)
     p.add_argument("--max-running-requests", type=int, default=256)
+    p.add_argument("--mem-fraction-static", type=float, default=None)
+    p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--compare-hf", action="store_true", help="also run transformers generate")
     p.add_argument("--hf-batch-size", type=int, default=None, help="default: all prompts in one batch")
     p.add_argument("--compare-no-cache", action="store_true", help="also run with --disable-radix-cache")
@@ -107,9 +109,10 @@ def main(argv=None) -> int:
     ns = p.parse_args(argv)
     from portaserve import Engine
 
-    kw = dict(model_path=ns.model_path, device=ns.device, dtype=ns.dtype, load_format=ns.load_format,
+    kw = dict(skip_tokenizer_init=True, model_path=ns.model_path, device=ns.device, dtype=ns.dtype, load_format=ns.load_format,
               max_total_tokens=ns.max_total_tokens, chunked_prefill_size=ns.chunked_prefill_size,
-              max_running_requests=ns.max_running_requests)
+              max_running_requests=ns.max_running_requests, mem_fraction_static=ns.mem_fraction_static,
+              disable_cuda_graph=ns.disable_cuda_graph)
     results = {}
     configs = [("portaserve", {})]
     if ns.compare_no_cache:

@@ -39,11 +39,14 @@ class KVPool:
 
 
 class ReqToTokenPool:
-    """Row r maps position p of the request holding row r to its KV slot."""
+    """Row r maps position p of the request holding row r to its KV slot.  One extra row,
+    ``pad_row``, is never handed out: it maps every position to the padding slot 0, for
+    padded entries of fixed-shape (graph-captured) batches."""
 
     def __init__(self, size: int, max_context_len: int, device):
         self.size = size
-        self.req_to_token = torch.zeros(size, max_context_len, dtype=torch.int32, device=device)
+        self.req_to_token = torch.zeros(size + 1, max_context_len, dtype=torch.int32, device=device)
+        self.pad_row = size
         self._free = list(range(size - 1, -1, -1))
 
     def available(self) -> int:

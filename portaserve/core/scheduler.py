@@ -88,6 +88,8 @@ class Scheduler:
             self.allocator, cfg.page_size)
         self.sampler = Sampler(model.cfg.vocab_size, device, cfg.random_seed)
         self.rng = random.Random(cfg.random_seed)
+        # Set by the platform: replays captured decode graphs (e.g. CUDA graphs) when it can.
+        self.decode_graph = None
         self.grammar = grammar  # GrammarBackend or None
         self.jump_forward = jump_forward and self.tree is not None
         self.grammar_queue: list[Req] = []  # constrained requests waiting for their grammar
@@ -503,7 +505,10 @@ class Scheduler:
             req_to_token=self.req_pool.req_to_token,
         )
         with torch.inference_mode():
-            logits = self.model.compute_logits(self.model(fb))
+            if self.decode_graph is not None and self.decode_graph.can_run(fb):
+                logits = self.decode_graph.replay(fb)
+            else:
+                logits = self.model.compute_logits(self.model(fb))
         for r in batch:
             r.kv_len += 1
         self.counters.forward_decode += 1

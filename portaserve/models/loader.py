@@ -187,10 +187,14 @@ def load_model(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device,
     model = model.to_empty(device=device).to(dtype)
     model.init_buffers(device)  # tensors computed at construction were lost on meta
     if load_format == "dummy":
-        g = torch.Generator(device="cpu").manual_seed(seed)
+        # random weights made on the device itself (an 8B model in seconds, no host copy)
+        g = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for _, p in model.named_parameters():
-                p.copy_((torch.rand(p.shape, generator=g) * 2e-2 - 1e-2).to(dtype))
+                p.uniform_(-0.02, 0.02, generator=g)
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
     else:
         model.load_weights((n, w.to(dtype)) for n, w in iter_weights(src, cfg))
     return model.eval()

@@ -63,6 +63,11 @@ class Platform:
     def synchronize(self) -> None:
         pass
 
+    def decode_graph_runner(self, model, kv, req_pool, max_bs: int):
+        """A captured-graph runner for decode batches, or None where graphs don't apply.
+        It has can_run(fb) and replay(fb) -> logits."""
+        return None
+
     def describe(self) -> dict:
         return {
             "platform": self.name,

@@ -31,6 +31,19 @@ class CudaPlatform(Platform):
     def synchronize(self) -> None:
         torch.cuda.synchronize()
 
+    def decode_graph_runner(self, model, kv, req_pool, max_bs: int):
+        from portaserve.platforms.cuda.graph_runner import CudaGraphRunner
+
+        runner = CudaGraphRunner(model, kv, req_pool, max_bs, self.device())
+        try:
+            runner.capture()
+        except Exception as e:  # e.g. an op provider that syncs with the host
+            import logging
+
+            logging.getLogger(__name__).warning("CUDA graph capture failed, running eagerly: %s", e)
+            return None
+        return runner
+
     def device_name(self) -> str:
         return torch.cuda.get_device_name(0)
 

@@ -1,0 +1,146 @@
+"""Latency of one static batch (like SGLang's bench_one_batch): prefill of batch_size
+prompts of input_len tokens, then output_len decode steps, timed step by step through the
+real scheduler (batch building, forward, sampling, bookkeeping).
+
+    python -m portaserve.bench.one_batch --model-path CONFIG_DIR --load-format dummy \
+        --batch-size 1 --input-len 128 --output-len 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def run(rt, batch_size: int, input_len: int, output_len: int, seed: int = 0) -> dict:
+    from portaserve.core.request_builder import build_req
+
+    sched = rt.scheduler
+    sync = rt.platform.synchronize
+    rng = np.random.default_rng(seed)
+    vocab = rt.model_config.vocab_size
+    reqs = [build_req(rt.limits(), None, None, rng.integers(100, vocab - 1, input_len).tolist(),
+                      {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True})
+            for _ in range(batch_size)]
+    for r in reqs:
+        sched.add_request(r)
+    sync()
+    t0 = time.perf_counter()
+    steps = 0
+    while any(len(r.output_ids) == 0 for r in reqs):  # prefill (may take several chunks)
+        sched.step()
+        steps += 1
+    sync()
+    prefill = time.perf_counter() - t0
+    decode = []
+    while sched.has_work():
+        t = time.perf_counter()
+        sched.step()
+        sync()
+        decode.append(time.perf_counter() - t)
+    assert all(len(r.output_ids) == output_len for r in reqs)
+    sched.flush_cache()
+    med = statistics.median(decode) if decode else float("nan")
+    return {"batch_size": batch_size, "input_len": input_len, "output_len": output_len,
+            "prefill_s": prefill, "prefill_tok_s": batch_size * input_len / prefill,
+            "decode_median_ms": med * 1e3, "decode_mean_ms": statistics.fmean(decode) * 1e3 if decode else None,
+            "decode_tok_s": batch_size / med if decode else None}
+
+
+def main(argv=None) -> int:
+    from portaserve.runtime import build_runtime
+    from portaserve.server_args import ServerArgs
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1])
+    p.add_argument("--input-len", type=int, nargs="+", default=[128])
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--output-file", default=None)
+    p.add_argument("--compare-hf", action="store_true",
+                   help="then time transformers generate on the same config and batch shapes")
+    ServerArgs.add_cli_args(p)
+    ns = p.parse_args(argv)
+    args = ServerArgs.from_cli(ns)
+    args.skip_tokenizer_init = True
+    args.max_running_requests = max(args.max_running_requests, max(ns.batch_size))
+    rt = build_runtime(args)
+    print(rt.startup_report(), file=sys.stderr)
+    for _ in range(ns.warmup):
+        run(rt, min(ns.batch_size), 16, 4)
+    rows = []
+    for bs in ns.batch_size:
+        for il in ns.input_len:
+            r = run(rt, bs, il, ns.output_len)
+            rows.append(r)
+            print(f"bs={bs:<4} in={il:<5} out={ns.output_len:<4} prefill {r['prefill_s'] * 1e3:9.2f} ms "
+                  f"({r['prefill_tok_s']:9.0f} tok/s)  decode step median {r['decode_median_ms']:8.3f} ms "
+                  f"({r['decode_tok_s']:9.1f} tok/s)", flush=True)
+    device = rt.platform.describe()
+    if ns.compare_hf:
+        cfg_path, dtype, dev = rt.source.path, rt.dtype, rt.platform.device()
+        del rt
+        import gc
+
+        import torch
+
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        for r in rows:
+            h = hf_generate(cfg_path, dtype, dev, r["batch_size"], r["input_len"], ns.output_len,
+                            ns.load_format == "dummy")
+            r["hf_decode_ms_per_step"] = h
+            print(f"bs={r['batch_size']:<4} in={r['input_len']:<5} transformers generate: "
+                  f"{h:8.3f} ms per decode step -> portaserve {h / r['decode_median_ms']:.2f}x faster",
+                  flush=True)
+    if ns.output_file:
+        with open(ns.output_file, "w") as f:
+            json.dump({"device": device, "results": rows}, f, indent=2)
+    return 0
+
+
+_HF_CACHE = {}
+
+
+def hf_generate(path, dtype, device, bs, input_len, output_len, random_weights) -> float:
+    """transformers generate's time per decode step: (time(output_len) - time(1)) / (output_len - 1)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    key = str(path)
+    model = _HF_CACHE.get(key)
+    if model is None:
+        if random_weights:
+            cfg = AutoConfig.from_pretrained(str(path))
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
+        elif str(path).endswith(".gguf"):
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                         torch_dtype=dtype).to(device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype).to(device)
+        _HF_CACHE[key] = model.eval()
+    ids = torch.randint(100, model.config.vocab_size - 1, (bs, input_len), device=device)
+
+    def timed(n):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    timed(2)
+    return (timed(output_len) - timed(1)) / (output_len - 1) * 1e3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
