@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 
@@ -190,7 +191,8 @@ async def server_info(request: Request):
                                  "num_running": stats["num_running"],
                                  "cache_hit_rate": stats["cache_hit_rate"],
                                  "kv": stats["kv"]}],
-            "http": {"in_flight": c.num_inflight, "queued": c.num_queued},
+            "http": {"in_flight": c.num_inflight, "queued": c.num_queued,
+                     "pid": os.getpid(), "scheduler_pid": c.proc.pid if c.proc else None},
             "limits": {"context_len": c.limits.context_len, "vocab_size": c.limits.vocab_size,
                        "pool_tokens": c.limits.pool_tokens, "grammar": c.limits.grammar}}
 

@@ -1,0 +1,72 @@
+"""The `serve` command line, its startup failures, and `bench serving` against the server."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from conftest import free_port
+
+FLAGS = ["--model-path", "--tokenizer-path", "--host", "--port", "--device", "--dtype",
+         "--tp-size", "--tp", "--context-length", "--mem-fraction-static", "--max-total-tokens",
+         "--max-running-requests", "--max-queued-requests", "--chunked-prefill-size",
+         "--schedule-policy", "--disable-radix-cache", "--api-key", "--served-model-name",
+         "--chat-template", "--enable-metrics", "--log-level", "--kernel"]
+
+
+def _run(args, timeout=120):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_serve_help_lists_sglang_flags():
+    for cmd in (["portaserve.cli", "serve", "--help"], ["portaserve.launch_server", "--help"]):
+        r = _run(cmd)
+        assert r.returncode == 0, r.stderr
+        for f in FLAGS:
+            assert f in r.stdout, f
+        assert "127.0.0.1" in r.stdout and "30000" in r.stdout
+
+
+def test_serve_rejects_bad_flags_fast():
+    t0 = time.monotonic()
+    r = _run(["portaserve.cli", "serve", "--tp", "2"])
+    assert r.returncode != 0 and "tensor parallel" in r.stderr
+    r = _run(["portaserve.cli", "serve", "--schedule-policy", "nope"])
+    assert r.returncode != 0 and "invalid choice" in r.stderr
+    assert time.monotonic() - t0 < 60
+
+
+def test_serve_reports_startup_failure():
+    r = _run(["portaserve.launch_server", "--model-path", "/nonexistent/model", "--port",
+              str(free_port())], timeout=180)
+    assert r.returncode != 0
+    assert "does not exist" in r.stderr
+
+
+def test_bench_serving(server, tmp_path):
+    from portaserve.bench.datasets import random_dataset
+
+    out = tmp_path / "bench.jsonl"
+    r = _run(["portaserve.cli", "bench", "serving", "--base-url", server.url, "--dataset-name", "random",
+              "--num-prompts", "4", "--random-input-len", "32", "--random-output-len", "4",
+              "--random-range-ratio", "0.5", "--seed", "3", "--output-file", str(out),
+              "--disable-tqdm"], timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Serving Benchmark Result" in r.stdout and "Mean TTFT (ms):" in r.stdout
+    rec = json.loads(out.read_text().splitlines()[-1])
+    vocab = server.server_info()["limits"]["vocab_size"]
+    ds = random_dataset(4, 32, 4, 0.5, vocab, 3)
+    assert rec["completed"] == 4 and rec["failed"] == 0
+    assert rec["total_input_tokens"] == sum(len(d.input_ids) for d in ds)
+    assert rec["total_output_tokens"] == sum(d.output_len for d in ds)  # exact: ignore_eos
+    for k in ("request_throughput", "input_throughput", "output_throughput", "mean_ttft_ms",
+              "median_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms",
+              "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms"):
+        assert rec[k] >= 0, k
+    r = _run(["portaserve.cli", "bench", "serving", "--base-url", server.url,
+              "--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "2",
+              "--gsp-prompts-per-group", "2", "--gsp-system-prompt-len", "64", "--gsp-question-len", "8",
+              "--gsp-output-len", "2", "--max-concurrency", "2", "--disable-tqdm"], timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Successful requests:                     4" in r.stdout
