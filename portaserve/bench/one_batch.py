@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--output-file", default=None)
+    p.add_argument("--profile", action="store_true", help="profile decode steps of the largest batch")
     p.add_argument("--compare-hf", action="store_true",
                    help="then time transformers generate on the same config and batch shapes")
     ServerArgs.add_cli_args(p)
@@ -80,6 +81,8 @@ def main(argv=None) -> int:
             print(f"bs={bs:<4} in={il:<5} out={ns.output_len:<4} prefill {r['prefill_s'] * 1e3:9.2f} ms "
                   f"({r['prefill_tok_s']:9.0f} tok/s)  decode step median {r['decode_median_ms']:8.3f} ms "
                   f"({r['decode_tok_s']:9.1f} tok/s)", flush=True)
+    if ns.profile:
+        profile_decode(rt, max(ns.batch_size), min(ns.input_len), 8)
     device = rt.platform.describe()
     if ns.compare_hf:
         cfg_path, dtype, dev = rt.source.path, rt.dtype, rt.platform.device()
@@ -102,6 +105,33 @@ def main(argv=None) -> int:
         with open(ns.output_file, "w") as f:
             json.dump({"device": device, "results": rows}, f, indent=2)
     return 0
+
+
+def profile_decode(rt, bs, input_len, steps):
+    """Top kernels of a few decode steps (torch profiler), to see where the time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from portaserve.core.request_builder import build_req
+
+    sched = rt.scheduler
+    rng = np.random.default_rng(1)
+    for _ in range(bs):
+        sched.add_request(build_req(rt.limits(), None, None, rng.integers(100, 1000, input_len).tolist(),
+                                    {"max_new_tokens": steps + 4, "temperature": 0, "ignore_eos": True}))
+    while sched.waiting or sched.chunked:
+        sched.step()
+    sched.step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.platform.device_type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            sched.step()
+        rt.platform.synchronize()
+    while sched.has_work():
+        sched.step()
+    sched.flush_cache()
+    key = "self_cuda_time_total" if len(acts) > 1 else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))
 
 
 _HF_CACHE = {}

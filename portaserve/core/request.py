@@ -28,6 +28,7 @@ class Req:
     prefix_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
     last_node: Any = None
     kv_len: int = 0  # tokens of fill_ids whose KV is in the cache
+    last_slot: Optional[int] = None  # KV slot of position kv_len - 1 when this request allocated it
     cached_tokens: int = 0
     admitted_once: bool = False
     retractions: int = 0

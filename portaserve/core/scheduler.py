@@ -214,15 +214,19 @@ class Scheduler:
 
     def _alloc(self, req: Req, start: int, n: int) -> list[int]:
         """Slots for positions [start, start+n) of req, evicting cache if needed."""
-        last = int(self.req_pool.req_to_token[req.req_pool_idx, start - 1]) if start > 0 else None
-        pages = self.allocator.pages_needed(n, start)
-        short = pages * self.page_size - self.allocator.available_size()
+        self._make_room(self.allocator.pages_needed(n, start) * self.page_size)
+        # only a partly filled last page (page_size > 1) needs the previous slot, and such a
+        # page is always this request's own allocation, so req.last_slot knows it
+        slots = self.allocator.alloc_tokens(n, req.last_slot, start)
+        req.last_slot = slots[-1]
+        self.req_pool.req_to_token[req.req_pool_idx, start:start + n] = torch.tensor(
+            slots, dtype=torch.int32).to(self.req_pool.req_to_token.device, non_blocking=True)
+        return slots
+
+    def _make_room(self, tokens: int) -> None:
+        short = tokens - self.allocator.available_size()
         if short > 0 and self.tree is not None:
             self.tree.evict(short)
-        slots = self.allocator.alloc_tokens(n, last, start)
-        self.req_pool.req_to_token[req.req_pool_idx, start:start + n] = torch.tensor(
-            slots, dtype=torch.int32, device=self.req_pool.req_to_token.device)
-        return slots
 
     def _match(self, req: Req) -> None:
         """Find req's cached prefix (limited so at least one token is computed, and so
@@ -258,6 +262,7 @@ class Scheduler:
             if req.last_node is not None:
                 self.tree.dec_lock_ref(req.last_node)
         req.last_node = None
+        req.last_slot = None
         req.prefix_indices = torch.empty(0, dtype=torch.int64)
         self.req_pool.free(req.req_pool_idx)
         req.req_pool_idx = None
@@ -491,16 +496,23 @@ class Scheduler:
         if not batch:
             return []
         dev = self.device
+        self._make_room(sum(self.allocator.pages_needed(1, r.kv_len) for r in batch) * self.page_size)
         locs = []
         for r in batch:
-            locs.extend(self._alloc(r, r.kv_len, 1))
+            r.last_slot = self.allocator.alloc_tokens(1, r.last_slot, r.kv_len)[0]
+            locs.append(r.last_slot)
+        # one host->device copy for the whole batch's metadata
+        meta = torch.tensor([[r.fill_ids[r.kv_len] for r in batch], [r.kv_len for r in batch], locs,
+                             [r.req_pool_idx for r in batch]], dtype=torch.int64).to(dev, non_blocking=True)
+        input_ids, positions, out_loc, rows = meta
+        self.req_pool.req_to_token[rows, positions] = out_loc.to(torch.int32)
         fb = ForwardBatch(
             is_decode=True,
-            input_ids=torch.tensor([r.fill_ids[r.kv_len] for r in batch], dtype=torch.int64, device=dev),
-            positions=torch.tensor([r.kv_len for r in batch], dtype=torch.int64, device=dev),
-            out_cache_loc=torch.tensor(locs, dtype=torch.int64, device=dev),
-            req_pool_indices=torch.tensor([r.req_pool_idx for r in batch], dtype=torch.int64, device=dev),
-            seq_lens=torch.tensor([r.kv_len + 1 for r in batch], dtype=torch.int64, device=dev),
+            input_ids=input_ids,
+            positions=positions,
+            out_cache_loc=out_loc,
+            req_pool_indices=rows,
+            seq_lens=positions + 1,
             kv=self.kv,
             req_to_token=self.req_pool.req_to_token,
         )

@@ -130,14 +130,15 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, seen_mask: torch.Tensor,
                     frequency: torch.Tensor, presence: torch.Tensor,
                     repetition: torch.Tensor) -> torch.Tensor:
-    """OpenAI frequency/presence penalties over output-token counts, and the CTRL/HF
-    repetition penalty over every token seen (prompt and output).  logits: [B, V] float."""
-    counts = output_counts.to(logits.dtype)
-    logits = logits - frequency.unsqueeze(1) * counts
-    logits = logits - presence.unsqueeze(1) * (counts > 0).to(logits.dtype)
+    """The CTRL/HF repetition penalty over every token seen (prompt and output), applied
+    to the model's logits (its sign test is on the raw score, as in HF and vLLM), then the
+    OpenAI frequency/presence penalties over output-token counts.  logits: [B, V] float."""
     rep = repetition.unsqueeze(1).to(logits.dtype)
     penalised = torch.where(logits > 0, logits / rep, logits * rep)
-    return torch.where(seen_mask, penalised, logits)
+    logits = torch.where(seen_mask, penalised, logits)
+    counts = output_counts.to(logits.dtype)
+    logits = logits - frequency.unsqueeze(1) * counts
+    return logits - presence.unsqueeze(1) * (counts > 0).to(logits.dtype)
 
 
 def top_k_top_p_min_p_sample(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
