@@ -1,0 +1,91 @@
+"""CUDA graphs for decode batches (also used by ROCm through HIP graphs).
+
+One graph per batch size of a ladder up to max_bs, all sharing a memory pool.  A decode
+batch of size b runs the smallest captured size >= b, padded: padded entries read and write
+only the padding slot 0 through the pool's pad row, and their logits are dropped.
+Everything a captured forward reads lives in static buffers that replay() refills.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import torch
+
+from portaserve.core.forward_batch import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+
+def batch_size_ladder(max_bs: int) -> list[int]:
+    sizes = [1, 2, 4, 8, 12, 16, 24, 32] + list(range(48, 257, 16)) + list(range(288, 1025, 32))
+    out = [s for s in sizes if s <= max_bs]
+    if not out or out[-1] != max_bs:
+        out.append(max_bs)
+    return out
+
+
+class CudaGraphRunner:
+    def __init__(self, model, kv, req_pool, max_bs: int, device):
+        self.model = model
+        self.kv = kv
+        self.req_to_token = req_pool.req_to_token
+        self.pad_row = req_pool.pad_row
+        self.device = device
+        self.sizes = batch_size_ladder(max_bs)
+        self.max_bs = self.sizes[-1]
+        n = self.max_bs
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.out_cache_loc = torch.zeros(n, dtype=torch.int64, device=device)
+        self.req_pool_indices = torch.full((n,), self.pad_row, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(n, dtype=torch.int64, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def _fb(self, bs: int) -> ForwardBatch:
+        return ForwardBatch(is_decode=True, input_ids=self.input_ids[:bs], positions=self.positions[:bs],
+                            out_cache_loc=self.out_cache_loc[:bs], req_pool_indices=self.req_pool_indices[:bs],
+                            seq_lens=self.seq_lens[:bs], kv=self.kv, req_to_token=self.req_to_token)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        for bs in reversed(self.sizes):  # largest first: later graphs reuse its memory
+            fb = self._fb(bs)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up (autotuning, lazy init) outside the graph
+                    self.model.compute_logits(self.model(fb))
+            torch.cuda.current_stream().wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool, stream=stream):
+                out = self.model.compute_logits(self.model(fb))
+            self.graphs[bs] = g
+            self.outputs[bs] = out
+        torch.cuda.synchronize()
+        logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s",
+                    self.sizes, time.perf_counter() - t0)
+
+    def can_run(self, fb: ForwardBatch) -> bool:
+        return fb.batch_size <= self.max_bs
+
+    def replay(self, fb: ForwardBatch) -> torch.Tensor:
+        b = fb.batch_size
+        bs = self.sizes[bisect.bisect_left(self.sizes, b)]
+        if bs > b:  # reset the padded tail to harmless values
+            self.input_ids[b:bs].zero_()
+            self.positions[b:bs].zero_()
+            self.out_cache_loc[b:bs].zero_()
+            self.req_pool_indices[b:bs].fill_(self.pad_row)
+            self.seq_lens[b:bs].fill_(1)
+        self.input_ids[:b].copy_(fb.input_ids, non_blocking=True)
+        self.positions[:b].copy_(fb.positions, non_blocking=True)
+        self.out_cache_loc[:b].copy_(fb.out_cache_loc, non_blocking=True)
+        self.req_pool_indices[:b].copy_(fb.req_pool_indices, non_blocking=True)
+        self.seq_lens[:b].copy_(fb.seq_lens, non_blocking=True)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:b]
