@@ -163,6 +163,8 @@ def build_runtime(args: ServerArgs) -> Runtime:
             schedule_policy=args.schedule_policy,
             disable_radix_cache=args.disable_radix_cache,
             random_seed=args.random_seed,
+            # the CPU runs synchronously: there is nothing for the host to overlap with
+            overlap=not args.disable_overlap_schedule and platform.device_type != "cpu",
         ),
         model, kv, device, eos, decode_fn if tokenizer is not None else None, grammar,
         jump_forward=not args.disable_jump_forward)

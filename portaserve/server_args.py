@@ -47,6 +47,7 @@ class ServerArgs:
     skip_tokenizer_init: bool = _opt(False, "accept and return token ids only")
     disable_cuda_graph: bool = _opt(False, "run decode eagerly instead of replaying captured CUDA/HIP graphs")
     cuda_graph_max_bs: Optional[int] = _opt(None, "largest decode batch captured in a graph (default: min(max-running-requests, 256))")
+    disable_overlap_schedule: bool = _opt(False, "process each decode step's tokens before launching the next (accelerators overlap them by default)")
     grammar_backend: str = _opt("xgrammar", "structured output backend (json_schema / regex / ebnf)",
                                 choices=["xgrammar", "none"])
     disable_jump_forward: bool = _opt(False, "decode grammar-forced text token by token instead of appending it at once")

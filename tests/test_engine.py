@@ -236,3 +236,27 @@ def test_invalid_prompts(default_engine):
         e.generate(input_ids=[1] * 9000)
     # the engine still serves afterwards
     assert e.generate("Hi", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+
+
+def test_overlap_schedule_logic_same_tokens(tiny_models):
+    """The overlapped decode loop (launch N+1 before reading N) gives the same tokens; on
+    the CPU it runs synchronously, which still exercises its bookkeeping: requests that
+    finish at N while N+1 is launched, stop tokens, aborts, KV returned afterwards."""
+    from portaserve import Engine
+
+    path = tiny_models("llama3")
+    prompts = random_prompts(10, 512, 5, 80, seed=21)
+    sps = [{"max_new_tokens": 5 + 3 * i, "temperature": 0, "ignore_eos": True} for i in range(10)]
+    sps[3] = {"max_new_tokens": 30, "temperature": 0, "stop_token_ids": [7, 8, 9, 10, 11, 12]}
+    sps[4] = {"max_new_tokens": 20, "temperature": 0.8, "sampling_seed": 3}
+    with Engine(str(path), skip_tokenizer_init=True, max_total_tokens=3000) as plain, \
+            Engine(str(path), skip_tokenizer_init=True, max_total_tokens=3000) as over:
+        over.rt.scheduler.overlap = True
+        a = plain.generate(input_ids=prompts, sampling_params=sps)
+        b = over.generate(input_ids=prompts, sampling_params=sps)
+        assert [o["output_ids"] for o in a] == [o["output_ids"] for o in b]
+        assert [o["meta_info"]["finish_reason"] for o in a] == [o["meta_info"]["finish_reason"] for o in b]
+        for e in (plain, over):
+            assert e.flush_cache()
+            kv = e.get_server_info()["kv"]
+            assert kv["free"] == kv["max_total_tokens"]

@@ -29,6 +29,7 @@ class Req:
     last_node: Any = None
     kv_len: int = 0  # tokens of fill_ids whose KV is in the cache
     last_slot: Optional[int] = None  # KV slot of position kv_len - 1 when this request allocated it
+    slots: list = field(default_factory=list)  # host mirror of its req_to_token row[:kv_len]
     cached_tokens: int = 0
     admitted_once: bool = False
     retractions: int = 0
@@ -64,8 +65,13 @@ class Req:
     def finished(self) -> bool:
         return self.finished_reason is not None
 
+    @property
+    def seq_len(self) -> int:
+        """len(fill_ids), without building the list."""
+        return len(self.input_ids) + len(self.output_ids)
+
     def extend_len(self) -> int:
-        return len(self.input_ids) + len(self.output_ids) - self.kv_len
+        return self.seq_len - self.kv_len
 
     def input_logprob_start(self) -> int:
         """First prompt position whose logprob is wanted, or len(prompt) for none."""

@@ -30,6 +30,18 @@ class Sampler:
     def sample(self, logits: torch.Tensor, reqs: list[Req], eos_ids: set[int], grammar=None):
         """logits: [B, V] float32.  Returns (next token ids [B] list, raw logprobs [B, V]
         or None when no request asked for logprobs)."""
+        ids, logprobs = self.sample_tensor(logits, reqs, eos_ids, grammar)
+        return ids.tolist(), logprobs
+
+    def _h2d(self, data, dtype):
+        t = torch.tensor(data, dtype=dtype)
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def sample_tensor(self, logits: torch.Tensor, reqs: list[Req], eos_ids: set[int], grammar=None):
+        """As sample(), leaving the ids on the device: no host synchronisation for
+        requests without penalties, grammar, min_new_tokens or logprobs."""
         B, V = logits.shape
         raw = logits
         logprobs = torch.log_softmax(raw, dim=-1) if any(r.return_logprob for r in reqs) else None
@@ -43,22 +55,24 @@ class Sampler:
             grammar.apply_masks(logits, rows, [reqs[i].grammar for i in rows])
         greedy = [r.sampling.greedy for r in reqs]
         if all(greedy):
-            return logits.argmax(dim=-1).tolist(), logprobs
-        dev = logits.device
-        temps = torch.tensor([1.0 if g else r.sampling.temperature for g, r in zip(greedy, reqs)],
-                             device=dev, dtype=logits.dtype)
+            return logits.argmax(dim=-1), logprobs
+        temps = self._h2d([1.0 if g else r.sampling.temperature for g, r in zip(greedy, reqs)], logits.dtype)
         probs = torch.softmax(logits / temps.unsqueeze(1), dim=-1)
-        noise = torch.empty_like(probs)
+        # Exp(1) noise: one draw for the batch, then the seeded requests' own rows
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, r in enumerate(reqs):
-            noise[i].exponential_(generator=r.generator or self.generator)
-        top_k = torch.tensor([r.sampling.top_k for r in reqs], device=dev)
-        top_p = torch.tensor([r.sampling.top_p for r in reqs], device=dev, dtype=probs.dtype)
-        min_p = torch.tensor([r.sampling.min_p for r in reqs], device=dev, dtype=probs.dtype)
-        sampled = ops.top_k_top_p_min_p_sample(probs, top_k, top_p, min_p, noise)
+            if r.generator is not None:
+                noise[i].exponential_(generator=r.generator)
+        if all(r.sampling.top_k <= 0 and r.sampling.top_p >= 1.0 and r.sampling.min_p <= 0.0 for r in reqs):
+            sampled = (probs / noise).argmax(dim=-1)  # nothing to filter: no sort needed
+        else:
+            top_k = self._h2d([r.sampling.top_k for r in reqs], torch.int64)
+            top_p = self._h2d([r.sampling.top_p for r in reqs], probs.dtype)
+            min_p = self._h2d([r.sampling.min_p for r in reqs], probs.dtype)
+            sampled = ops.top_k_top_p_min_p_sample(probs, top_k, top_p, min_p, noise)
         if any(greedy):
-            g = torch.tensor(greedy, device=dev)
-            sampled = torch.where(g, logits.argmax(dim=-1), sampled)
-        return sampled.tolist(), logprobs
+            sampled = torch.where(self._h2d(greedy, torch.bool), logits.argmax(dim=-1), sampled)
+        return sampled, logprobs
 
     def _mask_min_tokens(self, logits, reqs, eos_ids):
         rows = [i for i, r in enumerate(reqs) if len(r.output_ids) < r.sampling.min_new_tokens]

@@ -34,6 +34,14 @@ POLICIES = ("fcfs", "lpm", "dfs-weight", "random")
 
 
 @dataclass
+class _Inflight:
+    reqs: list
+    ids: torch.Tensor  # sampled ids, on the device
+    host: torch.Tensor  # pinned copy, valid once event has completed
+    event: object
+
+
+@dataclass
 class SchedulerConfig:
     context_len: int
     max_total_tokens: int
@@ -44,6 +52,7 @@ class SchedulerConfig:
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
     random_seed: int = 0
+    overlap: bool = False  # launch decode N+1 before processing N's tokens (accelerators)
     init_new_token_ratio: float = 0.7
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
@@ -90,6 +99,8 @@ class Scheduler:
         self.rng = random.Random(cfg.random_seed)
         # Set by the platform: replays captured decode graphs (e.g. CUDA graphs) when it can.
         self.decode_graph = None
+        self.overlap = cfg.overlap
+        self.inflight: Optional[_Inflight] = None  # a launched decode whose tokens are unread
         self.grammar = grammar  # GrammarBackend or None
         self.jump_forward = jump_forward and self.tree is not None
         self.grammar_queue: list[Req] = []  # constrained requests waiting for their grammar
@@ -172,7 +183,7 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked or self.grammar_queue
-                    or self._finished_early)
+                    or self._finished_early or self.inflight is not None)
 
     def num_requests(self) -> int:
         return (len(self.waiting) + len(self.running) + (1 if self.chunked else 0)
@@ -183,10 +194,15 @@ class Scheduler:
         self.last_step = StepStats()
         self._poll_grammars()
         early, self._finished_early = self._finished_early, []
+        if self.inflight is not None:
+            return early + self._step_overlapped()
         reqs = self._schedule_prefill()
         if reqs:
             return early + self._run_extend(reqs)
         if self.running:
+            if self.overlap and self._overlap_safe(self.running) and self._room_for_decode(self.running):
+                self.inflight = self._launch_decode(list(self.running))
+                return early
             return early + self._run_decode()
         return early
 
@@ -219,6 +235,8 @@ class Scheduler:
         # page is always this request's own allocation, so req.last_slot knows it
         slots = self.allocator.alloc_tokens(n, req.last_slot, start)
         req.last_slot = slots[-1]
+        del req.slots[start:]
+        req.slots.extend(slots)
         self.req_pool.req_to_token[req.req_pool_idx, start:start + n] = torch.tensor(
             slots, dtype=torch.int32).to(self.req_pool.req_to_token.device, non_blocking=True)
         return slots
@@ -245,9 +263,11 @@ class Scheduler:
         """Return req's KV: into the radix tree if there is one, else to the allocator."""
         if req.req_pool_idx is None:
             return
-        row = self.req_pool.req_to_token[req.req_pool_idx]
-        kv_len = req.kv_len
-        slots = row[:kv_len].to(torch.int64).cpu()
+        total = req.kv_len  # positions holding a slot of this request
+        # with overlap, a slot may be allocated one token ahead of what is in fill_ids
+        kv_len = min(total, req.seq_len)
+        # the host mirror: reading the device row would wait for in-flight work
+        slots = torch.tensor(req.slots[:total], dtype=torch.int64)
         own_from = len(req.prefix_indices)
         if self.tree is None:
             self.allocator.free(slots[own_from:])
@@ -257,12 +277,13 @@ class Scheduler:
             # slots of ours whose tokens another request cached first are duplicates
             if already > own_from:
                 self.allocator.free(slots[own_from:already])
-            if kv_len > aligned:
-                self.allocator.free(slots[aligned:kv_len])
+            if total > aligned:
+                self.allocator.free(slots[aligned:total])
             if req.last_node is not None:
                 self.tree.dec_lock_ref(req.last_node)
         req.last_node = None
         req.last_slot = None
+        req.slots = []
         req.prefix_indices = torch.empty(0, dtype=torch.int64)
         self.req_pool.free(req.req_pool_idx)
         req.req_pool_idx = None
@@ -276,7 +297,7 @@ class Scheduler:
         kv_len = req.kv_len
         aligned = kv_len - kv_len % self.page_size
         row = self.req_pool.req_to_token[req.req_pool_idx]
-        slots = row[:aligned].to(torch.int64).cpu()
+        slots = torch.tensor(req.slots[:aligned], dtype=torch.int64)
         own_from = len(req.prefix_indices)
         already = self.tree.insert(req.fill_ids[:aligned], slots)
         if already > own_from:
@@ -284,6 +305,7 @@ class Scheduler:
         new_prefix, new_node = self.tree.match_prefix(req.fill_ids[:aligned])
         assert len(new_prefix) == aligned
         row[:aligned] = new_prefix.to(row.dtype).to(row.device)
+        req.slots[:aligned] = new_prefix.tolist()
         self.tree.inc_lock_ref(new_node)
         if req.last_node is not None:
             self.tree.dec_lock_ref(req.last_node)
@@ -368,7 +390,7 @@ class Scheduler:
             if self.tree is not None and req.last_node is not None:
                 self.tree.inc_lock_ref(req.last_node)  # protect the prefix from eviction
             prefix = len(req.prefix_indices)
-            extend = len(req.fill_ids) - prefix
+            extend = req.seq_len - prefix
             reserve = int(max(0, req.sampling.max_new_tokens - len(req.output_ids)) * self.new_token_ratio)
             need = extend + reserve
             avail = self._available() - self._reserved_for_running() - sum(
@@ -390,6 +412,7 @@ class Scheduler:
             if prefix:
                 self.req_pool.req_to_token[req.req_pool_idx, :prefix] = req.prefix_indices.to(
                     torch.int32).to(self.req_pool.req_to_token.device)
+            req.slots = req.prefix_indices.tolist()
             req.kv_len = prefix
             if not req.admitted_once:
                 req.admitted_once = True
@@ -500,9 +523,11 @@ class Scheduler:
         locs = []
         for r in batch:
             r.last_slot = self.allocator.alloc_tokens(1, r.last_slot, r.kv_len)[0]
+            r.slots.append(r.last_slot)
             locs.append(r.last_slot)
         # one host->device copy for the whole batch's metadata
-        meta = torch.tensor([[r.fill_ids[r.kv_len] for r in batch], [r.kv_len for r in batch], locs,
+        # the token to feed is the last one sampled: fill_ids[kv_len] == output_ids[-1]
+        meta = torch.tensor([[r.output_ids[-1] for r in batch], [r.kv_len for r in batch], locs,
                              [r.req_pool_idx for r in batch]], dtype=torch.int64).to(dev, non_blocking=True)
         input_ids, positions, out_loc, rows = meta
         self.req_pool.req_to_token[rows, positions] = out_loc.to(torch.int32)
@@ -554,6 +579,111 @@ class Scheduler:
             self.counters.retractions += 1
             self.new_token_ratio = min(1.0, self.new_token_ratio + 0.2)
         return retracted
+
+    # ---- overlapped decode ----------------------------------------------------------------
+    # The CPU's share of a decode step (stop checks, bookkeeping, building the next batch)
+    # runs while the accelerator computes: batch N+1 is launched with N's sampled tokens
+    # still on the device, then N's tokens are read and processed.  A request that turns
+    # out to have finished at N wastes its slot in N+1, whose result is ignored.
+    def _overlap_safe(self, reqs) -> bool:
+        return all(not r.return_logprob and r.grammar is None and not r.sampling.needs_penalties
+                   and r.sampling.min_new_tokens == 0 for r in reqs)
+
+    def _room_for_decode(self, reqs) -> bool:
+        need = sum(self.allocator.pages_needed(1, r.kv_len) for r in reqs) * self.page_size
+        return need <= self._available()
+
+    def _prefill_possible(self) -> bool:
+        if self.chunked is not None:
+            return True
+        if not self.waiting or len(self.running) >= self.cfg.max_running_requests:
+            return False
+        if self.req_pool.available() == 0:
+            return False
+        first = self.waiting[0]
+        return first.seq_len <= self._available() - self._reserved_for_running()
+
+    def _launch_decode(self, batch: list[Req], input_ids: Optional[torch.Tensor] = None) -> "_Inflight":
+        dev = self.device
+        self._make_room(sum(self.allocator.pages_needed(1, r.kv_len) for r in batch) * self.page_size)
+        locs = []
+        for r in batch:
+            r.last_slot = self.allocator.alloc_tokens(1, r.last_slot, r.kv_len)[0]
+            r.slots.append(r.last_slot)
+            locs.append(r.last_slot)
+        rows_meta = [[r.kv_len for r in batch], locs, [r.req_pool_idx for r in batch]]
+        if input_ids is None:
+            rows_meta.append([r.output_ids[-1] for r in batch])
+        meta = torch.tensor(rows_meta, dtype=torch.int64)
+        if meta.device != torch.device(dev):
+            meta = meta.pin_memory().to(dev, non_blocking=True)
+        positions, out_loc, rows = meta[0], meta[1], meta[2]
+        if input_ids is None:
+            input_ids = meta[3]
+        self.req_pool.req_to_token[rows, positions] = out_loc.to(torch.int32)
+        fb = ForwardBatch(is_decode=True, input_ids=input_ids, positions=positions, out_cache_loc=out_loc,
+                          req_pool_indices=rows, seq_lens=positions + 1, kv=self.kv,
+                          req_to_token=self.req_pool.req_to_token)
+        with torch.inference_mode():
+            if self.decode_graph is not None and self.decode_graph.can_run(fb):
+                logits = self.decode_graph.replay(fb)
+            else:
+                logits = self.model.compute_logits(self.model(fb))
+            ids, _ = self.sampler.sample_tensor(logits, batch, self.eos_ids)
+            if ids.device.type == "cpu":  # nothing runs asynchronously: the logic only
+                host, event = ids, None
+            else:
+                host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+                host.copy_(ids, non_blocking=True)
+                event = torch.Event(device=ids.device)
+                event.record()
+        for r in batch:
+            r.kv_len += 1
+        self.counters.forward_decode += 1
+        self.last_step = StepStats("decode", len(batch), len(batch))
+        self.new_token_ratio = max(self.cfg.min_new_token_ratio,
+                                   self.new_token_ratio - self.cfg.new_token_ratio_decay)
+        return _Inflight(batch, ids, host, event)
+
+    def _step_overlapped(self) -> list[Req]:
+        prev, self.inflight = self.inflight, None
+        live = [r for r in prev.reqs if not r.finished]
+        # requests certain to finish by length at prev need no further step
+        cont = [i for i, r in enumerate(prev.reqs) if not r.finished
+                and len(r.output_ids) + 1 < r.sampling.max_new_tokens
+                and r.seq_len + 1 < self.cfg.context_len]
+        if (cont and not self._prefill_possible() and self._overlap_safe(live)
+                and self._room_for_decode([prev.reqs[i] for i in cont])):
+            ids = prev.ids
+            if len(cont) != len(prev.reqs):
+                idx = torch.tensor(cont, dtype=torch.int64)
+                if ids.device.type != "cpu":
+                    idx = idx.pin_memory().to(ids.device, non_blocking=True)
+                ids = ids.index_select(0, idx)
+            self.inflight = self._launch_decode([prev.reqs[i] for i in cont], ids)
+        return self._resolve(prev)
+
+    def _resolve(self, prev: "_Inflight") -> list[Req]:
+        """Read a launched decode's tokens and process them."""
+        if prev.event is not None:
+            prev.event.synchronize()
+        toks = prev.host.tolist()
+        out = []
+        for r, tok in zip(prev.reqs, toks):
+            if r.finished:  # aborted, or finished at an earlier step
+                continue
+            r.output_ids.append(tok)
+            self.counters.generated_tokens += 1
+            self._check_finished(r)
+            out.append(r)
+        for r in out:
+            if r.finished:
+                if r in self.running:
+                    self.running.remove(r)
+                # its KV up to the newest token is valid (or being written by a batch
+                # queued before anything that could reuse the slots)
+                self._release(r)
+        return out
 
     # ---- sampling and finishing ----------------------------------------------------------
     def _sample_and_advance(self, logits: torch.Tensor, reqs: list[Req]) -> list[Req]:

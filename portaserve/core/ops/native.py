@@ -148,8 +148,6 @@ def top_k_top_p_min_p_sample(probs: torch.Tensor, top_k: torch.Tensor, top_p: to
     kept tokens (an exact draw from the renormalised distribution), so a provider given
     the same noise must return the same ids."""
     B, V = probs.shape
-    if bool((top_k <= 0).all() and (top_p >= 1).all() and (min_p <= 0).all()):
-        return (probs / noise).argmax(dim=-1)  # nothing filtered: skip the sort
     sorted_p, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(V, device=probs.device).unsqueeze(0)
     k = torch.where(top_k <= 0, torch.full_like(top_k, V), top_k).unsqueeze(1)
