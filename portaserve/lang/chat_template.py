@@ -5,7 +5,9 @@ so a Jinja chat template that renders whole conversations is turned into the tex
 opens and closes one message: render the conversation so far with and without one more
 message whose content is a sentinel, take the difference, split it at the sentinel.
 This keeps history-dependent parts (SmolLM's default system prompt before a first user
-turn) and never needs a hand-written per-model table."""
+turn) and never needs a hand-written per-model table.  What a template renders for an
+empty conversation (usually ``{{ bos_token }}``) is left out of the text: the server's
+tokenizer adds the BOS token itself, and sending it twice would change the prompt."""
 from __future__ import annotations
 
 import os

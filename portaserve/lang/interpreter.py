@@ -199,7 +199,9 @@ class StreamExecutor:
     def _select(self, s: Select) -> None:
         """Score each choice by the logprob of its tokens after the current text (one
         max_new_tokens=0 request per choice, logprobs from the prompt boundary on) and
-        append the best one."""
+        append the best one.  The boundary is the prompt's own token count: where the
+        tokenizer would merge the prompt's last token with the choice's first, the score
+        covers the tokens past that count (SGLang's "token healing" case; not corrected)."""
         prompt = self.text
         # prefill the prompt once: its length, and a radix-cache hit for every choice
         n_prompt = 0

@@ -33,7 +33,8 @@ def _decode_stage1(q_ptr, k_ptr, v_ptr, r2t_ptr, rpi_ptr, seq_ptr, mid_o, mid_ls
     dvmask = dv < DV
     seq_len = tl.load(seq_ptr + b).to(tl.int32)
     row = tl.load(rpi_ptr + b).to(tl.int64)
-    per = tl.cdiv(seq_len, NUM_SPLITS)
+    # whole blocks per split: short sequences use few splits, the rest exit at once
+    per = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * per
     end = tl.minimum(start + per, seq_len)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
@@ -101,7 +102,7 @@ def attention_decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), scale, H, GROUP=group, D=D, DV=DV,
         BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV), BLOCK_H=BLOCK_H,
-        BLOCK_N=32, NUM_SPLITS=NUM_KV_SPLITS)
+        BLOCK_N=32 if q.device.type == "cpu" else 64, NUM_SPLITS=NUM_KV_SPLITS)
     _decode_stage2[(B, H)](
         mid_o, mid_lse, o, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
         mid_lse.stride(1), o.stride(0), o.stride(1), DV=DV, BLOCK_DV=triton.next_power_of_2(DV),
