@@ -118,14 +118,14 @@ async def _serve_async(args) -> int:
                 client.info.get("served_model_name"), url)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.log_level == "debug", timeout_keep_alive=30,
-                            lifespan="off")
+                            timeout_graceful_shutdown=10, lifespan="off")
     server = uvicorn.Server(config)
     exit_code = {"code": 0}
 
     def on_death(message: str) -> None:
         exit_code["code"] = 1
-        # let the in-flight requests send their errors, then stop; never hang
-        asyncio.get_running_loop().call_later(0.5, _stop)
+        # /health answers 503 meanwhile; in-flight requests send their errors; then stop
+        asyncio.get_running_loop().call_later(1.0, _stop)
         threading.Thread(target=_hard_exit, daemon=True).start()
 
     def _stop():

@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import threading
 import time
 
 import httpx
@@ -72,7 +74,7 @@ def test_served_model_name_and_chat_template(small):
 def test_overload_503_then_accepted_finish(small):
     hdr = {"Authorization": f"Bearer {KEY}"}
     body = {"text": "Count: 1, 2, 3,", "stream": True,
-            "sampling_params": {"max_new_tokens": 40, "ignore_eos": True, "temperature": 0}}
+            "sampling_params": {"max_new_tokens": 16, "ignore_eos": True, "temperature": 0}}
 
     async def consume(resp):
         last = None
@@ -112,7 +114,7 @@ def test_overload_503_then_accepted_finish(small):
     assert over_oai.status_code == 503
     for f in finals:
         assert f["meta_info"]["finish_reason"]["type"] == "length"
-        assert f["meta_info"]["completion_tokens"] == 40
+        assert f["meta_info"]["completion_tokens"] == 16
     # capacity is back
     assert small.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 2}}).status_code == 200
 
@@ -123,6 +125,17 @@ def test_scheduler_death_makes_server_exit_nonzero(small):
     hdr = {"Authorization": f"Bearer {KEY}"}
     body = {"text": "Count: 1, 2, 3,", "stream": True,
             "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}}
+    health: list = []
+
+    def poll_health():
+        while len(health) < 2000:
+            try:
+                health.append(requests.get(small.url + "/health", timeout=2).status_code)
+            except requests.RequestException:
+                health.append("down")
+                return
+            time.sleep(0.02)
+
     with httpx.Client(timeout=60, headers=hdr) as client:
         with client.stream("POST", small.url + "/generate", json=body) as r:
             lines = r.iter_lines()
@@ -131,6 +144,8 @@ def test_scheduler_death_makes_server_exit_nonzero(small):
                     break  # the request is running
             t0 = time.monotonic()
             os.kill(sched_pid, signal.SIGKILL)
+            poller = threading.Thread(target=poll_health)
+            poller.start()
             rest = []
             try:
                 for line in lines:
@@ -143,7 +158,10 @@ def test_scheduler_death_makes_server_exit_nonzero(small):
     assert errors or "data: [DONE]" not in rest, rest[-3:]
     try:
         code = small.proc.wait(timeout=15)
-    except Exception:
+    except subprocess.TimeoutExpired:
         pytest.fail("the server did not exit within 15 s of its scheduler dying")
     assert code != 0
     assert time.monotonic() - t0 < 15
+    poller.join(timeout=10)
+    assert 503 in health, health[:5] + health[-5:]  # unhealthy before it went away
+    assert health[-1] == "down"
