@@ -84,7 +84,7 @@ def _stats(rt) -> dict:
     return {
         "kv": sched.kv_stats(),
         "counters": dict(vars(c)),
-        "num_waiting": len(sched.waiting) + (1 if sched.chunked is not None else 0),
+        "num_waiting": max(0, sched.num_requests() - len(sched.running)),
         "num_running": len(sched.running),
         "cache_hit_rate": c.cached_tokens / c.prompt_tokens if c.prompt_tokens else 0.0,
     }
