@@ -94,7 +94,7 @@ def _build_reqs(client, body: dict):
         copies = sp.pop("n", 1)
         if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
             raise bad_request(f"n must be an integer >= 1, got {copies!r}", "n")
-        rl = _per_item(body.get("return_logprob", False), i, n, "return_logprob")
+        rl = _per_item(body.get("return_logprob") or False, i, n, "return_logprob")
         lsl = _per_item(body.get("logprob_start_len"), i, n, "logprob_start_len")
         tln = _per_item(body.get("top_logprobs_num"), i, n, "top_logprobs_num")
         rid = _per_item(rids, i, n, "rid")
