@@ -132,3 +132,31 @@ def random_prompts(n, vocab, lo, hi, seed=0):
         L = int(torch.randint(lo, hi + 1, (1,), generator=g))
         out.append(torch.randint(3, vocab, (L,), generator=g).tolist())
     return out
+
+
+def make_tiny_moe_checkpoint(tmp: Path, kind: str) -> Path:
+    """A small random-weight MoE model (per-expert tensors, as real checkpoints store them)."""
+    from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
+
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  initializer_range=0.15, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                  tie_word_embeddings=False)
+    if kind == "mixtral":
+        cfg, cls = MixtralConfig(**common, num_local_experts=6, num_experts_per_tok=2), MixtralForCausalLM
+    elif kind == "qwen3_moe":
+        cfg = Qwen3MoeConfig(**common, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48,
+                             norm_topk_prob=True, head_dim=32, mlp_only_layers=[1])
+        cls = Qwen3MoeForCausalLM
+    elif kind == "qwen2_moe":
+        cfg = Qwen2MoeConfig(**common, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=40,
+                             shared_expert_intermediate_size=72, norm_topk_prob=False)
+        cls = Qwen2MoeForCausalLM
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(99)
+    model = cls(cfg).eval()
+    out = tmp / kind
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out

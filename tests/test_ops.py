@@ -197,6 +197,22 @@ def make_sample(g, device, dtype, filtered=None):
             min_p.float().to(device), noise.float().to(device))
 
 
+def make_moe_topk(g, device, dtype):
+    T, E = _randint(g, 1, 12), _randint(g, 2, 10)
+    k = _randint(g, 1, min(4, E))
+    return _randn(g, T, E, dtype=dtype, scale=2.0).to(device), k, bool(_randint(g, 0, 1))
+
+
+def make_fused_moe(g, device, dtype):
+    T, H, I, E = _randint(g, 1, 20), _randint(g, 1, 4) * 16, _randint(g, 1, 4) * 16, _randint(g, 2, 8)
+    k = _randint(g, 1, min(3, E))
+    x = _randn(g, T, H, dtype=dtype)
+    w13 = _randn(g, E, 2 * I, H, dtype=dtype, scale=0.2)
+    w2 = _randn(g, E, H, I, dtype=dtype, scale=0.2)
+    w, ids = native.moe_topk(_randn(g, T, E, scale=2.0), k, True)
+    return (x.to(device), w13.to(device), w2.to(device), w.to(dtype).to(device), ids.to(device))
+
+
 # ---- op specs ----------------------------------------------------------------------------
 FLOAT_DTYPES = (torch.float32, torch.bfloat16)
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -221,6 +237,8 @@ SPECS: dict[str, OpSpec] = {
     "attention_decode": OpSpec(make_attention_decode),
     "apply_penalties": OpSpec(make_apply_penalties, dtypes=(torch.float32,)),
     "top_k_top_p_min_p_sample": OpSpec(make_sample, dtypes=(torch.float32,), exact=True),
+    "moe_topk": OpSpec(make_moe_topk),
+    "fused_moe": OpSpec(make_fused_moe),
 }
 
 
@@ -603,3 +621,28 @@ def test_native_sample_distribution(name):
     assert chi2 < _chi2_quantile(len(idx) - 1, 4.0), (chi2, counts.tolist(), exp.tolist())
     # and it is not merely plausible by luck: every kept token is near its share
     assert torch.allclose(counts[idx] / N, target[idx], atol=0.015)
+
+
+def test_native_moe_against_dense_loop():
+    """fused_moe equals running every token through each of its experts one by one."""
+    g = torch.Generator().manual_seed(5)
+    x, w13, w2, w, ids = make_fused_moe(g, "cpu", torch.float32)
+    T, K = ids.shape
+    I = w2.shape[2]
+    ref = torch.zeros_like(x, dtype=torch.float64)
+    for t in range(T):
+        for j in range(K):
+            e = int(ids[t, j])
+            a = w13[e].double() @ x[t].double()
+            h = torch.nn.functional.silu(a[:I]) * a[I:]
+            ref[t] += float(w[t, j]) * (w2[e].double() @ h)
+    torch.testing.assert_close(native.fused_moe(x, w13, w2, w, ids).double(), ref, atol=1e-4, rtol=1e-4)
+    logits = _randn(g, 7, 6)
+    wt, it = native.moe_topk(logits, 2, False)
+    p = torch.softmax(logits.double(), -1)
+    for t in range(7):
+        order = sorted(range(6), key=lambda e: -float(p[t, e]))[:2]
+        assert it[t].tolist() == order
+        torch.testing.assert_close(wt[t].double(), p[t, order], atol=1e-6, rtol=1e-6)
+    wr, _ = native.moe_topk(logits, 2, True)
+    torch.testing.assert_close(wr.sum(-1), torch.ones(7))

@@ -31,7 +31,19 @@ class ModelConfig:
     eos_token_ids: list = field(default_factory=list)
     bos_token_id: Optional[int] = None
     torch_dtype: Optional[str] = None
+    # mixture of experts (0 experts: dense)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list = field(default_factory=list)
     hf: dict = field(default_factory=dict, repr=False)
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return (self.num_experts > 0 and layer_id not in self.mlp_only_layers
+                and (layer_id + 1) % self.decoder_sparse_step == 0)
 
     @property
     def context_length(self) -> int:
@@ -58,7 +70,7 @@ def llama_family_config(arch: str, c: dict) -> ModelConfig:
     qwen3 = mt in ("qwen3",) or arch.startswith("Qwen3")
     attn_bias = bool(c.get("attention_bias", False)) or qwen2
     sliding = None
-    if mt == "mistral" or c.get("use_sliding_window"):
+    if mt in ("mistral", "mixtral") or c.get("use_sliding_window"):
         sliding = c.get("sliding_window")
     return ModelConfig(
         architecture=arch,
@@ -83,5 +95,13 @@ def llama_family_config(arch: str, c: dict) -> ModelConfig:
         eos_token_ids=_eos_list(c.get("eos_token_id")),
         bos_token_id=c.get("bos_token_id"),
         torch_dtype=str(c.get("torch_dtype") or c.get("dtype") or "") or None,
+        num_experts=int(c.get("num_experts") or c.get("num_local_experts") or 0),
+        num_experts_per_tok=int(c.get("num_experts_per_tok") or 0),
+        moe_intermediate_size=int(c.get("moe_intermediate_size") or c["intermediate_size"]),
+        # Mixtral always renormalises the top-k weights; Qwen MoE configs say whether
+        norm_topk_prob=bool(c.get("norm_topk_prob", True)) if mt != "mixtral" else True,
+        shared_expert_intermediate_size=int(c.get("shared_expert_intermediate_size") or 0),
+        decoder_sparse_step=int(c.get("decoder_sparse_step") or 1),
+        mlp_only_layers=list(c.get("mlp_only_layers") or []),
         hf=c,
     )

@@ -1,4 +1,5 @@
-"""The llama-family graph: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2.
+"""The llama-family graph: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2, and
+their mixture-of-experts variants Mixtral, Qwen2-MoE and Qwen3-MoE.
 
 Differences between the family members are config switches: attention bias (Qwen2),
 per-head q/k RMSNorm (Qwen3), explicit head_dim, tied embeddings, rope scaling.
@@ -14,6 +15,7 @@ from portaserve.core import ops
 from portaserve.core.forward_batch import ForwardBatch
 from portaserve.models.config import ModelConfig
 from portaserve.models.layers import PagedAttention, RMSNorm
+from portaserve.models.moe import SparseMoE, map_expert_weight
 from portaserve.models.rope import cos_sin_cache
 
 
@@ -59,7 +61,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.self_attn = Attention(cfg, layer_id)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -110,57 +112,52 @@ class LlamaForCausalLM(nn.Module):
         return F.linear(hidden, w).float()
 
     # ---- weights ----------------------------------------------------------------------
-    def _shard_rows(self, fused: str, idx: int) -> tuple[int, int]:
+    def _shard_rows(self, fused: str, idx: int, param) -> tuple[int, int]:
         c = self.cfg
         if fused == "qkv_proj":
             sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
-        else:
-            sizes = [c.intermediate_size, c.intermediate_size]
-        start = sum(sizes[:idx])
-        return start, sizes[idx]
+        else:  # gate_up_proj: two equal halves (dense MLP or a shared expert)
+            sizes = [param.shape[0] // 2] * 2
+        return sum(sizes[:idx]), sizes[idx]
 
     def load_weights(self, weights) -> None:
-        """weights: iterable of (Hugging Face name, tensor)."""
+        """weights: iterable of (Hugging Face name, tensor).  Every parameter element must
+        be written exactly once."""
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        filled = {n: 0 for n in params}
         for name, w in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
             name = name.removeprefix("model.")
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: the embedding is the head
-            parts = name.split(".")
-            target, rows = name, None
-            for i, p in enumerate(parts):
-                if p in self._fused:
-                    fused, idx = self._fused[p]
-                    target = ".".join(parts[:i] + [fused] + parts[i + 1:])
-                    rows = self._shard_rows(fused, idx)
-                    break
-            if target not in params:
-                raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            param = params[target]
-            with torch.no_grad():
-                if rows is None:
-                    if param.shape != w.shape:
-                        raise ValueError(f"{name}: checkpoint shape {tuple(w.shape)} != model {tuple(param.shape)}")
-                    param.copy_(w)
-                else:
-                    start, size = rows
-                    dst = param.narrow(0, start, size)
-                    if dst.shape != w.shape:
-                        raise ValueError(f"{name}: checkpoint shape {tuple(w.shape)} != model slice {tuple(dst.shape)}")
-                    dst.copy_(w)
-            loaded.add(f"{target}#{rows}")
-        expected = set()
-        for pname, p in params.items():
-            base = pname.rsplit(".", 1)[0].rsplit(".", 1)[-1]
-            if base in ("qkv_proj", "gate_up_proj"):
-                fused = base
-                for i in range(3 if fused == "qkv_proj" else 2):
-                    expected.add(f"{pname}#{self._shard_rows(fused, i)}")
+            name = name.replace("block_sparse_moe.gate.", "mlp.gate.")
+            expert = map_expert_weight(name, self.cfg.moe_intermediate_size)
+            if expert is not None:
+                target, e, rows = expert
+                if target not in params:
+                    raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+                dst = params[target][e][rows]
             else:
-                expected.add(f"{pname}#None")
-        missing = sorted(expected - loaded)
+                parts = name.split(".")
+                target, dst = name, None
+                for i, p in enumerate(parts):
+                    if p in self._fused:
+                        fused, idx = self._fused[p]
+                        target = ".".join(parts[:i] + [fused] + parts[i + 1:])
+                        if target in params:
+                            start, size = self._shard_rows(fused, idx, params[target])
+                            dst = params[target].narrow(0, start, size)
+                        break
+                if target not in params:
+                    raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+                if dst is None:
+                    dst = params[target]
+            if dst.shape != w.shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(w.shape)} != model {tuple(dst.shape)}")
+            with torch.no_grad():
+                dst.copy_(w)
+            filled[target] += w.numel()
+        missing = sorted(n for n, p in params.items() if filled[n] != p.numel())
         if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors (or parts), e.g. {missing[:3]}")

@@ -18,5 +18,6 @@ for _op, _target in [
     ("rotary_embedding", f"{_TK}.rotary:rotary_embedding"),
     ("attention_decode", f"{_TK}.attention:attention_decode"),
     ("attention_extend", f"{_TK}.attention:attention_extend"),
+    ("fused_moe", f"{_TK}.moe:fused_moe"),
 ]:
     register_provider(_op, "triton", _TRITON_PLATFORMS, _target, requires=needs_module("triton"))

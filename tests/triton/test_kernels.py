@@ -117,3 +117,15 @@ def test_rotary(is_neox, rot):
     torch.testing.assert_close(tk.cpu(), rk, atol=1e-5, rtol=1e-5)
     # inputs untouched (the op returns new tensors)
     assert not torch.equal(tq.cpu(), q)
+
+
+@pytest.mark.parametrize("T,H,I,E,K", [(1, 32, 16, 4, 2), (13, 64, 48, 6, 2), (40, 32, 32, 8, 3)])
+def test_fused_moe(T, H, I, E, K):
+    g = torch.Generator().manual_seed(T + E)
+    x = torch.randn(T, H, generator=g)
+    w13 = torch.randn(E, 2 * I, H, generator=g) * 0.2
+    w2 = torch.randn(E, H, I, generator=g) * 0.2
+    w, ids = native.moe_topk(torch.randn(T, E, generator=g), K, True)
+    ref = native.fused_moe(x, w13, w2, w, ids)
+    out = _triton("fused_moe")(*_to(DEVICE, x, w13, w2, w, ids))
+    torch.testing.assert_close(out.cpu(), ref, atol=2e-4, rtol=2e-4)

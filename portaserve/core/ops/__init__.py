@@ -29,6 +29,8 @@ _DECLARATIONS = [
     ("attention_decode", "attention", native.attention_decode),
     ("apply_penalties", "sampling", native.apply_penalties),
     ("top_k_top_p_min_p_sample", "sampling", native.top_k_top_p_min_p_sample),
+    ("moe_topk", "moe", native.moe_topk),
+    ("fused_moe", "moe", native.fused_moe),
 ]
 for _name, _family, _fn in _DECLARATIONS:
     declare_op(_name, _family, _fn)
@@ -86,6 +88,14 @@ def apply_penalties(logits, output_counts, seen_mask, frequency, presence, repet
 
 def top_k_top_p_min_p_sample(probs, top_k, top_p, min_p, noise):
     return _fns["top_k_top_p_min_p_sample"](probs, top_k, top_p, min_p, noise)
+
+
+def moe_topk(router_logits, k, renormalize):
+    return _fns["moe_topk"](router_logits, k, renormalize)
+
+
+def fused_moe(x, w13, w2, topk_weights, topk_ids):
+    return _fns["fused_moe"](x, w13, w2, topk_weights, topk_ids)
 
 
 __all__ = ["OPS", "PROVIDERS", "OpResolutionError", "OpTable", "parse_kernel_overrides",

@@ -160,3 +160,26 @@ def top_k_top_p_min_p_sample(probs: torch.Tensor, top_k: torch.Tensor, top_p: to
     score = torch.where(keep, sorted_p / sorted_noise, torch.full_like(sorted_p, -1.0))
     choice = score.argmax(dim=-1, keepdim=True)
     return order.gather(1, choice).squeeze(1)
+
+
+# ---- mixture of experts ------------------------------------------------------------
+def moe_topk(router_logits: torch.Tensor, k: int, renormalize: bool):
+    """Softmax routing: (weights [T, k] float32, expert ids [T, k] int64)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    w, ids = probs.topk(k, dim=-1)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w, ids
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """sum_k weight[t,k] * expert_{ids[t,k]}(x[t]) with SwiGLU experts:
+    expert_e(x) = w2[e] @ (silu(w13[e][:I] @ x) * (w13[e][I:] @ x)).
+    x: [T, H]; w13: [E, 2I, H]; w2: [E, H, I]."""
+    out = torch.zeros_like(x)
+    for e in torch.unique(topk_ids).tolist():
+        tok, slot = (topk_ids == e).nonzero(as_tuple=True)
+        h = silu_and_mul(x[tok] @ w13[e].t()) @ w2[e].t()
+        out.index_add_(0, tok, h * topk_weights[tok, slot, None].to(h.dtype))
+    return out
