@@ -47,7 +47,9 @@ def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     n_pairs; the expert of each block; and the padded total (on the device)."""
     flat = topk_ids.flatten()
     n_pairs = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add rather than bincount: bincount syncs with the host (no CUDA graphs)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
     starts = ends - padded
