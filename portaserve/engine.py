@@ -248,6 +248,19 @@ class Engine:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        if not self._thread.is_alive() and getattr(self.rt, "model", None) is not None:
+            # free the weights and the KV pool now, not when the last reference goes
+            import gc
+
+            grammar = self.rt.scheduler.grammar
+            if grammar is not None:
+                grammar.shutdown()
+            self.rt.model = None
+            self.rt.scheduler.model = None
+            self.rt.scheduler.kv = None
+            self.rt.scheduler.decode_graph = None
+            gc.collect()
+            self.rt.platform.empty_cache()
 
     def __enter__(self):
         return self

@@ -22,4 +22,4 @@ python3 -m portaserve.bench.offline $M --dataset generated-shared-prefix --gsp-n
 mkdir -p /tmp/qwen3moe && cp ci/gpu/qwen3-30b-a3b.json /tmp/qwen3moe/config.json
 python3 -m portaserve.bench.one_batch --model-path /tmp/qwen3moe --load-format dummy --dtype bfloat16 \
   --context-length 4096 --batch-size 1 64 --input-len 128 --output-len 32 --cuda-graph-max-bs 64 \
-  --max-running-requests 64 2>&1 | grep -E "bs=|Error|error" | tee $OUT/moe.log
+  --max-running-requests 64 --mem-fraction-static 0.80 2>&1 | grep -E "bs=|Error|error" | tee $OUT/moe.log

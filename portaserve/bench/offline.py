@@ -129,6 +129,7 @@ def main(argv=None) -> int:
             results[label] = run_engine(eng, reqs)
             engine_outputs = engine_outputs or results[label]["outputs"]
             info = eng.rt.info()
+        del eng  # shutdown() released its memory; drop the handle too
         gc.collect()
     if ns.compare_hf:
         from transformers import AutoModelForCausalLM

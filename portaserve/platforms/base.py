@@ -63,6 +63,9 @@ class Platform:
     def synchronize(self) -> None:
         pass
 
+    def empty_cache(self) -> None:
+        """Hand cached, unused device memory back to the driver."""
+
     def decode_graph_runner(self, model, kv, req_pool, max_bs: int):
         """A captured-graph runner for decode batches, or None where graphs don't apply.
         It has can_run(fb) and replay(fb) -> logits."""

@@ -21,3 +21,39 @@ for _op, _target in [
     ("fused_moe", f"{_TK}.moe:fused_moe"),
 ]:
     register_provider(_op, "triton", _TRITON_PLATFORMS, _target, requires=needs_module("triton"))
+
+# ---- CPU: torch's fused SDPA kernel, one batched call per step --------------------------------
+def _needs_sdpa_gqa():
+    import inspect
+
+    import torch.nn.functional as F
+
+    try:
+        ok = "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: ask the docstring
+        ok = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+    return None if ok else "needs torch >= 2.5 (scaled_dot_product_attention(enable_gqa=...))"
+
+
+for _op in ("attention_decode", "attention_extend"):
+    register_provider(_op, "sdpa", ("cpu",), f"portaserve.platforms.cpu.attention:{_op}",
+                      requires=_needs_sdpa_gqa)
+
+# ---- ROCm: AMD's aiter (installed from AMD's release; never the unrelated PyPI `aiter`) -------
+_NEEDS_AITER = needs_module("aiter", "install AMD's aiter from its release; the PyPI package named aiter is unrelated")
+_AITER = "portaserve.platforms.rocm.aiter_ops"
+for _op in ("rmsnorm", "fused_add_rmsnorm", "silu_and_mul", "attention_decode", "attention_extend"):
+    register_provider(_op, "aiter", ("rocm",), f"{_AITER}:{_op}", requires=_NEEDS_AITER)
+
+# ---- XPU: intel_extension_for_pytorch (optional; archived upstream) ---------------------------
+_NEEDS_IPEX = needs_module("intel_extension_for_pytorch",
+                           "optional: pip install intel-extension-for-pytorch matching your torch")
+_IPEX = "portaserve.platforms.xpu.ipex_ops"
+for _op in ("rmsnorm", "fused_add_rmsnorm", "silu_and_mul", "attention_decode", "attention_extend"):
+    register_provider(_op, "ipex", ("xpu",), f"{_IPEX}:{_op}", requires=_NEEDS_IPEX)
+
+# ---- TPU: torch_xla's ragged paged attention (Pallas on TPU) ----------------------------------
+_NEEDS_XLA = needs_module("torch_xla", "pip install portaserve[tpu]")
+for _op in ("attention_decode", "attention_extend"):
+    register_provider(_op, "pallas", ("tpu",), f"portaserve.platforms.tpu.xla_ops:{_op}",
+                      requires=_NEEDS_XLA)

@@ -31,6 +31,9 @@ class CudaPlatform(Platform):
     def synchronize(self) -> None:
         torch.cuda.synchronize()
 
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
+
     def decode_graph_runner(self, model, kv, req_pool, max_bs: int):
         from portaserve.platforms.cuda.graph_runner import CudaGraphRunner
 

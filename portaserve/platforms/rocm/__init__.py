@@ -28,6 +28,9 @@ class RocmPlatform(Platform):
     def synchronize(self) -> None:
         torch.cuda.synchronize()
 
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
+
     def decode_graph_runner(self, model, kv, req_pool, max_bs: int):
         from portaserve.platforms.cuda.graph_runner import CudaGraphRunner
 
