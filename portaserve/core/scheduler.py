@@ -380,16 +380,20 @@ class Scheduler:
             batch.append(req)
             self.chunked = None if n == req.extend_len() else req
 
-        while self.waiting and self.chunked is None:
+        i = 0  # index into waiting: requests deferred by the in-batch check are skipped
+        while i < len(self.waiting) and self.chunked is None and i < 64:
             if len(self.running) + len(batch) >= self.cfg.max_running_requests:
                 break
             if self.req_pool.available() == 0:
                 break
-            req = self.waiting[0]
+            req = self.waiting[i]
             self._match(req)
+            prefix = len(req.prefix_indices)
+            if self.tree is not None and self._shares_uncached_prefix(req, prefix, batch):
+                i += 1  # compute the shared part once; this one will hit the cache next round
+                continue
             if self.tree is not None and req.last_node is not None:
                 self.tree.inc_lock_ref(req.last_node)  # protect the prefix from eviction
-            prefix = len(req.prefix_indices)
             extend = req.seq_len - prefix
             reserve = int(max(0, req.sampling.max_new_tokens - len(req.output_ids)) * self.new_token_ratio)
             need = extend + reserve
@@ -407,7 +411,7 @@ class Scheduler:
                     if self.tree is not None and req.last_node is not None:
                         self.tree.dec_lock_ref(req.last_node)
                     break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             req.req_pool_idx = self.req_pool.alloc()
             if prefix:
                 self.req_pool.req_to_token[req.req_pool_idx, :prefix] = req.prefix_indices.to(
@@ -424,7 +428,7 @@ class Scheduler:
             except OutOfSlots:
                 # accounting said it fits; if the allocator disagrees, put it back
                 self._release(req)
-                self.waiting.insert(0, req)
+                self.waiting.insert(i, req)
                 break
             req.extend_n = n
             chunk_budget -= n
@@ -433,6 +437,17 @@ class Scheduler:
             if n < extend:
                 self.chunked = req
         return batch
+
+    IN_BATCH_PREFIX_CHECK = 32  # tokens (SGLang uses the same threshold)
+
+    def _shares_uncached_prefix(self, req: Req, prefix: int, batch: list[Req]) -> bool:
+        """Would req recompute >= 32 uncached tokens that a request of this batch is
+        already computing?  Then it waits a round and takes them from the cache."""
+        end = prefix + self.IN_BATCH_PREFIX_CHECK
+        if len(req.input_ids) < end:
+            return False
+        head = req.input_ids[:end]
+        return any(len(r.input_ids) >= end and r.input_ids[:end] == head for r in batch)
 
     def _run_extend(self, batch: list[Req]) -> list[Req]:
         dev = self.device
@@ -493,8 +508,9 @@ class Scheduler:
         for req in batch:
             req.kv_len += req.extend_n
             req.extend_n = 0
-            if req is self.chunked:
-                self._cache_unfinished(req)
+            # share the prompt's KV right away (not only when the request finishes), so
+            # requests with the same prefix admitted later skip recomputing it
+            self._cache_unfinished(req)
         for r in sample_reqs:
             if r.return_logprob and r.input_logprob_start() < len(r.input_ids) and not r.input_lp_done:
                 if r.input_logprob_start() == 0:

@@ -184,7 +184,8 @@ def load_model(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device,
     cls = model_class(cfg)
     with torch.device("meta"):
         model = cls(cfg)
-    model = model.to_empty(device=device).to(dtype)
+    # cast on meta first: materialising in float32 would need twice the final memory
+    model = model.to(dtype).to_empty(device=device)
     model.init_buffers(device)  # tensors computed at construction were lost on meta
     if load_format == "dummy":
         # random weights made on the device itself (an 8B model in seconds, no host copy)
