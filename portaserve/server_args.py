@@ -48,6 +48,8 @@ class ServerArgs:
     disable_cuda_graph: bool = _opt(False, "run decode eagerly instead of replaying captured CUDA/HIP graphs")
     cuda_graph_max_bs: Optional[int] = _opt(None, "largest decode batch captured in a graph (default: min(max-running-requests, 256))")
     disable_overlap_schedule: bool = _opt(False, "process each decode step's tokens before launching the next (accelerators overlap them by default)")
+    tool_call_parser: Optional[str] = _opt(None, "how tool calls are written by the model (default: detected from the chat template)",
+                                           choices=["hermes", "llama3"])
     grammar_backend: str = _opt("xgrammar", "structured output backend (json_schema / regex / ebnf)",
                                 choices=["xgrammar", "none"])
     disable_jump_forward: bool = _opt(False, "decode grammar-forced text token by token instead of appending it at once")

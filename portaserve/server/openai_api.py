@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from portaserve.server.common import (SSE_DONE, dead_error, follow, make_req, sse, sse_error,
                                       submit, wait_all)
 from portaserve.server.errors import APIError, bad_request, get, read_json_object
+from portaserve.server import tool_calls
 from portaserve.server.manager import ReqState, SchedulerDead
 
 router = APIRouter()
@@ -351,22 +352,41 @@ def _messages(body: dict) -> list[dict]:
         if not isinstance(content, str):
             raise bad_request(f"messages[{i}].content must be a string or a list of text parts",
                               "messages")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        msg = {"role": "system" if role == "developer" else role, "content": content}
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if key in m:  # assistant calls and tool results go to the template as given
+                msg[key] = m[key]
+        if "tool_calls" in msg and isinstance(msg["tool_calls"], list):
+            for tc in msg["tool_calls"]:  # templates expect arguments as an object
+                fn = tc.get("function") if isinstance(tc, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    try:
+                        fn["arguments"] = json.loads(fn["arguments"])
+                    except json.JSONDecodeError:
+                        pass
+        out.append(msg)
     return out
 
 
-def _chat_prompt_ids(c, body: dict) -> list[int]:
+def _chat_prompt_ids(c, body: dict, tools=None) -> list[int]:
     tok = c.tokenizer
     if tok is None:
         raise bad_request("this server was started without a tokenizer; use /generate with input_ids",
                           "messages")
     msgs = _messages(body)
-    if get(body, "tools", list):
-        raise bad_request("tools are not supported", "tools")
     if not getattr(tok, "chat_template", None):
         raise bad_request("this model has no chat template; start the server with --chat-template",
                           "messages")
-    kwargs = get(body, "chat_template_kwargs", dict, {})
+    kwargs = dict(get(body, "chat_template_kwargs", dict, {}))
+    if tools:
+        if tool_calls.template_knows_tools(tok.chat_template):
+            kwargs["tools"] = tools
+        else:  # describe the tools in a system message the template does render
+            prompt = tool_calls.tools_system_prompt(tools)
+            if msgs[0]["role"] == "system":
+                msgs = [{**msgs[0], "content": msgs[0]["content"] + "\n\n" + prompt}] + msgs[1:]
+            else:
+                msgs = [{"role": "system", "content": prompt}] + msgs
     try:
         text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - template errors are the caller's input
@@ -404,7 +424,23 @@ async def chat_completions(request: Request):
                               "top_logprobs")
         if top and not want_lp:
             raise bad_request("top_logprobs requires logprobs: true", "top_logprobs")
-    ids = _chat_prompt_ids(c, body)
+    tools, choice = None, "none"
+    if body.get("tools") is not None:
+        tools = tool_calls.validate_tools(body["tools"])
+        choice = tool_calls.parse_tool_choice(body.get("tool_choice"), tools)
+        if choice == "none":
+            tools = None
+    elif body.get("tool_choice") not in (None, "none"):
+        raise bad_request("tool_choice needs tools", "tool_choice")
+    if tools and choice != "auto":
+        if any(k in sp for k in ("json_schema", "regex", "ebnf")):
+            raise bad_request("tool_choice required/named cannot be combined with another output "
+                              "constraint", "tool_choice")
+        # arguments constrained to the functions' schemas: they always parse
+        sp["json_schema"] = json.dumps(tool_calls.constraint_schema(tools, choice))
+    parser = tool_calls.detect_parser(getattr(c.tokenizer, "chat_template", None),
+                                      getattr(c.args, "tool_call_parser", None))
+    ids = _chat_prompt_ids(c, body, tools)
     if "max_new_tokens" not in sp:
         # no max_tokens: up to the context (and the KV pool), as OpenAI does
         room = min(c.limits.context_len, c.limits.pool_tokens) - len(ids)
@@ -415,14 +451,30 @@ async def chat_completions(request: Request):
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
+    def message(st):
+        """(message, finish_reason) of a finished request, tool calls parsed out."""
+        msg = {"role": "assistant", "content": st.text}
+        finish = _finish(st.finished_reason)
+        if tools:
+            if choice == "auto":
+                content, calls = tool_calls.parse_free(st.text, parser,
+                                                       {t["function"]["name"] for t in tools})
+            else:
+                content, calls = None, tool_calls.parse_constrained(st.text) if finish == "stop" else []
+            if calls:
+                msg = {"role": "assistant", "content": content, "tool_calls": calls}
+                finish = "tool_calls"
+        return msg, finish
+
     if not stream:
         await wait_all(c, states, request)
         _check_abort(states)
         choices = []
         for k, st in enumerate(states):
-            choices.append({"index": k, "message": {"role": "assistant", "content": st.text},
+            msg, finish = message(st)
+            choices.append({"index": k, "message": msg,
                             "logprobs": _chat_logprobs(st, texts) if want_lp else None,
-                            "finish_reason": _finish(st.finished_reason),
+                            "finish_reason": finish,
                             "matched_stop": _matched(st.finished_reason)})
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                 "choices": choices, "usage": _usage(states, n)}
@@ -448,6 +500,19 @@ async def chat_completions(request: Request):
                         yield sse_error(f"the request was aborted: "
                                         f"{st.finished_reason.get('message', '')}", code="aborted")
                         st.sent_ids = -1
+                        continue
+                    if tools:
+                        # with tools the text is parsed when complete: one delta carries the
+                        # content and/or every call with its full arguments
+                        if not done:
+                            continue
+                        msg, finish = message(st)
+                        delta = {k2: v for k2, v in msg.items() if k2 != "role" and v is not None}
+                        for j, call in enumerate(delta.get("tool_calls", [])):
+                            call["index"] = j
+                        st.sent_ids = -1
+                        yield chunk([{"index": k, "delta": delta, "logprobs": None,
+                                      "finish_reason": finish}])
                         continue
                     delta = st.detok.pop_delta(done) if st.detok is not None else ""
                     n_new = len(st.output_ids) - st.sent_ids
