@@ -166,7 +166,11 @@ async def get_model_info(request: Request):
             "has_audio_understanding": False,
             "model_type": c.model_type,
             "architectures": [c.info.get("architecture")],
-            "context_length": c.info.get("context_length")}
+            "context_length": c.info.get("context_length"),
+            # lets clients (portaserve.lang's RuntimeEndpoint) render roles like the server
+            "chat_template": getattr(c.tokenizer, "chat_template", None),
+            "bos_token": getattr(c.tokenizer, "bos_token", None),
+            "eos_token": getattr(c.tokenizer, "eos_token", None)}
 
 
 def _public_args(args) -> dict:
