@@ -12,6 +12,23 @@ def _setup_logging(level: str) -> None:
                         format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
 
 
+def _format_op_table(table) -> str:
+    """The op table with each distinct rejection reason written once, as a footnote."""
+    notes: list[str] = []
+    width = max((len(o) for o in table.choices), default=4)
+    lines = []
+    for op, c in table.choices.items():
+        rej = []
+        for prov, reason in c.rejected:
+            if reason not in notes:
+                notes.append(reason)
+            rej.append(f"{prov} [{notes.index(reason) + 1}]")
+        forced = " (forced)" if c.forced else ""
+        lines.append(f"  {op:<{width}}  {c.provider + forced:<10}" + (f"  rejected: {', '.join(rej)}" if rej else ""))
+    lines += [f"    [{i}] {n}" for i, n in enumerate(notes, 1)]
+    return "\n".join(lines)
+
+
 def cmd_env(ns) -> int:
     """Platforms, their probes, and the op table each would use."""
     import torch
@@ -39,11 +56,17 @@ def cmd_env(ns) -> int:
         except (ValueError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"\nop table for {name}" + (" (selected)" if name == chosen.name else "") + ":")
-        print(table.format())
-    if chosen.name != "cpu":
-        info = chosen.describe()
-        print("\n" + json.dumps(info, indent=2))
+        if name == chosen.name:
+            note = " (selected)"
+        elif probes.get(name) is not None:
+            note = f" (what it would choose; unavailable here: {probes[name]})"
+        else:
+            note = ""
+        print(f"\nop table for {name}{note}:")
+        print(_format_op_table(table))
+    print(f"\n{chosen.name} platform:")
+    for k, v in chosen.describe().items():
+        print(f"  {k:<14} {v}")
     return 0
 
 
