@@ -64,8 +64,8 @@ def test_greedy_tokens_match_cpu_platform(tiny_models, kind, xla_sampler):
     from portaserve import Engine
 
     path = tiny_models(kind)
-    prompts = random_prompts(5, 512, 3, 40, seed=11)
-    sp = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+    prompts = random_prompts(3, 512, 3, 24, seed=11)
+    sp = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
     common = dict(skip_tokenizer_init=True, dtype="float32", max_total_tokens=2048,
                   context_length=256, disable_overlap_schedule=True)
     with Engine(str(path), device="cpu", **common) as eng:
