@@ -1,5 +1,5 @@
-"""NVIDIA CUDA platform.  Providers (Triton kernels, FlashInfer) register in later work;
-until then every op resolves to its native torch implementation on the GPU."""
+"""NVIDIA CUDA platform: the shared Triton kernels, CUDA graphs for decode, NCCL.
+ROCm reuses everything that goes through torch's cuda API (see platforms/rocm)."""
 from __future__ import annotations
 
 import torch

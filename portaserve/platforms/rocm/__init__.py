@@ -1,17 +1,17 @@
-"""AMD ROCm platform (HIP builds of torch expose the torch.cuda API)."""
+"""AMD ROCm platform.  HIP builds of torch expose the torch.cuda API, so memory queries,
+synchronisation and HIP graphs are inherited from the CUDA platform; what differs is the
+detection and the provider order (AMD's aiter first when installed)."""
 from __future__ import annotations
 
 import torch
 
-from portaserve.platforms.base import MemoryInfo, Platform
+from portaserve.platforms.cuda import CudaPlatform
 
 
-class RocmPlatform(Platform):
+class RocmPlatform(CudaPlatform):
     name = "rocm"
     device_type = "cuda"  # HIP devices are addressed as "cuda" in torch
     dist_backend = "nccl"  # RCCL behind torch.distributed's nccl backend
-    supports_graphs = True
-    supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
 
     @classmethod
     def unavailable_reason(cls):
@@ -20,32 +20,6 @@ class RocmPlatform(Platform):
         if not torch.cuda.is_available():
             return "no ROCm device visible"
         return None
-
-    def memory_info(self, index: int = 0) -> MemoryInfo:
-        free, total = torch.cuda.mem_get_info(index)
-        return MemoryInfo(free, total)
-
-    def synchronize(self) -> None:
-        torch.cuda.synchronize()
-
-    def empty_cache(self) -> None:
-        torch.cuda.empty_cache()
-
-    def decode_graph_runner(self, model, kv, req_pool, max_bs: int):
-        from portaserve.platforms.cuda.graph_runner import CudaGraphRunner
-
-        runner = CudaGraphRunner(model, kv, req_pool, max_bs, self.device())
-        try:
-            runner.capture()
-        except Exception as e:  # e.g. an op provider that syncs with the host
-            import logging
-
-            logging.getLogger(__name__).warning("CUDA graph capture failed, running eagerly: %s", e)
-            return None
-        return runner
-
-    def device_name(self) -> str:
-        return torch.cuda.get_device_name(0)
 
     def provider_priority(self, op_family: str) -> list[str]:
         return ["aiter", "triton", "native"]
