@@ -51,15 +51,21 @@ def submit(client: SchedulerClient, reqs: list[Req]) -> list[ReqState]:
 async def wait_all(client: SchedulerClient, states: list[ReqState], request=None) -> None:
     """Wait until every state finished; abort them all if the client goes away."""
     event = states[0].event
+    loop = asyncio.get_running_loop()
+    next_check = loop.time() + 1.0
     try:
         while not all(st.finished for st in states):
             try:
                 await asyncio.wait_for(event.wait(), timeout=1.0)
+                event.clear()
             except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
+                pass
+            # check about once a second whether tokens are flowing or not: a busy request
+            # sets the event every step and would otherwise never look
+            if request is not None and loop.time() >= next_check:
+                next_check = loop.time() + 1.0
+                if await request.is_disconnected():
                     return
-                continue
-            event.clear()
         for st in states:
             if st.error is not None:
                 raise dead_error(st.error)
