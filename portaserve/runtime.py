@@ -167,7 +167,8 @@ def build_runtime(args: ServerArgs) -> Runtime:
             overlap=not args.disable_overlap_schedule and platform.device_type != "cpu",
         ),
         model, kv, device, eos, decode_fn if tokenizer is not None else None, grammar,
-        jump_forward=not args.disable_jump_forward)
+        jump_forward=not args.disable_jump_forward, rng_device=platform.rng_device(),
+        inference_mode=platform.inference_mode)
     if platform.supports_graphs and not args.disable_cuda_graph:
         max_bs = args.cuda_graph_max_bs or min(args.max_running_requests, 256)
         sched.decode_graph = platform.decode_graph_runner(model, kv, sched.req_pool, max_bs)

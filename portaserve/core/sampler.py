@@ -17,15 +17,17 @@ from portaserve.core.request import Req
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device, seed: int = 0):
+    def __init__(self, vocab_size: int, device, seed: int = 0, rng_device=None):
         self.vocab_size = vocab_size
-        self.device = device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.device = torch.device(device)
+        # generators live where the platform can host them (e.g. the CPU for XLA devices)
+        self.rng_device = torch.device(rng_device) if rng_device is not None else self.device
+        self.generator = torch.Generator(device=self.rng_device).manual_seed(seed)
 
     def request_generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
         if seed is None:
             return None
-        return torch.Generator(device=self.device).manual_seed(int(seed))
+        return torch.Generator(device=self.rng_device).manual_seed(int(seed))
 
     def sample(self, logits: torch.Tensor, reqs: list[Req], eos_ids: set[int], grammar=None):
         """logits: [B, V] float32.  Returns (next token ids [B] list, raw logprobs [B, V]
@@ -59,10 +61,12 @@ class Sampler:
         temps = self._h2d([1.0 if g else r.sampling.temperature for g, r in zip(greedy, reqs)], logits.dtype)
         probs = torch.softmax(logits / temps.unsqueeze(1), dim=-1)
         # Exp(1) noise: one draw for the batch, then the seeded requests' own rows
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        noise = torch.empty(probs.shape, dtype=probs.dtype, device=self.rng_device)
+        noise.exponential_(generator=self.generator)
         for i, r in enumerate(reqs):
             if r.generator is not None:
                 noise[i].exponential_(generator=r.generator)
+        noise = noise.to(probs.device, non_blocking=True)
         if all(r.sampling.top_k <= 0 and r.sampling.top_p >= 1.0 and r.sampling.min_p <= 0.0 for r in reqs):
             sampled = (probs / noise).argmax(dim=-1)  # nothing to filter: no sort needed
         else:

@@ -81,7 +81,7 @@ class SchedulerCounters:
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, model, kv: KVPool, device, eos_ids,
                  decode_fn: Optional[Callable[[list[int]], str]] = None, grammar=None,
-                 jump_forward: bool = True):
+                 jump_forward: bool = True, rng_device=None, inference_mode: bool = True):
         if cfg.schedule_policy not in POLICIES:
             raise ValueError(f"unknown schedule policy {cfg.schedule_policy!r}; choose from {POLICIES}")
         self.cfg = cfg
@@ -95,7 +95,8 @@ class Scheduler:
         self.req_pool = ReqToTokenPool(cfg.max_running_requests + 1, cfg.context_len + 8, device)
         self.tree: Optional[RadixCache] = None if cfg.disable_radix_cache else RadixCache(
             self.allocator, cfg.page_size)
-        self.sampler = Sampler(model.cfg.vocab_size, device, cfg.random_seed)
+        self.sampler = Sampler(model.cfg.vocab_size, device, cfg.random_seed, rng_device)
+        self.no_grad = torch.inference_mode if inference_mode else torch.no_grad
         self.rng = random.Random(cfg.random_seed)
         # Set by the platform: replays captured decode graphs (e.g. CUDA graphs) when it can.
         self.decode_graph = None
@@ -481,7 +482,7 @@ class Scheduler:
             prefix_lens=torch.tensor([r.kv_len for r in batch], dtype=torch.int64, device=dev),
             extend_lens=torch.tensor([r.extend_n for r in batch], dtype=torch.int64, device=dev),
         )
-        with torch.inference_mode():
+        with self.no_grad():
             hidden = self.model(fb)
             logits = self.model.compute_logits(hidden[torch.tensor(sel, dtype=torch.int64, device=dev)]) \
                 if sel else None
@@ -557,7 +558,7 @@ class Scheduler:
             kv=self.kv,
             req_to_token=self.req_pool.req_to_token,
         )
-        with torch.inference_mode():
+        with self.no_grad():
             if self.decode_graph is not None and self.decode_graph.can_run(fb):
                 logits = self.decode_graph.replay(fb)
             else:
@@ -640,7 +641,7 @@ class Scheduler:
         fb = ForwardBatch(is_decode=True, input_ids=input_ids, positions=positions, out_cache_loc=out_loc,
                           req_pool_indices=rows, seq_lens=positions + 1, kv=self.kv,
                           req_to_token=self.req_pool.req_to_token)
-        with torch.inference_mode():
+        with self.no_grad():
             if self.decode_graph is not None and self.decode_graph.can_run(fb):
                 logits = self.decode_graph.replay(fb)
             else:

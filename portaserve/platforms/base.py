@@ -28,6 +28,8 @@ class Platform:
     dist_backend: str = "gloo"
     supports_graphs: bool = False
     supported_dtypes: tuple = (torch.float32,)
+    # torch.inference_mode for forward passes (XLA wants plain no_grad)
+    inference_mode: bool = True
     # Default fraction of device memory the KV pool plus weights may take.
     default_mem_fraction_static: float = 0.88
 
@@ -51,6 +53,10 @@ class Platform:
 
     def memory_info(self, index: int = 0) -> MemoryInfo:
         raise NotImplementedError
+
+    def rng_device(self) -> torch.device:
+        """Where sampling generators live (the device itself unless it has none)."""
+        return self.device()
 
     def default_dtype(self) -> torch.dtype:
         return self.supported_dtypes[0]

@@ -30,37 +30,8 @@ def test_tpu_platform_resolves_and_uses_pallas_provider():
     assert table["attention_extend"]["provider"] == "pallas"
 
 
-@pytest.fixture
-def xla_sampler(monkeypatch):
-    """core/sampler.py builds ``torch.Generator(device=xla)``, which torch_xla refuses
-    ("XLA device type not an accelerator").  Until the sampler falls back to a CPU
-    generator for such devices (reported to its owner), give it one here; greedy decoding
-    (all this test uses) never draws from it."""
-    import torch
-
-    from portaserve.core import sampler as sampler_mod
-
-    real = sampler_mod.Sampler.__init__
-
-    def init(self, vocab_size, device, seed=0):
-        if torch.device(device).type == "xla":
-            self.vocab_size, self.device = vocab_size, torch.device(device)
-            self.generator = torch.Generator().manual_seed(seed)
-            return
-        real(self, vocab_size, device, seed)
-
-    monkeypatch.setattr(sampler_mod.Sampler, "__init__", init)
-    # core/scheduler.py runs forwards under torch.inference_mode(), which torch_xla does
-    # not support ("Cannot set version_counter for inference tensor"); torch_xla's advice
-    # is no_grad.  Until the scheduler asks the platform for its inference context
-    # (reported to its owner), swap it in for this process.
-    from portaserve.core import scheduler as sched_mod
-
-    monkeypatch.setattr(sched_mod.torch, "inference_mode", lambda *a, **k: torch.no_grad())
-
-
 @pytest.mark.parametrize("kind", ["llama3", "qwen3"])
-def test_greedy_tokens_match_cpu_platform(tiny_models, kind, xla_sampler):
+def test_greedy_tokens_match_cpu_platform(tiny_models, kind):
     from portaserve import Engine
 
     path = tiny_models(kind)

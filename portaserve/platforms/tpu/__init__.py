@@ -31,6 +31,7 @@ class TpuPlatform(Platform):
     name = "tpu"
     device_type = "xla"
     dist_backend = "xla"
+    inference_mode = False  # torch_xla cannot version-count inference tensors: no_grad
     supports_graphs = True  # XLA compiles whole graphs; decode batches use padded buckets
     supported_dtypes = (torch.bfloat16, torch.float32)
 
@@ -80,3 +81,6 @@ class TpuPlatform(Platform):
 
     def provider_priority(self, op_family: str) -> list[str]:
         return ["pallas", "native"]
+
+    def rng_device(self) -> torch.device:
+        return torch.device("cpu")  # torch.Generator has no XLA implementation
