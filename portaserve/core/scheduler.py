@@ -532,9 +532,17 @@ class Scheduler:
     # ---- decode -----------------------------------------------------------------------
     def _run_decode(self) -> list[Req]:
         retracted = self._ensure_decode_memory()
-        batch = self.running
+        batch = list(self.running)
         if not batch:
             return []
+        logits = self._decode_forward(batch)
+        self.last_step.retracted = retracted
+        return self._sample_and_advance(logits, batch)
+
+    def _decode_forward(self, batch: list[Req], input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One decode pass: a slot per request, one host->device copy of the batch's
+        metadata, then a captured graph or an eager forward.  input_ids defaults to each
+        request's last sampled token (fill_ids[kv_len] == output_ids[-1])."""
         dev = self.device
         self._make_room(sum(self.allocator.pages_needed(1, r.kv_len) for r in batch) * self.page_size)
         locs = []
@@ -542,22 +550,19 @@ class Scheduler:
             r.last_slot = self.allocator.alloc_tokens(1, r.last_slot, r.kv_len)[0]
             r.slots.append(r.last_slot)
             locs.append(r.last_slot)
-        # one host->device copy for the whole batch's metadata
-        # the token to feed is the last one sampled: fill_ids[kv_len] == output_ids[-1]
-        meta = torch.tensor([[r.output_ids[-1] for r in batch], [r.kv_len for r in batch], locs,
-                             [r.req_pool_idx for r in batch]], dtype=torch.int64).to(dev, non_blocking=True)
-        input_ids, positions, out_loc, rows = meta
+        rows_meta = [[r.kv_len for r in batch], locs, [r.req_pool_idx for r in batch]]
+        if input_ids is None:
+            rows_meta.append([r.output_ids[-1] for r in batch])
+        meta = torch.tensor(rows_meta, dtype=torch.int64)
+        if meta.device != torch.device(dev):
+            meta = meta.pin_memory().to(dev, non_blocking=True)
+        positions, out_loc, rows = meta[0], meta[1], meta[2]
+        if input_ids is None:
+            input_ids = meta[3]
         self.req_pool.req_to_token[rows, positions] = out_loc.to(torch.int32)
-        fb = ForwardBatch(
-            is_decode=True,
-            input_ids=input_ids,
-            positions=positions,
-            out_cache_loc=out_loc,
-            req_pool_indices=rows,
-            seq_lens=positions + 1,
-            kv=self.kv,
-            req_to_token=self.req_pool.req_to_token,
-        )
+        fb = ForwardBatch(is_decode=True, input_ids=input_ids, positions=positions, out_cache_loc=out_loc,
+                          req_pool_indices=rows, seq_lens=positions + 1, kv=self.kv,
+                          req_to_token=self.req_pool.req_to_token)
         with self.no_grad():
             if self.decode_graph is not None and self.decode_graph.can_run(fb):
                 logits = self.decode_graph.replay(fb)
@@ -566,10 +571,10 @@ class Scheduler:
         for r in batch:
             r.kv_len += 1
         self.counters.forward_decode += 1
-        self.last_step = StepStats("decode", len(batch), len(batch), retracted)
+        self.last_step = StepStats("decode", len(batch), len(batch))
         self.new_token_ratio = max(self.cfg.min_new_token_ratio,
                                    self.new_token_ratio - self.cfg.new_token_ratio_decay)
-        return self._sample_and_advance(logits, list(batch))
+        return logits
 
     def _ensure_decode_memory(self) -> int:
         """Make room for one more token per running request, retracting if needed."""
@@ -621,31 +626,8 @@ class Scheduler:
         return first.seq_len <= self._available() - self._reserved_for_running()
 
     def _launch_decode(self, batch: list[Req], input_ids: Optional[torch.Tensor] = None) -> "_Inflight":
-        dev = self.device
-        self._make_room(sum(self.allocator.pages_needed(1, r.kv_len) for r in batch) * self.page_size)
-        locs = []
-        for r in batch:
-            r.last_slot = self.allocator.alloc_tokens(1, r.last_slot, r.kv_len)[0]
-            r.slots.append(r.last_slot)
-            locs.append(r.last_slot)
-        rows_meta = [[r.kv_len for r in batch], locs, [r.req_pool_idx for r in batch]]
-        if input_ids is None:
-            rows_meta.append([r.output_ids[-1] for r in batch])
-        meta = torch.tensor(rows_meta, dtype=torch.int64)
-        if meta.device != torch.device(dev):
-            meta = meta.pin_memory().to(dev, non_blocking=True)
-        positions, out_loc, rows = meta[0], meta[1], meta[2]
-        if input_ids is None:
-            input_ids = meta[3]
-        self.req_pool.req_to_token[rows, positions] = out_loc.to(torch.int32)
-        fb = ForwardBatch(is_decode=True, input_ids=input_ids, positions=positions, out_cache_loc=out_loc,
-                          req_pool_indices=rows, seq_lens=positions + 1, kv=self.kv,
-                          req_to_token=self.req_pool.req_to_token)
+        logits = self._decode_forward(batch, input_ids)
         with self.no_grad():
-            if self.decode_graph is not None and self.decode_graph.can_run(fb):
-                logits = self.decode_graph.replay(fb)
-            else:
-                logits = self.model.compute_logits(self.model(fb))
             ids, _ = self.sampler.sample_tensor(logits, batch, self.eos_ids)
             if ids.device.type == "cpu":  # nothing runs asynchronously: the logic only
                 host, event = ids, None
@@ -654,12 +636,6 @@ class Scheduler:
                 host.copy_(ids, non_blocking=True)
                 event = torch.Event(device=ids.device)
                 event.record()
-        for r in batch:
-            r.kv_len += 1
-        self.counters.forward_decode += 1
-        self.last_step = StepStats("decode", len(batch), len(batch))
-        self.new_token_ratio = max(self.cfg.min_new_token_ratio,
-                                   self.new_token_ratio - self.cfg.new_token_ratio_decay)
         return _Inflight(batch, ids, host, event)
 
     def _step_overlapped(self) -> list[Req]:
@@ -693,13 +669,9 @@ class Scheduler:
             self.counters.generated_tokens += 1
             self._check_finished(r)
             out.append(r)
-        for r in out:
-            if r.finished:
-                if r in self.running:
-                    self.running.remove(r)
-                # its KV up to the newest token is valid (or being written by a batch
-                # queued before anything that could reuse the slots)
-                self._release(r)
+        # a finished request's KV up to its newest token is valid (or being written by a
+        # batch queued before anything that could reuse the slots)
+        self._retire([r for r in out if r.finished])
         return out
 
     # ---- sampling and finishing ----------------------------------------------------------
@@ -726,20 +698,23 @@ class Scheduler:
             if not r.finished and r.grammar is not None and self.jump_forward and not r.return_logprob:
                 if self._jump_forward(r):
                     jumped.append(r)
-        for r in reqs:
-            if r.finished:
-                if r in self.running:
-                    self.running.remove(r)
-                self._release(r)
-            elif r in jumped:
-                # the forced tokens need their KV: re-prefill them on top of the cached rest
-                if r in self.running:
-                    self.running.remove(r)
-                self._release(r)
-                self.waiting.insert(0, r)
-            elif r not in self.running:
-                self.running.append(r)
+        # the forced tokens of jumped requests need their KV: re-prefill them on top of the
+        # cached rest, at the front of the queue
+        jumped = [r for r in jumped if not r.finished]  # finishing wins over re-prefill
+        self._retire([r for r in reqs if r.finished] + jumped)
+        self.waiting[:0] = jumped
+        running = {id(r) for r in self.running}
+        self.running.extend(r for r in reqs if not r.finished and r not in jumped and id(r) not in running)
         return reqs
+
+    def _retire(self, reqs: list[Req]) -> None:
+        """Take reqs out of the running batch (one pass) and return their KV."""
+        if not reqs:
+            return
+        gone = {id(r) for r in reqs}
+        self.running = [r for r in self.running if id(r) not in gone]
+        for r in reqs:
+            self._release(r)
 
     def _advance_grammar(self, r: Req, tok: int) -> bool:
         if not r.grammar.accept_token(tok):
