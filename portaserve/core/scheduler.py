@@ -56,6 +56,9 @@ class SchedulerConfig:
     init_new_token_ratio: float = 0.7
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
+    # Tensor-parallel ranks each run a replica of this scheduler and must take identical
+    # decisions: nothing may depend on wall-clock timing (grammar compiles are waited for).
+    deterministic: bool = False
 
 
 @dataclass
@@ -132,7 +135,10 @@ class Scheduler:
         worker thread, off this loop)."""
         if not self.grammar_queue:
             return
-        if not self.waiting and not self.running and self.chunked is None:
+        if self.cfg.deterministic:
+            for r in self.grammar_queue:
+                r.grammar_future.exception()  # wait: readiness must not differ between ranks
+        elif not self.waiting and not self.running and self.chunked is None:
             # nothing else to do: wait briefly for the first grammar instead of spinning
             try:
                 self.grammar_queue[0].grammar_future.exception(timeout=0.01)

@@ -40,6 +40,8 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: list = field(default_factory=list)
     hf: dict = field(default_factory=dict, repr=False)
+    # set by the loader: a QuantConfig (models/quantization.py) or None for bf16/fp16/fp32
+    quant_config: Optional[object] = field(default=None, repr=False)
 
     def is_moe_layer(self, layer_id: int) -> bool:
         return (self.num_experts > 0 and layer_id not in self.mlp_only_layers

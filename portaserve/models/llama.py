@@ -8,24 +8,50 @@ Weights arrive under Hugging Face names; q/k/v and gate/up are fused at load tim
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from portaserve.core import ops
 from portaserve.core.forward_batch import ForwardBatch
+from portaserve.core.parallel import divide, tp_rank, tp_size
 from portaserve.models.config import ModelConfig
 from portaserve.models.layers import PagedAttention, RMSNorm
-from portaserve.models.moe import SparseMoE, map_expert_weight
+from portaserve.models.linear import (ColumnParallelLinear, LazyWeight, ParallelLMHead,
+                                      RowParallelLinear, VocabParallelEmbedding, _copy)
+from portaserve.models.moe import SparseMoE, parse_expert_name
 from portaserve.models.rope import cos_sin_cache
 
 
+def attention_shards(num_heads: int, num_kv_heads: int, head_dim: int):
+    """Per-rank head counts and where this rank's q/k/v rows start.  KV heads are split
+    when there are at least as many as ranks, else each is replicated on the ranks whose
+    query heads use it."""
+    n, r = tp_size(), tp_rank()
+    nh = divide(num_heads, n, "num_attention_heads")
+    if num_kv_heads >= n:
+        nkv = divide(num_kv_heads, n, "num_key_value_heads")
+        kv_head = r * nkv
+    else:
+        if n % num_kv_heads:
+            raise ValueError(f"tensor-parallel size {n} is neither a divisor nor a multiple of "
+                             f"num_key_value_heads {num_kv_heads}")
+        nkv, kv_head = 1, r * num_kv_heads // n
+    starts = [r * nh * head_dim, kv_head * head_dim, kv_head * head_dim]
+    return nh, nkv, starts
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int, prefix: str):
         super().__init__()
-        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=bias)
-        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self.hd = cfg.head_dim
+        self.nh, self.nkv, starts = attention_shards(cfg.num_heads, cfg.num_kv_heads, self.hd)
+        q = cfg.quant_config
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.hidden_size, [cfg.num_heads * self.hd, cfg.num_kv_heads * self.hd,
+                              cfg.num_kv_heads * self.hd],
+            cfg.attention_bias, q, f"{prefix}.qkv_proj",
+            local_sizes=[self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], starts=starts)
+        self.o_proj = RowParallelLinear(cfg.num_heads * self.hd, cfg.hidden_size, cfg.o_bias, q,
+                                        f"{prefix}.o_proj")
         self.qk_norm = cfg.qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
@@ -48,10 +74,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, prefix: str):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        I, q = cfg.intermediate_size, cfg.quant_config
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [I, I], cfg.mlp_bias, q,
+                                                 f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(I, cfg.hidden_size, cfg.mlp_bias, q, f"{prefix}.down_proj")
 
     def forward(self, x):
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
@@ -60,8 +88,10 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
-        self.self_attn = Attention(cfg, layer_id)
-        self.mlp = SparseMoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg)
+        prefix = f"layers.{layer_id}"
+        self.self_attn = Attention(cfg, layer_id, f"{prefix}.self_attn")
+        self.mlp = (SparseMoE(cfg, cfg.quant_config, f"{prefix}.mlp") if cfg.is_moe_layer(layer_id)
+                    else MLP(cfg, f"{prefix}.mlp"))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -77,7 +107,7 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    # HF parameter suffix -> (fused parameter, shard index)
+    # Hugging Face module name -> (fused module, shard index)
     _fused = {
         "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
@@ -86,10 +116,10 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         self.cos_sin = None  # set by init_buffers() once the model has a device
 
     def init_buffers(self, device) -> None:
@@ -108,21 +138,25 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, w).float()
+        """Full-vocabulary logits on every rank (float32)."""
+        if self.lm_head is None:  # tied: the embedding (same vocabulary split) is the head
+            return ParallelLMHead.logits(self.embed_tokens, hidden).float()
+        return self.lm_head.logits(hidden).float()
 
     # ---- weights ----------------------------------------------------------------------
-    def _shard_rows(self, fused: str, idx: int, param) -> tuple[int, int]:
-        c = self.cfg
-        if fused == "qkv_proj":
-            sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
-        else:  # gate_up_proj: two equal halves (dense MLP or a shared expert)
-            sizes = [param.shape[0] // 2] * 2
-        return sum(sizes[:idx]), sizes[idx]
+    def _route(self, name: str):
+        """Checkpoint name -> (module path, parameter name, shard index or None)."""
+        parts = name.split(".")
+        for i, p in enumerate(parts[:-1]):
+            if p in self._fused:
+                fused, idx = self._fused[p]
+                return ".".join(parts[:i] + [fused] + parts[i + 1:-1]), parts[-1], idx
+        return ".".join(parts[:-1]), parts[-1], None
 
     def load_weights(self, weights) -> None:
-        """weights: iterable of (Hugging Face name, tensor).  Every parameter element must
-        be written exactly once."""
+        """weights: iterable of (Hugging Face name, tensor or LazyWeight).  Every parameter
+        element this rank holds must be written exactly once."""
+        modules = dict(self.named_modules())
         params = dict(self.named_parameters())
         filled = {n: 0 for n in params}
         for name, w in weights:
@@ -132,32 +166,29 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: the embedding is the head
             name = name.replace("block_sparse_moe.gate.", "mlp.gate.")
-            expert = map_expert_weight(name, self.cfg.moe_intermediate_size)
+            expert = parse_expert_name(name)
             if expert is not None:
-                target, e, rows = expert
-                if target not in params:
+                base, e, kind = expert
+                mod = modules.get(base)
+                if not isinstance(mod, SparseMoE):
                     raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-                dst = params[target][e][rows]
-            else:
-                parts = name.split(".")
-                target, dst = name, None
-                for i, p in enumerate(parts):
-                    if p in self._fused:
-                        fused, idx = self._fused[p]
-                        target = ".".join(parts[:i] + [fused] + parts[i + 1:])
-                        if target in params:
-                            start, size = self._shard_rows(fused, idx, params[target])
-                            dst = params[target].narrow(0, start, size)
-                        break
-                if target not in params:
-                    raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-                if dst is None:
-                    dst = params[target]
-            if dst.shape != w.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(w.shape)} != model {tuple(dst.shape)}")
-            with torch.no_grad():
-                dst.copy_(w)
-            filled[target] += w.numel()
+                target = f"{base}.{'w2' if kind == 'down' else 'w13'}"
+                filled[target] += mod.load_expert(e, kind, w)
+                continue
+            mod_name, pname, shard = self._route(name)
+            mod = modules.get(mod_name)
+            target = f"{mod_name}.{pname}"
+            if mod is not None and pname in getattr(getattr(mod, "method", None), "ignored_params", ()):
+                continue
+            if mod is None or target not in params:
+                raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            if hasattr(mod, "load_weight"):
+                filled[target] += mod.load_weight(pname, w, shard)
+            else:  # a replicated parameter (norms)
+                filled[target] += _copy(params[target].data, LazyWeight.of(w), name)
         missing = sorted(n for n, p in params.items() if filled[n] != p.numel())
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors (or parts), e.g. {missing[:3]}")
+        for mod in self.modules():
+            if hasattr(mod, "process_weights_after_loading"):
+                mod.process_weights_after_loading()

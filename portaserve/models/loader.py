@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 import torch
 
 from portaserve.models.config import ModelConfig
+from portaserve.models.linear import LazyWeight
 from portaserve.models.default_model import cache_dir, default_model_path
 from portaserve.models.registry import build_config, model_class
 
@@ -96,7 +97,9 @@ def load_tokenizer(src: ModelSource, tokenizer_path: Optional[str] = None):
 
 
 # ---- weights ----------------------------------------------------------------------------
-def iter_hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_weights(folder: Path) -> Iterator[tuple[str, "LazyWeight"]]:
+    """(name, LazyWeight) for every checkpoint tensor; safetensors tensors are read only
+    as far as the model slices them (a tensor-parallel rank reads its part)."""
     from safetensors import safe_open
 
     index = folder / "model.safetensors.index.json"
@@ -108,7 +111,8 @@ def iter_hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         for fname in files:
             with safe_open(str(folder / fname), framework="pt") as f:
                 for k in f.keys():
-                    yield k, f.get_tensor(k)
+                    sl = f.get_slice(k)
+                    yield k, LazyWeight(sl, sl.get_shape(), full=lambda f=f, k=k: f.get_tensor(k))
         return
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if not bins:
@@ -182,10 +186,16 @@ def resolve_dtype(dtype: str, cfg: ModelConfig, platform) -> torch.dtype:
 def load_model(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device,
                load_format: str = "auto", seed: int = 0) -> torch.nn.Module:
     cls = model_class(cfg)
-    with torch.device("meta"):
-        model = cls(cfg)
-    # cast on meta first: materialising in float32 would need twice the final memory
-    model = model.to(dtype).to_empty(device=device)
+    # build on meta in the target dtype (quantized parameters keep the dtype their method
+    # chose), then materialise once on the device
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    model = model.to_empty(device=device)
     model.init_buffers(device)  # tensors computed at construction were lost on meta
     if load_format == "dummy":
         # random weights made on the device itself (an 8B model in seconds, no host copy)
@@ -197,5 +207,5 @@ def load_model(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device,
                 if name.endswith("norm.weight"):
                     p.fill_(1.0)
     else:
-        model.load_weights((n, w.to(dtype)) for n, w in iter_weights(src, cfg))
+        model.load_weights(iter_weights(src, cfg))
     return model.eval()

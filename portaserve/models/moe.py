@@ -10,42 +10,67 @@ import torch
 from torch import nn
 
 from portaserve.core import ops
+from portaserve.core.parallel import divide, tp_rank, tp_size
+from portaserve.models.linear import (ColumnParallelLinear, LazyWeight, ReplicatedLinear,
+                                      RowParallelLinear, _copy)
 
 
 class SharedExpert(nn.Module):
-    def __init__(self, hidden: int, inter: int):
+    def __init__(self, hidden: int, inter: int, quant_config=None, prefix: str = ""):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_up_proj = ColumnParallelLinear(hidden, [inter, inter], False, quant_config,
+                                                 f"{prefix}.gate_up_proj")
+        # no reduction here: the MoE block reduces routed + shared partial sums once
+        self.down_proj = RowParallelLinear(inter, hidden, False, quant_config, f"{prefix}.down_proj",
+                                           reduce_results=False)
 
     def forward(self, x):
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, cfg):
+    """Under tensor parallelism every rank holds every expert with its intermediate
+    dimension split (w13 rows gate_r|up_r, w2 columns r); the routed and shared partial
+    outputs are summed over the ranks with one all-reduce."""
+
+    def __init__(self, cfg, quant_config=None, prefix: str = ""):
         super().__init__()
         E, I, H = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.top_k = cfg.num_experts_per_tok
         self.renormalize = cfg.norm_topk_prob
-        self.gate = nn.Linear(H, E, bias=False)
-        self.w13 = nn.Parameter(torch.empty(E, 2 * I, H))
-        self.w2 = nn.Parameter(torch.empty(E, H, I))
+        self.inter_local = divide(I, tp_size(), "moe_intermediate_size")
+        self.gate = ReplicatedLinear(H, E, prefix=f"{prefix}.gate")
+        self.w13 = nn.Parameter(torch.empty(E, 2 * self.inter_local, H), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(E, H, self.inter_local), requires_grad=False)
         self.shared_expert = None
         if cfg.shared_expert_intermediate_size:
-            self.shared_expert = SharedExpert(H, cfg.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(H, 1, bias=False)
+            self.shared_expert = SharedExpert(H, cfg.shared_expert_intermediate_size, quant_config,
+                                              f"{prefix}.shared_expert")
+            self.shared_expert_gate = ReplicatedLinear(H, 1, prefix=f"{prefix}.shared_expert_gate")
 
     def forward(self, x):
         weights, ids = ops.moe_topk(self.gate(x), self.top_k, self.renormalize)
         out = ops.fused_moe(x, self.w13, self.w2, weights.to(x.dtype), ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        return ops.all_reduce(out)
+
+    def load_expert(self, expert: int, kind: str, w) -> int:
+        """kind: gate | up | down; w: the expert's full [I, H] or [H, I] matrix."""
+        w = LazyWeight.of(w)
+        Il, r = self.inter_local, tp_rank()
+        if kind == "down":
+            return _copy(self.w2.data[expert], w.narrow(1, r * Il, Il), f"expert {expert} down")
+        dst = self.w13.data[expert].narrow(0, 0 if kind == "gate" else Il, Il)
+        return _copy(dst, w.narrow(0, r * Il, Il), f"expert {expert} {kind}")
 
 
-def map_expert_weight(name: str, moe_intermediate_size: int):
-    """Checkpoint name of one expert's matrix -> (param name, expert, row slice) or None.
+_EXPERT_KINDS = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up",
+                 "w2": "down", "down_proj": "down"}
+
+
+def parse_expert_name(name: str):
+    """Checkpoint name of one expert's matrix -> (MoE module path, expert, kind) or None.
 
     Mixtral: ...block_sparse_moe.experts.E.w1|w3|w2.weight (w1 gate, w3 up, w2 down);
     Qwen-MoE: ...mlp.experts.E.gate_proj|up_proj|down_proj.weight."""
@@ -53,15 +78,7 @@ def map_expert_weight(name: str, moe_intermediate_size: int):
     if "experts" not in parts:
         return None
     i = parts.index("experts")
-    if i + 2 >= len(parts) or not parts[i + 1].isdigit():
+    if i + 2 >= len(parts) or not parts[i + 1].isdigit() or parts[i + 2] not in _EXPERT_KINDS:
         return None
-    e, kind = int(parts[i + 1]), parts[i + 2]
     base = ".".join(parts[:i]).replace("block_sparse_moe", "mlp")
-    I = moe_intermediate_size
-    if kind in ("w1", "gate_proj"):
-        return f"{base}.w13", e, slice(0, I)
-    if kind in ("w3", "up_proj"):
-        return f"{base}.w13", e, slice(I, 2 * I)
-    if kind in ("w2", "down_proj"):
-        return f"{base}.w2", e, slice(None)
-    return None
+    return base, int(parts[i + 1]), _EXPERT_KINDS[parts[i + 2]]

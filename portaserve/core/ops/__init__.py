@@ -6,6 +6,7 @@ the native implementations run, so the ops work in isolation (tests, notebooks).
 """
 from __future__ import annotations
 
+from portaserve.core import parallel
 from portaserve.core.ops import native
 from portaserve.core.ops.registry import (
     OPS,
@@ -31,6 +32,8 @@ _DECLARATIONS = [
     ("top_k_top_p_min_p_sample", "sampling", native.top_k_top_p_min_p_sample),
     ("moe_topk", "moe", native.moe_topk),
     ("fused_moe", "moe", native.fused_moe),
+    ("all_reduce", "collective", native.all_reduce),
+    ("all_gather", "collective", native.all_gather),
 ]
 for _name, _family, _fn in _DECLARATIONS:
     declare_op(_name, _family, _fn)
@@ -96,6 +99,20 @@ def moe_topk(router_logits, k, renormalize):
 
 def fused_moe(x, w13, w2, topk_weights, topk_ids):
     return _fns["fused_moe"](x, w13, w2, topk_weights, topk_ids)
+
+
+def all_reduce(x):
+    """Sum over the tensor-parallel ranks (in place; identity on one rank)."""
+    if parallel.tp_size() == 1:
+        return x
+    return _fns["all_reduce"](x, parallel.tp_group())
+
+
+def all_gather(x, dim=-1):
+    """Concatenation over the tensor-parallel ranks along dim (identity on one rank)."""
+    if parallel.tp_size() == 1:
+        return x
+    return _fns["all_gather"](x, dim, parallel.tp_group())
 
 
 __all__ = ["OPS", "PROVIDERS", "OpResolutionError", "OpTable", "parse_kernel_overrides",

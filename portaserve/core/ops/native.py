@@ -183,3 +183,23 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         h = silu_and_mul(x[tok] @ w13[e].t()) @ w2[e].t()
         out.index_add_(0, tok, h * topk_weights[tok, slot, None].to(h.dtype))
     return out
+
+
+# ---- collectives (tensor parallelism) --------------------------------------------------
+def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum of x over the ranks of group, in place; returns x."""
+    import torch.distributed as dist
+
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Every rank's x concatenated along dim, in rank order (the list form of the
+    collective: every backend, gloo included, has it)."""
+    import torch.distributed as dist
+
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=dim)
