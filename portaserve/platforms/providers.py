@@ -57,3 +57,24 @@ _NEEDS_XLA = needs_module("torch_xla", "pip install portaserve[tpu]")
 for _op in ("attention_decode", "attention_extend"):
     register_provider(_op, "pallas", ("tpu",), f"portaserve.platforms.tpu.xla_ops:{_op}",
                       requires=_NEEDS_XLA)
+
+# ---- quantized GEMM (family "gemm") ----------------------------------------------------------
+# FP8 / INT8 W8A8 through torch's cuBLASLt kernels; weight-only INT4 (AWQ / GPTQ layouts)
+# through one Triton dequant-GEMM kernel for CUDA, ROCm and XPU.
+def _cuda_quant_requirement(name):
+    def check():
+        from portaserve.platforms.cuda import quant_ops
+
+        return getattr(quant_ops, name)()
+
+    return check
+
+
+register_provider("fp8_scaled_mm", "scaled_mm", ("cuda",),
+                  "portaserve.platforms.cuda.quant_ops:fp8_scaled_mm",
+                  requires=_cuda_quant_requirement("fp8_supported"))
+register_provider("int8_scaled_mm", "int_mm", ("cuda",),
+                  "portaserve.platforms.cuda.quant_ops:int8_scaled_mm",
+                  requires=_cuda_quant_requirement("int_mm_supported"))
+register_provider("int4_gemm", "triton", _TRITON_PLATFORMS, f"{_TK}.int4_gemm:int4_gemm",
+                  requires=needs_module("triton"))

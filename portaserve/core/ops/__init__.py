@@ -34,6 +34,9 @@ _DECLARATIONS = [
     ("fused_moe", "moe", native.fused_moe),
     ("all_reduce", "collective", native.all_reduce),
     ("all_gather", "collective", native.all_gather),
+    ("fp8_scaled_mm", "gemm", native.fp8_scaled_mm),
+    ("int8_scaled_mm", "gemm", native.int8_scaled_mm),
+    ("int4_gemm", "gemm", native.int4_gemm),
 ]
 for _name, _family, _fn in _DECLARATIONS:
     declare_op(_name, _family, _fn)
@@ -113,6 +116,22 @@ def all_gather(x, dim=-1):
     if parallel.tp_size() == 1:
         return x
     return _fns["all_gather"](x, dim, parallel.tp_group())
+
+
+def fp8_scaled_mm(x, w, w_scale, input_scale, out_dtype):
+    """x @ W^T for an FP8 W [N, K] with per-tensor or per-channel weight scales and
+    per-token dynamic (input_scale None) or static per-tensor activation scales."""
+    return _fns["fp8_scaled_mm"](x, w, w_scale, input_scale, out_dtype)
+
+
+def int8_scaled_mm(x, w, w_scale, input_scale, out_dtype):
+    """x @ W^T for an INT8 W [N, K] (W8A8, symmetric)."""
+    return _fns["int8_scaled_mm"](x, w, w_scale, input_scale, out_dtype)
+
+
+def int4_gemm(x, qweight, scales, qzeros, g_idx, layout):
+    """x @ W^T for a weight-only INT4 W in the AWQ or GPTQ layout (core/ops/quant.py)."""
+    return _fns["int4_gemm"](x, qweight, scales, qzeros, g_idx, layout)
 
 
 __all__ = ["OPS", "PROVIDERS", "OpResolutionError", "OpTable", "parse_kernel_overrides",

@@ -203,3 +203,47 @@ def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x, group=group)
     return torch.cat(parts, dim=dim)
+
+
+# ---- quantized GEMM (family "gemm") -----------------------------------------------------
+# Each computes x @ W^T for a quantized W by dequantizing everything to float32 first: the
+# oracle the fused providers are compared with.  x: [..., K]; the result has x's leading
+# dims.  Formats and quantizers: core/ops/quant.py.
+def fp8_scaled_mm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                  input_scale, out_dtype: torch.dtype) -> torch.Tensor:
+    """W8A8 FP8 (e4m3).  w: [N, K] float8_e4m3fn; w_scale: per-tensor ([] / [1]) or
+    per-channel ([N] / [N, 1]) float; input_scale: None (dynamic per-token activation
+    scales) or a static per-tensor scale."""
+    from portaserve.core.ops.quant import quantize_fp8, weight_scale_vector
+
+    lead, K = x.shape[:-1], x.shape[-1]
+    xq, xs = quantize_fp8(x.reshape(-1, K), input_scale)
+    wd = w.float() * weight_scale_vector(w_scale, w.shape[0])[:, None]
+    y = (xq.float() * xs) @ wd.t()
+    return y.to(out_dtype).reshape(*lead, w.shape[0])
+
+
+def int8_scaled_mm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                   input_scale, out_dtype: torch.dtype) -> torch.Tensor:
+    """W8A8 INT8, symmetric.  w: [N, K] int8; w_scale per-tensor or per-channel;
+    input_scale: None (dynamic per-token) or a static per-tensor scale."""
+    from portaserve.core.ops.quant import quantize_int8, weight_scale_vector
+
+    lead, K = x.shape[:-1], x.shape[-1]
+    xq, xs = quantize_int8(x.reshape(-1, K), input_scale)
+    wd = w.float() * weight_scale_vector(w_scale, w.shape[0])[:, None]
+    y = (xq.float() * xs) @ wd.t()
+    return y.to(out_dtype).reshape(*lead, w.shape[0])
+
+
+def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+              g_idx, layout: str) -> torch.Tensor:
+    """Weight-only INT4 with group-wise scales and zero points, in the AWQ or GPTQ
+    layout (layout: "awq", "gptq" (v1 zeros, stored minus one) or "gptq_v2"); g_idx: None
+    for the plain k // group_size grouping.  Returns x's dtype."""
+    from portaserve.core.ops.quant import int4_dequantize
+
+    wt = int4_dequantize(qweight, scales, qzeros, g_idx, layout)  # [K, N]
+    lead, K = x.shape[:-1], x.shape[-1]
+    y = x.reshape(-1, K).float() @ wt
+    return y.to(x.dtype).reshape(*lead, wt.shape[1])
