@@ -22,6 +22,7 @@ import portaserve.platforms.providers  # noqa: F401  (registers every provider)
 from portaserve.core.ops import native
 from portaserve.core.ops.registry import OPS, PROVIDERS
 from portaserve.platforms import resolve_platform
+from tests.quant_inputs import GEMM_TOL, make_fp8_scaled_mm, make_int4_gemm, make_int8_scaled_mm
 
 PLATFORM = resolve_platform()
 DEVICE = PLATFORM.device()
@@ -225,6 +226,7 @@ class OpSpec:
     outputs: Callable = lambda args, ret: list(ret) if isinstance(ret, tuple) else [ret]
     dtypes: tuple = FLOAT_DTYPES
     exact: bool = False
+    tol: dict = None  # per dtype, instead of TOL
 
 
 SPECS: dict[str, OpSpec] = {
@@ -239,6 +241,10 @@ SPECS: dict[str, OpSpec] = {
     "top_k_top_p_min_p_sample": OpSpec(make_sample, dtypes=(torch.float32,), exact=True),
     "moe_topk": OpSpec(make_moe_topk),
     "fused_moe": OpSpec(make_fused_moe),
+    # quantized GEMMs: providers accumulate in another order and round through bf16
+    "fp8_scaled_mm": OpSpec(make_fp8_scaled_mm, tol=GEMM_TOL),
+    "int8_scaled_mm": OpSpec(make_int8_scaled_mm, tol=GEMM_TOL),
+    "int4_gemm": OpSpec(make_int4_gemm, tol=GEMM_TOL),
 }
 
 
@@ -278,7 +284,7 @@ def test_provider_matches_native(op, provider, dtype, seed):
         if spec.exact:
             assert torch.equal(o.cpu(), r.cpu())
         else:
-            torch.testing.assert_close(o.cpu().float(), r.cpu().float(), **TOL[dtype])
+            torch.testing.assert_close(o.cpu().float(), r.cpu().float(), **(spec.tol or TOL)[dtype])
 
 
 # ---- native ops against independent references ------------------------------------------------
