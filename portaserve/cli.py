@@ -149,6 +149,10 @@ def main(argv=None) -> int:
             print(f"portaserve: error: {e}", file=sys.stderr)
             return 2
     if ns.cmd == "serve":
+        if args.node_rank > 0:  # only node 0 serves HTTP; the others run their ranks
+            from portaserve.tp import run_node
+
+            return run_node(args)
         from portaserve.server.app import serve
 
         return serve(args)

@@ -108,15 +108,23 @@ class Engine:
     # ---- scheduler thread -------------------------------------------------------------
     def _loop(self) -> None:
         sched = self.rt.scheduler
+        tp = self.rt.tp
         try:
             while not self._stop.is_set():
                 block = not sched.has_work()
+                items = []
                 while True:
                     try:
                         item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
                     except queue.Empty:
                         break
                     block = False
+                    items.append(item)
+                if tp is not None:
+                    # every rank applies the same state-changing commands, then steps
+                    tp.broadcast_commands([(k, p) if k != "flush_cache" else (k,)
+                                           for k, p in items if k in ("add", "abort", "flush_cache")])
+                for item in items:
                     self._handle_command(item)
                 if sched.has_work():
                     for r in sched.step():
@@ -127,6 +135,9 @@ class Engine:
             with self._lock:
                 for h in self._handles.values():
                     h.q.put(e)
+        finally:
+            if tp is not None:
+                tp.shutdown()
 
     def _handle_command(self, item) -> None:
         kind, payload = item
@@ -137,7 +148,9 @@ class Engine:
             r = sched.abort(payload)
             if r is not None:
                 self._deliver(r)
-        elif kind == "call":
+        elif kind == "flush_cache":
+            payload.put(sched.flush_cache())
+        elif kind == "call":  # read-only queries, answered on this thread
             fn, done = payload
             try:
                 done.put(fn())
@@ -236,7 +249,9 @@ class Engine:
         self._inbox.put(("abort", rid))
 
     def flush_cache(self) -> bool:
-        return self._call(self.rt.scheduler.flush_cache)
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox.put(("flush_cache", done))
+        return done.get()
 
     def get_server_info(self) -> dict:
         info = self.rt.info()

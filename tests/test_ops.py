@@ -263,7 +263,9 @@ def _usable_providers():
 
 
 def test_every_op_has_a_factory():
-    assert set(SPECS) == set(OPS), "give every declared op an input factory in SPECS"
+    # collectives need a process group: tests/test_tensor_parallel.py checks them on two ranks
+    local_ops = {name for name, d in OPS.items() if d.family != "collective"}
+    assert set(SPECS) == local_ops, "give every declared op an input factory in SPECS"
 
 
 @pytest.mark.parametrize("op,provider,dtype", _usable_providers())

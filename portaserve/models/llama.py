@@ -39,6 +39,22 @@ def attention_shards(num_heads: int, num_kv_heads: int, head_dim: int):
     return nh, nkv, starts
 
 
+def check_tp(c: ModelConfig, n: int) -> None:
+    """Raise ValueError naming the first dimension a split over n ranks cannot divide."""
+    dims = [("num_attention_heads", c.num_heads), ("intermediate_size", c.intermediate_size)]
+    if c.num_experts:
+        dims += [("moe_intermediate_size", c.moe_intermediate_size),
+                 ("shared_expert_intermediate_size", c.shared_expert_intermediate_size)]
+    if c.num_kv_heads >= n:
+        dims.append(("num_key_value_heads", c.num_kv_heads))
+    for name, v in dims:
+        if v % n:
+            raise ValueError(f"{name} ({v}) is not divisible by the tensor-parallel size {n}")
+    if c.num_kv_heads < n and n % c.num_kv_heads:
+        raise ValueError(f"tensor-parallel size {n} is neither a divisor nor a multiple of "
+                         f"num_key_value_heads {c.num_kv_heads}")
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, prefix: str):
         super().__init__()
@@ -144,6 +160,46 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.logits(hidden).float()
 
     # ---- weights ----------------------------------------------------------------------
+    @staticmethod
+    def checkpoint_shapes(c: ModelConfig) -> list:
+        """(Hugging Face name, shape) of every tensor a checkpoint of this config holds
+        (random-weight loading generates these, so a model split over N ranks gets the
+        same weights as on one)."""
+        H, hd = c.hidden_size, c.head_dim
+        out = [("model.embed_tokens.weight", (c.vocab_size, H)), ("model.norm.weight", (H,))]
+        if not c.tie_word_embeddings:
+            out.append(("lm_head.weight", (c.vocab_size, H)))
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}"
+            a = f"{p}.self_attn"
+            out += [(f"{p}.input_layernorm.weight", (H,)), (f"{p}.post_attention_layernorm.weight", (H,)),
+                    (f"{a}.q_proj.weight", (c.num_heads * hd, H)), (f"{a}.k_proj.weight", (c.num_kv_heads * hd, H)),
+                    (f"{a}.v_proj.weight", (c.num_kv_heads * hd, H)), (f"{a}.o_proj.weight", (H, c.num_heads * hd))]
+            if c.attention_bias:
+                out += [(f"{a}.q_proj.bias", (c.num_heads * hd,)), (f"{a}.k_proj.bias", (c.num_kv_heads * hd,)),
+                        (f"{a}.v_proj.bias", (c.num_kv_heads * hd,))]
+            if c.o_bias:
+                out.append((f"{a}.o_proj.bias", (H,)))
+            if c.qk_norm:
+                out += [(f"{a}.q_norm.weight", (hd,)), (f"{a}.k_norm.weight", (hd,))]
+            m = f"{p}.mlp"
+            if c.is_moe_layer(i):
+                I = c.moe_intermediate_size
+                out.append((f"{m}.gate.weight", (c.num_experts, H)))
+                for e in range(c.num_experts):
+                    out += [(f"{m}.experts.{e}.gate_proj.weight", (I, H)), (f"{m}.experts.{e}.up_proj.weight", (I, H)),
+                            (f"{m}.experts.{e}.down_proj.weight", (H, I))]
+                if c.shared_expert_intermediate_size:
+                    S = c.shared_expert_intermediate_size
+                    out += [(f"{m}.shared_expert.gate_proj.weight", (S, H)), (f"{m}.shared_expert.up_proj.weight", (S, H)),
+                            (f"{m}.shared_expert.down_proj.weight", (H, S)), (f"{m}.shared_expert_gate.weight", (1, H))]
+            else:
+                I = c.intermediate_size
+                out += [(f"{m}.gate_proj.weight", (I, H)), (f"{m}.up_proj.weight", (I, H)), (f"{m}.down_proj.weight", (H, I))]
+                if c.mlp_bias:
+                    out += [(f"{m}.gate_proj.bias", (I,)), (f"{m}.up_proj.bias", (I,)), (f"{m}.down_proj.bias", (H,))]
+        return out
+
     def _route(self, name: str):
         """Checkpoint name -> (module path, parameter name, shard index or None)."""
         parts = name.split(".")

@@ -47,11 +47,20 @@ class Platform:
     def is_available(cls) -> bool:
         return cls.unavailable_reason() is None
 
+    # which local device this process drives (its rank's index on the node under tensor
+    # parallelism); set once by bind_device
+    local_rank: int = 0
+
+    def bind_device(self, local_rank: int) -> None:
+        """Make device ``local_rank`` of this node the process's device."""
+        self.local_rank = local_rank
+
     # ---- runtime queries -------------------------------------------------------------
-    def device(self, index: int = 0) -> torch.device:
+    def device(self, index: int | None = None) -> torch.device:
+        index = self.local_rank if index is None else index
         return torch.device(self.device_type, index) if self.device_type != "cpu" else torch.device("cpu")
 
-    def memory_info(self, index: int = 0) -> MemoryInfo:
+    def memory_info(self, index: int | None = None) -> MemoryInfo:
         raise NotImplementedError
 
     def rng_device(self) -> torch.device:

@@ -129,7 +129,9 @@ class SchedulerClient:
 
         ctx = mp.get_context("spawn")
         self.proc = ctx.Process(target=run_scheduler_process, name="portaserve-scheduler",
-                                args=(self.args, in_addr, out_addr, os.getpid()), daemon=True)
+                                args=(self.args, in_addr, out_addr, os.getpid()),
+                                # a daemonic process may not start the tensor-parallel ranks
+                                daemon=self.args.tp_size == 1)
         self.proc.start()
         logger.info("scheduler process started (pid %d); loading the model", self.proc.pid)
         while True:

@@ -91,9 +91,18 @@ def _stats(rt) -> dict:
 
 
 def _loop(rt, recv, send, parent_pid: int) -> None:
+    try:
+        _serve(rt, recv, send, parent_pid)
+    finally:
+        if rt.tp is not None:  # tell the other tensor-parallel ranks to exit
+            rt.tp.shutdown()
+
+
+def _serve(rt, recv, send, parent_pid: int) -> None:
     import zmq
 
     from portaserve.engine import make_output_message
+    from portaserve.tp import SYNCED_COMMANDS
 
     sched = rt.scheduler
     sent: dict = {}
@@ -103,23 +112,32 @@ def _loop(rt, recv, send, parent_pid: int) -> None:
     while True:
         busy = sched.has_work()
         if not busy:
+            # idle: wait for input (under tensor parallelism the empty broadcast below
+            # doubles as the followers' heartbeat)
             events = dict(poller.poll(IDLE_POLL_MS))
             if recv not in events:
                 if not _parent_alive(parent_pid):
                     logger.warning("the HTTP process is gone; exiting")
                     return
+                if rt.tp is not None:
+                    rt.tp.broadcast_commands([])
                 continue
         elif time.monotonic() - last_parent_check > 2.0:
             last_parent_check = time.monotonic()
             if not _parent_alive(parent_pid):
                 logger.warning("the HTTP process is gone; exiting")
                 return
-        outs = []
+        items = []
         while True:
             try:
-                item = recv.recv_pyobj(zmq.NOBLOCK)
+                items.append(recv.recv_pyobj(zmq.NOBLOCK))
             except zmq.Again:
                 break
+        if rt.tp is not None:
+            rt.tp.broadcast_commands([(it[0], it[1]) if it[0] in ("add", "abort") else ("flush_cache",)
+                                      for it in items if it[0] in SYNCED_COMMANDS and it[0] != "shutdown"])
+        outs = []
+        for item in items:
             kind = item[0]
             if kind == "add":
                 sched.add_request(item[1])

@@ -24,8 +24,12 @@ class CudaPlatform(Platform):
             return "no CUDA device visible (torch.cuda.is_available() is False)"
         return None
 
-    def memory_info(self, index: int = 0) -> MemoryInfo:
-        free, total = torch.cuda.mem_get_info(index)
+    def bind_device(self, local_rank: int) -> None:
+        super().bind_device(local_rank)
+        torch.cuda.set_device(local_rank)
+
+    def memory_info(self, index: int | None = None) -> MemoryInfo:
+        free, total = torch.cuda.mem_get_info(self.local_rank if index is None else index)
         return MemoryInfo(free, total)
 
     def synchronize(self) -> None:
@@ -48,7 +52,7 @@ class CudaPlatform(Platform):
         return runner
 
     def device_name(self) -> str:
-        return torch.cuda.get_device_name(0)
+        return torch.cuda.get_device_name(self.local_rank)
 
     def provider_priority(self, op_family: str) -> list[str]:
         return ["flashinfer", "triton", "native"]

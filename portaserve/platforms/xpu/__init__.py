@@ -25,7 +25,12 @@ class XpuPlatform(Platform):
             return f"torch.xpu probe failed: {e}"
         return None
 
-    def memory_info(self, index: int = 0) -> MemoryInfo:
+    def bind_device(self, local_rank: int) -> None:
+        super().bind_device(local_rank)
+        torch.xpu.set_device(local_rank)
+
+    def memory_info(self, index: int | None = None) -> MemoryInfo:
+        index = self.local_rank if index is None else index
         props = torch.xpu.get_device_properties(index)
         total = props.total_memory
         return MemoryInfo(total - torch.xpu.memory_reserved(index), total)
@@ -34,7 +39,7 @@ class XpuPlatform(Platform):
         torch.xpu.synchronize()
 
     def device_name(self) -> str:
-        return torch.xpu.get_device_name(0)
+        return torch.xpu.get_device_name(self.local_rank)
 
     def provider_priority(self, op_family: str) -> list[str]:
         return ["ipex", "triton", "native"]

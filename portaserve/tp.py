@@ -1,0 +1,224 @@
+"""Tensor parallelism across processes (SGLang's layout).
+
+Every rank is one process driving one device.  Each holds its slice of the weights
+(models/linear.py) and a full replica of the Scheduler; the replicas stay identical
+because they see the same commands in the same order and decide deterministically
+(``SchedulerConfig.deterministic``), and every rank computes the same full logits (the
+vocabulary-parallel head gathers them) and so samples the same tokens.
+
+Rank 0 is the driver: it runs in the process that receives requests (the in-process
+Engine's thread, or the server's scheduler process).  Before each scheduler step it
+broadcasts the commands it received since the last step (add / abort / flush_cache /
+shutdown) over a CPU (gloo) group; the other ranks ("followers") block on that
+broadcast, apply the same commands and step too.  While idle, rank 0 broadcasts an
+empty list about twice a second, so followers notice a vanished driver.
+
+Processes: rank 0 (on node 0) spawns the other ranks of its node; on every other node
+``portaserve serve --node-rank K`` spawns that node's ranks and waits.  Ranks meet at
+``--dist-init-addr`` (a free local port when there is one node).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import socket
+import sys
+import time
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("portaserve.tp")
+
+# commands that change scheduler state, and so must reach every rank
+SYNCED_COMMANDS = ("add", "abort", "flush_cache", "shutdown")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ranks_per_node(args) -> int:
+    return args.tp_size // args.nnodes
+
+
+def with_rendezvous(args):
+    """args with dist_init_addr set (a free local port when not given)."""
+    if args.dist_init_addr:
+        return args
+    return dataclasses.replace(args, dist_init_addr=f"127.0.0.1:{free_port()}")
+
+
+def spawn_ranks(args, ranks) -> list:
+    """Start follower processes for the given global ranks."""
+    ctx = mp.get_context("spawn")
+    procs = []
+    for r in ranks:
+        # not daemonic: rank 0 may itself be a daemonic process (the server's scheduler),
+        # and followers exit on their own when the driver's broadcasts stop
+        p = ctx.Process(target=run_follower, args=(args, r), name=f"portaserve-tp{r}")
+        p.start()
+        procs.append(p)
+    return procs
+
+
+class TPGroup:
+    """This rank's membership: the control channel (broadcast of pickled commands over
+    a gloo group) and, on rank 0, the follower processes it started."""
+
+    def __init__(self, rank: int, size: int, control_group, procs: Optional[list] = None):
+        self.rank, self.size = rank, size
+        self.control = control_group
+        self.procs = procs or []
+        self._closed = False
+
+    # ---- the command channel --------------------------------------------------------------
+    def broadcast_commands(self, cmds: Optional[list]) -> list:
+        """Rank 0 passes its commands and gets them back; followers pass None and get
+        rank 0's.  Length first, then the pickled bytes (SGLang's broadcast_pyobj)."""
+        import torch.distributed as dist
+
+        if self.rank == 0:
+            data = pickle.dumps(cmds or [])
+            n = torch.tensor([len(data)], dtype=torch.long)
+            dist.broadcast(n, 0, group=self.control)
+            dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, group=self.control)
+            return cmds or []
+        n = torch.zeros(1, dtype=torch.long)
+        dist.broadcast(n, 0, group=self.control)
+        buf = torch.empty(int(n.item()), dtype=torch.uint8)
+        dist.broadcast(buf, 0, group=self.control)
+        return pickle.loads(buf.numpy().tobytes())
+
+    def gather_object(self, obj) -> list:
+        import torch.distributed as dist
+
+        out = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.control)
+        return out
+
+    def min_int(self, v: int) -> int:
+        import torch.distributed as dist
+
+        t = torch.tensor([v], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        return int(t.item())
+
+    # ---- teardown -------------------------------------------------------------------------
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Rank 0: tell followers to exit, wait for them, leave the process group."""
+        if self._closed:
+            return
+        self._closed = True
+        import torch.distributed as dist
+
+        if self.rank == 0:
+            try:
+                self.broadcast_commands([("shutdown",)])
+            except Exception as e:  # a follower already died
+                logger.warning("could not reach the other ranks at shutdown: %s", e)
+            deadline = time.monotonic() + timeout_s
+            for p in self.procs:
+                p.join(max(0.1, deadline - time.monotonic()))
+                if p.is_alive():
+                    p.terminate()
+        from portaserve.core.parallel import reset_tp
+
+        reset_tp()
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
+
+def join(args, platform, rank: int, procs: Optional[list] = None) -> TPGroup:
+    """Join the tensor-parallel group as ``rank``: bind the device, init the process
+    group with the platform's backend, set the model-side TP state."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from portaserve.core.parallel import set_tp
+    from portaserve.platforms.communicator import CommConfig, Communicator, init_distributed
+
+    reasons = Communicator.validate(CommConfig(args.tp_size, platform.dist_backend))
+    if reasons:
+        raise RuntimeError(f"tensor parallelism on {platform.name}: " + "; ".join(reasons))
+    platform.bind_device(rank % ranks_per_node(args))
+    init_distributed(platform, rank, args.tp_size, f"tcp://{args.dist_init_addr}",
+                     timeout_s=args.dist_timeout)
+    control = dist.group.WORLD if platform.dist_backend == "gloo" else dist.new_group(
+        backend="gloo", timeout=datetime.timedelta(seconds=args.dist_timeout))
+    set_tp(rank, args.tp_size, None)
+    return TPGroup(rank, args.tp_size, control, procs)
+
+
+# ---- followers ------------------------------------------------------------------------------
+def run_follower(args, rank: int) -> None:
+    """Entry point of a rank > 0: build the same runtime, then mirror rank 0's steps."""
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format=f"[%(asctime)s tp{rank}] %(message)s", datefmt="%H:%M:%S")
+    from portaserve.runtime import build_runtime
+
+    try:
+        rt = build_runtime(args, tp_rank=rank)
+    except BaseException as e:
+        logger.error("rank %d failed to start: %s", rank, e)
+        raise
+    follow(rt)
+
+
+def follow(rt) -> None:
+    sched = rt.scheduler
+    tp = rt.tp
+    try:
+        while True:
+            try:
+                cmds = tp.broadcast_commands(None)
+            except Exception as e:  # rank 0 is gone
+                logger.warning("rank %d: lost the driver (%s); exiting", tp.rank, e)
+                return
+            stop = False
+            for c in cmds:
+                if c[0] == "shutdown":
+                    stop = True
+                else:
+                    apply_command(sched, c)
+            if stop:
+                return
+            if sched.has_work():
+                sched.step()
+    finally:
+        tp.shutdown()
+
+
+def apply_command(sched, cmd):
+    """Apply one synced command to a scheduler; returns what rank 0 reports back."""
+    kind = cmd[0]
+    if kind == "add":
+        return sched.add_request(cmd[1])
+    if kind == "abort":
+        return sched.abort(cmd[1])
+    if kind == "flush_cache":
+        return sched.flush_cache()
+    raise ValueError(f"unknown command {kind!r}")
+
+
+def run_node(args) -> None:
+    """A node other than 0: start this node's ranks and wait for them."""
+    per = ranks_per_node(args)
+    first = args.node_rank * per
+    procs = spawn_ranks(args, range(first, first + per))
+    logger.info("node %d: started ranks %d..%d, joining %s", args.node_rank, first,
+                first + per - 1, args.dist_init_addr)
+    code = 0
+    for p in procs:
+        p.join()
+        code = code or p.exitcode or 0
+    sys.exit(code)

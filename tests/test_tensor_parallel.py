@@ -1,0 +1,143 @@
+"""Tensor parallelism on the CPU: two ranks (processes) over gloo must produce the same
+greedy tokens as one rank on the same checkpoint, each rank holding only its shard."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from portaserve import Engine
+from tests.conftest import make_tiny_moe_checkpoint, random_prompts
+
+N_TOKENS = 24
+
+
+def _greedy(path, tp, prompts, **kw):
+    sp = {"max_new_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True}
+    with Engine(str(path), skip_tokenizer_init=True, max_total_tokens=4000, tp_size=tp, **kw) as eng:
+        outs = eng.generate(input_ids=prompts, sampling_params=sp)
+        info = eng.get_server_info()
+    return [o["output_ids"] for o in outs], info
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp-moe")
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = make_tiny_moe_checkpoint(root, kind)
+        return cache[kind]
+
+    return get
+
+
+def _check(path, prompts):
+    one, info1 = _greedy(path, 1, prompts)
+    two, info2 = _greedy(path, 2, prompts)
+    assert info2["tp_size"] == 2 and len(info2["weight_bytes_per_rank"]) == 2
+    same = sum(a == b for a, b in zip(one, two))
+    assert same == len(prompts), f"TP=2 differs from TP=1 on {len(prompts) - same} of {len(prompts)} prompts"
+    return info1, info2
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen3", "qwen2"])
+def test_dense_tp2_matches_tp1(tiny_models, kind):
+    # llama3: KV heads split (2 over 2 ranks); qwen3: one KV head replicated on both ranks,
+    # tied embeddings; qwen2: q/k/v biases split with their rows
+    path = tiny_models(kind)
+    prompts = random_prompts(6, 512, 5, 40, seed=3)
+    info1, info2 = _check(path, prompts)
+    full = info1["weight_bytes_per_rank"][0]
+    per_rank = info2["weight_bytes_per_rank"]
+    if kind == "llama3":
+        # everything but the norms is split: each rank holds about half
+        assert max(per_rank) < 0.55 * full, (per_rank, full)
+    assert sum(per_rank) >= full
+
+
+@pytest.mark.parametrize("kind", ["qwen2_moe", "qwen3_moe"])
+def test_moe_tp2_matches_tp1(moe_models, kind):
+    # experts split along their intermediate dim; qwen2_moe adds a split shared expert
+    path = moe_models(kind)
+    prompts = random_prompts(6, 512, 5, 40, seed=4)
+    info1, info2 = _check(path, prompts)
+    full = info1["weight_bytes_per_rank"][0]
+    # the routers and norms are replicated, everything else is split
+    assert max(info2["weight_bytes_per_rank"]) < 0.56 * full
+
+
+def test_tp_dummy_weights_do_not_depend_on_split(tiny_models, tmp_path):
+    """Random weights (--load-format dummy) are generated per checkpoint tensor, so a
+    benchmark model split over two ranks is the same model as on one."""
+    path = tiny_models("llama3")
+    prompts = random_prompts(3, 512, 5, 20, seed=5)
+    one, _ = _greedy(path, 1, prompts, load_format="dummy")
+    two, _ = _greedy(path, 2, prompts, load_format="dummy")
+    assert one == two
+
+
+def test_lazy_weight_reads_slices(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from portaserve.models.linear import LazyWeight
+
+    t = torch.randn(10, 6)
+    save_file({"w": t, "s": torch.tensor(2.5)}, str(tmp_path / "x.safetensors"))
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        sl = f.get_slice("w")
+        lw = LazyWeight(sl, sl.get_shape(), full=lambda: f.get_tensor("w"))
+        assert torch.equal(lw.narrow(0, 4, 3).narrow(1, 2, 4).load(), t[4:7, 2:6])
+        assert torch.equal(lw.load(), t)
+        s = f.get_slice("s")
+        assert float(LazyWeight(s, s.get_shape(), full=lambda: f.get_tensor("s")).load()) == 2.5
+        with pytest.raises(ValueError, match="out of range"):
+            lw.narrow(0, 8, 3)
+
+
+def test_tp_size_errors(tiny_models):
+    from portaserve.server_args import ServerArgs
+
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        Engine(str(tiny_models("llama3")), skip_tokenizer_init=True, max_total_tokens=2000, tp_size=3)
+    with pytest.raises(ValueError, match="dist-init-addr"):
+        ServerArgs(tp_size=2, nnodes=2).validate()
+    with pytest.raises(ValueError, match="divisible"):
+        ServerArgs(tp_size=3, nnodes=2, dist_init_addr="127.0.0.1:1234").validate()
+
+
+def _collective_worker(rank, addr, q):
+    import torch.distributed as dist
+
+    from portaserve.core import ops
+    from portaserve.core.parallel import set_tp
+
+    dist.init_process_group("gloo", init_method=f"tcp://{addr}", rank=rank, world_size=2)
+    set_tp(rank, 2)
+    x = torch.arange(6.0).reshape(2, 3) * (rank + 1)
+    red = ops.all_reduce(x.clone())
+    gat = ops.all_gather(x, -1)
+    q.put((rank, red, gat))
+    dist.destroy_process_group()
+
+
+def test_collective_ops_on_two_ranks():
+    import multiprocessing as mp
+
+    from portaserve.tp import free_port
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    addr = f"127.0.0.1:{free_port()}"
+    procs = [ctx.Process(target=_collective_worker, args=(r, addr, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r, (a, b)) for r, a, b in (q.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(30)
+    x0 = torch.arange(6.0).reshape(2, 3)
+    for r in range(2):
+        red, gat = got[r]
+        assert torch.equal(red, x0 * 3)  # 1x + 2x
+        assert torch.equal(gat, torch.cat([x0, x0 * 2], dim=-1))
