@@ -10,11 +10,12 @@ from typing import Any, Optional
 import torch
 
 from portaserve.core import ops
-from portaserve.core.memory import KVPool
+from portaserve.core.memory import KVPool, kv_cache_dtype
 from portaserve.core.scheduler import Scheduler, SchedulerConfig
 from portaserve.models.config import ModelConfig
 from portaserve.models.loader import (ModelSource, load_hf_config, load_model, load_tokenizer,
                                       resolve_dtype, resolve_model_path)
+from portaserve.models.quantization import quant_config_from_hf
 from portaserve.models.registry import build_config
 from portaserve.platforms import Platform, resolve_op_table, resolve_platform, set_current_platform
 from portaserve.server_args import ServerArgs
@@ -125,6 +126,7 @@ def build_runtime(args: ServerArgs) -> Runtime:
     src = resolve_model_path(args.model_path)
     hf = load_hf_config(src)
     cfg = build_config(hf)
+    cfg.quant_config = quant_config_from_hf(hf, args.quantization)  # quantized GEMMs, or None
     dtype = resolve_dtype(args.dtype, cfg, platform)
     device = platform.device()
     context_len = cfg.context_length
@@ -137,10 +139,11 @@ def build_runtime(args: ServerArgs) -> Runtime:
     model = load_model(src, cfg, dtype, device, args.load_format, args.random_seed)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
-    tokens = _pool_tokens(args, platform, cfg, dtype, weight_bytes, context_len)
+    kv_dtype = kv_cache_dtype(args.kv_cache_dtype, dtype)  # --kv-cache-dtype (fp8 KV cache)
+    tokens = _pool_tokens(args, platform, cfg, kv_dtype, weight_bytes, context_len)
     page = args.page_size
     tokens = tokens - tokens % page
-    kv = KVPool(cfg.num_layers, tokens + page, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+    kv = KVPool(cfg.num_layers, tokens + page, cfg.num_kv_heads, cfg.head_dim, kv_dtype, device)
     kv.zero_padding(page)
     eos = _eos_ids(cfg, tokenizer, src)
 

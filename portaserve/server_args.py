@@ -21,6 +21,10 @@ class ServerArgs:
     tokenizer_path: Optional[str] = _opt(None, "tokenizer folder if not the model's own")
     load_format: str = _opt("auto", "auto: load the checkpoint; dummy: random weights from the config (benchmarks)",
                             choices=["auto", "dummy"])
+    quantization: Optional[str] = _opt(None, "quantized GEMMs: fp8 / w8a8_int8 quantize a bf16/fp32 checkpoint at load time; awq, gptq, compressed-tensors (and fp8) checkpoints are detected from their quantization_config",
+                                       choices=["fp8", "w8a8_int8", "awq", "gptq", "compressed-tensors"])
+    kv_cache_dtype: str = _opt("auto", "KV cache storage: auto (the model dtype) or fp8_e4m3 / fp8_e5m2 (half the memory; values cast with a scale of 1.0)",
+                               choices=["auto", "fp8_e4m3", "fp8_e5m2"])
     host: str = _opt("127.0.0.1", "address to bind (default loopback only)")
     port: int = _opt(30000, "HTTP port")
     device: str = _opt("auto", "auto|cuda|rocm|xpu|tpu|cpu, or a plugin platform; also PORTASERVE_DEVICE")

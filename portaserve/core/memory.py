@@ -133,3 +133,19 @@ class SlotAllocator:
                 raise ValueError(f"double free of KV page {p}")
             self._free_set.add(p)
             self._free_pages.append(p)
+
+
+# ---- KV cache storage type (--kv-cache-dtype) -------------------------------------------------
+KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def kv_cache_dtype(name: str | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The pool's storage dtype.  FP8 caches hold K/V cast directly (a per-tensor scale of
+    1.0: e4m3 covers |x| <= 448 with 3 mantissa bits, ample for post-norm K/V of common
+    models); attention upcasts what it reads to the query's dtype."""
+    if name in (None, "", "auto"):
+        return model_dtype
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"--kv-cache-dtype {name!r} not understood; use auto, "
+                         + ", ".join(KV_CACHE_DTYPES))
+    return KV_CACHE_DTYPES[name]

@@ -200,6 +200,14 @@ def load_model(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device,
     if load_format == "dummy":
         # random weights made on the device itself (an 8B model in seconds, no host copy)
         g = torch.Generator(device=device).manual_seed(seed)
+        if cfg.quant_config is not None:  # integer / fp8 codes and their scales
+            from portaserve.models.quantization import init_dummy_weights
+
+            init_dummy_weights(model, g)
+            for mod in model.modules():
+                if hasattr(mod, "process_weights_after_loading"):
+                    mod.process_weights_after_loading()
+            return model.eval()
         with torch.no_grad():
             for _, p in model.named_parameters():
                 p.uniform_(-0.02, 0.02, generator=g)

@@ -54,7 +54,7 @@ def _decode_stage1(q_ptr, k_ptr, v_ptr, r2t_ptr, rpi_ptr, seq_ptr, mid_o, mid_ls
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         v = tl.load(v_ptr + slots[:, None] * stride_vt + kvh * stride_vh + dv[None, :],
-                    mask=nmask[:, None] & dvmask[None, :], other=0.0)
+                    mask=nmask[:, None] & dvmask[None, :], other=0.0).to(q.dtype)  # fp8 caches upcast
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
@@ -153,7 +153,7 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r2t_ptr, rpi_ptr, prefix_ptr, ext
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         v = tl.load(v_ptr + slots[:, None] * stride_vt + kvh * stride_vh + dv[None, :],
-                    mask=nmask[:, None] & dvmask[None, :], other=0.0)
+                    mask=nmask[:, None] & dvmask[None, :], other=0.0).to(q.dtype)  # fp8 caches upcast
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new

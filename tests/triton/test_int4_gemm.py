@@ -1,0 +1,92 @@
+"""The Triton INT4 dequant-GEMM (AWQ and GPTQ layouts) against the native dequantize-then-
+matmul oracle, and the Triton paged attention over an FP8 KV cache against native
+attention over the same cache upcast (under TRITON_INTERPRET=1 on the CPU; on a GPU host
+with PORTASERVE_TEST_DEVICE=cuda, compiled, where bf16 runs too)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from portaserve.core.ops import native
+from tests.quant_inputs import random_int4
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+DEVICE = os.environ.get("PORTASERVE_TEST_DEVICE", "cpu")
+DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.float32, torch.bfloat16, torch.float16]
+# float32: the same products summed in another order.  16-bit: the kernel rounds each
+# dequantized weight to the activation dtype before tl.dot (relative 2^-8 for bf16) where
+# the oracle keeps float32; outputs are O(1).
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+       torch.float16: dict(atol=1e-2, rtol=1e-2)}
+
+
+def _kernel():
+    from portaserve.platforms.triton_kernels.int4_gemm import int4_gemm
+
+    return int4_gemm
+
+
+def _dev(*ts):
+    return [None if t is None else t.to(DEVICE) for t in ts]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout,act_order", [("awq", False), ("gptq", False), ("gptq", True),
+                                              ("gptq_v2", False), ("gptq_v2", True)])
+@pytest.mark.parametrize("M,K,N,group", [(1, 64, 48, 32), (7, 96, 40, 16), (33, 128, 64, 64),
+                                         (5, 64, 24, 64)])
+def test_int4_gemm_matches_native(layout, act_order, M, K, N, group, dtype):
+    g = torch.Generator().manual_seed(M * 1000 + K + N + group)
+    qw, s, qz, g_idx, _, _ = random_int4(g, K, N, group, layout, act_order)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    s = s.to(dtype)
+    ref = native.int4_gemm(x, qw, s, qz, g_idx, layout)
+    x, qw, s, qz, g_idx = _dev(x, qw, s, qz, g_idx)
+    for split in (None, 3):
+        out = _kernel()(x, qw, s, qz, g_idx, layout, split_k=split)
+        assert out.dtype == dtype and out.shape == (M, N)
+        torch.testing.assert_close(out.cpu().float(), ref.float(), **TOL[dtype])
+
+
+def test_int4_gemm_leading_dims():
+    g = torch.Generator().manual_seed(0)
+    qw, s, qz, _, _, _ = random_int4(g, 64, 32, 32, "awq")
+    x = torch.randn(2, 3, 64, generator=g)
+    ref = native.int4_gemm(x, qw, s, qz, None, "awq")
+    x, qw, s, qz = _dev(x, qw, s, qz)
+    out = _kernel()(x, qw, s, qz, None, "awq")
+    assert out.shape == (2, 3, 32)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_attention_over_fp8_kv_cache(kv_dtype):
+    """Reading an FP8 pool is the same as reading its upcast copy (the rounding happened
+    at store time)."""
+    from portaserve.platforms.triton_kernels.attention import attention_decode, attention_extend
+    from tests.triton.test_kernels import _paged_setup
+
+    g = torch.Generator().manual_seed(5)
+    H, Hk, D = 8, 2, 32
+    seq = [1, 17, 70, 5]
+    k, v, r2t, rows = _paged_setup(g, seq, [0] * len(seq), H, Hk, D, torch.float32)
+    k8, v8 = k.to(kv_dtype), v.to(kv_dtype)
+    q = torch.randn(len(seq), H, D, generator=g)
+    sl = torch.tensor(seq)
+    ref = native.attention_decode(q, k8.float(), v8.float(), r2t, rows, sl, D ** -0.5)
+    torch.testing.assert_close(native.attention_decode(q, k8, v8, r2t, rows, sl, D ** -0.5), ref)
+    out = attention_decode(*_dev(q, k8, v8, r2t, rows, sl), D ** -0.5)
+    torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
+
+    prefix, ext = [0, 40, 3], [7, 33, 1]
+    k, v, r2t, rows = _paged_setup(g, prefix, ext, H, Hk, D, torch.float32)
+    k8, v8 = k.to(kv_dtype), v.to(kv_dtype)
+    q = torch.randn(sum(ext), H, D, generator=g)
+    pl, el = torch.tensor(prefix), torch.tensor(ext)
+    ref = native.attention_extend(q, k8.float(), v8.float(), r2t, rows, pl, el, D ** -0.5)
+    out = attention_extend(*_dev(q, k8, v8, r2t, rows, pl, el), D ** -0.5)
+    torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
