@@ -37,6 +37,8 @@ class Runtime:
     dtype: torch.dtype
     eos_ids: list
     weight_bytes: int
+    tp: Any = None  # tp.TPGroup when --tp-size > 1
+    rank_weight_bytes: Optional[list] = None  # every rank's weight bytes (tensor parallel)
 
     def limits(self):
         from portaserve.core.request_builder import Limits
@@ -63,6 +65,8 @@ class Runtime:
             "schedule_policy": self.scheduler.cfg.schedule_policy,
             "decode_graphs": getattr(self.scheduler.decode_graph, "sizes", None),
             "disable_radix_cache": self.scheduler.tree is None,
+            "tp_size": self.args.tp_size,
+            "weight_bytes_per_rank": self.rank_weight_bytes or [self.weight_bytes],
             "ops": self.op_table.as_dict(),
         }
         return d
@@ -73,7 +77,8 @@ class Runtime:
             f"platform: {p['platform']}  device: {p['device']} ({p['device_name']})  "
             f"torch {p['torch']}  dist backend: {p['dist_backend']}",
             f"model: {self.source.path} ({self.model_config.architecture}, {self.dtype}, "
-            f"{self.weight_bytes / 2**20:.0f} MiB of weights)",
+            f"{self.weight_bytes / 2**20:.0f} MiB of weights"
+            + (f" on each of {self.args.tp_size} tensor-parallel ranks" if self.tp else "") + ")",
             f"KV pool: {self.scheduler.allocator.size} tokens (page size {self.scheduler.page_size}), "
             f"context length {self.context_len}, radix cache "
             f"{'off' if self.scheduler.tree is None else 'on'}",
@@ -97,11 +102,16 @@ def _eos_ids(cfg: ModelConfig, tokenizer, src: ModelSource) -> list:
 def _pool_tokens(args: ServerArgs, platform: Platform, cfg: ModelConfig, dtype, weight_bytes, context_len) -> int:
     if args.max_total_tokens:
         return int(args.max_total_tokens)
-    per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+    from portaserve.models.llama import attention_shards
+
+    kv_heads = attention_shards(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)[1]
+    per_token = KVPool.bytes_per_token(cfg.num_layers, kv_heads, cfg.head_dim, dtype)
     mem = platform.memory_info()
     frac = args.mem_fraction_static or platform.default_mem_fraction_static
     if platform.device_type == "cpu":
-        budget = mem.total_bytes * frac - weight_bytes
+        # ranks of one node share its memory
+        local_ranks = max(1, args.tp_size // args.nnodes)
+        budget = mem.total_bytes * frac / local_ranks - weight_bytes
         budget = min(budget, mem.free_bytes * 0.9)
     else:
         # weights are already resident: keep (1 - frac) of the device free for activations
@@ -116,34 +126,59 @@ def _pool_tokens(args: ServerArgs, platform: Platform, cfg: ModelConfig, dtype, 
     return tokens
 
 
-def build_runtime(args: ServerArgs) -> Runtime:
+def build_runtime(args: ServerArgs, tp_rank: int = 0) -> Runtime:
+    """The runtime of one rank (rank 0 unless called by a tensor-parallel follower;
+    rank 0 of node 0 starts the other ranks of its node)."""
     args.validate()
     platform = resolve_platform(args.device)
     set_current_platform(platform)
     table = resolve_op_table(platform, args.kernel)
     ops.use_table(table)
-
     src = resolve_model_path(args.model_path)
     hf = load_hf_config(src)
     cfg = build_config(hf)
     cfg.quant_config = quant_config_from_hf(hf, args.quantization)  # quantized GEMMs, or None
     dtype = resolve_dtype(args.dtype, cfg, platform)
-    device = platform.device()
     context_len = cfg.context_length
     if args.context_length is not None:
         if args.context_length > cfg.max_position_embeddings:
             raise ValueError(f"--context-length {args.context_length} exceeds the model's "
                              f"max_position_embeddings {cfg.max_position_embeddings}")
         context_len = args.context_length
+    if args.tp_size > 1:
+        from portaserve.models.llama import check_tp
+
+        check_tp(cfg, args.tp_size)  # before any rank starts
+    tp = None
+    if args.tp_size > 1:
+        from portaserve import tp as tpmod
+
+        procs = []
+        if tp_rank == 0:
+            args = tpmod.with_rendezvous(args)
+            procs = tpmod.spawn_ranks(args, range(1, tpmod.ranks_per_node(args)))
+        try:
+            tp = tpmod.join(args, platform, tp_rank, procs)
+        except BaseException:
+            for p in procs:
+                p.terminate()
+            raise
+    device = platform.device()  # after binding this rank's device
     tokenizer = None if args.skip_tokenizer_init else load_tokenizer(src, args.tokenizer_path)
     model = load_model(src, cfg, dtype, device, args.load_format, args.random_seed)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
+    rank_bytes = None
+    if tp is not None:
+        rank_bytes = tp.gather_object(weight_bytes)
     kv_dtype = kv_cache_dtype(args.kv_cache_dtype, dtype)  # --kv-cache-dtype (fp8 KV cache)
     tokens = _pool_tokens(args, platform, cfg, kv_dtype, weight_bytes, context_len)
+    if tp is not None:  # the scheduler replicas must agree on the pool size
+        tokens = tp.min_int(tokens)
     page = args.page_size
     tokens = tokens - tokens % page
-    kv = KVPool(cfg.num_layers, tokens + page, cfg.num_kv_heads, cfg.head_dim, kv_dtype, device)
+    kv_heads = model.layers[0].self_attn.nkv  # this rank's (split or replicated) KV heads
+    kv = KVPool(cfg.num_layers, tokens + page, kv_heads, cfg.head_dim, kv_dtype, device)
     kv.zero_padding(page)
     eos = _eos_ids(cfg, tokenizer, src)
 
@@ -168,6 +203,7 @@ def build_runtime(args: ServerArgs) -> Runtime:
             random_seed=args.random_seed,
             # the CPU runs synchronously: there is nothing for the host to overlap with
             overlap=not args.disable_overlap_schedule and platform.device_type != "cpu",
+            deterministic=tp is not None,
         ),
         model, kv, device, eos, decode_fn if tokenizer is not None else None, grammar,
         jump_forward=not args.disable_jump_forward, rng_device=platform.rng_device(),
@@ -176,4 +212,4 @@ def build_runtime(args: ServerArgs) -> Runtime:
         max_bs = args.cuda_graph_max_bs or min(args.max_running_requests, 256)
         sched.decode_graph = platform.decode_graph_runner(model, kv, sched.req_pool, max_bs)
     return Runtime(args, platform, table, src, cfg, model, tokenizer, sched, context_len, dtype,
-                   eos, weight_bytes)
+                   eos, weight_bytes, tp, rank_bytes)

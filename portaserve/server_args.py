@@ -29,7 +29,11 @@ class ServerArgs:
     port: int = _opt(30000, "HTTP port")
     device: str = _opt("auto", "auto|cuda|rocm|xpu|tpu|cpu, or a plugin platform; also PORTASERVE_DEVICE")
     dtype: str = _opt("auto", "auto|float32|bfloat16|float16 (auto: float32 on CPU, the checkpoint's 16-bit type on GPUs)")
-    tp_size: int = _opt(1, "tensor parallel size", aliases=["--tp"])
+    tp_size: int = _opt(1, "tensor parallel size: one model process per device, weights split over them", aliases=["--tp"])
+    nnodes: int = _opt(1, "number of nodes the tensor-parallel ranks span")
+    node_rank: int = _opt(0, "this node's index (0 serves HTTP; the others only run ranks)")
+    dist_init_addr: Optional[str] = _opt(None, "HOST:PORT of node 0 for the torch.distributed rendezvous (default: a free local port; required when --nnodes > 1)")
+    dist_timeout: int = _opt(600, "seconds a rank waits for the others in a collective before giving up")
     context_length: Optional[int] = _opt(None, "maximum tokens per request (prompt + output); default: the model's")
     mem_fraction_static: Optional[float] = _opt(None, "fraction of device memory for weights + KV pool (platform default)")
     max_total_tokens: Optional[int] = _opt(None, "KV pool size in tokens (overrides --mem-fraction-static)")
@@ -63,8 +67,18 @@ class ServerArgs:
             self.kernel = []
 
     def validate(self) -> None:
-        if self.tp_size != 1:
-            raise ValueError("--tp-size > 1 is not available yet (tensor parallelism is pending)")
+        if self.tp_size < 1:
+            raise ValueError("--tp-size must be >= 1")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank {self.node_rank} is not in [0, --nnodes {self.nnodes})")
+        if self.tp_size % self.nnodes:
+            raise ValueError(f"--tp-size {self.tp_size} is not divisible by --nnodes {self.nnodes}")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address)")
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"--dist-init-addr {self.dist_init_addr!r} is not HOST:PORT")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
             raise ValueError("--mem-fraction-static must be in (0, 1)")
         if self.max_total_tokens is not None and self.max_total_tokens < 16:

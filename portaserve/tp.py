@@ -222,3 +222,48 @@ def run_node(args) -> None:
         p.join()
         code = code or p.exitcode or 0
     sys.exit(code)
+
+
+class Driver:
+    """Drive rank 0's scheduler from a script (benchmarks) while keeping the other
+    ranks in step; with one rank it is a thin wrapper over the scheduler."""
+
+    def __init__(self, rt):
+        self.sched, self.tp = rt.scheduler, rt.tp
+        self._pending: list = []
+
+    def add_request(self, req) -> None:
+        self._pending.append(("add", req))
+
+    def has_work(self) -> bool:
+        return bool(self._pending) or self.sched.has_work()
+
+    def _sync(self) -> None:
+        cmds, self._pending = self._pending, []
+        if self.tp is not None:
+            self.tp.broadcast_commands(cmds)
+        for c in cmds:
+            apply_command(self.sched, c)
+
+    def step(self) -> list:
+        self._sync()
+        return self.sched.step() if self.sched.has_work() else []
+
+    def flush_cache(self) -> bool:
+        """Only when idle (followers step after a broadcast whenever they have work)."""
+        self._sync()
+        if self.tp is not None:
+            self.tp.broadcast_commands([("flush_cache",)])
+        return self.sched.flush_cache()
+
+    @property
+    def waiting(self):
+        return self.sched.waiting
+
+    @property
+    def chunked(self):
+        return self.sched.chunked
+
+    def shutdown(self) -> None:
+        if self.tp is not None:
+            self.tp.shutdown()

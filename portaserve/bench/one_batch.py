@@ -19,7 +19,7 @@ import numpy as np
 def run(rt, batch_size: int, input_len: int, output_len: int, seed: int = 0) -> dict:
     from portaserve.core.request_builder import build_req
 
-    sched = rt.scheduler
+    sched = _driver(rt)
     sync = rt.platform.synchronize
     rng = np.random.default_rng(seed)
     vocab = rt.model_config.vocab_size
@@ -52,6 +52,15 @@ def run(rt, batch_size: int, input_len: int, output_len: int, seed: int = 0) -> 
             "prefill_s": prefill, "prefill_tok_s": batch_size * input_len / prefill,
             "decode_median_ms": med * 1e3, "decode_mean_ms": statistics.fmean(decode) * 1e3 if decode else None,
             "decode_tok_s": batch_size / med if decode else None}
+
+
+def _driver(rt):
+    """The scheduler, driven so that tensor-parallel ranks step with rank 0."""
+    from portaserve.tp import Driver
+
+    if getattr(rt, "_driver", None) is None:
+        rt._driver = Driver(rt)
+    return rt._driver
 
 
 def main(argv=None) -> int:
@@ -87,6 +96,7 @@ def main(argv=None) -> int:
     if ns.profile:
         profile_decode(rt, max(ns.batch_size), min(ns.input_len), 8)
     device = rt.platform.describe()
+    _driver(rt).shutdown()
     if ns.compare_hf:
         cfg_path, dtype, dev = rt.source.path, rt.dtype, rt.platform.device()
         del rt
@@ -117,7 +127,7 @@ def profile_decode(rt, bs, input_len, steps):
 
     from portaserve.core.request_builder import build_req
 
-    sched = rt.scheduler
+    sched = _driver(rt)
     rng = np.random.default_rng(1)
     for _ in range(bs):
         sched.add_request(build_req(rt.limits(), None, None, rng.integers(100, 1000, input_len).tolist(),

@@ -183,6 +183,31 @@ def resolve_dtype(dtype: str, cfg: ModelConfig, platform) -> torch.dtype:
     return d
 
 
+class _RandomTensor:
+    """A checkpoint tensor of uniform(-0.02, 0.02) values (ones for norm weights),
+    generated on the device from (seed, name) when read."""
+
+    def __init__(self, name: str, shape, dtype, device, seed: int):
+        self.name, self.shape, self.dtype, self.device = name, tuple(shape), dtype, device
+        self.seed = (seed * 1_000_003 + int(hashlib.sha1(name.encode()).hexdigest()[:12], 16)) % 2**62
+
+    def full(self) -> torch.Tensor:
+        if self.name.endswith("norm.weight"):
+            return torch.ones(self.shape, dtype=self.dtype, device=self.device)
+        g = torch.Generator(device=self.device).manual_seed(self.seed)
+        t = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return t.uniform_(-0.02, 0.02, generator=g)
+
+    def __getitem__(self, index):
+        return self.full()[index]
+
+
+def dummy_weights(shapes, dtype, device, seed: int):
+    for name, shape in shapes:
+        t = _RandomTensor(name, shape, dtype, device, seed)
+        yield name, LazyWeight(t, shape, full=t.full)
+
+
 def load_model(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device,
                load_format: str = "auto", seed: int = 0) -> torch.nn.Module:
     cls = model_class(cfg)
@@ -197,7 +222,11 @@ def load_model(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device,
         torch.set_default_dtype(prev)
     model = model.to_empty(device=device)
     model.init_buffers(device)  # tensors computed at construction were lost on meta
-    if load_format == "dummy":
+    if load_format == "dummy" and cfg.quant_config is None and hasattr(cls, "checkpoint_shapes"):
+        # random weights through the checkpoint path: the same values whatever the
+        # tensor-parallel split (each tensor generated whole on the device from its name)
+        model.load_weights(dummy_weights(cls.checkpoint_shapes(cfg), dtype, device, seed))
+    elif load_format == "dummy":
         # random weights made on the device itself (an 8B model in seconds, no host copy)
         g = torch.Generator(device=device).manual_seed(seed)
         if cfg.quant_config is not None:  # integer / fp8 codes and their scales
