@@ -27,11 +27,13 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, gidx_ptr, y_ptr, M, N, K, k_
     pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # packed words along N
     mmask = rm < M
     nmask = rn < N
-    # nibble of output column n inside its packed word: AWQ interleaves [0,2,4,6,1,3,5,7]
+    wnmask = rw < tl.cdiv(N, 8)
+    # nibble shift of the j-th column of a word: AWQ interleaves [0,2,4,6,1,3,5,7]
     # (column j sits in nibble 4*(j%2) + j//2); GPTQ's zeros are sequential
-    j = rn % 8
+    j = tl.arange(0, 8)
     if LAYOUT == 0:
         col_shift = ((j % 2) * 4 + j // 2) * 4
     else:
@@ -44,44 +46,45 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, gidx_ptr, y_ptr, M, N, K, k_
         kmask = rk < k_end
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=mmask[:, None] & kmask[None, :], other=0.0)
-        wmask = kmask[:, None] & nmask[None, :]
-        if LAYOUT == 0:  # AWQ qweight [K, N/8]
-            qw = tl.load(qw_ptr + rk[:, None] * stride_q0 + (rn // 8)[None, :] * stride_q1,
-                         mask=wmask, other=0)
-            q = (qw >> col_shift[None, :]) & 0xF
-        else:  # GPTQ qweight [K/8, N]
-            qw = tl.load(qw_ptr + (rk // 8)[:, None] * stride_q0 + rn[None, :] * stride_q1,
-                         mask=wmask, other=0)
-            q = (qw >> ((rk % 8) * 4)[:, None]) & 0xF
+        # each packed word is loaded once and its eight nibbles spread in registers
+        if LAYOUT == 0:  # AWQ qweight [K, N/8]: words along N
+            qw = tl.load(qw_ptr + rk[:, None] * stride_q0 + rw[None, :] * stride_q1,
+                         mask=kmask[:, None] & wnmask[None, :], other=0)
+            q = tl.reshape((qw[:, :, None] >> col_shift[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
+        else:  # GPTQ qweight [K/8, N]: words along K
+            rkw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            qw = tl.load(qw_ptr + rkw[:, None] * stride_q0 + rn[None, :] * stride_q1,
+                         mask=(rkw * 8 < k_end)[:, None] & nmask[None, :], other=0)
+            q = tl.reshape((qw[:, None, :] >> (j * 4)[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
         if GROUP_ALIGNED:  # the whole K tile is in one group: one row of scales/zeros
             g = k0 // group_size
-            qz = tl.load(qz_ptr + g * stride_z0 + (rn // 8) * stride_z1, mask=nmask, other=0)
-            z = ((qz >> col_shift) & 0xF)[None, :]
+            qz = tl.load(qz_ptr + g * stride_z0 + rw * stride_z1, mask=wnmask, other=0)
+            z = tl.reshape((qz[:, None] >> col_shift[None, :]) & 0xF, (BLOCK_N,))[None, :]
             s = tl.load(s_ptr + g * stride_s0 + rn * stride_s1, mask=nmask, other=0.0)[None, :]
         else:
             if HAS_GIDX:
                 g = tl.load(gidx_ptr + rk, mask=kmask, other=0)
             else:
                 g = rk // group_size
-            qz = tl.load(qz_ptr + g[:, None] * stride_z0 + (rn // 8)[None, :] * stride_z1,
-                         mask=wmask, other=0)
-            z = (qz >> col_shift[None, :]) & 0xF
-            s = tl.load(s_ptr + g[:, None] * stride_s0 + rn[None, :] * stride_s1, mask=wmask, other=0.0)
+            qz = tl.load(qz_ptr + g[:, None] * stride_z0 + rw[None, :] * stride_z1,
+                         mask=kmask[:, None] & wnmask[None, :], other=0)
+            z = tl.reshape((qz[:, :, None] >> col_shift[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
+            s = tl.load(s_ptr + g[:, None] * stride_s0 + rn[None, :] * stride_s1,
+                        mask=kmask[:, None] & nmask[None, :], other=0.0)
         if LAYOUT == 1:
             z = z + 1  # GPTQ v1 checkpoints store zero - 1
-        w = (q - z).to(tl.float32) * s.to(tl.float32)
-        acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
+        w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)
+        acc += tl.dot(x, w, input_precision="ieee")
     tl.store(y_ptr + pid_k * stride_ys + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
              acc, mask=mmask[:, None] & nmask[None, :])
 
 
-def _config(M: int, N: int, K: int, device_type: str):
+def _config(M: int, N: int, K: int, device_type: str, esize: int):
     if device_type == "cpu":  # the interpreter: small tiles keep the tests quick
-        return 16, 32, 32, 1
-    bm = 16 if M <= 16 else 32 if M <= 32 else 64
-    bn = 64 if M <= 64 else 128
-    bk = 128 if M <= 64 else 32
-    return bm, bn, bk, (8 if M > 64 else 4)
+        return 16, 32, 32, 1, 1
+    if M <= 64:  # decode: memory bound, long K tiles, split-K fills the device
+        return (16 if M <= 16 else 32 if M <= 32 else 64), 64, 128, 4, 3
+    return 128, 128, 32, 8, 3
 
 
 def int4_gemm(x, qweight, scales, qzeros, g_idx, layout, split_k=None):
@@ -94,7 +97,9 @@ def int4_gemm(x, qweight, scales, qzeros, g_idx, layout, split_k=None):
     if M == 0:
         return torch.empty(*lead, N, dtype=x.dtype, device=x.device)
     group_size = K // scales.shape[0]
-    bm, bn, bk, warps = _config(M, N, K, x.device.type)
+    bm, bn, bk, warps, stages = _config(M, N, K, x.device.type, x.element_size())
+    if x.element_size() == 4 and x.device.type != "cpu":  # float32 tiles: stay within shared memory
+        bm, bn, bk, stages = min(bm, 64), 64, 32, 2
     grid_m, grid_n = triton.cdiv(M, bm), triton.cdiv(N, bn)
     # split-K for small grids (decode): aim at ~2 programs per SM-sized unit of work
     split = 1
@@ -114,6 +119,6 @@ def int4_gemm(x, qweight, scales, qzeros, g_idx, layout, split_k=None):
         scales.stride(0), scales.stride(1), qzeros.stride(0), qzeros.stride(1),
         y.stride(0), y.stride(1), y.stride(2), group_size,
         LAYOUT=_LAYOUT_ID[layout], HAS_GIDX=has_gidx, GROUP_ALIGNED=aligned,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     out = y[0] if split == 1 else y.sum(0)
     return out.to(x.dtype).reshape(*lead, N)
