@@ -161,3 +161,55 @@ def test_invalid_constraints_are_refused(default_engine, sp, param, msg):
         default_engine.generate("x", sp)
     assert msg in str(ei.value)
     assert ei.value.param in (param, "json_schema")
+
+
+@pytest.mark.parametrize("jump_forward", [True, False])
+def test_overlap_scheduler_runs_constrained_requests(default_engine, monkeypatch, jump_forward):
+    """Constrained requests in the overlapped decode loop (batch N+1 launched before N's
+    tokens are read; N+1's masks filled after the matchers accepted N's tokens) give the
+    same tokens and finish reasons as the plain loop, jump-forward included.  On the CPU
+    the loop runs synchronously, which still exercises its bookkeeping: requests that
+    finish or jump forward at N while N+1 is launched, seeded draws of ignored rows."""
+    sched = default_engine.rt.scheduler
+    schema = json.dumps(PERSON_SCHEMA)
+    prompts = ["Describe a user as JSON:"] * 4 + ["The server's IP address is ", "Today's date is ",
+                                                  "Write an arithmetic expression: ", "The capital of France is",
+                                                  "1, 2, 3, 4, 5,"]
+    sps = ([{"max_new_tokens": 160, "temperature": t, "json_schema": schema, "sampling_seed": i}
+            for i, t in enumerate((0.0, 1.0, 1.0, 1.0))]
+           + [{"max_new_tokens": 40, "temperature": 1.0, "regex": IP, "sampling_seed": 7},
+              {"max_new_tokens": 40, "temperature": 0.0, "regex": DATE},
+              {"max_new_tokens": 60, "temperature": 1.0, "ebnf": ARITH, "sampling_seed": 9},
+              {"max_new_tokens": 25, "temperature": 0.0, "ignore_eos": True},
+              {"max_new_tokens": 50, "temperature": 1.0, "sampling_seed": 11}])
+    launched = []  # (overlap, constrained rows in the launched batch)
+    real = sched._launch_sampling
+
+    def spy(batch, logits):
+        launched.append(sum(r.grammar is not None for r in batch))
+        return real(batch, logits)
+
+    monkeypatch.setattr(sched, "_launch_sampling", spy)
+    monkeypatch.setattr(sched, "jump_forward", jump_forward)
+    results, jf_tokens = {}, {}
+    for overlap in (False, True):
+        monkeypatch.setattr(sched, "overlap", overlap)
+        launched.clear()
+        assert default_engine.flush_cache()
+        before = sched.counters.jump_forward_tokens
+        results[overlap] = default_engine.generate(prompts, sps)
+        jf_tokens[overlap] = sched.counters.jump_forward_tokens - before
+        assert bool(launched) == overlap and (not overlap or max(launched) >= 4)
+        assert default_engine.flush_cache()
+        kv = default_engine.get_server_info()["kv"]
+        assert kv["free"] == kv["max_total_tokens"]
+    plain, over = results[False], results[True]
+    assert [o["output_ids"] for o in over] == [o["output_ids"] for o in plain]
+    assert [o["meta_info"]["finish_reason"] for o in over] == [o["meta_info"]["finish_reason"] for o in plain]
+    assert jf_tokens[True] == jf_tokens[False] and (jf_tokens[True] > 0) == jump_forward
+    for o in over[:4]:
+        assert _finished_by_grammar(o), o
+        jsonschema.validate(json.loads(o["text"]), PERSON_SCHEMA)
+    assert re.fullmatch(IP, over[4]["text"]) and re.fullmatch(DATE, over[5]["text"])
+    assert parse_arith(over[6]["text"]), over[6]["text"]
+    assert over[7]["meta_info"]["completion_tokens"] == 25

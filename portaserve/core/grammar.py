@@ -5,9 +5,11 @@
 * ``GrammarBackend`` compiles constraints against the model's tokenizer on a worker
   thread (a request waits for its grammar; others keep running), caching compiled
   grammars by (kind, text).
-* Each constrained request holds a ``GrammarMatcher``; the sampler fills one token bitmask
-  row per constrained request and applies the mask to the logits in place, and the
-  scheduler advances the matcher with every accepted token.
+* Each constrained request holds a ``GrammarMatcher``.  For a decode batch the scheduler
+  launches the forward first, then fills one token-bitmask row per constrained request on
+  the CPU (``fill_masks``) while the accelerator computes, and the sampler applies the
+  mask to the logits in place (``apply_masks``); the scheduler advances the matcher with
+  every accepted token.
 * Jump-forward: when the grammar admits exactly one continuation (e.g. the literal key of
   a JSON object), ``jump_forward`` returns its tokens so the scheduler can append them
   without a decode step each.
@@ -18,6 +20,7 @@ import json
 import logging
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -69,6 +72,14 @@ def validate_constraint(kind: str, text: str) -> None:
         raise GrammarError(f"invalid {kind}: {_clean(str(e))}") from None
 
 
+@dataclass
+class GrammarMasks:
+    """Token bitmasks of one batch: int32 [batch, ceil(vocab/32)] on the CPU (a set bit
+    allows a token); only ``rows`` are constrained."""
+    bitmask: torch.Tensor
+    rows: list[int]
+
+
 class GrammarBackend:
     def __init__(self, tokenizer, vocab_size: int, eos_ids, threads: int = 1):
         import xgrammar as xgr
@@ -104,13 +115,25 @@ class GrammarBackend:
         return self.xgr.GrammarMatcher(compiled)
 
     # ---- masks ----------------------------------------------------------------------
-    def apply_masks(self, logits: torch.Tensor, rows: list[int], matchers: list) -> None:
-        """Mask logits[rows[i]] in place to the tokens matchers[i] accepts next."""
-        bitmask = self.xgr.allocate_token_bitmask(len(logits), self.vocab_size)
+    def fill_masks(self, batch_size: int, rows: list[int], matchers: list) -> Optional["GrammarMasks"]:
+        """Fill, on the CPU, one token-bitmask row per constrained request: rows[i] gets
+        the tokens matchers[i] accepts next.  The scheduler calls this right after
+        launching a decode forward, so on an accelerator it runs while the forward does."""
+        if not rows:
+            return None
+        bitmask = self.xgr.allocate_token_bitmask(batch_size, self.vocab_size)
         for row, m in zip(rows, matchers):
             m.fill_next_token_bitmask(bitmask, row)
-        mask_dev = bitmask.to(logits.device)
-        self.xgr.apply_token_bitmask_inplace(logits, mask_dev, vocab_size=self.vocab_size, indices=rows)
+        return GrammarMasks(bitmask, list(rows))
+
+    def apply_masks(self, logits: torch.Tensor, masks: "GrammarMasks") -> None:
+        """Mask logits[masks.rows] in place (-inf where the bitmask bars a token)."""
+        bitmask = masks.bitmask
+        if logits.device.type != "cpu":
+            # pinned, asynchronous: the copy queues behind the forward instead of waiting for it
+            bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
+        self.xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size,
+                                             indices=masks.rows)
 
     def jump_forward(self, matcher, max_tokens: int) -> list[int]:
         """Tokens of the unique continuation the grammar forces now (may be empty), at

@@ -1,7 +1,7 @@
 """Turning a batch of logits into next tokens (and their logprobs).
 
-Order of operations per request: min_new_tokens masking, penalties, then either greedy
-argmax or temperature -> softmax -> top-k / top-p / min-p -> a draw.  Draws use Exp(1)
+Order of operations per request: min_new_tokens masking, penalties, the grammar mask,
+then either greedy argmax or temperature -> softmax -> top-k / top-p / min-p -> a draw.  Draws use Exp(1)
 noise from the request's own generator when it set ``sampling_seed`` (reproducible
 whatever else shares its batch), otherwise from the engine's generator.
 Logprobs are those of the model's raw distribution (log_softmax of the logits).
@@ -29,10 +29,12 @@ class Sampler:
             return None
         return torch.Generator(device=self.rng_device).manual_seed(int(seed))
 
-    def sample(self, logits: torch.Tensor, reqs: list[Req], eos_ids: set[int], grammar=None):
+    def sample(self, logits: torch.Tensor, reqs: list[Req], eos_ids: set[int], grammar=None, masks=None):
         """logits: [B, V] float32.  Returns (next token ids [B] list, raw logprobs [B, V]
-        or None when no request asked for logprobs)."""
-        ids, logprobs = self.sample_tensor(logits, reqs, eos_ids, grammar)
+        or None when no request asked for logprobs).  masks: the batch's grammar bitmasks
+        if the caller filled them already (GrammarBackend.fill_masks), else they are filled
+        here for every request holding a matcher."""
+        ids, logprobs = self.sample_tensor(logits, reqs, eos_ids, grammar, masks)
         return ids.tolist(), logprobs
 
     def _h2d(self, data, dtype):
@@ -41,20 +43,26 @@ class Sampler:
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
 
-    def sample_tensor(self, logits: torch.Tensor, reqs: list[Req], eos_ids: set[int], grammar=None):
+    def sample_tensor(self, logits: torch.Tensor, reqs: list[Req], eos_ids: set[int], grammar=None,
+                      masks=None, ignored_rows=()):
         """As sample(), leaving the ids on the device: no host synchronisation for
-        requests without penalties, grammar, min_new_tokens or logprobs."""
+        requests without penalties, grammar, min_new_tokens or logprobs.  ignored_rows:
+        rows whose token will be thrown away (an overlapped batch's requests that finished
+        or jumped forward since its launch); they draw nothing from their request's own
+        generator, so a seeded request's draws do not depend on the scheduling."""
         B, V = logits.shape
         raw = logits
         logprobs = torch.log_softmax(raw, dim=-1) if any(r.return_logprob for r in reqs) else None
         logits = self._mask_min_tokens(logits, reqs, eos_ids)
         if any(r.sampling.needs_penalties for r in reqs):
             logits = self._penalise(logits, reqs)
-        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
-        if rows:
+        if masks is None and grammar is not None:
+            rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished]
+            masks = grammar.fill_masks(B, rows, [reqs[i].grammar for i in rows])
+        if masks is not None:
             if logits is raw:
                 logits = logits.clone()
-            grammar.apply_masks(logits, rows, [reqs[i].grammar for i in rows])
+            grammar.apply_masks(logits, masks)
         greedy = [r.sampling.greedy for r in reqs]
         if all(greedy):
             return logits.argmax(dim=-1), logprobs
@@ -64,7 +72,7 @@ class Sampler:
         noise = torch.empty(probs.shape, dtype=probs.dtype, device=self.rng_device)
         noise.exponential_(generator=self.generator)
         for i, r in enumerate(reqs):
-            if r.generator is not None:
+            if r.generator is not None and i not in ignored_rows:
                 noise[i].exponential_(generator=r.generator)
         noise = noise.to(probs.device, non_blocking=True)
         if all(r.sampling.top_k <= 0 and r.sampling.top_p >= 1.0 and r.sampling.min_p <= 0.0 for r in reqs):

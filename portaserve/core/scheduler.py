@@ -541,9 +541,10 @@ class Scheduler:
         batch = list(self.running)
         if not batch:
             return []
-        logits = self._decode_forward(batch)
+        logits = self._decode_forward(batch)  # asynchronous on accelerators
+        masks = self._grammar_masks(batch)  # on the CPU, while the forward runs
         self.last_step.retracted = retracted
-        return self._sample_and_advance(logits, batch)
+        return self._sample_and_advance(logits, batch, masks)
 
     def _decode_forward(self, batch: list[Req], input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One decode pass: a slot per request, one host->device copy of the batch's
@@ -613,8 +614,12 @@ class Scheduler:
     # runs while the accelerator computes: batch N+1 is launched with N's sampled tokens
     # still on the device, then N's tokens are read and processed.  A request that turns
     # out to have finished at N wastes its slot in N+1, whose result is ignored.
+    # Grammar-constrained requests take part: their batch N+1 is launched with N's tokens
+    # still on the device, then N's tokens are read and accepted by the matchers (and
+    # jump-forward runs), then N+1's masks are filled and its sampling is queued, the CPU
+    # work all done while the accelerator computes N+1's forward.
     def _overlap_safe(self, reqs) -> bool:
-        return all(not r.return_logprob and r.grammar is None and not r.sampling.needs_penalties
+        return all(not r.return_logprob and not r.sampling.needs_penalties
                    and r.sampling.min_new_tokens == 0 for r in reqs)
 
     def _room_for_decode(self, reqs) -> bool:
@@ -632,9 +637,16 @@ class Scheduler:
         return first.seq_len <= self._available() - self._reserved_for_running()
 
     def _launch_decode(self, batch: list[Req], input_ids: Optional[torch.Tensor] = None) -> "_Inflight":
-        logits = self._decode_forward(batch, input_ids)
+        return self._launch_sampling(batch, self._decode_forward(batch, input_ids))
+
+    def _launch_sampling(self, batch: list[Req], logits: torch.Tensor) -> "_Inflight":
+        masks = self._grammar_masks(batch)  # on the CPU, while the forward runs
+        running = {id(r) for r in self.running}
+        ignored = {i for i, r in enumerate(batch) if r.finished or id(r) not in running}
         with self.no_grad():
-            ids, _ = self.sampler.sample_tensor(logits, batch, self.eos_ids)
+            ids, _ = self.sampler.sample_tensor(logits, batch, self.eos_ids,
+                                                self.grammar if masks is not None else None, masks,
+                                                ignored)
             if ids.device.type == "cpu":  # nothing runs asynchronously: the logic only
                 host, event = ids, None
             else:
@@ -646,9 +658,10 @@ class Scheduler:
 
     def _step_overlapped(self) -> list[Req]:
         prev, self.inflight = self.inflight, None
-        live = [r for r in prev.reqs if not r.finished]
+        running = {id(r) for r in self.running}  # not finished, aborted or re-queued since
+        live = [r for r in prev.reqs if not r.finished and id(r) in running]
         # requests certain to finish by length at prev need no further step
-        cont = [i for i, r in enumerate(prev.reqs) if not r.finished
+        cont = [i for i, r in enumerate(prev.reqs) if not r.finished and id(r) in running
                 and len(r.output_ids) + 1 < r.sampling.max_new_tokens
                 and r.seq_len + 1 < self.cfg.context_len]
         if (cont and not self._prefill_possible() and self._overlap_safe(live)
@@ -659,7 +672,15 @@ class Scheduler:
                 if ids.device.type != "cpu":
                     idx = idx.pin_memory().to(ids.device, non_blocking=True)
                 ids = ids.index_select(0, idx)
-            self.inflight = self._launch_decode([prev.reqs[i] for i in cont], ids)
+            batch = [prev.reqs[i] for i in cont]
+            if any(r.grammar is not None for r in batch):
+                # N+1's masks need N's tokens in the matchers: launch N+1's forward, read
+                # and process N's tokens, then fill the masks and queue the sampling
+                logits = self._decode_forward(batch, ids)
+                out = self._resolve(prev)
+                self.inflight = self._launch_sampling(batch, logits)
+                return out
+            self.inflight = self._launch_decode(batch, ids)
         return self._resolve(prev)
 
     def _resolve(self, prev: "_Inflight") -> list[Req]:
@@ -667,22 +688,37 @@ class Scheduler:
         if prev.event is not None:
             prev.event.synchronize()
         toks = prev.host.tolist()
+        running = {id(r) for r in self.running}
         out = []
         for r, tok in zip(prev.reqs, toks):
-            if r.finished:  # aborted, or finished at an earlier step
+            if r.finished or id(r) not in running:  # aborted, finished or jumped forward earlier
                 continue
             r.output_ids.append(tok)
             self.counters.generated_tokens += 1
-            self._check_finished(r)
+            if r.grammar is None or self._advance_grammar(r, tok):
+                self._check_finished(r)
             out.append(r)
+        jumped = self._jump_forward_all(out)
         # a finished request's KV up to its newest token is valid (or being written by a
         # batch queued before anything that could reuse the slots)
-        self._retire([r for r in out if r.finished])
+        self._retire([r for r in out if r.finished] + jumped)
+        self.waiting[:0] = jumped
         return out
 
     # ---- sampling and finishing ----------------------------------------------------------
-    def _sample_and_advance(self, logits: torch.Tensor, reqs: list[Req]) -> list[Req]:
-        next_ids, logprobs = self.sampler.sample(logits, reqs, self.eos_ids, self.grammar)
+    def _grammar_masks(self, batch: list[Req]):
+        """Token bitmasks of the batch's live constrained requests (None if there are none);
+        their matchers have accepted every token sampled so far."""
+        if self.grammar is None:
+            return None
+        rows = [i for i, r in enumerate(batch) if r.grammar is not None and not r.finished]
+        if rows:  # an overlapped batch may hold requests that jumped forward since its launch
+            running = {id(r) for r in self.running}
+            rows = [i for i in rows if id(batch[i]) in running]
+        return self.grammar.fill_masks(len(batch), rows, [batch[i].grammar for i in rows])
+
+    def _sample_and_advance(self, logits: torch.Tensor, reqs: list[Req], masks=None) -> list[Req]:
+        next_ids, logprobs = self.sampler.sample(logits, reqs, self.eos_ids, self.grammar, masks)
         for i, (r, tok) in enumerate(zip(reqs, next_ids)):
             if r.sampling.max_new_tokens == 0:  # prompt scoring only: no output token
                 r.finished_reason = {"type": "length", "length": 0}
@@ -699,14 +735,7 @@ class Scheduler:
             if r.grammar is not None and not self._advance_grammar(r, tok):
                 continue
             self._check_finished(r)
-        jumped = []
-        for r in reqs:
-            if not r.finished and r.grammar is not None and self.jump_forward and not r.return_logprob:
-                if self._jump_forward(r):
-                    jumped.append(r)
-        # the forced tokens of jumped requests need their KV: re-prefill them on top of the
-        # cached rest, at the front of the queue
-        jumped = [r for r in jumped if not r.finished]  # finishing wins over re-prefill
+        jumped = self._jump_forward_all(reqs)
         self._retire([r for r in reqs if r.finished] + jumped)
         self.waiting[:0] = jumped
         running = {id(r) for r in self.running}
@@ -721,6 +750,16 @@ class Scheduler:
         self.running = [r for r in self.running if id(r) not in gone]
         for r in reqs:
             self._release(r)
+
+    def _jump_forward_all(self, reqs: list[Req]) -> list[Req]:
+        """Jump-forward every constrained request that can.  Returns those to re-queue:
+        their forced tokens need KV, so they are re-prefilled on top of the cached rest, at
+        the front of the queue (a request the jump finished is not re-queued)."""
+        if not self.jump_forward:
+            return []
+        jumped = [r for r in reqs if not r.finished and r.grammar is not None and not r.return_logprob
+                  and self._jump_forward(r)]
+        return [r for r in jumped if not r.finished]  # finishing wins over re-prefill
 
     def _advance_grammar(self, r: Req, tok: int) -> bool:
         if not r.grammar.accept_token(tok):
