@@ -451,19 +451,24 @@ async def chat_completions(request: Request):
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
+    tool_names = {t["function"]["name"] for t in tools} if tools else set()
+    # auto: the model's own format among free text; required / named: the constrained list
+    call_format = parser if choice == "auto" else "constrained"
+
+    def tool_finish(st, calls, complete: bool) -> Optional[str]:
+        """tool_calls when the answer made calls and none was cut short."""
+        finish = _finish(st.finished_reason)
+        return "tool_calls" if calls and complete and finish in ("stop", "length") else finish
+
     def message(st):
         """(message, finish_reason) of a finished request, tool calls parsed out."""
         msg = {"role": "assistant", "content": st.text}
         finish = _finish(st.finished_reason)
         if tools:
-            if choice == "auto":
-                content, calls = tool_calls.parse_free(st.text, parser,
-                                                       {t["function"]["name"] for t in tools})
-            else:
-                content, calls = None, tool_calls.parse_constrained(st.text) if finish == "stop" else []
+            content, calls, complete = tool_calls.parse(st.text, call_format, tool_names)
             if calls:
                 msg = {"role": "assistant", "content": content, "tool_calls": calls}
-                finish = "tool_calls"
+                finish = tool_finish(st, calls, complete)
         return msg, finish
 
     if not stream:
@@ -487,6 +492,9 @@ async def chat_completions(request: Request):
         return sse(d)
 
     async def gen():
+        # with tools, each choice's text goes through a tool-call parser: content deltas for
+        # text outside calls, a header delta per call, then its argument fragments
+        streams = [tool_calls.ToolCallStream(call_format, tool_names) for _ in states] if tools else None
         try:
             for k in range(n):
                 yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""},
@@ -502,17 +510,23 @@ async def chat_completions(request: Request):
                         st.sent_ids = -1
                         continue
                     if tools:
-                        # with tools the text is parsed when complete: one delta carries the
-                        # content and/or every call with its full arguments
-                        if not done:
-                            continue
-                        msg, finish = message(st)
-                        delta = {k2: v for k2, v in msg.items() if k2 != "role" and v is not None}
-                        for j, call in enumerate(delta.get("tool_calls", [])):
-                            call["index"] = j
-                        st.sent_ids = -1
-                        yield chunk([{"index": k, "delta": delta, "logprobs": None,
-                                      "finish_reason": finish}])
+                        text = st.detok.pop_delta(done) if st.detok is not None else ""
+                        ts = streams[k]
+                        deltas = ts.feed(text) + (ts.finish() if done else [])
+                        n_new = len(st.output_ids) - st.sent_ids
+                        if not deltas and (done or (want_lp and n_new)):
+                            deltas = [{}]
+                        for j, delta in enumerate(deltas):
+                            ch = {"index": k, "delta": delta, "logprobs": None, "finish_reason": None}
+                            last = j == len(deltas) - 1
+                            if last and want_lp:
+                                ch["logprobs"] = _chat_logprobs(st, texts, st.sent_ids)
+                            if last and done:
+                                calls = ts.message()[1]
+                                ch["finish_reason"] = tool_finish(st, calls, ts.complete())
+                                ch["matched_stop"] = _matched(st.finished_reason)
+                            yield chunk([ch])
+                        st.sent_ids = -1 if done else len(st.output_ids)
                         continue
                     delta = st.detok.pop_delta(done) if st.detok is not None else ""
                     n_new = len(st.output_ids) - st.sent_ids

@@ -10,6 +10,9 @@
   Qwen 2.5/3 and Hermes templates) and ``llama3`` (a bare ``{"name", "parameters"}`` JSON
   object, optionally after ``<|python_tag|>``, several separated by ``;``).  Chosen by
   ``--tool-call-parser`` or detected from the chat template.
+* Streaming (``ToolCallStream``): as OpenAI and SGLang stream them, a call's first delta
+  carries its index, id, type, name and empty arguments; the following deltas carry
+  argument fragments as the model writes them; text outside calls streams as content.
 """
 from __future__ import annotations
 
@@ -98,41 +101,405 @@ def constraint_schema(tools: list[dict], choice: str) -> dict:
     return {"type": "array", "minItems": 1, "maxItems": 1, "items": call(tool)}
 
 
-def _call(name: str, args) -> dict:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": args if isinstance(args, str) else json.dumps(args)}}
+def _new_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def parse_constrained(text: str) -> list[dict]:
-    return [_call(c["name"], c["arguments"]) for c in json.loads(text)]
+# ---- parsing, incremental ------------------------------------------------------------------
+# One parser serves streaming and non-streaming answers: a non-streamed message is the sum
+# of the deltas a stream of the same text would carry, so the two always agree.  Each
+# call's ``arguments`` is the model's own text of the arguments object (not re-serialised),
+# streamed in fragments as it is generated: the fragments concatenate to exactly the
+# non-streamed ``arguments``.
+
+class _Value:
+    """Finds where a JSON value ends, fed one character at a time."""
+
+    def __init__(self):
+        self.depth = 0
+        self.in_str = self.esc = False
+        self.kind = None  # "container" | "string" | "scalar"
+        self.done = False
+
+    def feed(self, ch: str) -> bool:
+        """True if ch belongs to the value (then self.done says whether it ended it)."""
+        if self.kind is None:
+            self.kind = "container" if ch in "{[" else "string" if ch == '"' else "scalar"
+            if self.kind == "string":
+                self.in_str = True
+            else:
+                self.depth = 1 if self.kind == "container" else 0
+            return True
+        if self.in_str:
+            if self.esc:
+                self.esc = False
+            elif ch == "\\":
+                self.esc = True
+            elif ch == '"':
+                self.in_str = False
+                if self.kind == "string":
+                    self.done = True
+            return True
+        if self.kind == "scalar":
+            if ch in ",}] \t\r\n":
+                self.done = True
+                return False
+            return True
+        if ch == '"':
+            self.in_str = True
+        elif ch in "{[":
+            self.depth += 1
+        elif ch in "}]":
+            self.depth -= 1
+            self.done = self.depth == 0
+        return True
 
 
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+class _CallObject:
+    """One ``{"name": ..., "arguments"|"parameters": {...}}`` object, fed a character at a
+    time.  Events: ("name", str), ("args", fragment), ("end", None), ("error", reason)."""
+
+    ARG_KEYS = ("arguments", "parameters")
+
+    def __init__(self):
+        self.state = "open"
+        self.key = ""
+        self.key_esc = False
+        self.value: Optional[_Value] = None
+        self.raw = ""  # text of the current value (name; a string-valued arguments)
+        self.name: Optional[str] = None
+        self.args_kind: Optional[str] = None
+
+    def feed(self, ch: str, events: list) -> None:
+        st = self.state
+        if st in ("open", "key_or_end", "colon", "value_start", "after_value") and ch in " \t\r\n":
+            return
+        if st == "open":
+            self._expect(ch == "{", "key_or_end", events)
+        elif st == "key_or_end":
+            if ch == '"':
+                self.state, self.key = "key", ""
+            elif ch == "}":
+                self._end(events)
+            else:
+                self._error(f"unexpected {ch!r} in a call object", events)
+        elif st == "key":
+            if self.key_esc:
+                self.key_esc = False
+                self.key += ch
+            elif ch == "\\":
+                self.key_esc = True
+            elif ch == '"':
+                self.state = "colon"
+            else:
+                self.key += ch
+        elif st == "colon":
+            self._expect(ch == ":", "value_start", events)
+        elif st == "value_start":
+            self.state, self.value, self.raw = "value", _Value(), ""
+            self._value_char(ch, events)
+        elif st == "value":
+            self._value_char(ch, events)
+        elif st == "after_value":
+            if ch == ",":
+                self.state = "key_or_end"
+            elif ch == "}":
+                self._end(events)
+            else:
+                self._error(f"unexpected {ch!r} after a value", events)
+
+    def _value_char(self, ch: str, events: list) -> None:
+        v = self.value
+        if not v.feed(ch):  # a scalar ended before ch
+            self._value_done(events)
+            self.feed(ch, events)
+            return
+        if self.key in self.ARG_KEYS:
+            if v.kind == "container":
+                self.args_kind = "text"
+                events.append(("args", ch))
+            else:  # e.g. arguments written as a JSON string: sent whole, decoded
+                self.raw += ch
+        elif self.key == "name":
+            self.raw += ch
+        if v.done:
+            self._value_done(events)
+
+    def _value_done(self, events: list) -> None:
+        self.state = "after_value"
+        if self.key == "name":
+            try:
+                name = json.loads(self.raw)
+            except json.JSONDecodeError:
+                name = None
+            if not isinstance(name, str):
+                return self._error("the call's name is not a string", events)
+            self.name = name
+            events.append(("name", name))
+        elif self.key in self.ARG_KEYS and self.args_kind is None:
+            try:
+                val = json.loads(self.raw)
+            except json.JSONDecodeError:
+                val = self.raw
+            self.args_kind = "text"
+            events.append(("args", val if isinstance(val, str) else json.dumps(val)))
+
+    def _expect(self, ok: bool, nxt: str, events: list) -> None:
+        if ok:
+            self.state = nxt
+        else:
+            self._error("not a call object", events)
+
+    def _end(self, events: list) -> None:
+        self.state = "done"
+        events.append(("end", None))
+
+    def _error(self, reason: str, events: list) -> None:
+        self.state = "error"
+        events.append(("error", reason))
+
+
+class ToolCallStream:
+    """Turns the model's output text, fed in pieces as it is generated, into OpenAI chat
+    deltas: ``{"content": ...}`` for text outside tool calls, and per call first
+    ``{"tool_calls": [{"index", "id", "type": "function", "function": {"name",
+    "arguments": ""}}]}``, then ``{"tool_calls": [{"index", "function": {"arguments":
+    fragment}}]}`` as the arguments are generated.
+
+    fmt: ``hermes`` (``<tool_call>{...}</tool_call>`` blocks among text), ``llama3`` (the
+    whole answer is ``[<|python_tag|>]{...}[; {...}]``, else it is text) or
+    ``constrained`` (the JSON list ``[{"name", "arguments"}, ...]`` that tool_choice
+    required / named constrains the output to).  A call starts (its header is sent) once
+    its name is complete and names one of the tools; a block that does not parse before
+    that point stays content."""
+
+    START, END, PYTAG = "<tool_call>", "</tool_call>", "<|python_tag|>"
+
+    def __init__(self, fmt: str, tool_names):
+        if fmt not in PARSERS + ("constrained",):
+            raise ValueError(f"unknown tool-call format {fmt!r}")
+        self.fmt = fmt
+        self.names = set(tool_names)
+        self.mode = "start" if fmt != "hermes" else "text"
+        self.pending = ""  # text held back: a possible tag prefix, or a block not yet a call
+        self.ws = ""  # whitespace held back from content (dropped before a call)
+        self.call: Optional[_CallObject] = None
+        self.calls: list[dict] = []  # {"id", "name", "arguments", "complete"}
+        self.started = False  # the current call's header went out
+        self.early_args = ""  # arguments seen before the name
+        self.block_raw = ""  # hermes: the text of the current block
+        self.out: list[dict] = []  # deltas not yet taken
+        self.history: list[dict] = []  # every delta taken
+
+    # ---- public -----------------------------------------------------------------------
+    def feed(self, text: str) -> list[dict]:
+        for ch in text:
+            self._char(ch)
+        return self._take()
+
+    def finish(self) -> list[dict]:
+        """The deltas left when the output is complete (held-back text)."""
+        if self.call is not None and not self.started:
+            self._abandon()  # an unfinished block that never became a call: text
+        if self.pending and self.mode in ("text", "start", "content"):
+            self._content(self.pending)
+            self.pending = ""
+        if not self.calls:
+            self._flush_ws()
+        self.ws = ""
+        return self._take()
+
+    def complete(self) -> bool:
+        """Every call's object was closed (none cut short)."""
+        return all(c["complete"] for c in self.calls)
+
+    def message(self) -> tuple[Optional[str], list[dict]]:
+        """(content, tool_calls) of everything fed so far, as a non-streamed message."""
+        content, calls = [], {}
+        for d in self.history:
+            if "content" in d:
+                content.append(d["content"])
+            for tc in d.get("tool_calls", []):
+                c = calls.setdefault(tc["index"], {"id": tc.get("id"), "type": "function",
+                                                   "function": {"name": "", "arguments": ""}})
+                c["function"]["name"] += tc["function"].get("name", "")
+                c["function"]["arguments"] += tc["function"].get("arguments", "")
+        return ("".join(content) or None), [calls[i] for i in sorted(calls)]
+
+    # ---- internals --------------------------------------------------------------------
+    def _take(self) -> list[dict]:
+        # merge adjacent content pieces and adjacent argument fragments of one call
+        merged: list[dict] = []
+        for d in self.out:
+            last = merged[-1] if merged else None
+            if last is not None and "content" in d and "content" in last:
+                last["content"] += d["content"]
+            elif (last is not None and "tool_calls" in d and "tool_calls" in last
+                  and "id" not in d["tool_calls"][0] and "id" not in last["tool_calls"][0]
+                  and last["tool_calls"][0]["index"] == d["tool_calls"][0]["index"]):
+                last["tool_calls"][0]["function"]["arguments"] += d["tool_calls"][0]["function"]["arguments"]
+            else:
+                merged.append(d)
+        self.out = []
+        self.history.extend(merged)
+        return merged
+
+    def _content(self, text: str) -> None:
+        """Text outside calls; whitespace is held until more text follows (whitespace
+        right before a call, and trailing whitespace after calls, is dropped)."""
+        body = text.rstrip(" \t\r\n")
+        if body:
+            self.out.append({"content": self.ws + body})
+            self.ws = ""
+        self.ws += text[len(body):]
+
+    def _flush_ws(self) -> None:
+        if self.ws:
+            self.out.append({"content": self.ws})
+            self.ws = ""
+
+    def _begin_call(self) -> None:
+        self.call, self.started, self.early_args = _CallObject(), False, ""
+
+    def _char(self, ch: str) -> None:
+        m = self.mode
+        if m == "content":  # llama3: the answer is text
+            self._content(ch)
+        elif m == "text":  # hermes, outside blocks
+            self.pending += ch
+            if self.pending == self.START:
+                self.pending = ""
+                self.mode = "block"
+                self.block_raw = self.START
+                self._begin_call()
+            elif not self.START.startswith(self.pending):
+                # not a tag: emit up to the next possible tag start
+                i = self.pending.find("<", 1)
+                keep = self.pending[i:] if i > 0 and self.START.startswith(self.pending[i:]) else ""
+                self._content(self.pending[:len(self.pending) - len(keep)])
+                self.pending = keep
+        elif m == "block":  # hermes, inside <tool_call> ... the call object
+            self.block_raw += ch
+            self._call_char(ch)
+        elif m == "after_block":  # hermes: skip to </tool_call>
+            self.pending += ch
+            if self.pending.endswith(self.END):
+                self.pending, self.mode = "", "text"
+            elif self.pending.endswith(self.START):  # a new block without closing the last
+                self.pending, self.mode = "", "block"
+                self.block_raw = self.START
+                self._begin_call()
+        elif m == "start":  # llama3 / constrained: before the first call
+            self.pending += ch
+            body = self.pending.lstrip(" \t\r\n")
+            if self.fmt == "llama3":
+                if body.startswith(self.PYTAG):
+                    body = body[len(self.PYTAG):].lstrip(" \t\r\n")
+                elif self.PYTAG.startswith(body):
+                    return
+                if not body:
+                    return
+                if body[0] == "{":
+                    self.mode = "calls"
+                    self._begin_call()
+                    self._call_char(body[0])
+                else:
+                    self.mode = "content"
+                    held, self.pending = self.pending, ""
+                    self._content(held)
+            else:  # constrained: [ {...}, {...} ]
+                if not body:
+                    return
+                if body[0] == "[":
+                    self.mode, self.pending = "list", ""
+                else:
+                    self.mode = "content"
+                    held, self.pending = self.pending, ""
+                    self._content(held)
+        elif m in ("calls", "list"):
+            if self.call is not None:
+                self.pending += ch
+                self._call_char(ch)
+            elif ch in " \t\r\n" or ch in (";" if m == "calls" else ","):
+                pass
+            elif ch == "{":
+                self._begin_call()
+                self.pending = ch
+                self._call_char(ch)
+            elif m == "list" and ch == "]":
+                self.mode = "done"
+            else:  # text after the calls
+                self.mode = "content"
+                self._content(ch)
+        # "done": the constrained list is closed; nothing more is expected
+
+    def _call_char(self, ch: str) -> None:
+        events: list = []
+        self.call.feed(ch, events)
+        for kind, val in events:
+            if kind == "name":
+                if val not in self.names and self.fmt != "constrained":
+                    return self._abandon()
+                idx = len(self.calls)
+                self.calls.append({"id": _new_id(), "name": val, "complete": False})
+                self.started = True
+                self.ws = ""  # whitespace before a call is not content
+                self.out.append({"tool_calls": [{"index": idx, "id": self.calls[-1]["id"], "type": "function",
+                                                 "function": {"name": val, "arguments": ""}}]})
+                if self.early_args:
+                    self._args(self.early_args)
+                    self.early_args = ""
+            elif kind == "args":
+                if self.started:
+                    self._args(val)
+                else:
+                    self.early_args += val
+            elif kind == "end":
+                if not self.started:
+                    return self._abandon()  # an object without a known name
+                self.calls[-1]["complete"] = True
+                self._end_call()
+            elif kind == "error":
+                if not self.started:
+                    return self._abandon()
+                self._end_call()  # the call stays as far as it went
+
+    def _args(self, frag: str) -> None:
+        self.out.append({"tool_calls": [{"index": len(self.calls) - 1, "function": {"arguments": frag}}]})
+
+    def _end_call(self) -> None:
+        self.call = None
+        self.ws = ""
+        if self.mode == "block":
+            self.mode, self.pending = "after_block", ""
+        else:
+            self.pending = ""
+
+    def _abandon(self) -> None:
+        """The current block is not a call after all: its text is content."""
+        self.call = None
+        if self.mode == "block":
+            raw, self.mode = self.block_raw, "text"
+            self._content(raw)
+        else:
+            raw, self.pending, self.mode = self.pending, "", "content"
+            self._content(raw)
+
+
+def parse(text: str, fmt: str, tool_names) -> tuple[Optional[str], list[dict], bool]:
+    """(content, tool_calls, complete) of a whole output: what a stream would carry."""
+    p = ToolCallStream(fmt, tool_names)
+    p.feed(text)
+    p.finish()
+    content, calls = p.message()
+    return content, calls, p.complete()
 
 
 def parse_free(text: str, parser: str, tool_names: set) -> tuple[Optional[str], list[dict]]:
     """(content, tool_calls) from free-form output; text that doesn't parse stays content."""
-    calls = []
-    if parser == "hermes":
-        for m in _HERMES.finditer(text):
-            try:
-                obj = json.loads(m.group(1))
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict) and obj.get("name") in tool_names:
-                calls.append(_call(obj["name"], obj.get("arguments", {})))
-        content = _HERMES.sub("", text).strip() if calls else text
-        return (content or None), calls
-    body = text.strip().removeprefix("<|python_tag|>").strip()
-    for part in body.split(";"):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            obj = json.loads(part)
-        except json.JSONDecodeError:
-            return text, []
-        if not isinstance(obj, dict) or obj.get("name") not in tool_names:
-            return text, []
-        calls.append(_call(obj["name"], obj.get("parameters", obj.get("arguments", {}))))
-    return (None if calls else text), calls
+    content, calls, _ = parse(text, parser, tool_names)
+    return content, calls
+
+
+def parse_constrained(text: str) -> list[dict]:
+    return parse(text, "constrained", ())[1]

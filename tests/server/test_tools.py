@@ -6,6 +6,7 @@ import json
 import jsonschema
 import pytest
 
+from conftest import ServerProc
 from portaserve.server import tool_calls
 
 WEATHER = {"type": "function", "function": {
@@ -49,20 +50,140 @@ def test_named_function(oai):
     _check_calls(calls, {"get_time"})
 
 
-def test_streaming_tool_call_deltas(oai):
-    calls, finish = {}, None
-    for ch in oai.chat.completions.create(model="default", messages=MSGS, tools=[WEATHER],
-                                          tool_choice="required", max_tokens=60, stream=True):
-        for c in ch.choices:
-            for tc in c.delta.tool_calls or []:
-                slot = calls.setdefault(tc.index, {"name": "", "arguments": ""})
-                slot["name"] += tc.function.name or ""
-                slot["arguments"] += tc.function.arguments or ""
+def _stream(client, **kw):
+    """Reassemble a streamed chat answer as a client would; also checks the delta shapes:
+    a call's first delta carries id, type, name and empty arguments, the later ones only
+    argument fragments.  Returns (content, {index: call}, finish_reason, order of deltas)."""
+    content, calls, finish, order = "", {}, None, []
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            d = c.delta
+            if d.content:
+                content += d.content
+                order.append("content")
+            for tc in d.tool_calls or []:
+                if tc.index not in calls:
+                    assert tc.id and tc.type == "function" and tc.function.name, tc
+                    assert tc.function.arguments == "", tc
+                    calls[tc.index] = {"id": tc.id, "name": tc.function.name, "fragments": []}
+                    order.append(("call", tc.index))
+                else:
+                    assert tc.id is None and tc.function.name is None, tc
+                    calls[tc.index]["fragments"].append(tc.function.arguments)
             finish = c.finish_reason or finish
-    assert finish == "tool_calls" and calls
-    for slot in calls.values():
-        assert slot["name"] == "get_weather"
-        jsonschema.validate(json.loads(slot["arguments"]), SCHEMAS["get_weather"])
+    assert sorted(calls) == list(range(len(calls)))
+    return content, calls, finish, order
+
+
+def _same_as_unstreamed(client, expect_calls, **kw):
+    """Stream and don't stream the same (deterministic) request: the argument fragments
+    concatenate to the unstreamed arguments, the calls and the content are the same."""
+    r = client.chat.completions.create(**kw)
+    msg = r.choices[0].message
+    content, calls, finish, order = _stream(client, **kw)
+    assert finish == r.choices[0].finish_reason == "tool_calls"
+    assert [c.function.name for c in msg.tool_calls] == [calls[i]["name"] for i in range(len(calls))]
+    assert len(calls) == expect_calls
+    for i, call in enumerate(msg.tool_calls):
+        streamed = "".join(calls[i]["fragments"])
+        assert streamed == call.function.arguments
+        assert json.loads(streamed) == json.loads(call.function.arguments)
+        jsonschema.validate(json.loads(streamed), SCHEMAS[call.function.name])
+        assert len(calls[i]["fragments"]) > 1  # streamed as generated, not in one piece
+    assert content == (msg.content or "")
+    return content, order
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_streaming_tool_call_deltas_required(oai, seed):
+    _same_as_unstreamed(oai, 1, model="default", messages=MSGS, tools=[WEATHER], tool_choice="required",
+                        max_tokens=60, temperature=1.0, seed=seed)
+
+
+def test_streaming_tool_call_deltas_named(oai):
+    _same_as_unstreamed(oai, 1, model="default", messages=MSGS, tools=[WEATHER, TIME],
+                        tool_choice={"type": "function", "function": {"name": "get_time"}},
+                        max_tokens=60, temperature=0)
+
+
+# The default model rarely calls a tool on its own; a regex makes its free ("auto") output
+# take a parser's format, with the city, unit and timezone still written by the model.
+CITY = r'"city": "[A-Za-z]{2,10}", "unit": "(celsius|fahrenheit)"'
+HERMES_OUT = (r'Sure, let me check\.\n<tool_call>\n\{"name": "get_weather", "arguments": \{' + CITY
+              + r'\}\}\n</tool_call>\n<tool_call>\n\{"name": "get_time", "arguments": \{"tz": "[A-Z]{3}"\}\}'
+              r'\n</tool_call>')
+LLAMA3_OUT = (r'<\|python_tag\|>\{"name": "get_weather", "parameters": \{' + CITY
+              + r'\}\}; \{"name": "get_time", "parameters": \{"tz": "[A-Z]{3}"\}\}')
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_streaming_hermes_calls_among_text(oai, seed):
+    content, order = _same_as_unstreamed(
+        oai, 2, model="default", messages=MSGS, tools=[WEATHER, TIME], tool_choice="auto", max_tokens=100,
+        temperature=1.0, seed=seed, extra_body={"regex": HERMES_OUT})
+    # the text before the calls streams as content, ahead of the calls
+    assert content == "Sure, let me check."
+    assert order[0] == "content" and order[-2:] == [("call", 0), ("call", 1)]
+
+
+@pytest.fixture(scope="module")
+def llama3_oai(tmp_path_factory):
+    openai = pytest.importorskip("openai")
+    s = ServerProc(["--max-total-tokens", "4096", "--tool-call-parser", "llama3"],
+                   tmp_path_factory.mktemp("llama3") / "server.log")
+    try:
+        yield openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    finally:
+        s.stop()
+
+
+def test_streaming_llama3_calls(llama3_oai):
+    content, _ = _same_as_unstreamed(
+        llama3_oai, 2, model="default", messages=MSGS, tools=[WEATHER, TIME], tool_choice="auto",
+        max_tokens=100, temperature=1.0, seed=3, extra_body={"regex": LLAMA3_OUT})
+    assert content == ""
+
+
+def test_stream_parser_any_split():
+    """Whatever the pieces the text arrives in, the deltas add up to the whole-text parse."""
+    import random
+
+    names = {"get_weather", "get_time"}
+    rng = random.Random(0)
+    for text, fmt in [
+        ('Hi <b>there</b>\n<tool_call>\n{"arguments": {"city": "Pa\\"ris}", "x": [1, {"a": "]"}]}, '
+         '"name": "get_weather"}\n</tool_call> bye', "hermes"),
+        ('<tool_call>{"name": "unknown", "arguments": {}}</tool_call>', "hermes"),
+        ('{"name": "get_time", "parameters": {"tz": "UTC"}}; {"name": "get_weather", "parameters": {}}', "llama3"),
+        ('[{"name": "get_weather", "arguments": {"city": "Par', "constrained"),
+    ]:
+        content, calls, complete = tool_calls.parse(text, fmt, names)
+        for _ in range(20):
+            p = tool_calls.ToolCallStream(fmt, names)
+            i, deltas = 0, []
+            while i < len(text):
+                n = rng.randint(1, 6)
+                deltas += p.feed(text[i:i + n])
+                i += n
+            deltas += p.finish()
+            for d in deltas:  # a call's header carries no arguments yet
+                assert all(tc["function"]["arguments"] == "" for tc in d.get("tool_calls", []) if "id" in tc)
+            got = "".join(d.get("content", "") for d in deltas) or None
+            args = {}
+            for d in deltas:
+                for tc in d.get("tool_calls", []):
+                    args[tc["index"]] = args.get(tc["index"], "") + tc["function"]["arguments"]
+            assert got == content
+            assert [args[i] for i in sorted(args)] == [c["function"]["arguments"] for c in calls]
+        if fmt == "hermes" and calls:
+            assert content == "Hi <b>there</b> bye"
+            assert json.loads(calls[0]["function"]["arguments"])["city"] == 'Pa"ris}'
+        if "unknown" in text:
+            assert calls == [] and content == text  # not a tool: the text stays content
+        if fmt == "llama3":
+            assert [c["function"]["name"] for c in calls] == ["get_time", "get_weather"] and complete
+        if fmt == "constrained":
+            assert not complete and calls[0]["function"]["arguments"] == '{"city": "Par'
 
 
 def test_auto_and_none(oai):
