@@ -1,6 +1,7 @@
-"""The TPU platform's whole engine path on XLA's CPU backend: lazy XLA tensors, padded
-decode buckets, torch_xla's ragged paged attention (its reference path; Pallas needs a
-TPU) — producing the same greedy tokens as the CPU platform on a small random model.
+"""The TPU platform's whole engine path on XLA's CPU backend: lazy XLA tensors, decode and
+extend batches padded to buckets, attention gathered from the paged pool (Pallas needs a
+TPU) — producing the same greedy tokens as the CPU platform on a small random model, with
+a number of compiled forward graphs bounded by the bucket ladders.
 
 Needs torch_xla, which pairs with its own torch version, so it runs in a separate
 environment (``ci/run-suite tpu-on-cpu`` builds /tmp/xla-venv and runs this file with
@@ -18,6 +19,16 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("torch_xla") is None
     or os.environ.get("PJRT_DEVICE") != "CPU" or os.environ.get("PORTASERVE_XLA_ON_CPU") != "1",
     reason="needs torch_xla with PJRT_DEVICE=CPU PORTASERVE_XLA_ON_CPU=1 (ci/run-suite tpu-on-cpu)")
+
+
+@pytest.fixture(autouse=True)
+def _unpinned_host_copies():
+    """core pins host tensors before device copies, which torch cannot do without a
+    CUDA/XPU runtime (see portaserve/platforms/tpu/compat.py)."""
+    from portaserve.platforms.tpu.compat import unpinned_host_copies
+
+    with unpinned_host_copies():
+        yield
 
 
 def test_tpu_platform_resolves_and_uses_pallas_provider():
@@ -50,3 +61,46 @@ def test_greedy_tokens_match_cpu_platform(tiny_models, kind):
         # decode batches ran padded to buckets of the fixed ladder
         assert runner.buckets_used and runner.buckets_used <= set(runner.sizes)
     assert got == want
+
+
+def test_extend_batches_padded_to_buckets_bound_the_compiled_graphs(tiny_models):
+    """Many different prompt lengths, one at a time and in mixed batches: every extend
+    forward runs padded to (power-of-two tokens, fixed request count), each bucket's graph
+    compiles once, and the greedy tokens equal the unpadded CPU run's."""
+    from portaserve import Engine
+    from portaserve.platforms.tpu.runner import compile_count, token_bucket
+
+    path = tiny_models("llama3")
+    lengths = [3 + (i * 29) % 120 for i in range(14)]  # 14 distinct lengths, 3..119
+    assert len(set(lengths)) == len(lengths)
+    prompts = [[(j * 7 + i) % 500 + 3 for j in range(L)] for i, L in enumerate(lengths)]
+    sp = {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True}
+    common = dict(skip_tokenizer_init=True, dtype="float32", max_total_tokens=2048,
+                  context_length=256, disable_overlap_schedule=True, max_running_requests=8)
+
+    def run(eng):
+        one = [eng.generate(input_ids=p, sampling_params=sp)["output_ids"] for p in prompts]
+        mixed = [o["output_ids"] for o in eng.generate(input_ids=prompts[:5], sampling_params=sp)]
+        return one, mixed
+
+    with Engine(str(path), device="cpu", **common) as eng:
+        want = run(eng)
+    with Engine(str(path), device="tpu", **common) as eng:
+        runner = eng.rt.scheduler.decode_graph
+        c0 = compile_count()
+        got = run(eng)
+        total = compile_count() - c0
+        ext = runner.extend
+    assert got == want
+    n_reqs = ext.num_reqs
+    # every extend forward ran at a bucket of the ladder ...
+    ladder = {(token_bucket(n), n_reqs) for n in range(1, 2 * max(lengths))}
+    assert ext.buckets_used and ext.buckets_used <= ladder
+    # ... far fewer shapes than prompt lengths, each compiled once (+1: the engine's first
+    # forward reads the freshly loaded embedding weight as a view; see runner.py)
+    assert len(ext.buckets_used) <= 5 < len(set(lengths))
+    assert 0 < ext.forward_compiles <= len(ext.buckets_used) + 1, ext.compiled
+    assert runner.forward_compiles <= len(runner.buckets_used)
+    print(f"\nextend buckets {sorted(ext.buckets_used)}: {ext.forward_compiles} forward graphs; "
+          f"decode buckets {sorted(runner.buckets_used)}: {runner.forward_compiles}; "
+          f"all graphs compiled (incl. the scheduler's small bookkeeping graphs): {total}")
