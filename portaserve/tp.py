@@ -111,30 +111,53 @@ class TPGroup:
 
     # ---- teardown -------------------------------------------------------------------------
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Rank 0: tell followers to exit, wait for them, leave the process group."""
+        """Leave the group.  Rank 0 first tells the followers to exit; then every rank
+        tears the process group down at the same time (NCCL's teardown waits for the
+        peers), and rank 0 waits for its follower processes."""
         if self._closed:
             return
         self._closed = True
-        import torch.distributed as dist
-
         if self.rank == 0:
             try:
                 self.broadcast_commands([("shutdown",)])
             except Exception as e:  # a follower already died
                 logger.warning("could not reach the other ranks at shutdown: %s", e)
+        _leave_process_group(timeout_s)
+        if self.rank == 0:
             deadline = time.monotonic() + timeout_s
             for p in self.procs:
                 p.join(max(0.1, deadline - time.monotonic()))
                 if p.is_alive():
+                    logger.warning("rank process %s did not exit; terminating it", p.name)
                     p.terminate()
-        from portaserve.core.parallel import reset_tp
+                    p.join(5)
+                if p.is_alive():
+                    p.kill()
+        logger.info("rank %d left the tensor-parallel group", self.rank)
 
-        reset_tp()
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
+
+def _leave_process_group(timeout_s: float) -> None:
+    import threading
+
+    import torch.distributed as dist
+
+    from portaserve.core.parallel import reset_tp
+
+    reset_tp()
+    if not dist.is_initialized():
+        return
+
+    def destroy():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:
+            logger.warning("process group teardown failed: %s", e)
+
+    t = threading.Thread(target=destroy, daemon=True, name="portaserve-pg-teardown")
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():  # never hang an exiting server on a communicator
+        logger.warning("process group teardown did not finish in %.0f s; continuing", timeout_s)
 
 
 def join(args, platform, rank: int, procs: Optional[list] = None) -> TPGroup:
@@ -172,6 +195,11 @@ def run_follower(args, rank: int) -> None:
         logger.error("rank %d failed to start: %s", rank, e)
         raise
     follow(rt)
+    logger.info("rank %d exiting", rank)
+    # skip interpreter teardown of CUDA graphs / communicators (it can block on the
+    # device); everything this process owns dies with it
+    logging.shutdown()
+    os._exit(0)
 
 
 def follow(rt) -> None:

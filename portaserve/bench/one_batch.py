@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     if ns.profile:
         profile_decode(rt, max(ns.batch_size), min(ns.input_len), 8)
     device = rt.platform.describe()
+    if rt.tp is not None:
+        print(f"{time.strftime('%T')} stopping the tensor-parallel ranks", file=sys.stderr, flush=True)
     _driver(rt).shutdown()
     if ns.compare_hf:
         cfg_path, dtype, dev = rt.source.path, rt.dtype, rt.platform.device()
