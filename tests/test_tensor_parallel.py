@@ -141,3 +141,29 @@ def test_collective_ops_on_two_ranks():
         red, gat = got[r]
         assert torch.equal(red, x0 * 3)  # 1x + 2x
         assert torch.equal(gat, torch.cat([x0, x0 * 2], dim=-1))
+
+
+@pytest.mark.parametrize("scheme", ["awq", "gptq_act", "fp8_static"])
+def test_quantized_checkpoint_tp2_matches_tp1(tmp_path, scheme):
+    """Packed INT4 weights, their group scales/zeros (and GPTQ's act-order g_idx) and FP8
+    scales split over two ranks give the same tokens as one rank.  (FP8 with static
+    activation scales: with dynamic per-token scales a row-parallel rank scales its half
+    of the row by that half's maximum, as vLLM and SGLang do, which is a different —
+    equally valid — quantization than one rank's, so tokens may legitimately differ.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.test_quantization import quantize_checkpoint
+
+    # intermediate 128: each rank's half of down_proj's input holds whole groups of 32
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      initializer_range=0.15, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(7)
+    src = tmp_path / "base"
+    LlamaForCausalLM(cfg).eval().save_pretrained(str(src), safe_serialization=True)
+    qdir, _ = quantize_checkpoint(src, tmp_path, scheme)
+    prompts = random_prompts(4, 512, 5, 30, seed=8)
+    one, _ = _greedy(qdir, 1, prompts)
+    two, info = _greedy(qdir, 2, prompts)
+    assert one == two
+    assert max(info["weight_bytes_per_rank"]) < sum(info["weight_bytes_per_rank"])
