@@ -65,6 +65,8 @@ class Runtime:
             "schedule_policy": self.scheduler.cfg.schedule_policy,
             "decode_graphs": getattr(self.scheduler.decode_graph, "sizes", None),
             "disable_radix_cache": self.scheduler.tree is None,
+            "quantization": getattr(self.model_config.quant_config, "name", None),
+            "kv_cache_dtype": str(self.scheduler.kv.k[0].dtype).replace("torch.", ""),
             "tp_size": self.args.tp_size,
             "weight_bytes_per_rank": self.rank_weight_bytes or [self.weight_bytes],
             "ops": self.op_table.as_dict(),
@@ -78,7 +80,9 @@ class Runtime:
             f"torch {p['torch']}  dist backend: {p['dist_backend']}",
             f"model: {self.source.path} ({self.model_config.architecture}, {self.dtype}, "
             f"{self.weight_bytes / 2**20:.0f} MiB of weights"
-            + (f" on each of {self.args.tp_size} tensor-parallel ranks" if self.tp else "") + ")",
+            + (f" on each of {self.args.tp_size} tensor-parallel ranks" if self.tp else "")
+            + (f"; quantization {self.model_config.quant_config.name}" if self.model_config.quant_config else "")
+            + ")",
             f"KV pool: {self.scheduler.allocator.size} tokens (page size {self.scheduler.page_size}), "
             f"context length {self.context_len}, radix cache "
             f"{'off' if self.scheduler.tree is None else 'on'}",

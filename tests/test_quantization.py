@@ -528,3 +528,15 @@ def test_ignored_modules_stay_unquantized():
                                                        "ignore": ["re:.*self_attn.k_proj$"]}})
     with pytest.raises(UnsupportedQuantization, match="only some of the layers fused"):
         ct.linear_method("layers.0.self_attn.qkv_proj")
+
+
+def test_server_info_reports_quantization(llama):
+    from portaserve import Engine
+
+    with Engine(str(llama), skip_tokenizer_init=True, max_total_tokens=512, quantization="fp8",
+                kv_cache_dtype="fp8_e4m3") as eng:
+        info = eng.get_server_info()
+    assert info["quantization"].startswith("fp8") and info["kv_cache_dtype"] == "float8_e4m3fn"
+    with Engine(str(llama), skip_tokenizer_init=True, max_total_tokens=512) as eng:
+        info = eng.get_server_info()
+    assert info["quantization"] is None and info["kv_cache_dtype"] == "float32"
