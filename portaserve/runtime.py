@@ -193,7 +193,7 @@ def build_runtime(args: ServerArgs, tp_rank: int = 0) -> Runtime:
     if args.grammar_backend == "xgrammar" and tokenizer is not None:
         from portaserve.core.grammar import GrammarBackend
 
-        grammar = GrammarBackend(tokenizer, cfg.vocab_size, eos)
+        grammar = GrammarBackend(tokenizer, cfg.vocab_size, eos, pin_memory=platform.pin_memory)
     sched = Scheduler(
         SchedulerConfig(
             context_len=context_len,
@@ -205,13 +205,12 @@ def build_runtime(args: ServerArgs, tp_rank: int = 0) -> Runtime:
             schedule_policy=args.schedule_policy,
             disable_radix_cache=args.disable_radix_cache,
             random_seed=args.random_seed,
-            # the CPU runs synchronously: there is nothing for the host to overlap with
-            overlap=not args.disable_overlap_schedule and platform.device_type != "cpu",
+            overlap=not args.disable_overlap_schedule and platform.overlap_schedule,
             deterministic=tp is not None,
         ),
         model, kv, device, eos, decode_fn if tokenizer is not None else None, grammar,
         jump_forward=not args.disable_jump_forward, rng_device=platform.rng_device(),
-        inference_mode=platform.inference_mode)
+        inference_mode=platform.inference_mode, pin_memory=platform.pin_memory)
     if platform.supports_graphs and not args.disable_cuda_graph:
         max_bs = args.cuda_graph_max_bs or min(args.max_running_requests, 256)
         sched.decode_graph = platform.decode_graph_runner(model, kv, sched.req_pool, max_bs)

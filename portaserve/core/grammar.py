@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from portaserve.core.hostcopy import to_device
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("json_schema", "regex", "ebnf")
@@ -81,10 +83,11 @@ class GrammarMasks:
 
 
 class GrammarBackend:
-    def __init__(self, tokenizer, vocab_size: int, eos_ids, threads: int = 1):
+    def __init__(self, tokenizer, vocab_size: int, eos_ids, threads: int = 1, pin_memory: bool = True):
         import xgrammar as xgr
 
         self.xgr = xgr
+        self.pin_memory = pin_memory
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
@@ -129,9 +132,8 @@ class GrammarBackend:
     def apply_masks(self, logits: torch.Tensor, masks: "GrammarMasks") -> None:
         """Mask logits[masks.rows] in place (-inf where the bitmask bars a token)."""
         bitmask = masks.bitmask
-        if logits.device.type != "cpu":
-            # pinned, asynchronous: the copy queues behind the forward instead of waiting for it
-            bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
+        # pinned, asynchronous where possible: the copy queues behind the forward
+        bitmask = to_device(bitmask, logits.device, self.pin_memory)
         self.xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size,
                                              indices=masks.rows)
 

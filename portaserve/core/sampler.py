@@ -13,13 +13,15 @@ from typing import Optional
 import torch
 
 from portaserve.core import ops
+from portaserve.core.hostcopy import to_device
 from portaserve.core.request import Req
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device, seed: int = 0, rng_device=None):
+    def __init__(self, vocab_size: int, device, seed: int = 0, rng_device=None, pin_memory: bool = True):
         self.vocab_size = vocab_size
         self.device = torch.device(device)
+        self.pin_memory = pin_memory
         # generators live where the platform can host them (e.g. the CPU for XLA devices)
         self.rng_device = torch.device(rng_device) if rng_device is not None else self.device
         self.generator = torch.Generator(device=self.rng_device).manual_seed(seed)
@@ -38,10 +40,7 @@ class Sampler:
         return ids.tolist(), logprobs
 
     def _h2d(self, data, dtype):
-        t = torch.tensor(data, dtype=dtype)
-        if self.device.type == "cpu":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        return to_device(torch.tensor(data, dtype=dtype), self.device, self.pin_memory)
 
     def sample_tensor(self, logits: torch.Tensor, reqs: list[Req], eos_ids: set[int], grammar=None,
                       masks=None, ignored_rows=()):

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from portaserve.core.forward_batch import ForwardBatch
+from portaserve.core.hostcopy import to_device
 from portaserve.core.memory import KVPool, OutOfSlots, ReqToTokenPool, SlotAllocator
 from portaserve.core.radix_cache import RadixCache
 from portaserve.core.request import Req
@@ -84,7 +85,8 @@ class SchedulerCounters:
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, model, kv: KVPool, device, eos_ids,
                  decode_fn: Optional[Callable[[list[int]], str]] = None, grammar=None,
-                 jump_forward: bool = True, rng_device=None, inference_mode: bool = True):
+                 jump_forward: bool = True, rng_device=None, inference_mode: bool = True,
+                 pin_memory: bool = True):
         if cfg.schedule_policy not in POLICIES:
             raise ValueError(f"unknown schedule policy {cfg.schedule_policy!r}; choose from {POLICIES}")
         self.cfg = cfg
@@ -98,7 +100,8 @@ class Scheduler:
         self.req_pool = ReqToTokenPool(cfg.max_running_requests + 1, cfg.context_len + 8, device)
         self.tree: Optional[RadixCache] = None if cfg.disable_radix_cache else RadixCache(
             self.allocator, cfg.page_size)
-        self.sampler = Sampler(model.cfg.vocab_size, device, cfg.random_seed, rng_device)
+        self.pin_memory = pin_memory
+        self.sampler = Sampler(model.cfg.vocab_size, device, cfg.random_seed, rng_device, pin_memory)
         self.no_grad = torch.inference_mode if inference_mode else torch.no_grad
         self.rng = random.Random(cfg.random_seed)
         # Set by the platform: replays captured decode graphs (e.g. CUDA graphs) when it can.
@@ -561,8 +564,7 @@ class Scheduler:
         if input_ids is None:
             rows_meta.append([r.output_ids[-1] for r in batch])
         meta = torch.tensor(rows_meta, dtype=torch.int64)
-        if meta.device != torch.device(dev):
-            meta = meta.pin_memory().to(dev, non_blocking=True)
+        meta = to_device(meta, dev, self.pin_memory)
         positions, out_loc, rows = meta[0], meta[1], meta[2]
         if input_ids is None:
             input_ids = meta[3]
@@ -650,7 +652,7 @@ class Scheduler:
             if ids.device.type == "cpu":  # nothing runs asynchronously: the logic only
                 host, event = ids, None
             else:
-                host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+                host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=self.pin_memory)
                 host.copy_(ids, non_blocking=True)
                 event = torch.Event(device=ids.device)
                 event.record()
@@ -669,8 +671,7 @@ class Scheduler:
             ids = prev.ids
             if len(cont) != len(prev.reqs):
                 idx = torch.tensor(cont, dtype=torch.int64)
-                if ids.device.type != "cpu":
-                    idx = idx.pin_memory().to(ids.device, non_blocking=True)
+                idx = to_device(idx, ids.device, self.pin_memory)
                 ids = ids.index_select(0, idx)
             batch = [prev.reqs[i] for i in cont]
             if any(r.grammar is not None for r in batch):

@@ -30,6 +30,11 @@ class Platform:
     supported_dtypes: tuple = (torch.float32,)
     # torch.inference_mode for forward passes (XLA wants plain no_grad)
     inference_mode: bool = True
+    # host->device copies from page-locked memory, asynchronously (needs a CUDA/HIP/XPU
+    # runtime; XLA has none)
+    pin_memory: bool = True
+    # launch decode step N+1 before reading N's tokens (asynchronous devices only)
+    overlap_schedule: bool = True
     # Default fraction of device memory the KV pool plus weights may take.
     default_mem_fraction_static: float = 0.88
 

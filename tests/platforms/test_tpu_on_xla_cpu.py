@@ -21,16 +21,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs torch_xla with PJRT_DEVICE=CPU PORTASERVE_XLA_ON_CPU=1 (ci/run-suite tpu-on-cpu)")
 
 
-@pytest.fixture(autouse=True)
-def _unpinned_host_copies():
-    """core pins host tensors before device copies, which torch cannot do without a
-    CUDA/XPU runtime (see portaserve/platforms/tpu/compat.py)."""
-    from portaserve.platforms.tpu.compat import unpinned_host_copies
-
-    with unpinned_host_copies():
-        yield
-
-
 def test_tpu_platform_resolves_and_uses_pallas_provider():
     from portaserve.platforms import resolve_op_table, resolve_platform
 

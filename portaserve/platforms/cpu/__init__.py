@@ -121,6 +121,8 @@ class CpuPlatform(Platform):
     supported_dtypes = (torch.float32, torch.bfloat16, torch.float16)
     # The host's RAM is shared with everything else on it: take a modest share.
     default_mem_fraction_static = 0.25
+    pin_memory = False
+    overlap_schedule = False  # the CPU runs synchronously: nothing for the host to overlap with
 
     def __init__(self, configure_threads: bool = True):
         self.threads, self.threads_from = thread_count()

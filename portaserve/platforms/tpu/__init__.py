@@ -32,6 +32,8 @@ class TpuPlatform(Platform):
     device_type = "xla"
     dist_backend = "xla"
     inference_mode = False  # torch_xla cannot version-count inference tensors: no_grad
+    pin_memory = False  # torch pins only through a GPU runtime; XLA transfers need none
+    overlap_schedule = False  # not wired for XLA's lazy tensors yet
     supports_graphs = True  # XLA compiles whole graphs; decode batches use padded buckets
     supported_dtypes = (torch.bfloat16, torch.float32)
 

@@ -42,10 +42,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from portaserve import Engine
-    from portaserve.platforms.tpu.compat import unpinned_host_copies
 
-    with unpinned_host_copies():
-        return _run(args, Engine)
+    return _run(args, Engine)
 
 
 def _run(args, Engine):
