@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole GPU leg in one go: kernel/engine checks, then every benchmark of the CUDA issue
+# (Llama-3.1-8B shape, random bf16 weights), the MoE and quantized-GEMM figures, TP=2 when
+# two GPUs are visible, and one summary table (ci/gpu/summary.py) at the end.
+# Takes ~20-25 min on one H100/H200; the device tool's 10-min calls run the parts instead
+# (correctness.sh, throughput.sh, serving.sh, gsp_moe.sh, tp2.sh).
+source ci/gpu/setup.sh || exit 1
+M="--model-path /tmp/llama8b --load-format dummy --dtype bfloat16"
+run() { local name=$1; shift; echo "== $name ($(date +%T))"; "$@" > "$OUT/$name.log" 2>&1; echo "   rc=$?"; }
+run tests env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/triton tests/gpu tests/test_quantization.py
+run one_batch python3 -m portaserve.bench.one_batch $M --context-length 8192 --batch-size 1 32 128 \
+  --input-len 128 --output-len 64 --compare-hf --output-file $OUT/one_batch.json
+run offline_random python3 -m portaserve.bench.offline $M --dataset random --num-prompts 500 \
+  --random-input-len 4096 --random-output-len 2048 --random-range-ratio 0 --output-file $OUT/offline_random.json
+run offline_gsp python3 -m portaserve.bench.offline $M --dataset generated-shared-prefix --gsp-num-groups 64 \
+  --gsp-prompts-per-group 16 --gsp-system-prompt-len 2048 --gsp-question-len 128 --gsp-output-len 256 \
+  --compare-no-cache --output-file $OUT/offline_gsp.json
+python3 -m portaserve.launch_server $M --skip-tokenizer-init --context-length 8192 --port 30000 \
+  --log-level warning > $OUT/server.log 2>&1 &
+SERVER=$!
+for i in $(seq 1 180); do curl -sf http://127.0.0.1:30000/health >/dev/null && break; sleep 1; done
+run serving python3 -m portaserve.cli bench serving --port 30000 --dataset-name random --num-prompts 100 \
+  --random-input-len 1024 --random-output-len 256 --random-range-ratio 0.5 --request-rate 1 --seed 0 \
+  --disable-tqdm --output-file $OUT/serving.jsonl
+kill $SERVER; wait $SERVER 2>/dev/null
+mkdir -p /tmp/qwen3moe && cp ci/gpu/qwen3-30b-a3b.json /tmp/qwen3moe/config.json
+run moe python3 -m portaserve.bench.one_batch --model-path /tmp/qwen3moe --load-format dummy --dtype bfloat16 \
+  --context-length 4096 --batch-size 1 64 --input-len 128 --output-len 32 --cuda-graph-max-bs 64 \
+  --max-running-requests 64 --mem-fraction-static 0.80 --output-file $OUT/moe.json
+run gemm python3 -m portaserve.bench.gemm --json $OUT/gemm.json
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  run tp_check python3 ci/gpu/tp_check.py /tmp/llama8b float32
+  run one_batch_tp2 python3 -m portaserve.bench.one_batch $M --context-length 8192 --tp 2 \
+    --batch-size 1 32 128 --input-len 128 --output-len 64 --output-file $OUT/one_batch_tp2.json
+fi
+python3 ci/gpu/summary.py "$OUT" | tee $OUT/summary.md
