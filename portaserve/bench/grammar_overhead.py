@@ -1,7 +1,19 @@
 """Per-token cost of constrained decoding: the same prompts decoded with a JSON schema
-and unconstrained with the same output lengths (ignore_eos), at several batch sizes.
+and unconstrained with the same output lengths (ignore_eos), at several batch sizes,
+first token by token (jump-forward off), then with jump-forward.  Overhead: the median of
+the constrained / unconstrained time ratios of interleaved runs (with jump-forward the
+constrained run also appends forced tokens without a decode step each).
 
     python -m portaserve.bench.grammar_overhead --batch-size 1 16
+
+Every server flag applies (--device, --model-path, --load-format, --dtype, ...).  Grammars
+are compiled against a tokenizer, so a model built from a config with random weights needs
+one (--tokenizer-path: a folder with a Hugging Face tokenizer.json and its
+tokenizer_config.json; a tokenizer smaller than the model's vocabulary is fine, the
+tokens it lacks are never allowed by a grammar).  On a GPU host, e.g.:
+
+    python -m portaserve.bench.grammar_overhead --device cuda --model-path /tmp/llama8b \
+        --load-format dummy --dtype bfloat16 --tokenizer-path /tmp/tok-llama3 --batch-size 1 16
 """
 from __future__ import annotations
 
@@ -18,45 +30,63 @@ SCHEMA = {"type": "object", "properties": {
     "required": ["name", "age", "city", "tags"], "additionalProperties": False}
 
 
-def run(engine, bs: int, constrained: bool, lengths=None, repeats: int = 3):
+def _timed(engine, prompts, sps):
+    engine.flush_cache()
+    t = time.perf_counter()
+    outs = engine.generate(prompts, sps)
+    return time.perf_counter() - t, [o["meta_info"]["completion_tokens"] for o in outs]
+
+
+def run(engine, bs: int, repeats: int = 3):
+    """Constrained and unconstrained runs interleaved (c, u, c, u, ...), so load that
+    drifts during the benchmark weighs on both alike.  Returns (median constrained
+    seconds, median unconstrained seconds, median of the paired ratios, tokens, lengths)."""
     prompts = [f"Person #{i} as JSON:" for i in range(bs)]
-    times, outs = [], None
+    constrained = [{"max_new_tokens": 120, "temperature": 0, "json_schema": json.dumps(SCHEMA)}] * bs
+    ct, ft, lens, ratios = [], [], None, []
     for _ in range(repeats):
-        if constrained:
-            sps = [{"max_new_tokens": 120, "temperature": 0, "json_schema": json.dumps(SCHEMA)}] * bs
-        else:
-            sps = [{"max_new_tokens": n, "temperature": 0, "ignore_eos": True} for n in lengths]
-        engine.flush_cache()
-        t = time.perf_counter()
-        outs = engine.generate(prompts, sps)
-        times.append(time.perf_counter() - t)
-    tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
-    return statistics.median(times), tokens, [o["meta_info"]["completion_tokens"] for o in outs]
+        t, got = _timed(engine, prompts, constrained)
+        lens = lens or got  # greedy: the same every run (per-token figures if not)
+        ct.append(t / sum(got))
+        t, got_f = _timed(engine, prompts, [{"max_new_tokens": n, "temperature": 0, "ignore_eos": True}
+                                            for n in lens])
+        ft.append(t / sum(got_f))
+        ratios.append(ct[-1] / ft[-1])
+    tokens = sum(lens)
+    return (statistics.median(ct) * tokens, statistics.median(ft) * tokens, statistics.median(ratios),
+            tokens, lens)
 
 
 def main(argv=None) -> int:
+    import dataclasses
+
     from portaserve import Engine
+    from portaserve.server_args import ServerArgs
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--model-path", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-total-tokens", type=int, default=20000)
+    p.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
+    ServerArgs.add_cli_args(p)
+    p.set_defaults(max_total_tokens=20000)
     ns = p.parse_args(argv)
+    base = ServerArgs.from_cli(ns)
+    base.max_running_requests = max(base.max_running_requests, max(ns.batch_size))
     print(f"{'bs':>4} {'mode':<28} {'tokens':>7} {'seconds':>8} {'ms/token/seq':>13} {'overhead':>9}")
     for jf in (False, True):
-        with Engine(ns.model_path, device=ns.device, max_total_tokens=ns.max_total_tokens,
-                    disable_jump_forward=not jf) as eng:
+        args = dataclasses.replace(base, disable_jump_forward=not jf)
+        with Engine(server_args=args) as eng:
+            if jf is False:
+                print(eng.rt.startup_report(), file=sys.stderr)
             eng.generate("warm up", {"max_new_tokens": 4, "json_schema": json.dumps(SCHEMA)})
+            eng.generate(["warm up"] * max(ns.batch_size), {"max_new_tokens": 4, "ignore_eos": True})
             for bs in ns.batch_size:
-                ct, ctok, lens = run(eng, bs, True)
-                ft, ftok, _ = run(eng, bs, False, lens)
-                steps_c = ct / (ctok / bs) * 1e3
-                steps_f = ft / (ftok / bs) * 1e3
+                ct, ft, ratio, tokens, lens = run(eng, bs, ns.repeats)
+                per_c = ct / (tokens / bs) * 1e3  # ms per output token of one sequence
+                per_f = ft / (tokens / bs) * 1e3
                 label = "json_schema" + (" + jump-forward" if jf else "")
                 if not jf:
-                    print(f"{bs:>4} {'unconstrained':<28} {ftok:>7} {ft:>8.2f} {steps_f:>13.2f} {'':>9}")
-                print(f"{bs:>4} {label:<28} {ctok:>7} {ct:>8.2f} {steps_c:>13.2f} {ct / ft - 1:>+8.1%}")
+                    print(f"{bs:>4} {'unconstrained':<28} {tokens:>7} {ft:>8.2f} {per_f:>13.2f} {'':>9}")
+                print(f"{bs:>4} {label:<28} {tokens:>7} {ct:>8.2f} {per_c:>13.2f} {ratio - 1:>+8.1%}")
     return 0
 
 
