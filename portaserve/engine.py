@@ -22,6 +22,7 @@ from portaserve.core.request_builder import build_req
 from portaserve.core.sampling_params import InvalidRequest
 from portaserve.runtime import Runtime, build_runtime
 from portaserve.server_args import ServerArgs
+from portaserve.tp import synced_commands
 
 logger = logging.getLogger("portaserve")
 
@@ -104,6 +105,14 @@ class Engine:
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._loop, name="portaserve-scheduler", daemon=True)
         self._thread.start()
+        if self.rt.tp is not None:
+            # the other ranks are child processes that multiprocessing joins at exit: stop
+            # them first, even when the caller never calls shutdown()
+            import atexit
+            import weakref
+
+            ref = weakref.ref(self)
+            atexit.register(lambda: ref() is not None and ref().shutdown())
 
     # ---- scheduler thread -------------------------------------------------------------
     def _loop(self) -> None:
@@ -122,8 +131,7 @@ class Engine:
                     items.append(item)
                 if tp is not None:
                     # every rank applies the same state-changing commands, then steps
-                    tp.broadcast_commands([(k, p) if k != "flush_cache" else (k,)
-                                           for k, p in items if k in ("add", "abort", "flush_cache")])
+                    tp.broadcast_commands(synced_commands(items))
                 for item in items:
                     self._handle_command(item)
                 if sched.has_work():

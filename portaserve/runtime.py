@@ -167,6 +167,16 @@ def build_runtime(args: ServerArgs, tp_rank: int = 0) -> Runtime:
             for p in procs:
                 p.terminate()
             raise
+    try:
+        return _build_rank(args, platform, table, src, cfg, dtype, context_len, tp)
+    except BaseException:
+        if tp is not None:  # do not leave the other ranks waiting in a collective
+            tp.abort()
+        raise
+
+
+def _build_rank(args, platform, table, src, cfg, dtype, context_len, tp) -> Runtime:
+    """Model, KV pool and scheduler of this rank, on its device."""
     device = platform.device()  # after binding this rank's device
     tokenizer = None if args.skip_tokenizer_init else load_tokenizer(src, args.tokenizer_path)
     model = load_model(src, cfg, dtype, device, args.load_format, args.random_seed)

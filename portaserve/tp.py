@@ -33,8 +33,18 @@ import torch
 
 logger = logging.getLogger("portaserve.tp")
 
-# commands that change scheduler state, and so must reach every rank
-SYNCED_COMMANDS = ("add", "abort", "flush_cache", "shutdown")
+def synced_commands(items) -> list:
+    """The part of a driver loop's inbox that changes scheduler state, in arrival order,
+    as the tuples every rank applies: ("add", req), ("abort", rid), ("flush_cache",),
+    ("shutdown",).  Items are (kind, payload, ...); other kinds (queries answered by
+    rank 0 alone) are left out, as are reply handles."""
+    out = []
+    for it in items:
+        if it[0] in ("add", "abort"):
+            out.append((it[0], it[1]))
+        elif it[0] in ("flush_cache", "shutdown"):
+            out.append((it[0],))
+    return out
 
 
 def free_port() -> int:
@@ -76,6 +86,7 @@ class TPGroup:
         self.control = control_group
         self.procs = procs or []
         self._closed = False
+        self._told_shutdown = False  # a broadcast already carried ("shutdown",)
 
     # ---- the command channel --------------------------------------------------------------
     def broadcast_commands(self, cmds: Optional[list]) -> list:
@@ -84,6 +95,7 @@ class TPGroup:
         import torch.distributed as dist
 
         if self.rank == 0:
+            self._told_shutdown |= any(c[0] == "shutdown" for c in cmds or [])
             data = pickle.dumps(cmds or [])
             n = torch.tensor([len(data)], dtype=torch.long)
             dist.broadcast(n, 0, group=self.control)
@@ -117,7 +129,7 @@ class TPGroup:
         if self._closed:
             return
         self._closed = True
-        if self.rank == 0:
+        if self.rank == 0 and not self._told_shutdown:
             try:
                 self.broadcast_commands([("shutdown",)])
             except Exception as e:  # a follower already died
@@ -134,6 +146,18 @@ class TPGroup:
                 if p.is_alive():
                     p.kill()
         logger.info("rank %d left the tensor-parallel group", self.rank)
+
+
+    def abort(self) -> None:
+        """Rank 0 failed part-way through startup: stop the followers without the
+        goodbye (they may be waiting in another collective)."""
+        if self._closed:
+            return
+        self._closed = True
+        for p in self.procs:
+            p.kill()
+            p.join(5)
+        _leave_process_group(5.0)
 
 
 def _leave_process_group(timeout_s: float) -> None:
@@ -274,23 +298,21 @@ class Driver:
             apply_command(self.sched, c)
 
     def step(self) -> list:
+        """One broadcast of the pending commands, then one step: what every rank does."""
         self._sync()
         return self.sched.step() if self.sched.has_work() else []
 
     def flush_cache(self) -> bool:
-        """Only when idle (followers step after a broadcast whenever they have work)."""
-        self._sync()
-        if self.tp is not None:
-            self.tp.broadcast_commands([("flush_cache",)])
-        return self.sched.flush_cache()
+        if self.has_work():
+            raise RuntimeError("flush_cache needs an idle scheduler")
+        self._pending.append(("flush_cache",))
+        self.step()  # the flush travels like any command; there is nothing to step
+        return True
 
     @property
-    def waiting(self):
-        return self.sched.waiting
-
-    @property
-    def chunked(self):
-        return self.sched.chunked
+    def prefilling(self) -> bool:
+        """Requests still to be (or being) prefilled, counting ones not yet sent."""
+        return bool(self._pending or self.sched.waiting or self.sched.chunked)
 
     def shutdown(self) -> None:
         if self.tp is not None:

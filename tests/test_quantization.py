@@ -188,11 +188,12 @@ def _asym_int4(wt: torch.Tensor, groups: torch.Tensor, n_groups: int):
     return q.clamp(0, 15), z, s
 
 
-def quantize_checkpoint(src: Path, out_root: Path, scheme: str):
-    """(quantized folder, dequantized float32 folder) for one scheme."""
+def quantize_checkpoint(src: Path, out_root: Path, scheme: str, group: int = 32):
+    """(quantized folder, dequantized float32 folder) for one scheme; group -1: one
+    INT4 group over each layer's whole input."""
     state = _load_state(src)
     qstate, dstate = {}, {}
-    group = 32
+    group_cfg = group
     qc = None
     g = torch.Generator().manual_seed(11)
     perms = {}
@@ -204,6 +205,7 @@ def quantize_checkpoint(src: Path, out_root: Path, scheme: str):
         base = name[: -len(".weight")]
         w = w.float()
         N, K = w.shape
+        group = K if group_cfg == -1 else group_cfg
         if scheme in ("awq", "gptq", "gptq_act"):
             if scheme == "gptq_act":  # act-order: one permutation per layer input (q|k|v share one)
                 key = (name.split(".")[2], {"k_proj": "q_proj", "v_proj": "q_proj",
@@ -227,9 +229,9 @@ def quantize_checkpoint(src: Path, out_root: Path, scheme: str):
                 qstate[f"{base}.g_idx"] = groups.to(torch.int32)
                 qstate[f"{base}.bias"] = torch.zeros(N, dtype=torch.float16)  # AutoGPTQ writes one
             qstate[f"{base}.scales"] = s
-            qc = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+            qc = ({"quant_method": "awq", "bits": 4, "group_size": group_cfg, "zero_point": True,
                    "version": "gemm", "modules_to_not_convert": None} if scheme == "awq" else
-                  {"quant_method": "gptq", "bits": 4, "group_size": group, "sym": False,
+                  {"quant_method": "gptq", "bits": 4, "group_size": group_cfg, "sym": False,
                    "desc_act": scheme == "gptq_act", "checkpoint_format": "gptq"})
         elif scheme in ("fp8", "fp8_static", "ct_fp8"):
             if scheme == "ct_fp8":  # compressed-tensors FP8 dynamic: per-channel weights

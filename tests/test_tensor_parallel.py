@@ -143,8 +143,9 @@ def test_collective_ops_on_two_ranks():
         assert torch.equal(gat, torch.cat([x0, x0 * 2], dim=-1))
 
 
-@pytest.mark.parametrize("scheme", ["awq", "gptq_act", "fp8_static"])
-def test_quantized_checkpoint_tp2_matches_tp1(tmp_path, scheme):
+@pytest.mark.parametrize("scheme,group", [("awq", 32), ("gptq_act", 32), ("fp8_static", 32),
+                                          ("awq", -1), ("gptq_act", -1)])
+def test_quantized_checkpoint_tp2_matches_tp1(tmp_path, scheme, group):
     """Packed INT4 weights, their group scales/zeros (and GPTQ's act-order g_idx) and FP8
     scales split over two ranks give the same tokens as one rank.  (FP8 with static
     activation scales: with dynamic per-token scales a row-parallel rank scales its half
@@ -161,7 +162,7 @@ def test_quantized_checkpoint_tp2_matches_tp1(tmp_path, scheme):
     torch.manual_seed(7)
     src = tmp_path / "base"
     LlamaForCausalLM(cfg).eval().save_pretrained(str(src), safe_serialization=True)
-    qdir, _ = quantize_checkpoint(src, tmp_path, scheme)
+    qdir, _ = quantize_checkpoint(src, tmp_path, scheme, group)
     prompts = random_prompts(4, 512, 5, 30, seed=8)
     one, _ = _greedy(qdir, 1, prompts)
     two, info = _greedy(qdir, 2, prompts)

@@ -115,16 +115,10 @@ def run_openai(url: str, width: int, tokens: int) -> int:
 
 
 # ---- servers and measurement ----------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(extra: list, log_path: str, timeout: float = 600.0):
-    port = _free_port()
+    from portaserve.tp import free_port
+
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(log_path, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "portaserve.launch_server", "--port", str(port),

@@ -134,7 +134,7 @@ def profile_decode(rt, bs, input_len, steps):
     for _ in range(bs):
         sched.add_request(build_req(rt.limits(), None, None, rng.integers(100, 1000, input_len).tolist(),
                                     {"max_new_tokens": steps + 4, "temperature": 0, "ignore_eos": True}))
-    while sched.waiting or sched.chunked:
+    while sched.prefilling:
         sched.step()
     sched.step()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.platform.device_type == "cuda" else [])

@@ -161,13 +161,17 @@ class _Int4LinearMethod(LinearMethod):
         self._layer = None
 
     def _group(self, layer, in_features):
-        full_in = getattr(layer, "in_full", in_features)
-        g = full_in if self.group_size in (-1, 0, None) else self.group_size
+        """(group size on this rank, input_dim tag of the zeros/scales).  group_size -1
+        is one group over the whole input: every rank keeps that single row of scales
+        and zeros (it is not split with the input features)."""
+        if self.group_size in (-1, 0, None):
+            return in_features, None
+        g = self.group_size
         if in_features % g:
             raise UnsupportedQuantization(
                 f"{layer.prefix}: {in_features} input features (this rank's part) are not a "
                 f"multiple of the quantization group size {g}")
-        return g
+        return g, 0
 
     def _check_out(self, layer, out_features):
         for s in _shard_sizes(layer, out_features):
@@ -194,15 +198,15 @@ class AWQLinearMethod(_Int4LinearMethod):
 
     def create_weights(self, layer, in_features, out_features, dtype):
         self._layer = weakref.ref(layer)
-        g = self._group(layer, in_features)
+        g, gdim = self._group(layer, in_features)
         self._check_out(layer, out_features)
         i32 = torch.int32
         add_param(layer, "qweight", torch.empty(in_features, out_features // 8, dtype=i32),
                   output_dim=1, input_dim=0)
         add_param(layer, "qzeros", torch.empty(in_features // g, out_features // 8, dtype=i32),
-                  output_dim=1, input_dim=0)
+                  output_dim=1, input_dim=gdim)
         add_param(layer, "scales", torch.empty(in_features // g, out_features, dtype=dtype),
-                  output_dim=1, input_dim=0)
+                  output_dim=1, input_dim=gdim)
 
     def apply(self, layer, x):
         return ops.int4_gemm(x, layer.qweight, layer.scales, layer.qzeros, None, "awq")
@@ -220,18 +224,20 @@ class GPTQLinearMethod(_Int4LinearMethod):
 
     def create_weights(self, layer, in_features, out_features, dtype):
         self._layer = weakref.ref(layer)
-        g = self._group(layer, in_features)
+        g, gdim = self._group(layer, in_features)
         self._check_out(layer, out_features)
         i32 = torch.int32
         full_in = getattr(layer, "in_full", in_features)
         add_param(layer, "qweight", torch.empty(in_features // 8, out_features, dtype=i32),
                   output_dim=1, input_dim=0)
-        if self.desc_act and full_in != in_features:
+        if gdim is None:  # one group over the whole input
+            groups, idim = 1, None
+        elif self.desc_act and full_in != in_features:
             # act-order under a split input: this rank's rows may use any group, so every
             # rank keeps all groups' zeros and scales (vLLM does the same)
             groups, idim = full_in // g, None
         else:
-            groups, idim = in_features // g, 0
+            groups, idim = in_features // g, gdim
         add_param(layer, "qzeros", torch.empty(groups, out_features // 8, dtype=i32),
                   output_dim=1, input_dim=idim)
         add_param(layer, "scales", torch.empty(groups, out_features, dtype=dtype),

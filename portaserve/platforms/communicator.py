@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from portaserve.core.ops import native
+
 _BACKEND_MODULE = {"xla": "torch_xla"}
 
 
@@ -87,23 +89,16 @@ class Communicator:
         """In place; returns t."""
         if self.world_size == 1:
             return t
+        if op == "sum":
+            return native.all_reduce(t, self.group)  # the model's all-reduce (core/ops)
         dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()), group=self.group)
         return t
 
     def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Concatenation of every rank's t along dim (rank order)."""
-        n = self.world_size
-        if n == 1:
+        if self.world_size == 1:
             return t
-        t = t.contiguous()
-        if self.backend != "gloo":
-            out = torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-            dist.all_gather_into_tensor(out, t, group=self.group)
-            parts = out.chunk(n, dim=0)
-        else:
-            parts = [torch.empty_like(t) for _ in range(n)]
-            dist.all_gather(parts, t, group=self.group)
-        return torch.cat(parts, dim=dim)
+        return native.all_gather(t, dim, self.group)
 
     def reduce_scatter(self, t: torch.Tensor, dim: int = 0, op: str = "sum") -> torch.Tensor:
         """Reduce t across ranks, then keep this rank's 1/world_size chunk along dim."""

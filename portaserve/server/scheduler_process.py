@@ -102,7 +102,7 @@ def _serve(rt, recv, send, parent_pid: int) -> None:
     import zmq
 
     from portaserve.engine import make_output_message
-    from portaserve.tp import SYNCED_COMMANDS
+    from portaserve.tp import synced_commands
 
     sched = rt.scheduler
     sent: dict = {}
@@ -133,9 +133,8 @@ def _serve(rt, recv, send, parent_pid: int) -> None:
                 items.append(recv.recv_pyobj(zmq.NOBLOCK))
             except zmq.Again:
                 break
-        if rt.tp is not None:
-            rt.tp.broadcast_commands([(it[0], it[1]) if it[0] in ("add", "abort") else ("flush_cache",)
-                                      for it in items if it[0] in SYNCED_COMMANDS and it[0] != "shutdown"])
+        if rt.tp is not None:  # every rank applies the same commands, then steps (or stops)
+            rt.tp.broadcast_commands(synced_commands(items))
         outs = []
         for item in items:
             kind = item[0]

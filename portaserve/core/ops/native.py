@@ -70,7 +70,11 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 # ---- KV cache ----------------------------------------------------------------------
 def kv_store(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor,
              k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write k/v [T, Hk, D] into the caches at slots loc [T] (in place)."""
+    """Write k/v [T, Hk, D] into the caches at slots loc [T] (in place).  An fp8 cache
+    saturates out-of-range values (a plain cast may give NaN for |x| > the format's max)."""
+    if k_cache.dtype.is_floating_point and k_cache.element_size() == 1:
+        lim = torch.finfo(k_cache.dtype).max
+        k, v = k.clamp(-lim, lim), v.clamp(-lim, lim)
     k_cache[loc] = k.to(k_cache.dtype)
     v_cache[loc] = v.to(v_cache.dtype)
 
@@ -195,13 +199,22 @@ def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """Every rank's x concatenated along dim, in rank order (the list form of the
-    collective: every backend, gloo included, has it)."""
+    """Every rank's x concatenated along dim, in rank order.  One fused collective into
+    one buffer where the backend has it; gloo (which lacks all_gather_into_tensor in some
+    builds) takes the list form."""
     import torch.distributed as dist
 
+    n = dist.get_world_size(group)
     x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x, group=group)
+    if dist.get_backend(group) == "gloo":
+        parts = [torch.empty_like(x) for _ in range(n)]
+        dist.all_gather(parts, x, group=group)
+    else:
+        out = torch.empty((n * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x, group=group)
+        if dim % x.dim() == 0:
+            return out
+        parts = out.chunk(n, dim=0)
     return torch.cat(parts, dim=dim)
 
 
