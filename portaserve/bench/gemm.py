@@ -14,6 +14,11 @@ time without Python launch overhead (what a decode step under CUDA graphs sees).
 
 Columns: time per call (us), TFLOP/s (2*M*N*K / time), GB/s (weight + activation bytes
 moved / time) and the speedup over bf16 at the same shape.
+
+When the INT4 provider is the Triton kernel, extra rows time its paths one by one
+(``--int4-paths``, on by default; kinds ``int4:fma`` (M = 1 GEMV), ``int4:dot`` (the
+decode split-K kernel with tl.dot, M <= 16) and ``int4:general`` (the tiled kernel)) so
+that one run shows which path wins at which M; the ``int4`` row is what the model runs.
 """
 from __future__ import annotations
 
@@ -111,8 +116,14 @@ def run(args) -> list:
              "int8": table.choices["int8_scaled_mm"].provider, "int4": table.choices["int4_gemm"].provider}
     print(f"platform {platform.name} ({platform.device_name()}), torch {torch.__version__}; "
           f"providers: " + ", ".join(f"{k}={v}" for k, v in provs.items()), flush=True)
+    int4_paths = {}
+    if args.int4_paths and provs["int4"] == "triton" and "int4" in args.kinds:
+        from portaserve.platforms.triton_kernels import int4_gemm as tk
+
+        int4_paths = {"int4:fma": "decode_fma", "int4:dot": "decode_dot", "int4:general": "general"}
+        provs.update({k: "triton" for k in int4_paths})
     rows = []
-    hdr = f"{'layer':<8}{'K->N':>13}{'M':>6}  {'kind':<5}{'provider':<10}{'us':>10}{'TFLOP/s':>9}{'GB/s':>8}{'x bf16':>8}"
+    hdr = f"{'layer':<8}{'K->N':>13}{'M':>6}  {'kind':<13}{'provider':<10}{'us':>10}{'TFLOP/s':>9}{'GB/s':>8}{'x bf16':>8}"
     print(hdr)
     print("-" * len(hdr))
     for name, K, N in shapes:
@@ -125,23 +136,47 @@ def run(args) -> list:
                 "int8": lambda: fns["int8"](x, ins["int8"][0], ins["int8"][1], None, dtype),
                 "int4": lambda: fns["int4"](x, ins["int4"][0], ins["int4"][1], ins["int4"][2], None, "awq"),
             }
+            for kind, path in int4_paths.items():
+                if path.startswith("decode") and not tk._decode_applies(
+                        x, ins["int4"][0], ins["int4"][1], ins["int4"][2], None, "awq", path[7:]):
+                    continue
+                calls[kind] = (lambda p: lambda: tk.int4_gemm(x, ins["int4"][0], ins["int4"][1],
+                                                               ins["int4"][2], None, "awq", path=p))(path)
             base = None
-            for kind in args.kinds:
+            for kind in list(args.kinds) + [k for k in int4_paths if k in calls]:
                 t = _time(calls[kind], platform, device, args.iters)
                 flops = 2 * M * N * K / t / 1e12
-                gbs = (_weight_bytes(kind, K, N, group) + 2 * M * (K + N)) / t / 1e9
+                gbs = (_weight_bytes(kind.split(":")[0], K, N, group) + 2 * M * (K + N)) / t / 1e9
                 base = t if kind == "bf16" else base
                 ratio = base / t if base else float("nan")
                 rows.append({"layer": name, "K": K, "N": N, "M": M, "kind": kind,
                              "provider": provs[kind], "us": t * 1e6, "tflops": flops, "gbps": gbs,
                              "speedup_vs_bf16": ratio})
-                print(f"{name:<8}{f'{K}->{N}':>13}{M:>6}  {kind:<5}{provs[kind]:<10}{t * 1e6:>10.1f}"
+                print(f"{name:<8}{f'{K}->{N}':>13}{M:>6}  {kind:<13}{provs[kind]:<10}{t * 1e6:>10.1f}"
                       f"{flops:>9.2f}{gbs:>8.0f}{ratio:>8.2f}", flush=True)
+    notes = _kernel_notes(provs)
+    for n in notes:
+        print(n)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"platform": platform.name, "device": platform.device_name(),
-                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+                       "torch": torch.__version__, "notes": notes, "rows": rows}, f, indent=1)
     return rows
+
+
+def _kernel_notes(provs) -> list:
+    """Which helper kernels actually ran (a Triton kernel that failed falls back loudly)."""
+    notes = []
+    if provs["fp8"] == "scaled_mm" or provs["int8"] == "int_mm":
+        from portaserve.platforms.cuda import quant_ops
+
+        notes.append(f"W8A8 activation quantizer: {quant_ops.quantizer_status()}")
+    if provs["int4"] == "triton":
+        from portaserve.platforms.triton_kernels import int4_gemm as tk
+
+        notes.append("INT4 Triton kernels disabled after a failure: "
+                     + (", ".join(f"{k} ({v})" for k, v in tk._disabled.items()) or "none"))
+    return notes
 
 
 def main(argv=None) -> int:
@@ -155,6 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20, help="calls per timing")
     p.add_argument("--kernel", action="append", help="OP=PROVIDER override")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--no-int4-paths", dest="int4_paths", action="store_false",
+                   help="skip the per-path rows of the Triton INT4 kernel")
     args = p.parse_args(argv)
     if "bf16" in args.kinds:
         args.kinds = ["bf16"] + [k for k in args.kinds if k != "bf16"]

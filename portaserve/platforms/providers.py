@@ -6,7 +6,7 @@ decides which registered provider wins on that platform; native is always the fa
 """
 from __future__ import annotations
 
-from portaserve.core.ops.registry import needs_module, register_provider
+from portaserve.core.ops.registry import all_of, needs_module, register_provider
 
 # ---- Triton: one kernel each for CUDA, ROCm and XPU -----------------------------------
 _TRITON_PLATFORMS = ("cuda", "rocm", "xpu")
@@ -76,5 +76,15 @@ register_provider("fp8_scaled_mm", "scaled_mm", ("cuda",),
 register_provider("int8_scaled_mm", "int_mm", ("cuda",),
                   "portaserve.platforms.cuda.quant_ops:int8_scaled_mm",
                   requires=_cuda_quant_requirement("int_mm_supported"))
+
+
+def _int4_triton_selftest():
+    # compiles the INT4 kernels on the device and checks them against the oracle at
+    # startup, so a kernel that cannot compile here is rejected (with its reason) up front
+    from portaserve.platforms.triton_kernels import int4_gemm
+
+    return int4_gemm.selftest()
+
+
 register_provider("int4_gemm", "triton", _TRITON_PLATFORMS, f"{_TK}.int4_gemm:int4_gemm",
-                  requires=needs_module("triton"))
+                  requires=all_of(needs_module("triton"), _int4_triton_selftest))

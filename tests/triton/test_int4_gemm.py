@@ -1,7 +1,11 @@
-"""The Triton INT4 dequant-GEMM (AWQ and GPTQ layouts) against the native dequantize-then-
-matmul oracle, and the Triton paged attention over an FP8 KV cache against native
+"""The Triton INT4 kernels (the AWQ decode GEMV / split-K kernel in both its modes, and the
+general dequant-GEMM for AWQ and GPTQ) against the native dequantize-then-matmul oracle,
+their fallbacks, and the Triton paged attention over an FP8 KV cache against native
 attention over the same cache upcast (under TRITON_INTERPRET=1 on the CPU; on a GPU host
-with PORTASERVE_TEST_DEVICE=cuda, compiled, where bf16 runs too)."""
+with PORTASERVE_TEST_DEVICE=cuda, compiled, where bf16 runs too).  Triton 3.x's
+interpreter computes tl.dot on bfloat16 operands wrongly, so on the CPU the decode
+kernel's tl.dot mode is checked in float32 and float16 (the same code with another
+magic constant) and bf16 runs the FMA mode only."""
 from __future__ import annotations
 
 import importlib.util
@@ -90,3 +94,87 @@ def test_attention_over_fp8_kv_cache(kv_dtype):
     ref = native.attention_extend(q, k8.float(), v8.float(), r2t, rows, pl, el, D ** -0.5)
     out = attention_extend(*_dev(q, k8, v8, r2t, rows, pl, el), D ** -0.5)
     torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
+
+
+# ---- the AWQ decode kernel (M <= 64) ----------------------------------------------------------
+DECODE_CASES = [  # M, K, N, group: N tails (not a multiple of the tile), one or many groups
+    (1, 64, 48, 32), (1, 128, 72, 64), (1, 256, 128, 128), (3, 64, 40, 16), (16, 128, 64, 32),
+    (9, 256, 24, 128), (20, 64, 32, 32), (40, 128, 40, 64)]
+
+
+def _decode_dtypes(mode):
+    if DEVICE != "cpu":
+        return DTYPES
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if mode == "fma" else [])
+
+
+@pytest.mark.parametrize("mode", ["fma", "dot"])
+@pytest.mark.parametrize("M,K,N,group", DECODE_CASES)
+def test_awq_decode_kernel_matches_native(mode, M, K, N, group):
+    if mode == "fma" and M != 1:
+        pytest.skip("the FMA mode is the M == 1 GEMV")
+    g = torch.Generator().manual_seed(7 * M + K + N + group)
+    qw, s, qz, _, _, _ = random_int4(g, K, N, group, "awq")
+    x32 = torch.randn(M, K, generator=g)
+    for dtype in _decode_dtypes(mode):
+        x, sd = x32.to(dtype), s.to(dtype)
+        ref = native.int4_gemm(x, qw, sd, qz, None, "awq")
+        xd, qwd, sdd, qzd = _dev(x, qw, sd, qz)
+        for split in (None, 1, 2, 1000):  # 1000: clamped to one K block per program
+            out = _kernel()(xd, qwd, sdd, qzd, None, "awq", split_k=split, path=f"decode_{mode}")
+            assert out.dtype == dtype and out.shape == (M, N)
+            torch.testing.assert_close(out.cpu().float(), ref.float(), **TOL[dtype])
+
+
+def test_int4_gemm_chooses_decode_for_small_awq_and_general_otherwise(monkeypatch):
+    from portaserve.platforms.triton_kernels import int4_gemm as tk
+
+    calls = []
+    real_decode, real_general = tk._awq_decode, tk._general
+    monkeypatch.setattr(tk, "_awq_decode", lambda *a, **k: calls.append("decode") or real_decode(*a, **k))
+    monkeypatch.setattr(tk, "_general", lambda *a, **k: calls.append("general") or real_general(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    for layout, act_order, M, want in [("awq", False, 1, "decode"), ("awq", False, 16, "decode"),
+                                       ("awq", False, 40, "decode"),
+                                       ("awq", False, 65, "general"), ("gptq", False, 2, "general"),
+                                       ("gptq_v2", True, 1, "general")]:
+        qw, s, qz, g_idx, _, _ = random_int4(g, 64, 32, 32, layout, act_order)
+        x = torch.randn(M, 64, generator=g)
+        calls.clear()
+        out = tk.int4_gemm(*_dev(x, qw, s, qz, g_idx), layout)
+        assert calls == [want], (layout, M, calls)
+        torch.testing.assert_close(out.cpu(), native.int4_gemm(x, qw, s, qz, g_idx, layout),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_a_failing_kernel_falls_back_loudly(monkeypatch):
+    """A kernel that cannot compile on the device must not crash the engine: decode falls
+    back to the general kernel, the general one to the native op, each with one warning."""
+    from portaserve.platforms.triton_kernels import int4_gemm as tk
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(tk, "_disabled", {})
+    g = torch.Generator().manual_seed(4)
+    qw, s, qz, _, _, _ = random_int4(g, 64, 32, 32, "awq")
+    x = torch.randn(1, 64, generator=g)
+    ref = native.int4_gemm(x, qw, s, qz, None, "awq")
+    monkeypatch.setattr(tk, "_awq_decode", boom)
+    with pytest.warns(RuntimeWarning, match="decode kernel failed"):
+        out = tk.int4_gemm(*_dev(x, qw, s, qz), None, "awq")
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+    assert "decode" in tk._disabled
+    monkeypatch.setattr(tk, "_general", boom)
+    with pytest.warns(RuntimeWarning, match="general kernel failed"):
+        out = tk.int4_gemm(*_dev(x, qw, s, qz), None, "awq")
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_selftest_passes_on_this_host():
+    """On the CPU there is no accelerator to test (None); on a GPU host the kernels compile
+    and agree with the oracle, and the decode kernel stays enabled."""
+    from portaserve.platforms.triton_kernels import int4_gemm as tk
+
+    assert tk.selftest() is None
+    assert "decode" not in tk._disabled
