@@ -22,7 +22,7 @@ from portaserve.core.request_builder import build_req
 from portaserve.core.sampling_params import InvalidRequest
 from portaserve.runtime import Runtime, build_runtime
 from portaserve.server_args import ServerArgs
-from portaserve.tp import synced_commands
+from portaserve.tp import step_commands
 
 logger = logging.getLogger("portaserve")
 
@@ -131,7 +131,7 @@ class Engine:
                     items.append(item)
                 if tp is not None:
                     # every rank applies the same state-changing commands, then steps
-                    tp.broadcast_commands(synced_commands(items))
+                    tp.broadcast_commands(step_commands(sched, items))
                 for item in items:
                     self._handle_command(item)
                 if sched.has_work():

@@ -33,6 +33,18 @@ import torch
 
 logger = logging.getLogger("portaserve.tp")
 
+def step_commands(sched, items) -> list:
+    """What rank 0 broadcasts before a step: the inbox's state-changing commands, then
+    the grammars that finished compiling on rank 0 (released here at once, on the other
+    ranks when they apply the command)."""
+    cmds = synced_commands(items)
+    done = sched.compiled_grammars()
+    if done:
+        sched.release_grammars(done)
+        cmds.append(("release_grammars", done))
+    return cmds
+
+
 def synced_commands(items) -> list:
     """The part of a driver loop's inbox that changes scheduler state, in arrival order,
     as the tuples every rank applies: ("add", req), ("abort", rid), ("flush_cache",),
@@ -259,6 +271,8 @@ def apply_command(sched, cmd):
         return sched.abort(cmd[1])
     if kind == "flush_cache":
         return sched.flush_cache()
+    if kind == "release_grammars":
+        return sched.release_grammars(cmd[1])
     raise ValueError(f"unknown command {kind!r}")
 
 
@@ -292,10 +306,10 @@ class Driver:
 
     def _sync(self) -> None:
         cmds, self._pending = self._pending, []
-        if self.tp is not None:
-            self.tp.broadcast_commands(cmds)
         for c in cmds:
             apply_command(self.sched, c)
+        if self.tp is not None:
+            self.tp.broadcast_commands(cmds + step_commands(self.sched, []))
 
     def step(self) -> list:
         """One broadcast of the pending commands, then one step: what every rank does."""

@@ -168,3 +168,25 @@ def test_quantized_checkpoint_tp2_matches_tp1(tmp_path, scheme, group):
     two, info = _greedy(qdir, 2, prompts)
     assert one == two
     assert max(info["weight_bytes_per_rank"]) < sum(info["weight_bytes_per_rank"])
+
+
+def test_constrained_requests_tp3_match_tp1(default_engine):
+    """Grammar requests under tensor parallelism: rank 0 announces which grammars have
+    compiled, so every replica admits them at the same step, and the tokens (free and
+    constrained, greedy and seeded random) equal the single-rank engine's.  The default
+    model's 9 heads / 3 KV heads split over 3 ranks."""
+    import json
+
+    schema = json.dumps({"type": "object", "properties": {"name": {"type": "string"},
+                                                          "age": {"type": "integer"}},
+                         "required": ["name", "age"]})
+    prompts = ["A user as JSON:", "An IP address:", "Tell me a joke.", "Another user, JSON:"]
+    sps = [{"max_new_tokens": 40, "temperature": 0, "json_schema": schema},
+           {"max_new_tokens": 20, "temperature": 1.0, "sampling_seed": 3,
+            "regex": r"(\d{1,3}\.){3}\d{1,3}"},
+           {"max_new_tokens": 12, "temperature": 0},
+           {"max_new_tokens": 40, "temperature": 1.0, "sampling_seed": 5, "json_schema": schema}]
+    want = [o["output_ids"] for o in default_engine.generate(prompts, sps)]
+    with Engine(max_total_tokens=4000, tp_size=3) as eng:
+        got = [o["output_ids"] for o in eng.generate(prompts, sps)]
+    assert got == want

@@ -44,6 +44,7 @@ class Req:
     generator: Optional[torch.Generator] = None
     grammar: Any = None  # xgrammar matcher of a constrained request
     grammar_future: Any = None
+    grammar_released: bool = False  # deterministic (TP) mode: rank 0 announced it compiled
     jump_forward_tokens: int = 0
     # timing
     created: float = field(default_factory=time.perf_counter)

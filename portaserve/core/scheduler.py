@@ -133,24 +133,48 @@ class Scheduler:
             return
         self.waiting.append(req)
 
+    def compiled_grammars(self) -> list[str]:
+        """Rids of queued requests whose grammar has compiled on this rank and is not yet
+        released.  Under tensor parallelism rank 0 announces these to every rank
+        (``release_grammars``), so all replicas admit them at the same step."""
+        if not self.grammar_queue:
+            return []
+        if not self.waiting and not self.running and self.chunked is None:
+            self._wait_first_grammar()
+        return [r.rid for r in self.grammar_queue
+                if not r.grammar_released and r.grammar_future.done()]
+
+    def release_grammars(self, rids) -> None:
+        rids = set(rids)
+        for r in self.grammar_queue:
+            if r.rid in rids:
+                r.grammar_released = True
+
+    def _wait_first_grammar(self) -> None:
+        # nothing else to do: wait briefly for the first grammar instead of spinning
+        try:
+            self.grammar_queue[0].grammar_future.exception(timeout=0.01)
+        except Exception:
+            pass
+
     def _poll_grammars(self) -> None:
         """Move requests whose grammar compiled into the queue (compiling happens on a
-        worker thread, off this loop)."""
+        worker thread, off this loop).  In deterministic mode only released requests
+        move: readiness must not differ between ranks (a released grammar that is still
+        compiling here is waited for; it finished on rank 0 already)."""
         if not self.grammar_queue:
             return
-        if self.cfg.deterministic:
-            for r in self.grammar_queue:
-                r.grammar_future.exception()  # wait: readiness must not differ between ranks
-        elif not self.waiting and not self.running and self.chunked is None:
-            # nothing else to do: wait briefly for the first grammar instead of spinning
-            try:
-                self.grammar_queue[0].grammar_future.exception(timeout=0.01)
-            except Exception:
-                pass
+        if not self.cfg.deterministic and not self.waiting and not self.running and self.chunked is None:
+            self._wait_first_grammar()
         still = []
         for r in self.grammar_queue:
             fut = r.grammar_future
-            if not fut.done():
+            if self.cfg.deterministic:
+                if not r.grammar_released:
+                    still.append(r)
+                    continue
+                fut.exception()  # wait
+            elif not fut.done():
                 still.append(r)
                 continue
             r.grammar_future = None

@@ -102,7 +102,7 @@ def _serve(rt, recv, send, parent_pid: int) -> None:
     import zmq
 
     from portaserve.engine import make_output_message
-    from portaserve.tp import synced_commands
+    from portaserve.tp import step_commands
 
     sched = rt.scheduler
     sent: dict = {}
@@ -134,7 +134,7 @@ def _serve(rt, recv, send, parent_pid: int) -> None:
             except zmq.Again:
                 break
         if rt.tp is not None:  # every rank applies the same commands, then steps (or stops)
-            rt.tp.broadcast_commands(synced_commands(items))
+            rt.tp.broadcast_commands(step_commands(sched, items))
         outs = []
         for item in items:
             kind = item[0]
