@@ -96,9 +96,9 @@ def test_attention_over_fp8_kv_cache(kv_dtype):
     torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
 
 
-# ---- the AWQ decode kernel (M <= 64) ----------------------------------------------------------
+# ---- the decode kernel (M <= 64; AWQ and GPTQ without act-order) ----------------------------------------------------------
 DECODE_CASES = [  # M, K, N, group: N tails (not a multiple of the tile), one or many groups
-    (1, 64, 48, 32), (1, 128, 72, 64), (1, 256, 128, 128), (3, 64, 40, 16), (16, 128, 64, 32),
+    (1, 64, 48, 32), (1, 128, 40, 64), (1, 256, 24, 128), (3, 64, 40, 16), (16, 128, 64, 32),
     (9, 256, 24, 128), (20, 64, 32, 32), (40, 128, 40, 64)]
 
 
@@ -108,25 +108,25 @@ def _decode_dtypes(mode):
     return [torch.float32, torch.float16] + ([torch.bfloat16] if mode == "fma" else [])
 
 
-@pytest.mark.parametrize("mode", ["fma", "dot"])
-@pytest.mark.parametrize("M,K,N,group", DECODE_CASES)
-def test_awq_decode_kernel_matches_native(mode, M, K, N, group):
-    if mode == "fma" and M != 1:
-        pytest.skip("the FMA mode is the M == 1 GEMV")
+@pytest.mark.parametrize("layout", ["awq", "gptq", "gptq_v2"])
+@pytest.mark.parametrize("mode,M,K,N,group", [("fma", *c) for c in DECODE_CASES if c[0] == 1]
+                         + [("dot", *c) for c in DECODE_CASES])
+def test_decode_kernel_matches_native(layout, mode, M, K, N, group):
     g = torch.Generator().manual_seed(7 * M + K + N + group)
-    qw, s, qz, _, _, _ = random_int4(g, K, N, group, "awq")
+    qw, s, qz, _, _, _ = random_int4(g, K, N, group, layout)
     x32 = torch.randn(M, K, generator=g)
     for dtype in _decode_dtypes(mode):
         x, sd = x32.to(dtype), s.to(dtype)
-        ref = native.int4_gemm(x, qw, sd, qz, None, "awq")
+        ref = native.int4_gemm(x, qw, sd, qz, None, layout)
         xd, qwd, sdd, qzd = _dev(x, qw, sd, qz)
-        for split in (None, 1, 2, 1000):  # 1000: clamped to one K block per program
-            out = _kernel()(xd, qwd, sdd, qzd, None, "awq", split_k=split, path=f"decode_{mode}")
+        # 1000: clamped to one K block per program
+        for split in ((None, 1, 2, 1000) if DEVICE != "cpu" else (None, 1000) if M % 2 else (2,)):
+            out = _kernel()(xd, qwd, sdd, qzd, None, layout, split_k=split, path=f"decode_{mode}")
             assert out.dtype == dtype and out.shape == (M, N)
             torch.testing.assert_close(out.cpu().float(), ref.float(), **TOL[dtype])
 
 
-def test_int4_gemm_chooses_decode_for_small_awq_and_general_otherwise(monkeypatch):
+def test_int4_gemm_chooses_decode_for_small_m_without_act_order(monkeypatch):
     from portaserve.platforms.triton_kernels import int4_gemm as tk
 
     calls = []
@@ -136,7 +136,8 @@ def test_int4_gemm_chooses_decode_for_small_awq_and_general_otherwise(monkeypatc
     g = torch.Generator().manual_seed(3)
     for layout, act_order, M, want in [("awq", False, 1, "decode"), ("awq", False, 16, "decode"),
                                        ("awq", False, 40, "decode"),
-                                       ("awq", False, 65, "general"), ("gptq", False, 2, "general"),
+                                       ("awq", False, 65, "general"), ("gptq", False, 2, "decode"),
+                                       ("gptq_v2", False, 1, "decode"), ("gptq", True, 4, "general"),
                                        ("gptq_v2", True, 1, "general")]:
         qw, s, qz, g_idx, _, _ = random_int4(g, 64, 32, 32, layout, act_order)
         x = torch.randn(M, 64, generator=g)

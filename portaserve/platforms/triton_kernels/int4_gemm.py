@@ -1,13 +1,13 @@
-"""Weight-only INT4 GEMM for the AWQ and GPTQ layouts: one Triton kernel that unpacks
-and dequantizes a [BLOCK_K, BLOCK_N] tile of W^T in registers and feeds tl.dot, so the
-4-bit weights are read from memory once and never written back dequantized.
+"""Weight-only INT4 GEMM for the AWQ and GPTQ layouts: Triton kernels that unpack and
+dequantize tiles of W^T in registers, so the 4-bit weights are read from memory once and
+never written back dequantized.
 
 Same contract as ``portaserve.core.ops.native.int4_gemm`` (layouts documented in
 ``portaserve.core.ops.quant``).
 
 Two kernels:
 
-* ``_awq_decode_kernel`` -- AWQ without act-order, M <= 64 (decode).  A GEMV / split-K
+* ``_decode_kernel`` -- AWQ, and GPTQ without act-order, M <= 64 (decode).  A GEMV / split-K
   kernel: each program owns BLOCK_N = 8 * BLOCK_W output columns and a slice of K, loads
   every packed word once (cp.async, pipelined) and keeps its eight nibbles in registers.
   M == 1 ("fma" mode): a nibble-major [8, BLOCK_K, BLOCK_W] tile (no reshape, no shuffle;
@@ -21,8 +21,10 @@ Two kernels:
   The grid is (N / BLOCK_N) x split, sized to fill the SMs; float32 partials [split, M, N]
   (L2-resident, at most half the weight bytes) are summed and cast by one small reduction
   kernel (or the result is stored directly when split == 1).
+  GPTQ (words along K) takes the same two modes; there the nibble dim is a K sub-index,
+  so the FMA mode folds it in registers directly and columns need no permutation.
 * ``_int4_gemm_kernel`` -- every layout (AWQ, GPTQ, act-order g_idx) and any M: a tiled
-  dequant-GEMM with tl.dot, split-K for small grids.
+  dequant-GEMM with tl.dot, split-K for small grids; used for M > 64 and act-order.
 
 Startup self-test (``selftest()``, the provider's requirement): both kernels compiled on
 the device and checked against the oracle on tiny shapes; a failing general kernel
@@ -117,12 +119,28 @@ def _config(M: int, N: int, K: int, device_type: str, esize: int):
 
 # ---- decode: AWQ GEMV / split-K -------------------------------------------------------------
 @triton.jit
-def _awq_decode_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, p_ptr, M, N, K, k_per_split,
-                       stride_xm, stride_q0, stride_s0, stride_z0, stride_ps, stride_pm, group_size,
-                       BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
-                       X_KIND: tl.constexpr, STAGES: tl.constexpr = 3, K_FOLD: tl.constexpr = 1):
+def _decode_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, p_ptr, M, N, K, k_per_split,
+                   stride_xm, stride_q0, stride_s0, stride_z0, stride_ps, stride_pm, group_size,
+                   BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+                   X_KIND: tl.constexpr, STAGES: tl.constexpr = 3, K_FOLD: tl.constexpr = 1,
+                   LAYOUT: tl.constexpr = 0):
     # preconditions (checked by the caller): K % BLOCK_K == 0, group_size % BLOCK_K == 0,
-    # k_per_split % BLOCK_K == 0, N % 8 == 0, x's last dim contiguous
+    # k_per_split % BLOCK_K == 0, N % 8 == 0, x's last dim contiguous, no g_idx
+    if LAYOUT == 0:
+        _awq_decode_body(x_ptr, qw_ptr, s_ptr, qz_ptr, p_ptr, M, N, K, k_per_split, stride_xm,
+                         stride_q0, stride_s0, stride_z0, stride_ps, stride_pm, group_size,
+                         BLOCK_M, BLOCK_W, BLOCK_K, X_KIND, STAGES, K_FOLD)
+    else:
+        _gptq_decode_body(x_ptr, qw_ptr, s_ptr, qz_ptr, p_ptr, M, N, K, k_per_split, stride_xm,
+                          stride_q0, stride_s0, stride_z0, stride_ps, stride_pm, group_size,
+                          BLOCK_M, BLOCK_W * 8, BLOCK_K, X_KIND, STAGES, LAYOUT)
+
+
+@triton.jit
+def _awq_decode_body(x_ptr, qw_ptr, s_ptr, qz_ptr, p_ptr, M, N, K, k_per_split, stride_xm,
+                     stride_q0, stride_s0, stride_z0, stride_ps, stride_pm, group_size,
+                     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+                     X_KIND: tl.constexpr, STAGES: tl.constexpr, K_FOLD: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     NW = N // 8
@@ -200,6 +218,71 @@ def _awq_decode_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, p_ptr, M, N, K, k_per_split
 
 
 @triton.jit
+def _gptq_decode_body(x_ptr, qw_ptr, s_ptr, qz_ptr, p_ptr, M, N, K, k_per_split, stride_xm,
+                      stride_q0, stride_s0, stride_z0, stride_ps, stride_pm, group_size,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      X_KIND: tl.constexpr, STAGES: tl.constexpr, LAYOUT: tl.constexpr):
+    """GPTQ (words along K: nibble i of word r is row 8r + i; columns in order).  The nibble
+    dim is a K sub-index here, so the FMA mode folds it in registers for free."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    i = tl.arange(0, 8)
+    r = tl.arange(0, BLOCK_K // 8)
+    zadd = 1 if LAYOUT == 1 else 0  # v1 checkpoints store zero - 1
+    if BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+            qw = tl.load(qw_ptr + (k0 // 8 + r)[:, None] * stride_q0 + n[None, :], mask=nmask[None, :],
+                         other=0)  # [BK/8, BN]
+            g = k0 // group_size
+            qz = tl.load(qz_ptr + g * stride_z0 + n // 8, mask=nmask, other=0)
+            z = (((qz >> ((n % 8) * 4)) & 0xF) + zadd).to(tl.float32)
+            s = tl.load(s_ptr + g * stride_s0 + n, mask=nmask, other=0.0).to(tl.float32)
+            wq = ((((qw[None, :, :] >> (i * 4)[:, None, None]) & 0xF) << 19) | 0x3F800000).to(
+                tl.float32, bitcast=True)  # [8, BK/8, BN]: 1 + q / 16
+            xv = tl.load(x_ptr + k0 + r[None, :] * 8 + i[:, None]).to(tl.float32)  # [8, BK/8]
+            sx = tl.sum(xv[:, :, None] * wq, axis=0)  # the nibble dim: in registers
+            xs = tl.sum(xv, axis=0)
+            acc += (16.0 * sx - xs[:, None] * (16.0 + z)[None, :]) * s[None, :]
+        out = tl.sum(acc, axis=0)
+        tl.store(p_ptr + pid_k * stride_ps + n, out.to(p_ptr.dtype.element_ty), mask=nmask)
+    else:
+        rm = tl.arange(0, BLOCK_M)
+        mmask = rm < M
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mmask[:, None], other=0.0)
+            qw = tl.load(qw_ptr + (k0 // 8 + r)[:, None] * stride_q0 + n[None, :], mask=nmask[None, :],
+                         other=0)
+            g = k0 // group_size
+            qz = tl.load(qz_ptr + g * stride_z0 + n // 8, mask=nmask, other=0)
+            z = (((qz >> ((n % 8) * 4)) & 0xF) + zadd).to(tl.float32)
+            s = tl.load(s_ptr + g * stride_s0 + n, mask=nmask, other=0.0).to(tl.float32)
+            nib = (qw[:, None, :] >> (i * 4)[None, :, None]) & 0xF  # [BK/8, 8, BN]: row 8r + i
+            if X_KIND == 2:
+                qf = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                d = tl.dot(xt, tl.reshape(qf, (BLOCK_K, BLOCK_N)), input_precision="ieee")
+                acc += (d - tl.sum(xt, axis=1)[:, None] * z[None, :]) * s[None, :]
+            else:
+                if X_KIND == 0:
+                    wb = (nib | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                    base = 128.0
+                else:
+                    wb = (nib | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                    base = 1024.0
+                d = tl.dot(xt, tl.reshape(wb, (BLOCK_K, BLOCK_N)))
+                xsum = tl.sum(xt.to(tl.float32), axis=1)
+                acc += (d - xsum[:, None] * (base + z)[None, :]) * s[None, :]
+        tl.store(p_ptr + pid_k * stride_ps + rm[:, None] * stride_pm + n[None, :],
+                 acc.to(p_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
 def _splitk_reduce_kernel(p_ptr, y_ptr, MN, SPLIT, stride_ps, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
@@ -265,7 +348,7 @@ def _reduce_into(p, y2, split):
                                                    num_warps=4)
 
 
-def _awq_decode(x2, qweight, scales, qzeros, group_size, split_k=None, mode=None):
+def _awq_decode(x2, qweight, scales, qzeros, group_size, split_k=None, mode=None, layout="awq"):
     M, K = x2.shape
     N = scales.shape[1]
     bm, bw, bk, fold, warps, per_sm, max_split = _decode_config(M, group_size, x2.device.type, mode)
@@ -281,11 +364,11 @@ def _awq_decode(x2, qweight, scales, qzeros, group_size, split_k=None, mode=None
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     p = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x2.device)
     stride_ps = 0 if split == 1 else p.stride(0)
-    _awq_decode_kernel[(grid_n, split)](
+    _decode_kernel[(grid_n, split)](
         x2, qweight, scales, qzeros, p, M, N, K, k_per_split,
         x2.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0), stride_ps, N,
         group_size, BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, X_KIND=_X_KIND[x2.dtype], STAGES=3,
-        K_FOLD=fold, num_warps=warps, num_stages=3)
+        K_FOLD=fold, LAYOUT=_LAYOUT_ID[layout], num_warps=warps, num_stages=3)
     if split > 1:
         _reduce_into(p, y, split)
     return y
@@ -294,10 +377,11 @@ def _awq_decode(x2, qweight, scales, qzeros, group_size, split_k=None, mode=None
 def _decode_applies(x2, qweight, scales, qzeros, g_idx, layout, mode=None) -> bool:
     M, K = x2.shape
     N = scales.shape[1]
-    return (layout == "awq" and g_idx is None and 1 <= M <= DECODE_MAX_M and x2.dtype in _X_KIND
+    packed = (K, N // 8) if layout == "awq" else (K // 8, N)
+    return (g_idx is None and 1 <= M <= DECODE_MAX_M and x2.dtype in _X_KIND
             and N % 8 == 0 and K % scales.shape[0] == 0 and x2.stride(1) == 1
             and qweight.stride(1) == 1 and qzeros.stride(1) == 1 and scales.stride(1) == 1
-            and tuple(qweight.shape) == (K, N // 8)
+            and tuple(qweight.shape) == packed and tuple(qzeros.shape) == (scales.shape[0], N // 8)
             and _decode_config(M, K // scales.shape[0], x2.device.type, mode) is not None)
 
 
@@ -361,12 +445,13 @@ def int4_gemm(x, qweight, scales, qzeros, g_idx, layout, split_k=None, path=None
         mode = path[len("decode_"):] or None
         if not _decode_applies(x2, qweight, scales, qzeros, g_idx, layout, mode):
             raise ValueError(f"the INT4 decode kernel ({path}) does not apply to this call")
-        return _awq_decode(x2, qweight, scales, qzeros, group_size, split_k, mode).reshape(*lead, N)
+        return _awq_decode(x2, qweight, scales, qzeros, group_size, split_k, mode, layout).reshape(*lead, N)
     if path == "general":
         return _general(x2, qweight, scales, qzeros, g_idx, layout, split_k).reshape(*lead, N)
     if "decode" not in _disabled and _decode_applies(x2, qweight, scales, qzeros, g_idx, layout):
         try:
-            return _awq_decode(x2, qweight, scales, qzeros, group_size, split_k).reshape(*lead, N)
+            return _awq_decode(x2, qweight, scales, qzeros, group_size, split_k, None,
+                               layout).reshape(*lead, N)
         except Exception as e:  # a compile failure on this device: never crash the engine
             _disable("decode", e)
     if "general" not in _disabled:
