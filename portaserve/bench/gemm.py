@@ -16,9 +16,10 @@ Columns: time per call (us), TFLOP/s (2*M*N*K / time), GB/s (weight + activation
 moved / time) and the speedup over bf16 at the same shape.
 
 When the INT4 provider is the Triton kernel, extra rows time its paths one by one
-(``--int4-paths``, on by default; kinds ``int4:fma`` (M = 1 GEMV), ``int4:dot`` (the
-decode split-K kernel with tl.dot, M <= 16) and ``int4:general`` (the tiled kernel)) so
-that one run shows which path wins at which M; the ``int4`` row is what the model runs.
+(on by default, ``--no-int4-paths`` to skip; kinds ``int4:fma`` (M = 1 GEMV),
+``int4:dot`` (the decode split-K kernel with tl.dot, M <= 64), ``int4:general`` (the tiled
+kernel) and ``int4:dequant`` (dequantize + vendor GEMM, M >= 32)) so that one run shows
+which path wins at which M; the ``int4`` row is what the model runs.
 """
 from __future__ import annotations
 
@@ -120,7 +121,8 @@ def run(args) -> list:
     if args.int4_paths and provs["int4"] == "triton" and "int4" in args.kinds:
         from portaserve.platforms.triton_kernels import int4_gemm as tk
 
-        int4_paths = {"int4:fma": "decode_fma", "int4:dot": "decode_dot", "int4:general": "general"}
+        int4_paths = {"int4:fma": "decode_fma", "int4:dot": "decode_dot", "int4:general": "general",
+                      "int4:dequant": "dequant"}
         provs.update({k: "triton" for k in int4_paths})
     rows = []
     hdr = f"{'layer':<8}{'K->N':>13}{'M':>6}  {'kind':<13}{'provider':<10}{'us':>10}{'TFLOP/s':>9}{'GB/s':>8}{'x bf16':>8}"
@@ -139,6 +141,8 @@ def run(args) -> list:
             for kind, path in int4_paths.items():
                 if path.startswith("decode") and not tk._decode_applies(
                         x, ins["int4"][0], ins["int4"][1], ins["int4"][2], None, "awq", path[7:]):
+                    continue
+                if path == "dequant" and M < 32:
                     continue
                 calls[kind] = (lambda p: lambda: tk.int4_gemm(x, ins["int4"][0], ins["int4"][1],
                                                                ins["int4"][2], None, "awq", path=p))(path)

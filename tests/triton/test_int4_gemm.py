@@ -130,13 +130,14 @@ def test_int4_gemm_chooses_decode_for_small_m_without_act_order(monkeypatch):
     from portaserve.platforms.triton_kernels import int4_gemm as tk
 
     calls = []
-    real_decode, real_general = tk._awq_decode, tk._general
-    monkeypatch.setattr(tk, "_awq_decode", lambda *a, **k: calls.append("decode") or real_decode(*a, **k))
-    monkeypatch.setattr(tk, "_general", lambda *a, **k: calls.append("general") or real_general(*a, **k))
+    real = {name: getattr(tk, name) for name in ("_awq_decode", "_general", "_dequant_matmul")}
+    for name, label in (("_awq_decode", "decode"), ("_general", "general"), ("_dequant_matmul", "dequant")):
+        monkeypatch.setattr(tk, name, lambda *a, _f=real[name], _l=label, **k: calls.append(_l) or _f(*a, **k))
     g = torch.Generator().manual_seed(3)
     for layout, act_order, M, want in [("awq", False, 1, "decode"), ("awq", False, 16, "decode"),
                                        ("awq", False, 40, "decode"),
-                                       ("awq", False, 65, "general"), ("gptq", False, 2, "decode"),
+                                       ("awq", False, 65, "general"), ("awq", False, 256, "dequant"),
+                                       ("gptq", True, 300, "dequant"), ("gptq", False, 2, "decode"),
                                        ("gptq_v2", False, 1, "decode"), ("gptq", True, 4, "general"),
                                        ("gptq_v2", True, 1, "general")]:
         qw, s, qz, g_idx, _, _ = random_int4(g, 64, 32, 32, layout, act_order)
@@ -146,6 +147,26 @@ def test_int4_gemm_chooses_decode_for_small_m_without_act_order(monkeypatch):
         assert calls == [want], (layout, M, calls)
         torch.testing.assert_close(out.cpu(), native.int4_gemm(x, qw, s, qz, g_idx, layout),
                                    atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout,act_order", [("awq", False), ("gptq", True), ("gptq_v2", False)])
+def test_dequant_then_matmul_path(layout, act_order):
+    """Prefill: dequantize (in column chunks) to the activation dtype, then x @ W."""
+    from portaserve.platforms.triton_kernels import int4_gemm as tk
+
+    g = torch.Generator().manual_seed(11)
+    K, N, group = 64, 48, 16
+    qw, s, qz, g_idx, _, _ = random_int4(g, K, N, group, layout, act_order)
+    x = torch.randn(6, K, generator=g)
+    ref = native.int4_gemm(x, qw, s, qz, g_idx, layout)
+    for chunk in (None, K * 4 * 16):  # one chunk; 16-column chunks
+        out = tk._dequant_matmul(*_dev(x, qw, s, qz, g_idx), layout, chunk_bytes=chunk)
+        torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+    if DEVICE != "cpu":
+        xb, sb = x.to(torch.bfloat16), s.to(torch.bfloat16)
+        ref = native.int4_gemm(xb, qw, sb, qz, g_idx, layout)
+        out = tk.int4_gemm(*_dev(xb, qw, sb, qz, g_idx), layout, path="dequant")
+        torch.testing.assert_close(out.cpu().float(), ref.float(), **TOL[torch.bfloat16])
 
 
 def test_a_failing_kernel_falls_back_loudly(monkeypatch):

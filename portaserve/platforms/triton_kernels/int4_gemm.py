@@ -24,7 +24,11 @@ Two kernels:
   GPTQ (words along K) takes the same two modes; there the nibble dim is a K sub-index,
   so the FMA mode folds it in registers directly and columns need no permutation.
 * ``_int4_gemm_kernel`` -- every layout (AWQ, GPTQ, act-order g_idx) and any M: a tiled
-  dequant-GEMM with tl.dot, split-K for small grids; used for M > 64 and act-order.
+  dequant-GEMM with tl.dot, split-K for small grids; used for 64 < M < 256 and act-order.
+* ``_dequant_kernel`` + the vendor GEMM for prefill (M >= 256, as vLLM does for AWQ): the
+  weights dequantized to the activation dtype in column chunks of at most 64 MB scratch,
+  then ``x @ W`` on cuBLAS / hipBLAS, whose large-M efficiency a dequant-in-the-loop
+  Triton kernel does not reach; the extra weight traffic is small next to the GEMM.
 
 Startup self-test (``selftest()``, the provider's requirement): both kernels compiled on
 the device and checked against the oracle on tiny shapes; a failing general kernel
@@ -419,17 +423,91 @@ def _general(x2, qweight, scales, qzeros, g_idx, layout, split_k=None):
     return out
 
 
+# ---- prefill: dequantize to the activation dtype, then the vendor GEMM --------------------------
+@triton.jit
+def _dequant_kernel(qw_ptr, s_ptr, qz_ptr, gidx_ptr, w_ptr, K, N, n0, stride_q0, stride_s0,
+                    stride_z0, stride_w0, group_size, LAYOUT: tl.constexpr, HAS_GIDX: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W^T[k, n0 + j] = (q - z) * s as w's dtype, into w [K, chunk] (column j)."""
+    rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rj = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = n0 + rj
+    kmask = rk < K
+    nmask = rn < N
+    j = tl.arange(0, 8)
+    if HAS_GIDX:
+        g = tl.load(gidx_ptr + rk, mask=kmask, other=0)
+    else:
+        g = rk // group_size
+    if LAYOUT == 0:  # AWQ: words along N, column 8c + j in nibble AWQ_REVERSE_ORDER[j]
+        col_shift = ((j % 2) * 4 + j // 2) * 4
+        rw = (n0 // 8) + tl.program_id(1) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        wmask = rw < N // 8
+        qw = tl.load(qw_ptr + rk[:, None] * stride_q0 + rw[None, :], mask=kmask[:, None] & wmask[None, :],
+                     other=0)
+        q = tl.reshape((qw[:, :, None] >> col_shift[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
+    else:  # GPTQ: words along K
+        qw = tl.load(qw_ptr + (rk // 8)[:, None] * stride_q0 + rn[None, :],
+                     mask=kmask[:, None] & nmask[None, :], other=0)
+        q = (qw >> ((rk % 8) * 4)[:, None]) & 0xF
+        col_shift = j * 4
+    qz = tl.load(qz_ptr + g[:, None] * stride_z0 + (rn // 8)[None, :], mask=kmask[:, None] & nmask[None, :],
+                 other=0)
+    if LAYOUT == 0:
+        z = (qz >> (((rn % 8) % 2) * 4 + (rn % 8) // 2)[None, :] * 4) & 0xF
+    else:
+        z = (qz >> ((rn % 8) * 4)[None, :]) & 0xF
+    if LAYOUT == 1:
+        z = z + 1  # GPTQ v1 checkpoints store zero - 1
+    sc = tl.load(s_ptr + g[:, None] * stride_s0 + rn[None, :], mask=kmask[:, None] & nmask[None, :], other=0.0)
+    w = (q - z).to(tl.float32) * sc.to(tl.float32)
+    tl.store(w_ptr + rk[:, None] * stride_w0 + rj[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=kmask[:, None] & nmask[None, :])
+
+
+DEQUANT_MIN_M = 256  # from here on: dequantize + cuBLAS/hipBLAS (prefill)
+DEQUANT_CHUNK_BYTES = 64 << 20  # the dequantized scratch is cut into column chunks
+
+
+def _dequant_matmul(x2, qweight, scales, qzeros, g_idx, layout, chunk_bytes=None):
+    M, K = x2.shape
+    N = scales.shape[1]
+    group_size = K // scales.shape[0]
+    cpu = x2.device.type == "cpu"
+    bk, bn = (16, 16) if cpu else (32, 128)
+    per = max(bn, ((chunk_bytes or DEQUANT_CHUNK_BYTES) // (K * x2.element_size())) // bn * bn)
+    y = None
+    has_gidx = g_idx is not None
+    gi = g_idx if has_gidx else qweight
+    for n0 in range(0, N, per):
+        n1 = min(N, n0 + per)
+        w = torch.empty(K, n1 - n0, dtype=x2.dtype, device=x2.device)
+        _dequant_kernel[(triton.cdiv(K, bk), triton.cdiv(n1 - n0, bn))](
+            qweight, scales, qzeros, gi, w, K, n1, n0, qweight.stride(0), scales.stride(0),
+            qzeros.stride(0), w.stride(0), group_size, LAYOUT=_LAYOUT_ID[layout], HAS_GIDX=has_gidx,
+            BLOCK_K=bk, BLOCK_N=bn, num_warps=4)
+        if n0 == 0 and n1 == N:
+            return x2 @ w
+        if y is None:
+            y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+        y[:, n0:n1] = x2 @ w
+    return y
+
+
 def _disable(name: str, e: Exception) -> None:
     _disabled[name] = f"{type(e).__name__}: {e}"
-    nxt = "the general Triton kernel" if name == "decode" else "the native dequantize-then-matmul op"
+    nxt = ("the general Triton kernel" if name in ("decode", "dequant")
+           else "the native dequantize-then-matmul op")
     msg = f"portaserve: the Triton INT4 {name} kernel failed ({_disabled[name]}); using {nxt} instead"
     _log.warning(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def int4_gemm(x, qweight, scales, qzeros, g_idx, layout, split_k=None, path=None):
-    """path (tests and benchmarks): None chooses; "decode" / "decode_fma" / "decode_dot"
-    force the decode kernel (its mode), "general" the tiled kernel; forced paths raise."""
+    """path (tests and benchmarks): None chooses (decode kernel for M <= 64 without
+    act-order, dequantize + vendor GEMM for M >= 256, else the tiled kernel); "decode" /
+    "decode_fma" / "decode_dot" force the decode kernel (its mode), "general" the tiled
+    kernel, "dequant" the dequantize + GEMM path; forced paths raise."""
     if layout not in _LAYOUT_ID:
         raise ValueError(f"unknown int4 layout {layout!r}")
     lead, K = x.shape[:-1], x.shape[-1]
@@ -448,6 +526,13 @@ def int4_gemm(x, qweight, scales, qzeros, g_idx, layout, split_k=None, path=None
         return _awq_decode(x2, qweight, scales, qzeros, group_size, split_k, mode, layout).reshape(*lead, N)
     if path == "general":
         return _general(x2, qweight, scales, qzeros, g_idx, layout, split_k).reshape(*lead, N)
+    if path == "dequant":
+        return _dequant_matmul(x2, qweight, scales, qzeros, g_idx, layout).reshape(*lead, N)
+    if M >= DEQUANT_MIN_M and "dequant" not in _disabled and N % 8 == 0:
+        try:
+            return _dequant_matmul(x2, qweight, scales, qzeros, g_idx, layout).reshape(*lead, N)
+        except Exception as e:
+            _disable("dequant", e)
     if "decode" not in _disabled and _decode_applies(x2, qweight, scales, qzeros, g_idx, layout):
         try:
             return _awq_decode(x2, qweight, scales, qzeros, group_size, split_k, None,
@@ -501,12 +586,15 @@ def _selftest(dev) -> str | None:
     s = (torch.rand(K // group, N, generator=g) * 0.5 + 0.25) / (8 * K ** 0.5)
     qw, qz = pack_cols(q, True).to(dev), pack_cols(z, True).to(dev)
     s = s.to(torch.bfloat16).to(dev)
-    for M in (1, 4, 20):
+    for M in (1, 4, 20, 256):
         x = torch.randn(M, K, generator=g).to(torch.bfloat16).to(dev)
         ref = native.int4_gemm(x, qw, s, qz, None, "awq").float()
-        for path in ("general", "decode_fma", "decode_dot"):
-            if path.startswith("decode") and ("decode" in _disabled or not _decode_applies(
+        for path in ("general", "decode_fma", "decode_dot", "dequant"):
+            kernel = path.split("_")[0]
+            if kernel == "decode" and ("decode" in _disabled or not _decode_applies(
                     x, qw, s, qz, None, "awq", path[len("decode_"):])):
+                continue
+            if kernel == "dequant" and (M < DEQUANT_MIN_M or "dequant" in _disabled):
                 continue
             try:
                 out = int4_gemm(x, qw, s, qz, None, "awq", path=path).float()
@@ -514,7 +602,7 @@ def _selftest(dev) -> str | None:
                 if not err <= 3e-2 + 3e-2 * ref.abs().max().item():
                     raise RuntimeError(f"M={M}: max abs error {err:.3g} against the oracle")
             except Exception as e:
-                if path == "general":
+                if kernel == "general":
                     return f"Triton INT4 kernel self-test failed on {dev}: {type(e).__name__}: {e}"
-                _disable("decode", e)
+                _disable(kernel, e)
     return None
