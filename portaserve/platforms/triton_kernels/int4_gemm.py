@@ -528,7 +528,8 @@ def int4_gemm(x, qweight, scales, qzeros, g_idx, layout, split_k=None, path=None
         return _general(x2, qweight, scales, qzeros, g_idx, layout, split_k).reshape(*lead, N)
     if path == "dequant":
         return _dequant_matmul(x2, qweight, scales, qzeros, g_idx, layout).reshape(*lead, N)
-    if M >= DEQUANT_MIN_M and "dequant" not in _disabled and N % 8 == 0:
+    if (M >= DEQUANT_MIN_M and "dequant" not in _disabled and N % 8 == 0 and qweight.stride(1) == 1
+            and qzeros.stride(1) == 1 and scales.stride(1) == 1):
         try:
             return _dequant_matmul(x2, qweight, scales, qzeros, g_idx, layout).reshape(*lead, N)
         except Exception as e:
