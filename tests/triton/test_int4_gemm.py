@@ -126,7 +126,7 @@ def test_decode_kernel_matches_native(layout, mode, M, K, N, group):
             torch.testing.assert_close(out.cpu().float(), ref.float(), **TOL[dtype])
 
 
-def test_int4_gemm_chooses_decode_for_small_m_without_act_order(monkeypatch):
+def test_int4_gemm_routes_by_m_and_act_order(monkeypatch):
     from portaserve.platforms.triton_kernels import int4_gemm as tk
 
     calls = []
@@ -134,10 +134,10 @@ def test_int4_gemm_chooses_decode_for_small_m_without_act_order(monkeypatch):
     for name, label in (("_awq_decode", "decode"), ("_general", "general"), ("_dequant_matmul", "dequant")):
         monkeypatch.setattr(tk, name, lambda *a, _f=real[name], _l=label, **k: calls.append(_l) or _f(*a, **k))
     g = torch.Generator().manual_seed(3)
-    for layout, act_order, M, want in [("awq", False, 1, "decode"), ("awq", False, 16, "decode"),
-                                       ("awq", False, 40, "decode"),
+    for layout, act_order, M, want in [("awq", False, 1, "decode"), ("awq", False, 16, "general"),
+                                       ("awq", False, 40, "general"),
                                        ("awq", False, 65, "general"), ("awq", False, 256, "dequant"),
-                                       ("gptq", True, 300, "dequant"), ("gptq", False, 2, "decode"),
+                                       ("gptq", True, 300, "dequant"), ("gptq", False, 2, "general"),
                                        ("gptq_v2", False, 1, "decode"), ("gptq", True, 4, "general"),
                                        ("gptq_v2", True, 1, "general")]:
         qw, s, qz, g_idx, _, _ = random_int4(g, 64, 32, 32, layout, act_order)

@@ -298,6 +298,11 @@ def _splitk_reduce_kernel(p_ptr, y_ptr, MN, SPLIT, stride_ps, BLOCK: tl.constexp
 
 _X_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 DECODE_MAX_M = 64  # larger M: the general tiled kernel
+# Measured on an H200 (2026-11-30, python -m portaserve.bench.gemm, docs/BENCHMARKS.md):
+# the split-K FMA path wins at M == 1 (gate_up 41.7 us vs the general kernel's 116, bf16
+# 56.8), but the tl.dot variant loses to the general tiled kernel at every M in 8..64
+# (qkv M=32: 79 vs 39 us), so without an explicit path the decode kernel takes M == 1 only.
+DECODE_AUTO_MAX_M = 1
 _SM_COUNT: dict = {}
 _disabled: dict = {}  # kernel name -> reason it failed on this device
 
@@ -504,8 +509,8 @@ def _disable(name: str, e: Exception) -> None:
 
 
 def int4_gemm(x, qweight, scales, qzeros, g_idx, layout, split_k=None, path=None):
-    """path (tests and benchmarks): None chooses (decode kernel for M <= 64 without
-    act-order, dequantize + vendor GEMM for M >= 256, else the tiled kernel); "decode" /
+    """path (tests and benchmarks): None chooses (decode kernel for M <= DECODE_AUTO_MAX_M
+    without act-order, dequantize + vendor GEMM for M >= 256, else the tiled kernel); "decode" /
     "decode_fma" / "decode_dot" force the decode kernel (its mode), "general" the tiled
     kernel, "dequant" the dequantize + GEMM path; forced paths raise."""
     if layout not in _LAYOUT_ID:
@@ -534,7 +539,8 @@ def int4_gemm(x, qweight, scales, qzeros, g_idx, layout, split_k=None, path=None
             return _dequant_matmul(x2, qweight, scales, qzeros, g_idx, layout).reshape(*lead, N)
         except Exception as e:
             _disable("dequant", e)
-    if "decode" not in _disabled and _decode_applies(x2, qweight, scales, qzeros, g_idx, layout):
+    if (M <= DECODE_AUTO_MAX_M and "decode" not in _disabled
+            and _decode_applies(x2, qweight, scales, qzeros, g_idx, layout)):
         try:
             return _awq_decode(x2, qweight, scales, qzeros, group_size, split_k, None,
                                layout).reshape(*lead, N)
