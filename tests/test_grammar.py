@@ -213,3 +213,34 @@ def test_overlap_scheduler_runs_constrained_requests(default_engine, monkeypatch
     assert re.fullmatch(IP, over[4]["text"]) and re.fullmatch(DATE, over[5]["text"])
     assert parse_arith(over[6]["text"]), over[6]["text"]
     assert over[7]["meta_info"]["completion_tokens"] == 25
+
+
+def test_parallel_mask_fill_equals_one_by_one(default_engine):
+    """The batched, multi-threaded mask fill gives exactly the per-matcher masks, for
+    matchers in different states of different grammars."""
+    import torch
+
+    backend = default_engine.rt.scheduler.grammar
+    tok = default_engine.tokenizer
+    grammars = [("json_schema", json.dumps(PERSON_SCHEMA)), ("regex", r"(\d{1,3}\.){3}\d{1,3}"),
+                ("ebnf", 'root ::= "yes" | "no" | "maybe " [a-z]+')]
+    prefixes = ['{"name": "Al', "192.16", "maybe x"]
+    matchers, rows = [], []
+    for i, ((kind, text), pre) in enumerate(zip(grammars * 2, prefixes * 2)):
+        m = backend.matcher(backend.compile(kind, text).result())
+        if i >= 3:  # the second copy advanced by a prefix, the first one fresh
+            for t in tok.encode(pre, add_special_tokens=False):
+                assert m.accept_token(t)
+        matchers.append(m)
+        rows.append(2 * i)  # not contiguous: rows of a larger batch
+    one = backend.xgr.allocate_token_bitmask(12, backend.vocab_size)
+    for r, m in zip(rows, matchers):
+        m.fill_next_token_bitmask(one, r)
+    threads = backend.mask_threads
+    try:
+        backend.mask_threads = 4
+        got = backend.fill_masks(12, rows, matchers)
+    finally:
+        backend.mask_threads = threads
+    assert backend._batch_matcher is not None
+    assert torch.equal(got.bitmask, one)
