@@ -24,27 +24,31 @@ from portaserve.core.ops.quant import FP8_DTYPE, quantize_fp8, quantize_int8, we
 _log = logging.getLogger(__name__)
 
 
-def fp8_supported() -> str | None:
-    """Requirement of the _scaled_mm provider: a CUDA device of compute capability 8.9+."""
+def _needs(fn: str, cap_min: tuple, what: str) -> str | None:
+    """Why torch.<fn> cannot run here (None when it can)."""
     if not torch.cuda.is_available():
         return "no CUDA device"
-    if not hasattr(torch, "_scaled_mm"):
-        return "this torch has no torch._scaled_mm"
+    if not hasattr(torch, fn):
+        return f"this torch has no torch.{fn}"
     cap = torch.cuda.get_device_capability()
-    if cap < (8, 9):
-        return f"FP8 GEMMs need compute capability 8.9+ (Ada/Hopper); this device is sm_{cap[0]}{cap[1]}"
+    if cap < cap_min:
+        return f"{what} need compute capability {cap_min[0]}.{cap_min[1]}+; this device is sm_{cap[0]}{cap[1]}"
+    return None
+
+
+def fp8_supported() -> str | None:
+    """Requirement of the _scaled_mm provider: a CUDA device of compute capability 8.9+."""
+    why = _needs("_scaled_mm", (8, 9), "FP8 GEMMs (Ada/Hopper)")
+    if why:
+        return why
     _check_triton_quant()
     return _check_scaled_mm()
 
 
 def int_mm_supported() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if not hasattr(torch, "_int_mm"):
-        return "this torch has no torch._int_mm"
-    cap = torch.cuda.get_device_capability()
-    if cap < (8, 0):
-        return f"INT8 tensor-core GEMMs need compute capability 8.0+; this device is sm_{cap[0]}{cap[1]}"
+    why = _needs("_int_mm", (8, 0), "INT8 tensor-core GEMMs")
+    if why:
+        return why
     _check_triton_quant()
     return None
 
