@@ -288,11 +288,13 @@ class VocabParallelEmbedding(nn.Module):
         return self.weight.numel()
 
 
-class ParallelLMHead(VocabParallelEmbedding):
-    """Output projection with the vocabulary split like VocabParallelEmbedding: each rank
-    computes its slice of the logits, then they are gathered."""
+def vocab_parallel_logits(hidden: torch.Tensor, emb: VocabParallelEmbedding) -> torch.Tensor:
+    """Full-vocabulary logits from a vocabulary-split weight (an LM head, or the tied
+    embedding): each rank computes its slice, the slices are gathered, padding dropped."""
+    out = ops.all_gather(F.linear(hidden, emb.weight), -1)
+    return out[..., :emb.vocab_size] if out.shape[-1] != emb.vocab_size else out
 
-    def logits(self, hidden: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        w = self.weight if weight is None else weight
-        out = ops.all_gather(F.linear(hidden, w), -1)
-        return out[..., :self.vocab_size] if out.shape[-1] != self.vocab_size else out
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Output projection with the vocabulary split like VocabParallelEmbedding (its
+    logits: vocab_parallel_logits)."""

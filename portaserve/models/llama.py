@@ -16,7 +16,8 @@ from portaserve.core.parallel import divide, tp_rank, tp_size
 from portaserve.models.config import ModelConfig
 from portaserve.models.layers import PagedAttention, RMSNorm
 from portaserve.models.linear import (ColumnParallelLinear, LazyWeight, ParallelLMHead,
-                                      RowParallelLinear, VocabParallelEmbedding, _copy)
+                                      RowParallelLinear, VocabParallelEmbedding, _copy,
+                                      vocab_parallel_logits)
 from portaserve.models.moe import SparseMoE, parse_expert_name
 from portaserve.models.rope import cos_sin_cache
 
@@ -155,9 +156,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits on every rank (float32)."""
-        if self.lm_head is None:  # tied: the embedding (same vocabulary split) is the head
-            return ParallelLMHead.logits(self.embed_tokens, hidden).float()
-        return self.lm_head.logits(hidden).float()
+        head = self.embed_tokens if self.lm_head is None else self.lm_head  # tied: same split
+        return vocab_parallel_logits(hidden, head).float()
 
     # ---- weights ----------------------------------------------------------------------
     @staticmethod
