@@ -12,6 +12,13 @@ from conftest import ServerProc, free_port
 from tests.conftest import make_tiny_checkpoint, random_prompts
 
 
+def _quiet(fn, *a, **k):
+    try:
+        fn(*a, **k)
+    except Exception:
+        pass  # the server goes away mid-request on purpose
+
+
 def test_serve_tp2_two_nodes(tmp_path):
     from portaserve import Engine
 
@@ -38,11 +45,24 @@ def test_serve_tp2_two_nodes(tmp_path):
         # a batch in flight together takes the same path through both ranks' schedulers
         r = server.post("/generate", json={"input_ids": prompts, "sampling_params": sp})
         assert [o["output_ids"] for o in r.json()] == ref
+        # stop while a long request is decoding: the ranks must stop together, not leave
+        # node 1 inside a forward pass that node 0 never joins
+        import threading
+
+        long_sp = {"max_new_tokens": 900, "temperature": 0, "ignore_eos": True}
+        t = threading.Thread(target=lambda: _quiet(server.post, "/generate",
+                                                   json={"input_ids": prompts[0], "sampling_params": long_sp}),
+                             daemon=True)
+        t.start()
+        deadline = time.monotonic() + 60
+        while server.server_info()["internal_states"][0]["num_running"] == 0:
+            assert time.monotonic() < deadline, "the long request never started"
+            time.sleep(0.1)
     finally:
         if server is not None:
             server.stop()
         try:
-            node1.wait(timeout=90)
+            node1.wait(timeout=60)
         except subprocess.TimeoutExpired:
             node1.kill()
             raise AssertionError("node 1 did not exit after the server stopped:\n"
