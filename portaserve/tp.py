@@ -9,9 +9,10 @@ vocabulary-parallel head gathers them) and so samples the same tokens.
 Rank 0 is the driver: it runs in the process that receives requests (the in-process
 Engine's thread, or the server's scheduler process).  Before each scheduler step it
 broadcasts the commands it received since the last step (add / abort / flush_cache /
-shutdown) over a CPU (gloo) group; the other ranks ("followers") block on that
-broadcast, apply the same commands and step too.  While idle, rank 0 broadcasts an
-empty list about twice a second, so followers notice a vanished driver.
+shutdown, and release_grammars: which constrained requests' grammars compiled on rank 0)
+over a CPU (gloo) group; the other ranks ("followers") block on that broadcast, apply the
+same commands and step too.  While idle, rank 0 keeps broadcasting empty lists (every
+50-500 ms), so followers notice a vanished driver.
 
 Processes: rank 0 (on node 0) spawns the other ranks of its node; on every other node
 ``portaserve serve --node-rank K`` spawns that node's ranks and waits.  Ranks meet at
@@ -32,6 +33,7 @@ from typing import Optional
 import torch
 
 logger = logging.getLogger("portaserve.tp")
+
 
 def step_commands(sched, items) -> list:
     """What rank 0 broadcasts before a step: the inbox's state-changing commands, then
