@@ -212,12 +212,33 @@ def join(args, platform, rank: int, procs: Optional[list] = None) -> TPGroup:
     if reasons:
         raise RuntimeError(f"tensor parallelism on {platform.name}: " + "; ".join(reasons))
     platform.bind_device(rank % ranks_per_node(args))
-    init_distributed(platform, rank, args.tp_size, f"tcp://{args.dist_init_addr}",
-                     timeout_s=args.dist_timeout)
+    host, port = args.dist_init_addr.rsplit(":", 1)
+    store = dist.TCPStore(host, int(port), args.tp_size, rank == 0,
+                          timeout=datetime.timedelta(seconds=args.dist_timeout), wait_for_workers=False)
+    if rank == 0:
+        _wait_for_ranks(store, args.tp_size, procs or [], args.dist_timeout)
+    else:
+        store.set(f"portaserve/up/{rank}", "1")
+    init_distributed(platform, rank, args.tp_size, store=store, timeout_s=args.dist_timeout)
     control = dist.group.WORLD if platform.dist_backend == "gloo" else dist.new_group(
         backend="gloo", timeout=datetime.timedelta(seconds=args.dist_timeout))
     set_tp(rank, args.tp_size, None)
     return TPGroup(rank, args.tp_size, control, procs)
+
+
+def _wait_for_ranks(store, world: int, procs: list, timeout_s: float) -> None:
+    """Rank 0: wait until every other rank has reached the rendezvous, failing at once
+    (instead of after the whole timeout) when a rank process this node started dies."""
+    keys = [f"portaserve/up/{r}" for r in range(1, world)]
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys):
+        for p in procs:
+            if p.exitcode is not None:
+                raise RuntimeError(f"tensor-parallel rank process {p.name} exited with code "
+                                   f"{p.exitcode} during startup (its log is above)")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not every tensor-parallel rank joined within {timeout_s:.0f} s")
+        time.sleep(0.05)
 
 
 # ---- followers ------------------------------------------------------------------------------

@@ -190,3 +190,29 @@ def test_constrained_requests_tp3_match_tp1(default_engine):
     with Engine(max_total_tokens=4000, tp_size=3) as eng:
         got = [o["output_ids"] for o in eng.generate(prompts, sps)]
     assert got == want
+
+
+def _die():
+    raise SystemExit(3)
+
+
+def test_rank_dying_at_startup_fails_fast(tiny_models, monkeypatch):
+    """A rank process that dies before the rendezvous makes startup fail with its exit
+    code within seconds, instead of rank 0 waiting out --dist-timeout."""
+    import multiprocessing as mp
+    import time
+
+    from portaserve import tp as tpmod
+
+    def spawn_dying(args, ranks):
+        procs = [mp.get_context("spawn").Process(target=_die) for _ in ranks]
+        for p in procs:
+            p.start()
+        return procs
+
+    monkeypatch.setattr(tpmod, "spawn_ranks", spawn_dying)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with code 3 during startup"):
+        Engine(str(tiny_models("llama3")), skip_tokenizer_init=True, max_total_tokens=2000,
+               tp_size=2, dist_timeout=300)
+    assert time.monotonic() - t0 < 60

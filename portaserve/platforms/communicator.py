@@ -23,17 +23,18 @@ from portaserve.core.ops import native
 _BACKEND_MODULE = {"xla": "torch_xla"}
 
 
-def init_distributed(platform, rank: int, world_size: int, init_method: str,
-                     timeout_s: float = 120.0) -> "Communicator":
-    """Join the default process group with the platform's backend; returns a Communicator."""
+def init_distributed(platform, rank: int, world_size: int, init_method: str | None = None,
+                     timeout_s: float = 120.0, store=None) -> "Communicator":
+    """Join the default process group with the platform's backend (rendezvous through
+    init_method, e.g. tcp://host:port, or an existing store); returns a Communicator."""
     import datetime
 
     backend = platform.dist_backend
     if backend == "xla":
         import torch_xla.distributed.xla_backend  # noqa: F401  (registers "xla")
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=init_method, rank=rank,
-                                world_size=world_size,
+        dist.init_process_group(backend, init_method=None if store is not None else init_method,
+                                store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return Communicator.for_platform(platform)
 
