@@ -244,3 +244,23 @@ def test_parallel_mask_fill_equals_one_by_one(default_engine):
         backend.mask_threads = threads
     assert backend._batch_matcher is not None
     assert torch.equal(got.bitmask, one)
+
+
+def test_json_masks_bar_raw_control_characters(default_engine):
+    """Inside a length-bounded JSON string (maxLength) xgrammar's mask lets through
+    tokens that carry a raw control character (a TAB glued to a word), which strict JSON
+    parsers reject; the backend removes them from JSON matchers' masks."""
+    backend = default_engine.rt.scheduler.grammar
+    schema = json.dumps({"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}},
+                         "required": ["city"]})
+    compiled = backend.compile("json_schema", schema).result()
+    ctrl = [i for i, b in enumerate(backend.info.decoded_vocab) if any(c < 0x20 for c in b)]
+
+    def allowed(m):
+        assert m.accept_string('{"city": "Yang')
+        mask = backend.fill_masks(1, [0], [m]).bitmask[0]
+        return {i for i in ctrl if (int(mask[i // 32]) >> (i % 32)) & 1}
+
+    unfiltered = allowed(backend.matcher(compiled))  # kind unknown: xgrammar's own mask
+    assert unfiltered, "xgrammar no longer admits control characters in strings: drop the filter"
+    assert allowed(backend.matcher(compiled, "json_schema")) == set()

@@ -100,6 +100,7 @@ class GrammarBackend:
         # the scheduler thread and the tokenizer keep theirs
         self.mask_threads = max(1, min(8, (os.cpu_count() or 2) // 2))
         self._batch_matcher = None
+        self._no_ctrl = None
         self.cache: dict[tuple[str, str], Future] = {}
 
     def compile(self, kind: str, text: str) -> Future:
@@ -120,8 +121,25 @@ class GrammarBackend:
         except Exception as e:
             raise GrammarError(f"invalid {kind}: {_clean(str(e))}") from None
 
-    def matcher(self, compiled):
-        return self.xgr.GrammarMatcher(compiled)
+    def matcher(self, compiled, kind: Optional[str] = None):
+        m = self.xgr.GrammarMatcher(compiled)
+        # JSON (compact separators, no free whitespace) never holds a raw control
+        # character, but xgrammar's string rule lets tokens such as "\tcase" through;
+        # fill_masks bars them for JSON matchers
+        m.portaserve_json = kind == "json_schema"
+        return m
+
+    def _no_control_bits(self) -> torch.Tensor:
+        """Bitmask row allowing every token whose bytes hold no control character (< 0x20)."""
+        if self._no_ctrl is None:
+            import numpy as np
+
+            ok = np.ones(((self.vocab_size + 31) // 32) * 32, dtype=bool)
+            for i, b in enumerate(self.info.decoded_vocab[: self.vocab_size]):
+                if any(c < 0x20 for c in b):
+                    ok[i] = False
+            self._no_ctrl = torch.from_numpy(np.packbits(ok, bitorder="little").view(np.int32).copy())
+        return self._no_ctrl
 
     # ---- masks ----------------------------------------------------------------------
     def fill_masks(self, batch_size: int, rows: list[int], matchers: list) -> Optional["GrammarMasks"]:
@@ -138,6 +156,9 @@ class GrammarBackend:
         else:
             for row, m in zip(rows, matchers):
                 m.fill_next_token_bitmask(bitmask, row)
+        json_rows = [row for row, m in zip(rows, matchers) if getattr(m, "portaserve_json", False)]
+        if json_rows:
+            bitmask[json_rows] &= self._no_control_bits()
         return GrammarMasks(bitmask, list(rows))
 
     def apply_masks(self, logits: torch.Tensor, masks: "GrammarMasks") -> None:

@@ -183,7 +183,7 @@ class Scheduler:
                 r.finished_reason = {"type": "abort", "message": str(err)}
                 self._finished_early.append(r)
             else:
-                r.grammar = self.grammar.matcher(fut.result())
+                r.grammar = self.grammar.matcher(fut.result(), r.constraint()[0])
                 self.waiting.append(r)
         self.grammar_queue = still
 
