@@ -112,17 +112,25 @@ def make_tiny_checkpoint(tmp: Path, kind: str) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
+def _checkpoint_cache(root, make):
     cache = {}
 
     def get(kind):
         if kind not in cache:
-            cache[kind] = make_tiny_checkpoint(root, kind)
+            cache[kind] = make(root, kind)
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    return _checkpoint_cache(tmp_path_factory.mktemp("tiny"), make_tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_models(tmp_path_factory):
+    return _checkpoint_cache(tmp_path_factory.mktemp("tiny-moe"), make_tiny_moe_checkpoint)
 
 
 def random_prompts(n, vocab, lo, hi, seed=0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from portaserve import Engine
-from tests.conftest import make_tiny_moe_checkpoint, random_prompts
+from tests.conftest import random_prompts
 
 N_TOKENS = 24
 
@@ -17,19 +17,6 @@ def _greedy(path, tp, prompts, **kw):
         outs = eng.generate(input_ids=prompts, sampling_params=sp)
         info = eng.get_server_info()
     return [o["output_ids"] for o in outs], info
-
-
-@pytest.fixture(scope="module")
-def moe_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tp-moe")
-    cache = {}
-
-    def get(kind):
-        if kind not in cache:
-            cache[kind] = make_tiny_moe_checkpoint(root, kind)
-        return cache[kind]
-
-    return get
 
 
 def _check(path, prompts):
@@ -57,9 +44,9 @@ def test_dense_tp2_matches_tp1(tiny_models, kind):
 
 
 @pytest.mark.parametrize("kind", ["qwen2_moe", "qwen3_moe"])
-def test_moe_tp2_matches_tp1(moe_models, kind):
+def test_moe_tp2_matches_tp1(tiny_moe_models, kind):
     # experts split along their intermediate dim; qwen2_moe adds a split shared expert
-    path = moe_models(kind)
+    path = tiny_moe_models(kind)
     prompts = random_prompts(6, 512, 5, 40, seed=4)
     info1, info2 = _check(path, prompts)
     full = info1["weight_bytes_per_rank"][0]
