@@ -65,6 +65,7 @@ class Runtime:
             "schedule_policy": self.scheduler.cfg.schedule_policy,
             "decode_graphs": getattr(self.scheduler.decode_graph, "sizes", None),
             "disable_radix_cache": self.scheduler.tree is None,
+            "jump_forward": self.scheduler.jump_forward,
             "quantization": getattr(self.model_config.quant_config, "name", None),
             "kv_cache_dtype": str(self.scheduler.kv.k[0].dtype).replace("torch.", ""),
             "tp_size": self.args.tp_size,
@@ -128,6 +129,16 @@ def _pool_tokens(args: ServerArgs, platform: Platform, cfg: ModelConfig, dtype, 
             f"not enough memory for a KV pool ({budget / 2**20:.0f} MiB left after weights); "
             "lower the context or raise --mem-fraction-static / set --max-total-tokens")
     return tokens
+
+
+def jump_forward_enabled(args, graphs: bool) -> bool:
+    """--jump-forward auto is on unless decode steps replay captured graphs: a jump
+    re-prefills the forced tokens in an extra, eager extend pass, which on a GPU costs
+    several graphed decode steps of the whole batch (batch 16 on an H200: +143% wall
+    with jumps, docs/BENCHMARKS.md)."""
+    if args.disable_jump_forward or args.jump_forward == "off":
+        return False
+    return args.jump_forward == "on" or not graphs
 
 
 def build_runtime(args: ServerArgs, tp_rank: int = 0) -> Runtime:
@@ -219,10 +230,11 @@ def _build_rank(args, platform, table, src, cfg, dtype, context_len, tp) -> Runt
             deterministic=tp is not None,
         ),
         model, kv, device, eos, decode_fn if tokenizer is not None else None, grammar,
-        jump_forward=not args.disable_jump_forward, rng_device=platform.rng_device(),
+        jump_forward=False, rng_device=platform.rng_device(),
         inference_mode=platform.inference_mode, pin_memory=platform.pin_memory)
     if platform.supports_graphs and not args.disable_cuda_graph:
         max_bs = args.cuda_graph_max_bs or min(args.max_running_requests, 256)
         sched.decode_graph = platform.decode_graph_runner(model, kv, sched.req_pool, max_bs)
+    sched.jump_forward = sched.tree is not None and jump_forward_enabled(args, sched.decode_graph is not None)
     return Runtime(args, platform, table, src, cfg, model, tokenizer, sched, context_len, dtype,
                    eos, weight_bytes, tp, rank_bytes)

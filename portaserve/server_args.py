@@ -60,7 +60,9 @@ class ServerArgs:
                                            choices=["hermes", "llama3"])
     grammar_backend: str = _opt("xgrammar", "structured output backend (json_schema / regex / ebnf)",
                                 choices=["xgrammar", "none"])
-    disable_jump_forward: bool = _opt(False, "decode grammar-forced text token by token instead of appending it at once")
+    jump_forward: str = _opt("auto", "append grammar-forced text at once instead of decoding it token by token: on, off, or auto (on unless decode steps replay captured graphs, where a jump's extra extend pass costs more than the steps it saves)",
+                             choices=["auto", "on", "off"])
+    disable_jump_forward: bool = _opt(False, "same as --jump-forward off")
 
     def __post_init__(self):
         if self.kernel is None:

@@ -137,7 +137,7 @@ def test_jump_forward_saves_decode_steps_and_stays_valid():
     schema = json.dumps(PERSON_SCHEMA)
     results = {}
     for jf in (True, False):
-        with Engine(max_total_tokens=8192, disable_jump_forward=not jf) as e:
+        with Engine(max_total_tokens=8192, jump_forward="on" if jf else "off") as e:
             outs = _run(e, "Describe a user as JSON:", "json_schema", schema, n=8)
             c = e.get_server_info()["counters"]
             for o in outs:
@@ -264,3 +264,21 @@ def test_json_masks_bar_raw_control_characters(default_engine):
     unfiltered = allowed(backend.matcher(compiled))  # kind unknown: xgrammar's own mask
     assert unfiltered, "xgrammar no longer admits control characters in strings: drop the filter"
     assert allowed(backend.matcher(compiled, "json_schema")) == set()
+
+
+def test_jump_forward_policy_follows_the_flag_and_graphs(default_engine):
+    from portaserve.runtime import jump_forward_enabled
+    from portaserve.server_args import ServerArgs
+
+    assert default_engine.get_server_info()["jump_forward"] is True  # auto, no graphs on the CPU
+    for mode, graphs, want in [("auto", False, True), ("auto", True, False), ("on", True, True),
+                               ("off", False, False)]:
+        assert jump_forward_enabled(ServerArgs(jump_forward=mode), graphs) is want, (mode, graphs)
+    assert jump_forward_enabled(ServerArgs(disable_jump_forward=True), False) is False
+    import argparse
+
+    p = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(p)
+    assert ServerArgs.from_cli(p.parse_args(["--jump-forward", "on"])).jump_forward == "on"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--jump-forward", "sometimes"])

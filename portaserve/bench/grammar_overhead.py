@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     base.max_running_requests = max(base.max_running_requests, max(ns.batch_size))
     print(f"{'bs':>4} {'mode':<28} {'tokens':>7} {'seconds':>8} {'ms/token/seq':>13} {'overhead':>9}")
     for jf in (False, True):
-        args = dataclasses.replace(base, disable_jump_forward=not jf)
+        args = dataclasses.replace(base, jump_forward="on" if jf else "off")
         with Engine(server_args=args) as eng:
             if jf is False:
                 print(eng.rt.startup_report(), file=sys.stderr)
