@@ -66,6 +66,8 @@ class Runtime:
             "decode_graphs": getattr(self.scheduler.decode_graph, "sizes", None),
             "disable_radix_cache": self.scheduler.tree is None,
             "jump_forward": self.scheduler.jump_forward,
+            "torch_compile_max_bs": (self.args.torch_compile_max_bs if self.args.enable_torch_compile
+                                     and self.platform.compile_backend else None),
             "quantization": getattr(self.model_config.quant_config, "name", None),
             "kv_cache_dtype": str(self.scheduler.kv.k[0].dtype).replace("torch.", ""),
             "tp_size": self.args.tp_size,
@@ -129,6 +131,36 @@ def _pool_tokens(args: ServerArgs, platform: Platform, cfg: ModelConfig, dtype, 
             f"not enough memory for a KV pool ({budget / 2**20:.0f} MiB left after weights); "
             "lower the context or raise --mem-fraction-static / set --max-total-tokens")
     return tokens
+
+
+class CompiledDecode:
+    """The decode forward under torch.compile (--enable-torch-compile), for batches of at
+    most max_bs.  The ops a compiler cannot trace (KV store, attention, collectives) run
+    as opaque custom ops, so the rest compiles into one graph per batch shape.  With
+    specialize (graph capture: one compile per captured size) shapes are static; without,
+    the batch dimension turns dynamic after its second size.  Same can_run/replay
+    interface as a graph runner, so the scheduler runs it in place of eager decode."""
+
+    def __init__(self, model, backend: str, max_bs: int, specialize: bool):
+        import torch._dynamo
+
+        ops.use_opaque_ops()
+        self.max_bs = max_bs
+        # one compiled graph per captured batch size, plus headroom
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+
+        def forward(fb):
+            return model.compute_logits(model(fb))
+
+        self.fn = torch.compile(forward, backend=backend, dynamic=False if specialize else None)
+
+    def can_run(self, fb) -> bool:
+        return fb.batch_size <= self.max_bs
+
+    def replay(self, fb):
+        return self.fn(fb)
 
 
 def jump_forward_enabled(args, graphs: bool) -> bool:
@@ -232,9 +264,21 @@ def _build_rank(args, platform, table, src, cfg, dtype, context_len, tp) -> Runt
         model, kv, device, eos, decode_fn if tokenizer is not None else None, grammar,
         jump_forward=False, rng_device=platform.rng_device(),
         inference_mode=platform.inference_mode, pin_memory=platform.pin_memory)
-    if platform.supports_graphs and not args.disable_cuda_graph:
+    graphs = platform.supports_graphs and not args.disable_cuda_graph
+    compiled = None
+    if args.enable_torch_compile:
+        if platform.compile_backend is None:
+            logger.warning("--enable-torch-compile: the %s platform compiles whole graphs already; ignored",
+                           platform.name)
+        else:
+            compiled = CompiledDecode(model, platform.compile_backend, args.torch_compile_max_bs,
+                                      specialize=graphs)
+    if graphs:
         max_bs = args.cuda_graph_max_bs or min(args.max_running_requests, 256)
-        sched.decode_graph = platform.decode_graph_runner(model, kv, sched.req_pool, max_bs)
-    sched.jump_forward = sched.tree is not None and jump_forward_enabled(args, sched.decode_graph is not None)
+        sched.decode_graph = platform.decode_graph_runner(model, kv, sched.req_pool, max_bs, compiled)
+    graphs = sched.decode_graph is not None
+    if not graphs and compiled is not None:
+        sched.decode_graph = compiled  # compiled eager decode for batches it covers
+    sched.jump_forward = sched.tree is not None and jump_forward_enabled(args, graphs)
     return Runtime(args, platform, table, src, cfg, model, tokenizer, sched, context_len, dtype,
                    eos, weight_bytes, tp, rank_bytes)

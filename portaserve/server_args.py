@@ -55,6 +55,8 @@ class ServerArgs:
     skip_tokenizer_init: bool = _opt(False, "accept and return token ids only")
     disable_cuda_graph: bool = _opt(False, "run decode eagerly instead of replaying captured CUDA/HIP graphs")
     cuda_graph_max_bs: Optional[int] = _opt(None, "largest decode batch captured in a graph (default: min(max-running-requests, 256))")
+    enable_torch_compile: bool = _opt(False, "compile decode forwards with torch.compile (fusing norms, rotary, activations and residual adds around the attention kernels) for batches up to --torch-compile-max-bs; inside CUDA graphs where they are on")
+    torch_compile_max_bs: int = _opt(32, "largest decode batch run through the compiled forward (each captured batch size compiles once)")
     disable_overlap_schedule: bool = _opt(False, "process each decode step's tokens before launching the next (accelerators overlap them by default)")
     tool_call_parser: Optional[str] = _opt(None, "how tool calls are written by the model (default: detected from the chat template)",
                                            choices=["hermes", "llama3"])
@@ -87,6 +89,8 @@ class ServerArgs:
             raise ValueError("--max-total-tokens must be at least 16")
         if self.max_running_requests < 1:
             raise ValueError("--max-running-requests must be >= 1")
+        if self.torch_compile_max_bs < 1:
+            raise ValueError("--torch-compile-max-bs must be >= 1")
         if self.page_size < 1:
             raise ValueError("--page-size must be >= 1")
 

@@ -35,6 +35,9 @@ class Platform:
     pin_memory: bool = True
     # launch decode step N+1 before reading N's tokens (asynchronous devices only)
     overlap_schedule: bool = True
+    # torch.compile backend for --enable-torch-compile (None: the platform compiles whole
+    # graphs already, e.g. XLA)
+    compile_backend: str | None = "inductor"
     # Default fraction of device memory the KV pool plus weights may take.
     default_mem_fraction_static: float = 0.88
 
@@ -86,9 +89,10 @@ class Platform:
     def empty_cache(self) -> None:
         """Hand cached, unused device memory back to the driver."""
 
-    def decode_graph_runner(self, model, kv, req_pool, max_bs: int):
+    def decode_graph_runner(self, model, kv, req_pool, max_bs: int, compiled=None):
         """A captured-graph runner for decode batches, or None where graphs don't apply.
-        It has can_run(fb) and replay(fb) -> logits."""
+        It has can_run(fb) and replay(fb) -> logits.  compiled: a CompiledDecode whose
+        function the runner captures for the batch sizes it covers."""
         return None
 
     def describe(self) -> dict:

@@ -26,14 +26,15 @@ def gpu_llama(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("graphs", [True, False])
-def test_greedy_matches_transformers_fp32(gpu_llama, graphs):
+@pytest.mark.parametrize("graphs,compile", [(True, False), (False, False), (True, True)])
+def test_greedy_matches_transformers_fp32(gpu_llama, graphs, compile):
     from portaserve import Engine
 
     hf = AutoModelForCausalLM.from_pretrained(str(gpu_llama), torch_dtype=torch.float32).cuda().eval()
     prompts = random_prompts(8, 2048, 8, 600, seed=5)
     with Engine(str(gpu_llama), skip_tokenizer_init=True, device="cuda", dtype="float32",
-                max_total_tokens=20000, disable_cuda_graph=not graphs, chunked_prefill_size=256) as eng:
+                max_total_tokens=20000, disable_cuda_graph=not graphs, chunked_prefill_size=256,
+                enable_torch_compile=compile, torch_compile_max_bs=8) as eng:
         table = eng.rt.op_table.as_dict()
         assert table["attention_decode"]["provider"] == "triton"
         assert (eng.rt.scheduler.decode_graph is not None) == graphs

@@ -42,6 +42,7 @@ for _name, _family, _fn in _DECLARATIONS:
     declare_op(_name, _family, _fn)
 
 _fns = {name: fn for name, _, fn in _DECLARATIONS}
+_impl = dict(_fns)  # the chosen providers; _fns routes through opaque ops under torch.compile
 _table: OpTable | None = None
 
 
@@ -49,7 +50,26 @@ def use_table(table: OpTable) -> None:
     """Route every op call to the providers chosen in ``table``."""
     global _table
     _table = table
-    _fns.update({op: c.fn for op, c in table.choices.items()})
+    _impl.update({op: c.fn for op, c in table.choices.items()})
+    _fns.update({op: fn for op, fn in _impl.items() if op not in _OPAQUE_ROUTES})
+
+
+# ---- torch.compile ---------------------------------------------------------------------
+# Ops a compiler cannot trace through (shapes that depend on data, in-place writes into the
+# KV pool, collectives) become torch custom ops under --enable-torch-compile: the compiler
+# sees each as one opaque node and compiles the rest of the forward (norms, rotary,
+# activations, residual adds, GEMM epilogues) into one graph around them.
+_OPAQUE_ROUTES: dict = {}
+
+
+def use_opaque_ops() -> None:
+    """Route kv_store, attention and the collectives through torch custom ops (idempotent)."""
+    if _OPAQUE_ROUTES:
+        return
+    from portaserve.core.ops import opaque
+
+    _OPAQUE_ROUTES.update(opaque.routes(_impl))
+    _fns.update(_OPAQUE_ROUTES)
 
 
 def current_table() -> OpTable | None:

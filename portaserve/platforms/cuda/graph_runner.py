@@ -27,8 +27,9 @@ def batch_size_ladder(max_bs: int) -> list[int]:
 
 
 class CudaGraphRunner:
-    def __init__(self, model, kv, req_pool, max_bs: int, device):
+    def __init__(self, model, kv, req_pool, max_bs: int, device, compiled=None):
         self.model = model
+        self.compiled = compiled  # a CompiledDecode (--enable-torch-compile) or None
         self.kv = kv
         self.req_to_token = req_pool.req_to_token
         self.pad_row = req_pool.pad_row
@@ -56,14 +57,19 @@ class CudaGraphRunner:
         stream = torch.cuda.Stream()
         for bs in reversed(self.sizes):  # largest first: later graphs reuse its memory
             fb = self._fb(bs)
+            if self.compiled is not None and self.compiled.can_run(fb):
+                forward = self.compiled.fn
+            else:
+                def forward(fb):
+                    return self.model.compute_logits(self.model(fb))
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2):  # warm up (autotuning, lazy init) outside the graph
-                    self.model.compute_logits(self.model(fb))
+                for _ in range(2):  # warm up (compiling, autotuning, lazy init) outside the graph
+                    forward(fb)
             torch.cuda.current_stream().wait_stream(stream)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool, stream=stream):
-                out = self.model.compute_logits(self.model(fb))
+                out = forward(fb)
             self.graphs[bs] = g
             self.outputs[bs] = out
         torch.cuda.synchronize()

@@ -68,7 +68,9 @@ class TpuPlatform(Platform):
 
         xm.wait_device_ops()
 
-    def decode_graph_runner(self, model, kv, req_pool, max_bs: int):
+    compile_backend = None  # XLA traces and compiles every forward already
+
+    def decode_graph_runner(self, model, kv, req_pool, max_bs: int, compiled=None):
         from portaserve.platforms.tpu.runner import XlaDecodeRunner
 
         return XlaDecodeRunner(model, kv, req_pool, max_bs, self.device())
