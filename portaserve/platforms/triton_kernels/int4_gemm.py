@@ -141,6 +141,29 @@ def _decode_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, p_ptr, M, N, K, k_per_split,
 
 
 @triton.jit
+def _dot_nibbles(xt, nib, z, s, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, X_KIND: tl.constexpr):
+    """sum_k x[m, k] (q[k, n] - z[n]) s[n] for an x tile [BLOCK_M, BLOCK_K] and nibbles q
+    that reshape to [BLOCK_K, BLOCK_N], on the tensor cores: each nibble is set into the
+    mantissa of a float that then equals base + q exactly, so the dot needs no conversion,
+    and base and the zero are taken off the dot's result."""
+    if X_KIND == 2:  # float32: (2^23 + q) - 2^23 = q, exact; the dot sees q
+        qf = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        d = tl.dot(xt, tl.reshape(qf, (BLOCK_K, BLOCK_N)), input_precision="ieee")
+        out = (d - tl.sum(xt, axis=1)[:, None] * z[None, :]) * s[None, :]
+    else:  # 16-bit: the bits of 128 + q (bf16) / 1024 + q (fp16), exact
+        if X_KIND == 0:
+            wb = (nib | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            base = 128.0
+        else:
+            wb = (nib | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            base = 1024.0
+        d = tl.dot(xt, tl.reshape(wb, (BLOCK_K, BLOCK_N)))  # sum_k x (base + q), fp32 accumulation
+        xsum = tl.sum(xt.to(tl.float32), axis=1)
+        out = (d - xsum[:, None] * (base + z)[None, :]) * s[None, :]
+    return out
+
+
+@triton.jit
 def _awq_decode_body(x_ptr, qw_ptr, s_ptr, qz_ptr, p_ptr, M, N, K, k_per_split, stride_xm,
                      stride_q0, stride_s0, stride_z0, stride_ps, stride_pm, group_size,
                      BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -201,22 +224,7 @@ def _awq_decode_body(x_ptr, qw_ptr, s_ptr, qz_ptr, p_ptr, M, N, K, k_per_split, 
             z = ((qz >> (i1 * 4)) & 0xF).to(tl.float32)
             s = tl.load(s_ptr + g * stride_s0 + col1, mask=c1mask, other=0.0).to(tl.float32)
             nib = (qw[:, :, None] >> shift[None, None, :]) & 0xF
-            if X_KIND == 2:  # float32: (2^23 + q) - 2^23 = q, exact; the dot sees q - z
-                qf = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                w = tl.reshape(qf, (BLOCK_K, BLOCK_W * 8))
-                d = tl.dot(xt, w, input_precision="ieee")
-                acc += (d - tl.sum(xt, axis=1)[:, None] * z[None, :]) * s[None, :]
-            else:  # 16-bit: the bits of 128 + q (bf16) / 1024 + q (fp16), exact
-                if X_KIND == 0:
-                    wb = (nib | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-                    base = 128.0
-                else:
-                    wb = (nib | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-                    base = 1024.0
-                w = tl.reshape(wb, (BLOCK_K, BLOCK_W * 8))
-                d = tl.dot(xt, w)  # sum_k x (base + q), float32 accumulation
-                xsum = tl.sum(xt.to(tl.float32), axis=1)
-                acc += (d - xsum[:, None] * (base + z)[None, :]) * s[None, :]
+            acc += _dot_nibbles(xt, nib, z, s, BLOCK_K, BLOCK_W * 8, X_KIND)
         tl.store(p_ptr + pid_k * stride_ps + rm[:, None] * stride_pm + col1[None, :],
                  acc.to(p_ptr.dtype.element_ty), mask=mmask[:, None] & c1mask[None, :])
 
@@ -268,20 +276,7 @@ def _gptq_decode_body(x_ptr, qw_ptr, s_ptr, qz_ptr, p_ptr, M, N, K, k_per_split,
             z = (((qz >> ((n % 8) * 4)) & 0xF) + zadd).to(tl.float32)
             s = tl.load(s_ptr + g * stride_s0 + n, mask=nmask, other=0.0).to(tl.float32)
             nib = (qw[:, None, :] >> (i * 4)[None, :, None]) & 0xF  # [BK/8, 8, BN]: row 8r + i
-            if X_KIND == 2:
-                qf = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                d = tl.dot(xt, tl.reshape(qf, (BLOCK_K, BLOCK_N)), input_precision="ieee")
-                acc += (d - tl.sum(xt, axis=1)[:, None] * z[None, :]) * s[None, :]
-            else:
-                if X_KIND == 0:
-                    wb = (nib | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-                    base = 128.0
-                else:
-                    wb = (nib | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-                    base = 1024.0
-                d = tl.dot(xt, tl.reshape(wb, (BLOCK_K, BLOCK_N)))
-                xsum = tl.sum(xt.to(tl.float32), axis=1)
-                acc += (d - xsum[:, None] * (base + z)[None, :]) * s[None, :]
+            acc += _dot_nibbles(xt, nib, z, s, BLOCK_K, BLOCK_N, X_KIND)
         tl.store(p_ptr + pid_k * stride_ps + rm[:, None] * stride_pm + n[None, :],
                  acc.to(p_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
