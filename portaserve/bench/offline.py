@@ -20,18 +20,53 @@ from portaserve.bench.datasets import (BenchRequest, random_dataset, shared_pref
                                        uniform_dataset)
 
 
+class StepTimer:
+    """Wall time of the scheduler's steps by kind: extend (prefill) passes, decode steps
+    (with the overlap scheduler a decode step's time is mostly waiting for the previous
+    one on the device) and steps that only read back a launched decode ("resolve")."""
+
+    def __init__(self, sched):
+        self.sched, self.step = sched, sched.step
+        self.seconds: dict = {}
+        self.count: dict = {}
+        self.decode_rows = 0
+        sched.step = self
+
+    def __call__(self):
+        t = time.perf_counter()
+        out = self.step()
+        dt = time.perf_counter() - t
+        st = self.sched.last_step
+        mode = st.mode if st.mode != "idle" else "resolve"
+        self.seconds[mode] = self.seconds.get(mode, 0.0) + dt
+        self.count[mode] = self.count.get(mode, 0) + 1
+        if mode == "decode":
+            self.decode_rows += st.batch_size
+        return out
+
+    def remove(self) -> dict:
+        del self.sched.step  # the bound method again
+        d = {f"{m}_seconds": round(v, 3) for m, v in self.seconds.items()}
+        d.update({f"{m}_steps": n for m, n in self.count.items()})
+        if self.count.get("decode"):
+            d["mean_decode_batch"] = round(self.decode_rows / self.count["decode"], 1)
+        return d
+
+
 def run_engine(engine, reqs: list[BenchRequest]) -> dict:
     sps = [{"max_new_tokens": r.output_len, "temperature": 0, "ignore_eos": True} for r in reqs]
+    timer = StepTimer(engine.rt.scheduler) if engine.rt.tp is None else None
     t0 = time.perf_counter()
     outs = engine.generate(input_ids=[r.input_ids for r in reqs], sampling_params=sps)
     dt = time.perf_counter() - t0
+    steps = timer.remove() if timer is not None else {}
     out_tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
     assert out_tokens == sum(r.output_len for r in reqs)
     cached = sum(o["meta_info"]["cached_tokens"] for o in outs)
     prompt = sum(len(r.input_ids) for r in reqs)
     return {"seconds": dt, "output_tokens": out_tokens, "output_tok_s": out_tokens / dt,
             "total_tok_s": (out_tokens + prompt) / dt, "cache_hit_rate": cached / prompt,
-            "outputs": [o["output_ids"] for o in outs]}
+            "steps": steps, "outputs": [o["output_ids"] for o in outs]}
 
 
 @torch.inference_mode()
@@ -97,6 +132,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem-fraction-static", type=float, default=None)
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=1)
+    p.add_argument("--enable-torch-compile", action="store_true")
     p.add_argument("--compare-hf", action="store_true", help="also run transformers generate")
     p.add_argument("--hf-batch-size", type=int, default=None, help="default: all prompts in one batch")
     p.add_argument("--compare-no-cache", action="store_true", help="also run with --disable-radix-cache")
@@ -113,7 +149,8 @@ def main(argv=None) -> int:
     kw = dict(skip_tokenizer_init=True, model_path=ns.model_path, device=ns.device, dtype=ns.dtype, load_format=ns.load_format,
               max_total_tokens=ns.max_total_tokens, chunked_prefill_size=ns.chunked_prefill_size,
               max_running_requests=ns.max_running_requests, mem_fraction_static=ns.mem_fraction_static,
-              disable_cuda_graph=ns.disable_cuda_graph, tp_size=ns.tp_size)
+              disable_cuda_graph=ns.disable_cuda_graph, tp_size=ns.tp_size,
+              enable_torch_compile=ns.enable_torch_compile)
     results = {}
     configs = [("portaserve", {})]
     if ns.compare_no_cache:
@@ -160,6 +197,9 @@ def main(argv=None) -> int:
         ratio = f"{r['output_tok_s'] / base['output_tok_s']:.2f}x" if base else "-"
         hit = f"{r['cache_hit_rate']:.1%}" if "cache_hit_rate" in r else "-"
         print(f"{label:<36}{r['seconds']:>9.2f}{r['output_tok_s']:>11.1f}{r['total_tok_s']:>13.1f}{hit:>11}{ratio:>8}")
+    for label, r in results.items():
+        if r.get("steps"):
+            print(f"{label} steps: " + ", ".join(f"{k}={v}" for k, v in r["steps"].items()))
     if base:
         print(f"greedy outputs identical to transformers: {base['identical_outputs']}")
     if ns.output_file:
