@@ -77,8 +77,9 @@ def main(argv=None) -> int:
         with Engine(server_args=args) as eng:
             if jf is False:
                 print(eng.rt.startup_report(), file=sys.stderr)
-            eng.generate("warm up", {"max_new_tokens": 4, "json_schema": json.dumps(SCHEMA)})
-            eng.generate(["warm up"] * max(ns.batch_size), {"max_new_tokens": 4, "ignore_eos": True})
+            for bs in ns.batch_size:  # each batch shape once through both paths (kernels, pools)
+                eng.generate(["warm up"] * bs, {"max_new_tokens": 16, "json_schema": json.dumps(SCHEMA)})
+                eng.generate(["warm up"] * bs, {"max_new_tokens": 16, "ignore_eos": True})
             for bs in ns.batch_size:
                 ct, ft, ratio, tokens, lens = run(eng, bs, ns.repeats)
                 per_c = ct / (tokens / bs) * 1e3  # ms per output token of one sequence

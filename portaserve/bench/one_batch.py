@@ -138,15 +138,31 @@ def profile_decode(rt, bs, input_len, steps):
         sched.step()
     sched.step()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.platform.device_type == "cuda" else [])
+    t0 = time.perf_counter()
     with profile(activities=acts) as prof:
         for _ in range(steps):
             sched.step()
         rt.platform.synchronize()
+    wall = (time.perf_counter() - t0) / steps
     while sched.has_work():
         sched.step()
     sched.flush_cache()
     key = "self_cuda_time_total" if len(acts) > 1 else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))
+    if len(acts) > 1:  # device time per step by kind of kernel, against the step's wall time
+        kinds: dict = {}
+        for e in prof.key_averages():
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+            if not us or not str(getattr(e, "device_type", "")).endswith("CUDA"):
+                continue
+            n = e.key.lower()
+            kind = ("gemm" if any(t in n for t in ("gemm", "gemv", "cutlass", "matmul", "sm90", "nvjet"))
+                    else "attention" if "attn" in n or "attention" in n or "decode" in n
+                    else "memcpy/memset" if "memcpy" in n or "memset" in n else "other")
+            kinds[kind] = kinds.get(kind, 0.0) + us / 1e3 / steps
+        total = sum(kinds.values())
+        print(f"per decode step (bs={bs}): wall {wall * 1e3:.3f} ms (profiled), device kernels "
+              f"{total:.3f} ms = " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
 
 
 _HF_CACHE = {}
