@@ -65,7 +65,8 @@ class Runtime:
             "schedule_policy": self.scheduler.cfg.schedule_policy,
             "decode_graphs": getattr(self.scheduler.decode_graph, "sizes", None),
             "disable_radix_cache": self.scheduler.tree is None,
-            "jump_forward": self.scheduler.jump_forward,
+            "jump_forward": ("off" if not self.scheduler.jump_forward else
+                             "whole-batch" if self.scheduler.jump_whole_batch else "always"),
             "torch_compile_max_bs": (self.args.torch_compile_max_bs if self.args.enable_torch_compile
                                      and self.platform.compile_backend else None),
             "quantization": getattr(self.model_config.quant_config, "name", None),
@@ -163,14 +164,16 @@ class CompiledDecode:
         return self.fn(fb)
 
 
-def jump_forward_enabled(args, graphs: bool) -> bool:
-    """--jump-forward auto is on unless decode steps replay captured graphs: a jump
-    re-prefills the forced tokens in an extra, eager extend pass, which on a GPU costs
-    several graphed decode steps of the whole batch (batch 16 on an H200: +143% wall
-    with jumps, docs/BENCHMARKS.md)."""
+def jump_forward_mode(args, graphs: bool) -> str:
+    """"off", "always", or "whole-batch" (jump only when every running request jumps).
+    --jump-forward auto is "always" where decode runs eagerly and "whole-batch" where
+    decode steps replay captured graphs: a jump re-prefills the forced tokens in an
+    extra, eager extend pass, which on a GPU costs several graphed decode steps, so it
+    pays only when it replaces the decode step of the whole batch (H200, 8B: batch 1
+    -6.8% wall with jumps, batch 16 +84%; docs/BENCHMARKS.md)."""
     if args.disable_jump_forward or args.jump_forward == "off":
-        return False
-    return args.jump_forward == "on" or not graphs
+        return "off"
+    return "always" if args.jump_forward == "on" or not graphs else "whole-batch"
 
 
 def build_runtime(args: ServerArgs, tp_rank: int = 0) -> Runtime:
@@ -279,6 +282,8 @@ def _build_rank(args, platform, table, src, cfg, dtype, context_len, tp) -> Runt
     graphs = sched.decode_graph is not None
     if not graphs and compiled is not None:
         sched.decode_graph = compiled  # compiled eager decode for batches it covers
-    sched.jump_forward = sched.tree is not None and jump_forward_enabled(args, graphs)
+    mode = jump_forward_mode(args, graphs)
+    sched.jump_forward = sched.tree is not None and mode != "off"
+    sched.jump_whole_batch = mode == "whole-batch"
     return Runtime(args, platform, table, src, cfg, model, tokenizer, sched, context_len, dtype,
                    eos, weight_bytes, tp, rank_bytes)

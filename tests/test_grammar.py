@@ -267,14 +267,14 @@ def test_json_masks_bar_raw_control_characters(default_engine):
 
 
 def test_jump_forward_policy_follows_the_flag_and_graphs(default_engine):
-    from portaserve.runtime import jump_forward_enabled
+    from portaserve.runtime import jump_forward_mode
     from portaserve.server_args import ServerArgs
 
-    assert default_engine.get_server_info()["jump_forward"] is True  # auto, no graphs on the CPU
-    for mode, graphs, want in [("auto", False, True), ("auto", True, False), ("on", True, True),
-                               ("off", False, False)]:
-        assert jump_forward_enabled(ServerArgs(jump_forward=mode), graphs) is want, (mode, graphs)
-    assert jump_forward_enabled(ServerArgs(disable_jump_forward=True), False) is False
+    assert default_engine.get_server_info()["jump_forward"] == "always"  # auto, no graphs on the CPU
+    for mode, graphs, want in [("auto", False, "always"), ("auto", True, "whole-batch"),
+                               ("on", True, "always"), ("off", False, "off")]:
+        assert jump_forward_mode(ServerArgs(jump_forward=mode), graphs) == want, (mode, graphs)
+    assert jump_forward_mode(ServerArgs(disable_jump_forward=True), False) == "off"
     import argparse
 
     p = argparse.ArgumentParser()
@@ -282,3 +282,24 @@ def test_jump_forward_policy_follows_the_flag_and_graphs(default_engine):
     assert ServerArgs.from_cli(p.parse_args(["--jump-forward", "on"])).jump_forward == "on"
     with pytest.raises(SystemExit):
         p.parse_args(["--jump-forward", "sometimes"])
+
+
+def test_whole_batch_jump_forward_waits_for_the_whole_batch(default_engine, monkeypatch):
+    """The policy used with captured decode graphs: a lone constrained request jumps; one
+    running beside a free request never does (its jump would break the graphed decode
+    step of the other), and both ways the output still validates.  (The tokens differ:
+    a jump appends the forced text as the tokenizer splits it.)"""
+    sched = default_engine.rt.scheduler
+    monkeypatch.setattr(sched, "jump_whole_batch", True)
+    schema = json.dumps(PERSON_SCHEMA)
+    sp = {"max_new_tokens": 120, "temperature": 0, "json_schema": schema}
+    before = sched.counters.jump_forward_tokens
+    alone = default_engine.generate("Describe a user as JSON:", sp)
+    jumped_alone = sched.counters.jump_forward_tokens - before
+    jsonschema.validate(json.loads(alone["text"]), PERSON_SCHEMA)
+    assert jumped_alone > 10
+    before = sched.counters.jump_forward_tokens
+    outs = default_engine.generate(["Describe a user as JSON:", "Once upon a time"],
+                                   [sp, {"max_new_tokens": 200, "temperature": 0, "ignore_eos": True}])
+    assert sched.counters.jump_forward_tokens == before  # the free request outlives the JSON one
+    jsonschema.validate(json.loads(outs[0]["text"]), PERSON_SCHEMA)

@@ -2,7 +2,10 @@
 and unconstrained with the same output lengths (ignore_eos), at several batch sizes,
 first token by token (jump-forward off), then with jump-forward.  Overhead: the median of
 the constrained / unconstrained time ratios of interleaved runs (with jump-forward the
-constrained run also appends forced tokens without a decode step each).
+constrained run also appends forced tokens without a decode step each), end to end
+(prefill, grammar setup and all), and of the median decode step (the steady-state time
+per output token; with the overlap scheduler a step's time is the device's step time
+unless the host's share of it, masks included, is longer).
 
     python -m portaserve.bench.grammar_overhead --batch-size 1 16
 
@@ -30,11 +33,18 @@ SCHEMA = {"type": "object", "properties": {
     "required": ["name", "age", "city", "tags"], "additionalProperties": False}
 
 
-def _timed(engine, prompts, sps):
+def _timed(engine, prompts, sps, steps: list):
+    """Wall seconds and output lengths of one run; appends its decode step times to steps."""
+    from portaserve.bench.offline import StepTimer
+
     engine.flush_cache()
+    timer = StepTimer(engine.rt.scheduler)
     t = time.perf_counter()
     outs = engine.generate(prompts, sps)
-    return time.perf_counter() - t, [o["meta_info"]["completion_tokens"] for o in outs]
+    dt = time.perf_counter() - t
+    timer.remove()
+    steps.extend(timer.decode_times)
+    return dt, [o["meta_info"]["completion_tokens"] for o in outs]
 
 
 def run(engine, bs: int, repeats: int = 3):
@@ -43,18 +53,20 @@ def run(engine, bs: int, repeats: int = 3):
     seconds, median unconstrained seconds, median of the paired ratios, tokens, lengths)."""
     prompts = [f"Person #{i} as JSON:" for i in range(bs)]
     constrained = [{"max_new_tokens": 120, "temperature": 0, "json_schema": json.dumps(SCHEMA)}] * bs
-    ct, ft, lens, ratios = [], [], None, []
+    ct, ft, lens, ratios, csteps, fsteps = [], [], None, [], [], []
     for _ in range(repeats):
-        t, got = _timed(engine, prompts, constrained)
+        t, got = _timed(engine, prompts, constrained, csteps)
         lens = lens or got  # greedy: the same every run (per-token figures if not)
         ct.append(t / sum(got))
         t, got_f = _timed(engine, prompts, [{"max_new_tokens": n, "temperature": 0, "ignore_eos": True}
-                                            for n in lens])
+                                            for n in lens], fsteps)
         ft.append(t / sum(got_f))
         ratios.append(ct[-1] / ft[-1])
     tokens = sum(lens)
+    step_ms = (statistics.median(csteps) * 1e3 if csteps else float("nan"),
+               statistics.median(fsteps) * 1e3 if fsteps else float("nan"))
     return (statistics.median(ct) * tokens, statistics.median(ft) * tokens, statistics.median(ratios),
-            tokens, lens)
+            tokens, lens, step_ms)
 
 
 def main(argv=None) -> int:
@@ -71,7 +83,8 @@ def main(argv=None) -> int:
     ns = p.parse_args(argv)
     base = ServerArgs.from_cli(ns)
     base.max_running_requests = max(base.max_running_requests, max(ns.batch_size))
-    print(f"{'bs':>4} {'mode':<28} {'tokens':>7} {'seconds':>8} {'ms/token/seq':>13} {'overhead':>9}")
+    print(f"{'bs':>4} {'mode':<28} {'tokens':>7} {'seconds':>8} {'ms/token/seq':>13} {'overhead':>9}"
+          f" {'decode step':>12} {'overhead':>9}")
     for jf in (False, True):
         args = dataclasses.replace(base, jump_forward="on" if jf else "off")
         with Engine(server_args=args) as eng:
@@ -81,13 +94,15 @@ def main(argv=None) -> int:
                 eng.generate(["warm up"] * bs, {"max_new_tokens": 16, "json_schema": json.dumps(SCHEMA)})
                 eng.generate(["warm up"] * bs, {"max_new_tokens": 16, "ignore_eos": True})
             for bs in ns.batch_size:
-                ct, ft, ratio, tokens, lens = run(eng, bs, ns.repeats)
+                ct, ft, ratio, tokens, lens, (cs, fs) = run(eng, bs, ns.repeats)
                 per_c = ct / (tokens / bs) * 1e3  # ms per output token of one sequence
                 per_f = ft / (tokens / bs) * 1e3
                 label = "json_schema" + (" + jump-forward" if jf else "")
                 if not jf:
-                    print(f"{bs:>4} {'unconstrained':<28} {tokens:>7} {ft:>8.2f} {per_f:>13.2f} {'':>9}")
-                print(f"{bs:>4} {label:<28} {tokens:>7} {ct:>8.2f} {per_c:>13.2f} {ratio - 1:>+8.1%}")
+                    print(f"{bs:>4} {'unconstrained':<28} {tokens:>7} {ft:>8.2f} {per_f:>13.2f} {'':>9}"
+                          f" {fs:>9.2f} ms {'':>9}")
+                print(f"{bs:>4} {label:<28} {tokens:>7} {ct:>8.2f} {per_c:>13.2f} {ratio - 1:>+8.1%}"
+                      f" {cs:>9.2f} ms {cs / fs - 1:>+8.1%}")
     return 0
 
 

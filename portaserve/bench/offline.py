@@ -30,6 +30,7 @@ class StepTimer:
         self.seconds: dict = {}
         self.count: dict = {}
         self.decode_rows = 0
+        self.decode_times: list = []
         sched.step = self
 
     def __call__(self):
@@ -42,6 +43,7 @@ class StepTimer:
         self.count[mode] = self.count.get(mode, 0) + 1
         if mode == "decode":
             self.decode_rows += st.batch_size
+            self.decode_times.append(dt)
         return out
 
     def remove(self) -> dict:

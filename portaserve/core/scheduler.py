@@ -110,6 +110,10 @@ class Scheduler:
         self.inflight: Optional[_Inflight] = None  # a launched decode whose tokens are unread
         self.grammar = grammar  # GrammarBackend or None
         self.jump_forward = jump_forward and self.tree is not None
+        # Only jump when every running request jumps at this step (set where decode steps
+        # replay captured graphs: a jump's extend pass is eager and, unless it replaces the
+        # decode step of the whole batch, costs more than the steps it saves).
+        self.jump_whole_batch = False
         self.grammar_queue: list[Req] = []  # constrained requests waiting for their grammar
         self.waiting: list[Req] = []
         self.running: list[Req] = []
@@ -782,8 +786,13 @@ class Scheduler:
         the front of the queue (a request the jump finished is not re-queued)."""
         if not self.jump_forward:
             return []
-        jumped = [r for r in reqs if not r.finished and r.grammar is not None and not r.return_logprob
-                  and self._jump_forward(r)]
+        cands = [r for r in reqs if not r.finished and r.grammar is not None and not r.return_logprob]
+        if self.jump_whole_batch and cands:
+            live = {id(r) for r in self.running if not r.finished}
+            live.update(id(r) for r in reqs if not r.finished)
+            if len(cands) < len(live) or not all(r.grammar.find_jump_forward_string() for r in cands):
+                return []
+        jumped = [r for r in cands if self._jump_forward(r)]
         return [r for r in jumped if not r.finished]  # finishing wins over re-prefill
 
     def _advance_grammar(self, r: Req, tok: int) -> bool:
