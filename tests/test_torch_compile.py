@@ -52,3 +52,27 @@ def test_torch_compile_max_bs_must_be_positive():
 
     with pytest.raises(ValueError, match="torch-compile-max-bs"):
         ServerArgs(torch_compile_max_bs=0).validate()
+
+
+def test_elementwise_ops_trace_native_and_run_their_provider_eagerly(monkeypatch):
+    """Under use_opaque_ops, a compiled forward traces the native rmsnorm (so the
+    compiler can fuse it) while eager calls still reach the chosen provider."""
+    from portaserve.core import ops
+    from portaserve.core.ops import native
+
+    ops.use_opaque_ops()
+    calls = []
+
+    def provider(x, w, eps):
+        calls.append(1)
+        return native.rmsnorm(x, w, eps)
+
+    monkeypatch.setitem(ops._impl, "rmsnorm", provider)
+    x, w = torch.randn(3, 8), torch.rand(8)
+    ref = native.rmsnorm(x, w, 1e-6)
+    torch.testing.assert_close(ops.rmsnorm(x, w, 1e-6), ref)
+    assert calls == [1]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: ops.rmsnorm(a, b, 1e-6), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, w), ref)
+    assert calls == [1]  # traced natively: the provider was not called

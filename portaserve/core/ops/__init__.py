@@ -6,6 +6,8 @@ the native implementations run, so the ops work in isolation (tests, notebooks).
 """
 from __future__ import annotations
 
+import torch
+
 from portaserve.core import parallel
 from portaserve.core.ops import native
 from portaserve.core.ops.registry import (
@@ -55,20 +57,37 @@ def use_table(table: OpTable) -> None:
 
 
 # ---- torch.compile ---------------------------------------------------------------------
-# Ops a compiler cannot trace through (shapes that depend on data, in-place writes into the
-# KV pool, collectives) become torch custom ops under --enable-torch-compile: the compiler
-# sees each as one opaque node and compiles the rest of the forward (norms, rotary,
-# activations, residual adds, GEMM epilogues) into one graph around them.
+# Under --enable-torch-compile the ops split in two while a forward is being compiled:
+# * attention and the collectives (shapes that depend on data, communication) become
+#   torch custom ops: the compiler sees each as one opaque node running the provider
+#   the registry chose;
+# * the elementwise ops (norms, rotary, activation, the KV store) are traced in their
+#   native torch form, so the compiler fuses them with each other and with the residual
+#   adds between the GEMMs (a provider's hand-written kernel would stay one launch each).
+# Outside compiled code (eager extend passes) every op still runs its chosen provider.
 _OPAQUE_ROUTES: dict = {}
+_FUSED_WHEN_COMPILED = ("rmsnorm", "fused_add_rmsnorm", "silu_and_mul", "rotary_embedding", "kv_store")
+
+
+def _native_when_compiling(name: str):
+    native_fn = OPS[name].native
+
+    def route(*args):
+        if torch.compiler.is_compiling():
+            return native_fn(*args)
+        return _impl[name](*args)
+
+    return route
 
 
 def use_opaque_ops() -> None:
-    """Route kv_store, attention and the collectives through torch custom ops (idempotent)."""
+    """Prepare the op routes for torch.compile (idempotent); see above."""
     if _OPAQUE_ROUTES:
         return
     from portaserve.core.ops import opaque
 
     _OPAQUE_ROUTES.update(opaque.routes(_impl))
+    _OPAQUE_ROUTES.update({name: _native_when_compiling(name) for name in _FUSED_WHEN_COMPILED})
     _fns.update(_OPAQUE_ROUTES)
 
 

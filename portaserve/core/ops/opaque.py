@@ -1,5 +1,5 @@
-"""Torch custom ops wrapping the registry ops a compiler cannot trace (see
-``ops.use_opaque_ops``).  Each calls whatever provider the op table chose, so
+"""Torch custom ops wrapping the registry ops a compiler should not trace: attention and
+the collectives (see ``ops.use_opaque_ops``).  Each calls whatever provider the op table chose, so
 torch.compile keeps the platform's attention kernels and collectives as single nodes.
 
 No ``from __future__ import annotations`` here: torch.library reads the signatures."""
@@ -9,11 +9,6 @@ from torch import Tensor
 from portaserve.core import parallel
 
 _impl: dict = {}  # op name -> chosen provider (the registry's live dict)
-
-
-@torch.library.custom_op("portaserve::kv_store", mutates_args=("k_cache", "v_cache"))
-def kv_store(k_cache: Tensor, v_cache: Tensor, loc: Tensor, k: Tensor, v: Tensor) -> None:
-    _impl["kv_store"](k_cache, v_cache, loc, k, v)
 
 
 @torch.library.custom_op("portaserve::attention_decode", mutates_args=())
@@ -67,6 +62,6 @@ def routes(impl: dict) -> dict:
     """The opaque replacements, keyed by op name; they call impl[op] at run time."""
     global _impl
     _impl = impl
-    return {"kv_store": kv_store, "attention_decode": attention_decode,
+    return {"attention_decode": attention_decode,
             "attention_extend": attention_extend, "all_reduce": _all_reduce_route,
             "all_gather": lambda x, dim, group: all_gather(x, dim)}
