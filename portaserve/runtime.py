@@ -166,14 +166,16 @@ class CompiledDecode:
 
 def jump_forward_mode(args, graphs: bool) -> str:
     """"off", "always", or "whole-batch" (jump only when every running request jumps).
-    --jump-forward auto is "always" where decode runs eagerly and "whole-batch" where
-    decode steps replay captured graphs: a jump re-prefills the forced tokens in an
-    extra, eager extend pass, which on a GPU costs several graphed decode steps, so it
-    pays only when it replaces the decode step of the whole batch (H200, 8B: batch 1
-    -6.8% wall with jumps, batch 16 +84%; docs/BENCHMARKS.md)."""
+    --jump-forward auto is "always" where decode runs eagerly and "off" where decode
+    steps replay captured graphs: a jump re-prefills the forced tokens in an extra,
+    eager extend pass costing about six graphed decode steps, so on a GPU it pays only
+    for single streams (H200, 8B, JSON schema: batch 1 -5.8% wall with whole-batch
+    jumps; batch 16 +28.5% even whole-batch, +84% always; docs/BENCHMARKS.md)."""
     if args.disable_jump_forward or args.jump_forward == "off":
         return "off"
-    return "always" if args.jump_forward == "on" or not graphs else "whole-batch"
+    if args.jump_forward == "whole-batch":
+        return "whole-batch"
+    return "always" if args.jump_forward == "on" or not graphs else "off"
 
 
 def build_runtime(args: ServerArgs, tp_rank: int = 0) -> Runtime:

@@ -62,8 +62,8 @@ class ServerArgs:
                                            choices=["hermes", "llama3"])
     grammar_backend: str = _opt("xgrammar", "structured output backend (json_schema / regex / ebnf)",
                                 choices=["xgrammar", "none"])
-    jump_forward: str = _opt("auto", "append grammar-forced text at once instead of decoding it token by token: on, off, or auto (on unless decode steps replay captured graphs, where a jump's extra extend pass costs more than the steps it saves)",
-                             choices=["auto", "on", "off"])
+    jump_forward: str = _opt("auto", "append grammar-forced text at once instead of decoding it token by token: on, off, whole-batch (only when every running request jumps at once: pays off for single-stream use on GPUs), or auto (on where decode runs eagerly, off where decode steps replay captured graphs, whose batch a jump's eager extend pass would stall)",
+                             choices=["auto", "on", "off", "whole-batch"])
     disable_jump_forward: bool = _opt(False, "same as --jump-forward off")
 
     def __post_init__(self):

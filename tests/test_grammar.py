@@ -271,8 +271,9 @@ def test_jump_forward_policy_follows_the_flag_and_graphs(default_engine):
     from portaserve.server_args import ServerArgs
 
     assert default_engine.get_server_info()["jump_forward"] == "always"  # auto, no graphs on the CPU
-    for mode, graphs, want in [("auto", False, "always"), ("auto", True, "whole-batch"),
-                               ("on", True, "always"), ("off", False, "off")]:
+    for mode, graphs, want in [("auto", False, "always"), ("auto", True, "off"), ("on", True, "always"),
+                               ("off", False, "off"), ("whole-batch", True, "whole-batch"),
+                               ("whole-batch", False, "whole-batch")]:
         assert jump_forward_mode(ServerArgs(jump_forward=mode), graphs) == want, (mode, graphs)
     assert jump_forward_mode(ServerArgs(disable_jump_forward=True), False) == "off"
     import argparse
@@ -285,8 +286,8 @@ def test_jump_forward_policy_follows_the_flag_and_graphs(default_engine):
 
 
 def test_whole_batch_jump_forward_waits_for_the_whole_batch(default_engine, monkeypatch):
-    """The policy used with captured decode graphs: a lone constrained request jumps; one
-    running beside a free request never does (its jump would break the graphed decode
+    """--jump-forward whole-batch (for single streams on GPUs): a lone constrained request
+    jumps; one running beside a free request never does (its jump would break the graphed decode
     step of the other), and both ways the output still validates.  (The tokens differ:
     a jump appends the forced text as the tokenizer splits it.)"""
     sched = default_engine.rt.scheduler

@@ -1,7 +1,8 @@
 """Per-token cost of constrained decoding: the same prompts decoded with a JSON schema
 and unconstrained with the same output lengths (ignore_eos), at several batch sizes,
-first token by token (jump-forward off), then with jump-forward as --jump-forward auto
-sets it for the platform (always on the CPU, whole-batch where decode replays graphs).  Overhead: the median of
+first token by token (jump-forward off), then with jump-forward (--jump-mode: "on", the
+default, jumps whenever the grammar forces text; "whole-batch" only when every running
+request jumps, the mode that pays on GPUs for single streams).  Overhead: the median of
 the constrained / unconstrained time ratios of interleaved runs (with jump-forward the
 constrained run also appends forced tokens without a decode step each), end to end
 (prefill, grammar setup and all), and of the median decode step (the steady-state time
@@ -79,6 +80,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 16])
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
+    p.add_argument("--jump-mode", choices=["on", "whole-batch"], default="on",
+                   help="the jump-forward mode of the second pass")
     ServerArgs.add_cli_args(p)
     p.set_defaults(max_total_tokens=20000)
     ns = p.parse_args(argv)
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
     print(f"{'bs':>4} {'mode':<28} {'tokens':>7} {'seconds':>8} {'ms/token/seq':>13} {'overhead':>9}"
           f" {'decode step':>12} {'overhead':>9}")
     for jf in (False, True):
-        args = dataclasses.replace(base, jump_forward="auto" if jf else "off")
+        args = dataclasses.replace(base, jump_forward=ns.jump_mode if jf else "off")
         with Engine(server_args=args) as eng:
             if jf is False:
                 print(eng.rt.startup_report(), file=sys.stderr)

@@ -110,9 +110,9 @@ class Scheduler:
         self.inflight: Optional[_Inflight] = None  # a launched decode whose tokens are unread
         self.grammar = grammar  # GrammarBackend or None
         self.jump_forward = jump_forward and self.tree is not None
-        # Only jump when every running request jumps at this step (set where decode steps
-        # replay captured graphs: a jump's extend pass is eager and, unless it replaces the
-        # decode step of the whole batch, costs more than the steps it saves).
+        # Only jump when every running request jumps at this step (--jump-forward
+        # whole-batch: a jump's extend pass is eager and, with graphed decode, costs more
+        # than the steps it saves unless it replaces the whole batch's decode step).
         self.jump_whole_batch = False
         self.grammar_queue: list[Req] = []  # constrained requests waiting for their grammar
         self.waiting: list[Req] = []
