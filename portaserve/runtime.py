@@ -205,6 +205,7 @@ def build_runtime(args: ServerArgs, tp_rank: int = 0) -> Runtime:
     if args.tp_size > 1:
         from portaserve import tp as tpmod
 
+        tpmod.check_no_process_group()
         procs = []
         if tp_rank == 0:
             args = tpmod.with_rendezvous(args)

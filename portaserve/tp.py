@@ -184,6 +184,14 @@ def _leave_process_group(timeout_s: float) -> None:
     reset_tp()
     if not dist.is_initialized():
         return
+    if dist.get_backend() != "gloo":
+        # NCCL's teardown (destroy and abort alike) hung 30 s on both ranks of an H200 pair
+        # with every rank past its last collective and the device idle, and a teardown
+        # thread still blocked at interpreter exit aborts the process.  The communicators
+        # are left to process exit instead (a rank process exits right after this; a
+        # second tensor-parallel engine in the same process is refused by join()).
+        logger.info("leaving the %s process group to process exit", dist.get_backend())
+        return
 
     def destroy():
         try:
@@ -196,6 +204,20 @@ def _leave_process_group(timeout_s: float) -> None:
     t.join(timeout_s)
     if t.is_alive():  # never hang an exiting server on a communicator
         logger.warning("process group teardown did not finish in %.0f s; continuing", timeout_s)
+
+
+def check_no_process_group() -> None:
+    """A rank joins with a fresh torch.distributed state.  An NCCL group outlives its
+    engine (see _leave_process_group), so a second tensor-parallel engine in one process
+    is refused here, before any rank starts, rather than failing inside init."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        raise RuntimeError(
+            f"torch.distributed is already initialized in this process (backend "
+            f"{dist.get_backend()}): an earlier tensor-parallel engine's NCCL communicators "
+            "stay until the process exits, or the caller set up a group; start the "
+            "tensor-parallel engine in a new process")
 
 
 def join(args, platform, rank: int, procs: Optional[list] = None) -> TPGroup:

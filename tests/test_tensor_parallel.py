@@ -94,6 +94,19 @@ def test_tp_size_errors(tiny_models):
         ServerArgs(tp_size=3, nnodes=2, dist_init_addr="127.0.0.1:1234").validate()
 
 
+def test_tp_engine_refused_while_a_process_group_lives(tiny_models, tmp_path):
+    """An NCCL group outlives its engine (its teardown hangs), so a second TP engine in
+    the same process is refused up front with a message, before any rank starts."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="already initialized in this process"):
+            Engine(str(tiny_models("llama3")), skip_tokenizer_init=True, max_total_tokens=2000, tp_size=2)
+    finally:
+        dist.destroy_process_group()
+
+
 def _collective_worker(rank, addr, q):
     import torch.distributed as dist
 
