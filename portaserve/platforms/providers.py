@@ -19,6 +19,7 @@ for _op, _target in [
     ("attention_decode", f"{_TK}.attention:attention_decode"),
     ("attention_extend", f"{_TK}.attention:attention_extend"),
     ("fused_moe", f"{_TK}.moe:fused_moe"),
+    ("top_k_top_p_min_p_sample", f"{_TK}.sampling:top_k_top_p_min_p_sample"),
 ]:
     register_provider(_op, "triton", _TRITON_PLATFORMS, _target, requires=needs_module("triton"))
 
