@@ -41,6 +41,7 @@ class ServerArgs:
     max_queued_requests: Optional[int] = _opt(None, "beyond this many waiting requests new ones get HTTP 503")
     chunked_prefill_size: int = _opt(8192, "maximum tokens per prefill chunk (<=0 disables chunking)")
     max_prefill_tokens: int = _opt(16384, "maximum prompt tokens in one prefill batch")
+    enable_mixed_chunk: bool = _opt(False, "run the running requests' decode step inside each prefill batch instead of pausing them while it runs (the chunk gives up one token per running request)")
     page_size: int = _opt(1, "KV pool page size in tokens")
     schedule_policy: str = _opt("fcfs", "order of admission", choices=["fcfs", "lpm", "dfs-weight", "random"])
     disable_radix_cache: bool = _opt(False, "turn off prefix caching (RadixAttention)")

@@ -57,6 +57,9 @@ class SchedulerConfig:
     init_new_token_ratio: float = 0.7
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
+    # Running requests take their decode step inside a prefill batch (one forward instead
+    # of stalling the decode batch while the prefill runs); SGLang's --enable-mixed-chunk.
+    enable_mixed_chunk: bool = False
     # Tensor-parallel ranks each run a replica of this scheduler and must take identical
     # decisions: nothing may depend on wall-clock timing (grammar compiles are waited for).
     deterministic: bool = False
@@ -64,7 +67,7 @@ class SchedulerConfig:
 
 @dataclass
 class StepStats:
-    mode: str = "idle"  # "extend" | "decode" | "idle"
+    mode: str = "idle"  # "extend" | "mixed" (extend + running requests' decode) | "decode" | "idle"
     batch_size: int = 0
     num_tokens: int = 0
     retracted: int = 0
@@ -78,6 +81,7 @@ class SchedulerCounters:
     retractions: int = 0
     forward_extend: int = 0
     forward_decode: int = 0
+    forward_mixed: int = 0  # extend passes that also carried running requests' decode step
     jump_forward_tokens: int = 0
     extend_tokens: int = 0
 
@@ -236,7 +240,8 @@ class Scheduler:
             return early + self._step_overlapped()
         reqs = self._schedule_prefill()
         if reqs:
-            return early + self._run_extend(reqs)
+            riders = self._mix_running(reqs) if self.cfg.enable_mixed_chunk else []
+            return early + self._run_extend(reqs + riders, riders)
         if self.running:
             if self.overlap and self._overlap_safe(self.running) and self._room_for_decode(self.running):
                 self.inflight = self._launch_decode(list(self.running))
@@ -401,6 +406,8 @@ class Scheduler:
             return []
         self._order_waiting()
         chunk_budget = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else 1 << 62
+        if self.cfg.enable_mixed_chunk:  # the running requests' decode tokens ride along
+            chunk_budget = max(1, chunk_budget - len(self.running))
         token_budget = self.cfg.max_prefill_tokens
         batch: list[Req] = []
 
@@ -476,6 +483,20 @@ class Scheduler:
                 self.chunked = req
         return batch
 
+    def _mix_running(self, batch: list[Req]) -> list[Req]:
+        """The running requests, each given a slot for its next token, to take their
+        decode step inside this prefill batch; none if the pool cannot hold a token each
+        (the decode step after this batch retracts as usual)."""
+        riders = [r for r in self.running if r not in batch]
+        if not riders or not self._room_for_decode(riders):
+            return []
+        for r in riders:
+            self._alloc(r, r.kv_len, 1)
+            r.extend_n = 1
+        self.new_token_ratio = max(self.cfg.min_new_token_ratio,
+                                   self.new_token_ratio - self.cfg.new_token_ratio_decay)
+        return riders
+
     IN_BATCH_PREFIX_CHECK = 32  # tokens (SGLang uses the same threshold)
 
     def _shares_uncached_prefix(self, req: Req, prefix: int, batch: list[Req]) -> bool:
@@ -487,7 +508,9 @@ class Scheduler:
         head = req.input_ids[:end]
         return any(len(r.input_ids) >= end and r.input_ids[:end] == head for r in batch)
 
-    def _run_extend(self, batch: list[Req]) -> list[Req]:
+    def _run_extend(self, batch: list[Req], riders: list[Req] = ()) -> list[Req]:
+        """One extend pass over batch: prompt chunks, plus (mixed batches) the riders,
+        running requests computing their one newest token."""
         dev = self.device
         ids, pos, locs, sel, sel_owner = [], [], [], [], []
         row = 0
@@ -524,8 +547,10 @@ class Scheduler:
             logits = self.model.compute_logits(hidden[torch.tensor(sel, dtype=torch.int64, device=dev)]) \
                 if sel else None
         self.counters.forward_extend += 1
-        self.counters.extend_tokens += len(ids)
-        self.last_step = StepStats("extend", len(batch), len(ids))
+        self.counters.extend_tokens += len(ids) - len(riders)
+        if riders:
+            self.counters.forward_mixed += 1
+        self.last_step = StepStats("mixed" if riders else "extend", len(batch), len(ids))
 
         # input logprobs: logits at position p score token p+1
         sample_rows, sample_reqs = [], []
@@ -543,12 +568,14 @@ class Scheduler:
                     sample_rows.append(i)
                     sample_reqs.append(r)
 
+        riding = {id(r) for r in riders}
         for req in batch:
             req.kv_len += req.extend_n
             req.extend_n = 0
             # share the prompt's KV right away (not only when the request finishes), so
             # requests with the same prefix admitted later skip recomputing it
-            self._cache_unfinished(req)
+            if id(req) not in riding:
+                self._cache_unfinished(req)
         for r in sample_reqs:
             if r.return_logprob and r.input_logprob_start() < len(r.input_ids) and not r.input_lp_done:
                 if r.input_logprob_start() == 0:
