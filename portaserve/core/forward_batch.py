@@ -21,6 +21,9 @@ class ForwardBatch:
     req_to_token: torch.Tensor
     prefix_lens: Optional[torch.Tensor] = None  # [B] (extend)
     extend_lens: Optional[torch.Tensor] = None  # [B] (extend)
+    # extend (mixed) batches: the last decode_tail requests each compute one token, their
+    # decode step; attention runs them through the decode kernel
+    decode_tail: int = 0
 
     @property
     def batch_size(self) -> int:

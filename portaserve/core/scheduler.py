@@ -541,6 +541,7 @@ class Scheduler:
             req_to_token=self.req_pool.req_to_token,
             prefix_lens=torch.tensor([r.kv_len for r in batch], dtype=torch.int64, device=dev),
             extend_lens=torch.tensor([r.extend_n for r in batch], dtype=torch.int64, device=dev),
+            decode_tail=len(riders),
         )
         with self.no_grad():
             hidden = self.model(fb)

@@ -39,5 +39,13 @@ class PagedAttention(nn.Module):
         if fb.is_decode:
             return ops.attention_decode(q, k_cache, v_cache, fb.req_to_token, fb.req_pool_indices,
                                         fb.seq_lens, self.scale)
+        n = fb.decode_tail
+        if n:  # mixed batch: prompt chunks, then running requests' one-token decode steps
+            t = q.shape[0] - n
+            head = ops.attention_extend(q[:t], k_cache, v_cache, fb.req_to_token, fb.req_pool_indices[:-n],
+                                        fb.prefix_lens[:-n], fb.extend_lens[:-n], self.scale)
+            tail = ops.attention_decode(q[t:], k_cache, v_cache, fb.req_to_token, fb.req_pool_indices[-n:],
+                                        fb.seq_lens[-n:], self.scale)
+            return torch.cat([head, tail])
         return ops.attention_extend(q, k_cache, v_cache, fb.req_to_token, fb.req_pool_indices,
                                     fb.prefix_lens, fb.extend_lens, self.scale)
