@@ -137,8 +137,9 @@ def _pool_tokens(args: ServerArgs, platform: Platform, cfg: ModelConfig, dtype, 
 
 class CompiledDecode:
     """The decode forward under torch.compile (--enable-torch-compile), for batches of at
-    most max_bs.  The ops a compiler cannot trace (KV store, attention, collectives) run
-    as opaque custom ops, so the rest compiles into one graph per batch shape.  With
+    most max_bs.  Attention and collectives run as opaque custom ops and the elementwise
+    ops in native form (core/ops: use_opaque_ops), so the whole forward compiles into
+    one graph per batch shape, its small ops fused.  With
     specialize (graph capture: one compile per captured size) shapes are static; without,
     the batch dimension turns dynamic after its second size.  Same can_run/replay
     interface as a graph runner, so the scheduler runs it in place of eager decode."""

@@ -487,7 +487,7 @@ class Scheduler:
         """The running requests, each given a slot for its next token, to take their
         decode step inside this prefill batch; none if the pool cannot hold a token each
         (the decode step after this batch retracts as usual)."""
-        riders = [r for r in self.running if r not in batch]
+        riders = list(self.running)  # never in batch: it holds new and chunked requests only
         if not riders or not self._room_for_decode(riders):
             return []
         for r in riders:
