@@ -54,3 +54,38 @@ def test_non_float32_falls_back_to_native():
     k, p, m = torch.tensor([4, 0, 0]), torch.tensor([1.0, 0.7, 1.0]), torch.tensor([0.0, 0.0, 0.3])
     args = [probs.double(), k, p.double(), m.double(), noise.double()]
     assert top_k_top_p_min_p_sample(*args).tolist() == native.top_k_top_p_min_p_sample(*args).tolist()
+
+
+def test_ties_rank_by_token_id_like_native():
+    """Equal probabilities (common: bf16 logits) rank by token id on both sides, so the
+    top-k / top-p cut-offs agree exactly; a uniform row with top_k=1 gives token 0."""
+    from portaserve.platforms.triton_kernels.sampling import top_k_top_p_min_p_sample
+
+    g = torch.Generator().manual_seed(5)
+    B, V = 48, 3000
+    logits = (torch.randn(B, V, generator=g) * 2).to(torch.bfloat16).float()  # many exact ties
+    logits[0] = 0.0  # uniform
+    probs = torch.softmax(logits, dim=-1)
+    noise = torch.empty(B, V).exponential_(generator=g)
+    top_k = torch.tensor([1] + [int(k) for k in torch.randint(1, 60, (B - 1,), generator=g)])
+    top_p = torch.where(torch.arange(B) % 3 == 0, torch.tensor(0.3), torch.tensor(1.0))
+    min_p = torch.zeros(B)
+    ref = native.top_k_top_p_min_p_sample(probs, top_k, top_p, min_p, noise)
+    got = top_k_top_p_min_p_sample(*[t.to(DEVICE) for t in (probs, top_k, top_p, min_p, noise)])
+    assert got.cpu().tolist() == ref.tolist()
+    assert ref[0].item() == 0
+
+
+def test_unusable_row_and_huge_top_k():
+    """A NaN row (every logit -inf) gives token 0, inside the vocabulary, and a top_k beyond
+    int32 keeps every token, as native does."""
+    from portaserve.platforms.triton_kernels.sampling import top_k_top_p_min_p_sample
+
+    probs, noise = _inputs(3, 200, 1, 1.0)
+    probs[1] = torch.softmax(torch.full((200,), -float("inf")), dim=-1)  # NaN
+    k = torch.tensor([2**32 + 1, 5, 0])
+    p, m = torch.tensor([1.0, 0.9, 0.8]), torch.zeros(3)
+    got = top_k_top_p_min_p_sample(*[t.to(DEVICE) for t in (probs, k, p, m, noise)]).cpu()
+    ref = native.top_k_top_p_min_p_sample(probs, k, p, m, noise)
+    assert got[1].item() == 0
+    assert got[0].item() == ref[0].item() and got[2].item() == ref[2].item()

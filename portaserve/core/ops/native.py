@@ -150,9 +150,12 @@ def top_k_top_p_min_p_sample(probs: torch.Tensor, top_k: torch.Tensor, top_p: to
     """Sample one token per row of probs [B, V] after top-k (k<=0: off), top-p and min-p
     filtering.  noise [B, V] are Exp(1) draws: the sample is argmax(p / noise) over the
     kept tokens (an exact draw from the renormalised distribution), so a provider given
-    the same noise must return the same ids."""
+    the same noise must return the same ids.  Tokens rank by probability, equal ones by
+    id; a token is kept when its rank is below k, the mass ranked before it is below
+    top_p and p >= min_p * max(p) (rank 0 always)."""
     B, V = probs.shape
-    sorted_p, order = probs.sort(dim=-1, descending=True)
+    # stable: equal probabilities rank by token id, so the cut-offs are defined under ties
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
     rank = torch.arange(V, device=probs.device).unsqueeze(0)
     k = torch.where(top_k <= 0, torch.full_like(top_k, V), top_k).unsqueeze(1)
     keep = rank < k

@@ -1,20 +1,22 @@
 """Top-k / top-p / min-p sampling without sorting the vocabulary.
 
-The op's contract (core/ops/native.py): with Exp(1) noise, the sample is argmax(p / noise)
-over the kept tokens, where a token is kept when fewer than k tokens are more probable,
-the mass of the more probable tokens is below top_p, and p >= min_p * max(p) (the most
-probable token always is).  Every condition keeps an upper set of probabilities, so:
+The op's contract (core/ops/native.py): tokens rank by probability, equal probabilities by
+token id; with Exp(1) noise the sample is argmax(p / noise) over the kept tokens, where a
+token is kept when its rank is below k, the mass ranked before it is below top_p, and
+p >= min_p * max(p) (rank 0 always is).  Every condition keeps a prefix of that ranking, so:
 
   1. candidate c = argmax(p / noise) over the tokens still allowed (first: p >= min_p*max);
-  2. one pass counts the tokens more probable than c and sums their mass;
+  2. one pass counts the tokens ranked before c and sums their mass;
   3. if c passes top-k and top-p it is the answer (it beats every kept token, which are
-     all allowed); otherwise no token with p <= p_c is kept: exclude them and repeat.
+     all allowed); otherwise no token ranked after c is kept: allow only those ranked
+     before it and repeat.
 
-Each round is two passes over the row and drops the candidate and everything less
-probable, so a request needs few rounds (top-p 0.9: the first candidate is kept with
-probability ~0.9); one program handles one row.  Float32 probabilities only (the
-sampler's); the mass is summed in another order than the native cumulative sum, so a
-token whose preceding mass is within rounding of top_p may be decided differently.
+Each round is two passes over the row and drops the candidate and everything ranked
+after it, so a request needs few rounds (top-p 0.9: the first candidate is kept with
+probability ~0.9); one program handles one row.  A row with no usable probability (NaN)
+returns token 0.  Float32 probabilities only (the sampler's); the mass is summed in
+another order than the native cumulative sum, so a token whose preceding mass is within
+rounding of top_p may be decided differently.
 """
 from __future__ import annotations
 
@@ -40,9 +42,10 @@ def _sample_kernel(p_ptr, n_ptr, k_ptr, topp_ptr, minp_ptr, out_ptr, V, stride_p
     for start in range(0, V, BLOCK):
         p = tl.load(p_row + start + offs, mask=start + offs < V, other=0.0)
         pmax = tl.maximum(pmax, p)
-    p_top = tl.max(pmax, axis=0)
-    floor = min_p * p_top  # min-p: tokens below are never kept
-    above = -1.0  # later rounds: only tokens more probable than a rejected candidate
+    floor = min_p * tl.max(pmax, axis=0)  # min-p: tokens below are never kept
+    # later rounds allow only the tokens ranked before a rejected candidate (p_r, i_r)
+    p_r = -1.0
+    i_r = 0
 
     answer = -1
     while answer < 0:
@@ -53,27 +56,30 @@ def _sample_kernel(p_ptr, n_ptr, k_ptr, topp_ptr, minp_ptr, out_ptr, V, stride_p
             inside = idx < V
             p = tl.load(p_row + idx, mask=inside, other=0.0)
             n = tl.load(n_row + idx, mask=inside, other=1.0)
-            ok = inside & (p >= floor) & (p > above)
-            s = tl.where(ok, p / n, -1.0)
+            ok = inside & (p >= floor) & ((p > p_r) | ((p == p_r) & (idx < i_r)))
+            s = tl.where(ok, tl.div_rn(p, n), -1.0)
             better = s > best_s  # earlier index wins ties within a lane
             best_s = tl.where(better, s, best_s)
             best_i = tl.where(better, idx, best_i)
         top_s = tl.max(best_s, axis=0)
         cand = tl.min(tl.where(best_s == top_s, best_i, V), axis=0)
+        found = top_s >= 0.0
+        cand = tl.where(found, cand, 0)
         p_c = tl.load(p_row + cand)
         count = tl.zeros([BLOCK], dtype=tl.int32)
         mass = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, V, BLOCK):
-            p = tl.load(p_row + start + offs, mask=start + offs < V, other=0.0)
-            more = p > p_c
-            count += more.to(tl.int32)
-            mass += tl.where(more, p, 0.0)
-        n_more = tl.sum(count, axis=0)
-        m_more = tl.sum(mass, axis=0)
-        kept = ((k <= 0) | (n_more < k)) & (m_more < top_p)
-        kept = kept | (p_c >= p_top)
-        answer = tl.where(kept, cand, -1)
-        above = p_c
+            idx = start + offs
+            p = tl.load(p_row + idx, mask=idx < V, other=0.0)
+            before = (p > p_c) | ((p == p_c) & (idx < cand))
+            count += before.to(tl.int32)
+            mass += tl.where(before, p, 0.0)
+        n_before = tl.sum(count, axis=0)
+        m_before = tl.sum(mass, axis=0)
+        kept = (((k <= 0) | (n_before < k)) & (m_before < top_p)) | (n_before == 0)
+        answer = tl.where(kept | (top_s < 0.0), cand, -1)
+        p_r = p_c
+        i_r = cand
     tl.store(out_ptr + row, answer.to(tl.int64))
 
 
@@ -85,7 +91,8 @@ def top_k_top_p_min_p_sample(probs, top_k, top_p, min_p, noise):
     noise = noise.contiguous()
     out = torch.empty(B, dtype=torch.int64, device=probs.device)
     if B:
-        _sample_kernel[(B,)](probs, noise, top_k.to(torch.int32).contiguous(),
-                             top_p.to(torch.float32).contiguous(), min_p.to(torch.float32).contiguous(),
-                             out, V, probs.stride(0), noise.stride(0), BLOCK=1024, num_warps=8)
+        k = top_k.clamp(max=V).to(torch.int32).contiguous()  # k >= V keeps every token
+        _sample_kernel[(B,)](probs, noise, k, top_p.to(torch.float32).contiguous(),
+                             min_p.to(torch.float32).contiguous(), out, V, probs.stride(0),
+                             noise.stride(0), BLOCK=1024, num_warps=8)
     return out
