@@ -285,9 +285,12 @@ def _build_rank(args, platform, table, src, cfg, dtype, context_len, tp) -> Runt
     if graphs:
         max_bs = args.cuda_graph_max_bs or min(args.max_running_requests, 256)
         sched.decode_graph = platform.decode_graph_runner(model, kv, sched.req_pool, max_bs, compiled)
-    graphs = sched.decode_graph is not None
-    if not graphs and compiled is not None:
+        if sched.decode_graph is None and compiled is not None:
+            logger.warning("--enable-torch-compile: decode graph capture failed; decoding eagerly, uncompiled")
+    elif compiled is not None:
         sched.decode_graph = compiled  # compiled eager decode for batches it covers
+    # from the configuration, not from whether capture succeeded: tensor-parallel ranks
+    # must all take the same scheduling decisions
     mode = jump_forward_mode(args, graphs)
     sched.jump_forward = sched.tree is not None and mode != "off"
     sched.jump_whole_batch = mode == "whole-batch"

@@ -72,6 +72,11 @@ class ServerArgs:
             self.kernel = []
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):  # Engine(**kwargs) skips argparse's checks
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r}: choose from "
+                                 f"{', '.join(choices)}")
         if self.tp_size < 1:
             raise ValueError("--tp-size must be >= 1")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:

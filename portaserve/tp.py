@@ -189,7 +189,8 @@ def _leave_process_group(timeout_s: float) -> None:
         # with every rank past its last collective and the device idle, and a teardown
         # thread still blocked at interpreter exit aborts the process.  The communicators
         # are left to process exit instead (a rank process exits right after this; a
-        # second tensor-parallel engine in the same process is refused by join()).
+        # second tensor-parallel engine in the same process is refused up front by
+        # check_no_process_group).
         logger.info("leaving the %s process group to process exit", dist.get_backend())
         return
 

@@ -283,6 +283,8 @@ def test_jump_forward_policy_follows_the_flag_and_graphs(default_engine):
     assert ServerArgs.from_cli(p.parse_args(["--jump-forward", "on"])).jump_forward == "on"
     with pytest.raises(SystemExit):
         p.parse_args(["--jump-forward", "sometimes"])
+    with pytest.raises(ValueError, match="jump-forward 'wholebatch': choose from"):
+        ServerArgs(jump_forward="wholebatch").validate()  # Engine(**kwargs) bypasses argparse
 
 
 def test_whole_batch_jump_forward_waits_for_the_whole_batch(default_engine, monkeypatch):

@@ -1,7 +1,7 @@
 """--enable-torch-compile: decode forwards compiled by torch.compile (inductor; on the
 CPU it needs a C++ compiler) give transformers' greedy tokens, compile into whole graphs
-(attention, the KV store and collectives are opaque custom ops, so nothing breaks the
-graph), and are really the path decode batches take."""
+(attention and collectives are opaque custom ops, the elementwise ops are traced in
+native form, so nothing breaks the graph), and are really the path decode batches take."""
 from __future__ import annotations
 
 import shutil

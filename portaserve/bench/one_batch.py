@@ -156,8 +156,10 @@ def profile_decode(rt, bs, input_len, steps):
             if not us or not str(getattr(e, "device_type", "")).endswith("CUDA"):
                 continue
             n = e.key.lower()
-            kind = ("gemm" if any(t in n for t in ("gemm", "gemv", "cutlass", "matmul", "sm90", "nvjet"))
-                    else "attention" if "attn" in n or "attention" in n or "decode" in n
+            kind = ("gemm" if any(t in n for t in ("gemm", "gemv", "cutlass", "matmul", "sm90", "nvjet",
+                                                   "triton_tem_", "int4", "scaled_mm"))
+                    else "attention" if "attn" in n or "attention" in n or "_decode_stage" in n
+                    or "_extend_kernel" in n
                     else "memcpy/memset" if "memcpy" in n or "memset" in n else "other")
             kinds[kind] = kinds.get(kind, 0.0) + us / 1e3 / steps
         total = sum(kinds.values())

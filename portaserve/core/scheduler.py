@@ -114,9 +114,10 @@ class Scheduler:
         self.inflight: Optional[_Inflight] = None  # a launched decode whose tokens are unread
         self.grammar = grammar  # GrammarBackend or None
         self.jump_forward = jump_forward and self.tree is not None
-        # Only jump when every running request jumps at this step (--jump-forward
+        # Only jump when every running request can jump at this step (--jump-forward
         # whole-batch: a jump's extend pass is eager and, with graphed decode, costs more
-        # than the steps it saves unless it replaces the whole batch's decode step).
+        # than the steps it saves unless no request is left decoding beside it; with the
+        # overlap scheduler the already launched decode step is wasted as well).
         self.jump_whole_batch = False
         self.grammar_queue: list[Req] = []  # constrained requests waiting for their grammar
         self.waiting: list[Req] = []
@@ -406,8 +407,10 @@ class Scheduler:
             return []
         self._order_waiting()
         chunk_budget = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else 1 << 62
-        if self.cfg.enable_mixed_chunk:  # the running requests' decode tokens ride along
-            chunk_budget = max(1, chunk_budget - len(self.running))
+        if self.cfg.enable_mixed_chunk and self.running:
+            # the running requests' decode tokens ride along; the prompt part keeps at least
+            # half the chunk (and a page), so many running requests cannot starve admission
+            chunk_budget = max(chunk_budget - len(self.running), chunk_budget // 2, self.page_size)
         token_budget = self.cfg.max_prefill_tokens
         batch: list[Req] = []
 
@@ -818,7 +821,9 @@ class Scheduler:
         if self.jump_whole_batch and cands:
             live = {id(r) for r in self.running if not r.finished}
             live.update(id(r) for r in reqs if not r.finished)
-            if len(cands) < len(live) or not all(r.grammar.find_jump_forward_string() for r in cands):
+            if len(cands) < len(live) or not all(
+                    r.sampling.max_new_tokens - len(r.output_ids) > 1 and r.grammar.find_jump_forward_string()
+                    for r in cands):
                 return []
         jumped = [r for r in cands if self._jump_forward(r)]
         return [r for r in jumped if not r.finished]  # finishing wins over re-prefill
