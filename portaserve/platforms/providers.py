@@ -19,7 +19,6 @@ for _op, _target in [
     ("attention_decode", f"{_TK}.attention:attention_decode"),
     ("attention_extend", f"{_TK}.attention:attention_extend"),
     ("fused_moe", f"{_TK}.moe:fused_moe"),
-    ("top_k_top_p_min_p_sample", f"{_TK}.sampling:top_k_top_p_min_p_sample"),
 ]:
     register_provider(_op, "triton", _TRITON_PLATFORMS, _target, requires=needs_module("triton"))
 
@@ -89,3 +88,15 @@ def _int4_triton_selftest():
 
 register_provider("int4_gemm", "triton", _TRITON_PLATFORMS, f"{_TK}.int4_gemm:int4_gemm",
                   requires=all_of(needs_module("triton"), _int4_triton_selftest))
+
+
+def _sampling_triton_selftest():
+    # compiled and checked against native on the device at startup (see int4 above)
+    from portaserve.platforms.triton_kernels import sampling
+
+    return sampling.selftest()
+
+
+register_provider("top_k_top_p_min_p_sample", "triton", _TRITON_PLATFORMS,
+                  f"{_TK}.sampling:top_k_top_p_min_p_sample",
+                  requires=all_of(needs_module("triton"), _sampling_triton_selftest))

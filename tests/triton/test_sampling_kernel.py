@@ -89,3 +89,18 @@ def test_unusable_row_and_huge_top_k():
     ref = native.top_k_top_p_min_p_sample(probs, k, p, m, noise)
     assert got[1].item() == 0
     assert got[0].item() == ref[0].item() and got[2].item() == ref[2].item()
+
+
+def test_startup_selftest_accepts_the_kernel_and_rejects_a_wrong_one(monkeypatch):
+    """The provider's start-up check (compile on the device, compare with native) passes
+    for the kernel and names the disagreement for a broken one (the registry then picks
+    native).  Here the 'device' is the interpreter."""
+    from portaserve.platforms.triton_kernels import int4_gemm, sampling
+
+    monkeypatch.setattr(int4_gemm, "_accel_device", lambda: torch.device(DEVICE))
+    monkeypatch.setattr(sampling, "_SELFTEST", {})
+    assert sampling.selftest() is None
+    monkeypatch.setattr(sampling, "_SELFTEST", {})
+    monkeypatch.setattr(sampling, "top_k_top_p_min_p_sample",
+                        lambda probs, *a: torch.zeros(probs.shape[0], dtype=torch.int64))
+    assert "disagrees with native" in sampling.selftest()
