@@ -496,8 +496,7 @@ class Scheduler:
         for r in riders:
             self._alloc(r, r.kv_len, 1)
             r.extend_n = 1
-        self.new_token_ratio = max(self.cfg.min_new_token_ratio,
-                                   self.new_token_ratio - self.cfg.new_token_ratio_decay)
+        self._decay_new_token_ratio()
         return riders
 
     IN_BATCH_PREFIX_CHECK = 32  # tokens (SGLang uses the same threshold)
@@ -640,9 +639,14 @@ class Scheduler:
             r.kv_len += 1
         self.counters.forward_decode += 1
         self.last_step = StepStats("decode", len(batch), len(batch))
+        self._decay_new_token_ratio()
+        return logits
+
+    def _decay_new_token_ratio(self) -> None:
+        """Each decode step (standalone or riding in a mixed batch) lowers the share of
+        max_new_tokens reserved for running requests at admission."""
         self.new_token_ratio = max(self.cfg.min_new_token_ratio,
                                    self.new_token_ratio - self.cfg.new_token_ratio_decay)
-        return logits
 
     def _ensure_decode_memory(self) -> int:
         """Make room for one more token per running request, retracting if needed."""
