@@ -99,13 +99,15 @@ def _check_triton_quant() -> None:
         for kind, ref in (("fp8", quantize_fp8), ("int8", quantize_int8)):
             q, s = per_token_quant(x, kind, None, pad_rows=1)
             rq, rs = ref(x)
-            scale_diff = (s[:3] - rs).abs().max().item()
+            # relative: the kernel may round amax / qmax one ulp apart from torch (seen on sm_90:
+            # 3.7e-9 on scales of ~0.03 with every quantized value identical)
+            scale_diff = ((s[:3] - rs).abs() / rs.abs().clamp_min(1e-30)).max().item()
             q_diff = (q[:3].float() - rq.float()).abs().max().item()
             pad = q[3].float().abs().max().item()
-            if not (scale_diff == 0 and q_diff <= (32.0 if kind == "fp8" else 1.0) and pad == 0):
+            if not (scale_diff <= 1e-6 and q_diff <= (32.0 if kind == "fp8" else 1.0) and pad == 0):
                 # the figures name the failing part on a device (the CPU tests run emulated casts)
-                raise RuntimeError(f"{kind} quantizer disagrees with the torch reference (max |scale "
-                                   f"diff| {scale_diff:.3g}, max |q diff| {q_diff:.3g}, padding row max "
+                raise RuntimeError(f"{kind} quantizer disagrees with the torch reference (max relative "
+                                   f"scale diff {scale_diff:.3g}, max |q diff| {q_diff:.3g}, padding row max "
                                    f"{pad:.3g}, {int((q[:3].float() != rq.float()).sum())} of {rq.numel()} "
                                    "values differ)")
         acc = torch.randint(-999, 999, (4, 32), generator=g, dtype=torch.int32).cuda()
