@@ -66,6 +66,7 @@ class Runtime:
             "schedule_policy": self.scheduler.cfg.schedule_policy,
             "decode_graphs": getattr(self.scheduler.decode_graph, "sizes", None),
             "disable_radix_cache": self.scheduler.tree is None,
+            "cascade_attention": self.scheduler.cascade_attention,
             "jump_forward": ("off" if not self.scheduler.jump_forward else
                              "whole-batch" if self.scheduler.jump_whole_batch else "always"),
             "torch_compile_max_bs": (self.args.torch_compile_max_bs if self.args.enable_torch_compile
@@ -149,6 +150,7 @@ class CompiledDecode:
 
         ops.use_opaque_ops()
         self.max_bs = max_bs
+        self.specialize = specialize
         # one compiled graph per captured batch size, plus headroom
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
@@ -160,10 +162,20 @@ class CompiledDecode:
         self.fn = torch.compile(forward, backend=backend, dynamic=False if specialize else None)
 
     def can_run(self, fb) -> bool:
-        return fb.batch_size <= self.max_bs
+        # eager (unspecialized) compiles would retrace for every cascade tile count
+        return fb.batch_size <= self.max_bs and (self.specialize or fb.shared is None)
 
     def replay(self, fb):
         return self.fn(fb)
+
+
+def cascade_attention_enabled(args, table, radix_cache: bool) -> bool:
+    """--cascade-attention: auto turns it on where attention_decode_shared has a kernel
+    (its native form is a reference computation, slower than plain decode attention)."""
+    if args.cascade_attention == "off" or not radix_cache:
+        return False
+    choice = table.choices.get("attention_decode_shared")
+    return args.cascade_attention == "on" or (choice is not None and choice.provider != "native")
 
 
 def jump_forward_mode(args, graphs: bool) -> str:
@@ -273,6 +285,7 @@ def _build_rank(args, platform, table, src, cfg, dtype, context_len, tp) -> Runt
         model, kv, device, eos, decode_fn if tokenizer is not None else None, grammar,
         jump_forward=False, rng_device=platform.rng_device(),
         inference_mode=platform.inference_mode, pin_memory=platform.pin_memory)
+    sched.cascade_attention = cascade_attention_enabled(args, table, sched.tree is not None)
     graphs = platform.supports_graphs and not args.disable_cuda_graph
     compiled = None
     if args.enable_torch_compile:
@@ -284,7 +297,8 @@ def _build_rank(args, platform, table, src, cfg, dtype, context_len, tp) -> Runt
                                       specialize=graphs)
     if graphs:
         max_bs = args.cuda_graph_max_bs or min(args.max_running_requests, 256)
-        sched.decode_graph = platform.decode_graph_runner(model, kv, sched.req_pool, max_bs, compiled)
+        sched.decode_graph = platform.decode_graph_runner(model, kv, sched.req_pool, max_bs, compiled,
+                                                          cascade=sched.cascade_attention)
         if sched.decode_graph is None and compiled is not None:
             logger.warning("--enable-torch-compile: decode graph capture failed; decoding eagerly, uncompiled")
     elif compiled is not None:

@@ -58,6 +58,8 @@ class ServerArgs:
     cuda_graph_max_bs: Optional[int] = _opt(None, "largest decode batch captured in a graph (default: min(max-running-requests, 256))")
     enable_torch_compile: bool = _opt(False, "compile decode forwards with torch.compile (fusing norms, rotary, activations and residual adds around the attention kernels) for batches up to --torch-compile-max-bs; inside CUDA graphs where they are on")
     torch_compile_max_bs: int = _opt(32, "largest decode batch run through the compiled forward (each captured batch size compiles once)")
+    cascade_attention: str = _opt("auto", "decode attention reads a prefix shared through the radix cache (a system prompt, few-shot examples) once per group of up to 16 requests instead of once per request: on, off, or auto (on where the attention provider has a kernel for it, e.g. Triton on CUDA/ROCm/XPU)",
+                                  choices=["auto", "on", "off"])
     disable_overlap_schedule: bool = _opt(False, "process each decode step's tokens before launching the next (accelerators overlap them by default)")
     tool_call_parser: Optional[str] = _opt(None, "how tool calls are written by the model (default: detected from the chat template)",
                                            choices=["hermes", "llama3"])

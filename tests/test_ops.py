@@ -155,6 +155,16 @@ def make_attention_decode(g, device, dtype):
             pb.rows.to(device), torch.tensor(seq, device=device), pb.scale)
 
 
+def make_attention_decode_shared(g, device, dtype):
+    from tests.test_cascade_attention import paged_shared_batch
+
+    H, Hk, D = _attn_shape(g)
+    groups = [(_randint(g, 128, 160), _randint(g, 1, 18)) for _ in range(_randint(g, 1, 3))]
+    q, k, v, r2t, rows, seq, m = paged_shared_batch(g, groups, H, Hk, D, dtype, pad_tiles=_randint(g, 0, 2))
+    return tuple(t.to(device) for t in (q, k, v, r2t, rows, seq)) + (D ** -0.5,) + tuple(
+        t.to(device) for t in (m.kv_start, m.tile_rows, m.tile_lens, m.tile_members))
+
+
 def make_apply_penalties(g, device, dtype):
     B, V = _randint(g, 1, 6), _randint(g, 4, 40)
     logits = _randn(g, B, V, scale=3.0)
@@ -237,6 +247,7 @@ SPECS: dict[str, OpSpec] = {
     "kv_store": OpSpec(make_kv_store, outputs=lambda args, ret: [args[0], args[1]]),
     "attention_extend": OpSpec(make_attention_extend),
     "attention_decode": OpSpec(make_attention_decode),
+    "attention_decode_shared": OpSpec(make_attention_decode_shared),
     "apply_penalties": OpSpec(make_apply_penalties, dtypes=(torch.float32,)),
     "top_k_top_p_min_p_sample": OpSpec(make_sample, dtypes=(torch.float32,), exact=True),
     "moe_topk": OpSpec(make_moe_topk),

@@ -14,7 +14,9 @@ run offline_random python3 -m portaserve.bench.offline $M --dataset random --num
   --random-input-len 4096 --random-output-len 2048 --random-range-ratio 0 --output-file $OUT/offline_random.json
 run offline_gsp python3 -m portaserve.bench.offline $M --dataset generated-shared-prefix --gsp-num-groups 64 \
   --gsp-prompts-per-group 16 --gsp-system-prompt-len 2048 --gsp-question-len 128 --gsp-output-len 256 \
-  --compare-no-cache --output-file $OUT/offline_gsp.json
+  --schedule-policy lpm --compare-cascade-off --compare-no-cache --output-file $OUT/offline_gsp.json
+run cascade python3 -m portaserve.bench.cascade --device cuda --groups 1 16 64 --members 16 --prefix-len 2048 \
+  --own-len 384 --profile
 python3 -m portaserve.launch_server $M --skip-tokenizer-init --context-length 8192 --port 30000 \
   --log-level warning > $OUT/server.log 2>&1 &
 SERVER=$!

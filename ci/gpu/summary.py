@@ -40,6 +40,8 @@ if gsp:
     on, no = gsp["portaserve"], gsp.get("portaserve --disable-radix-cache")
     row("gsp 64x16 cache hit rate", f"{on['cache_hit_rate']:.1%}", ">= 85% (ideal 88.2%)")
     row("gsp speed-up vs --disable-radix-cache", no and f"{on['output_tok_s'] / no['output_tok_s']:.2f}x", ">= 3x")
+    off = gsp.get("portaserve --cascade-attention off")
+    row("gsp cascade attention vs off", off and f"{on['output_tok_s'] / off['output_tok_s']:.2f}x", "(> 1x)")
 else:
     row("gsp 64x16", None, "hit >= 85%, >= 3x")
 sv = load("serving.jsonl")

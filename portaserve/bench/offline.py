@@ -139,6 +139,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-hf", action="store_true", help="also run transformers generate")
     p.add_argument("--hf-batch-size", type=int, default=None, help="default: all prompts in one batch")
     p.add_argument("--compare-no-cache", action="store_true", help="also run with --disable-radix-cache")
+    p.add_argument("--cascade-attention", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm", "dfs-weight", "random"])
+    p.add_argument("--compare-cascade-off", action="store_true", help="also run with --cascade-attention off")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--output-file", default=None)
 
@@ -153,15 +156,18 @@ def main(argv=None) -> int:
               max_total_tokens=ns.max_total_tokens, chunked_prefill_size=ns.chunked_prefill_size,
               max_running_requests=ns.max_running_requests, mem_fraction_static=ns.mem_fraction_static,
               disable_cuda_graph=ns.disable_cuda_graph, tp_size=ns.tp_size,
-              enable_torch_compile=ns.enable_torch_compile, enable_mixed_chunk=ns.enable_mixed_chunk)
+              enable_torch_compile=ns.enable_torch_compile, enable_mixed_chunk=ns.enable_mixed_chunk,
+              cascade_attention=ns.cascade_attention, schedule_policy=ns.schedule_policy)
     results = {}
     configs = [("portaserve", {})]
+    if ns.compare_cascade_off:
+        configs.append(("portaserve --cascade-attention off", {"cascade_attention": "off"}))
     if ns.compare_no_cache:
         configs.append(("portaserve --disable-radix-cache", {"disable_radix_cache": True}))
     engine_outputs = None
     reqs = None
     for label, extra in configs:
-        with Engine(**kw, **extra) as eng:
+        with Engine(**{**kw, **extra}) as eng:
             reqs = make_dataset(ns, eng.rt.model_config.vocab_size)
             warm = [BenchRequest(r.input_ids[:16], 4) for r in reqs[: ns.warmup * 4]]
             if warm:
@@ -170,6 +176,7 @@ def main(argv=None) -> int:
             results[label] = run_engine(eng, reqs)
             engine_outputs = engine_outputs or results[label]["outputs"]
             info = eng.rt.info()
+            results[label]["counters"] = eng.get_server_info()["counters"]
         del eng  # shutdown() released its memory; drop the handle too
         gc.collect()
     if ns.compare_hf:
@@ -202,7 +209,13 @@ def main(argv=None) -> int:
         print(f"{label:<36}{r['seconds']:>9.2f}{r['output_tok_s']:>11.1f}{r['total_tok_s']:>13.1f}{hit:>11}{ratio:>8}")
     for label, r in results.items():
         if r.get("steps"):
-            print(f"{label} steps: " + ", ".join(f"{k}={v}" for k, v in r["steps"].items()))
+            shared = r.get("counters", {}).get("decode_shared", 0)
+            print(f"{label} steps: " + ", ".join(f"{k}={v}" for k, v in r["steps"].items())
+                  + (f", cascade-attention decode steps={shared}" if shared else ""))
+    first = next(iter(results))
+    for label, r in results.items():
+        if label not in (first, "transformers"):
+            print(f"{first} vs {label}: {results[first]['output_tok_s'] / r['output_tok_s']:.2f}x output tok/s")
     if base:
         print(f"greedy outputs identical to transformers: {base['identical_outputs']}")
     if ns.output_file:

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from portaserve.core.memory import KVPool
+from portaserve.core.shared_prefix import SharedPrefix
 
 
 @dataclass
@@ -24,6 +25,8 @@ class ForwardBatch:
     # extend (mixed) batches: the last decode_tail requests each compute one token, their
     # decode step; attention runs them through the decode kernel
     decode_tail: int = 0
+    # decode batches with requests sharing cached prefixes: cascade attention's tiles
+    shared: Optional[SharedPrefix] = None
 
     @property
     def batch_size(self) -> int:

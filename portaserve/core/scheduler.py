@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
+from portaserve.core import shared_prefix
 from portaserve.core.forward_batch import ForwardBatch
 from portaserve.core.hostcopy import to_device
 from portaserve.core.memory import KVPool, OutOfSlots, ReqToTokenPool, SlotAllocator
@@ -82,6 +83,7 @@ class SchedulerCounters:
     forward_extend: int = 0
     forward_decode: int = 0
     forward_mixed: int = 0  # extend passes that also carried running requests' decode step
+    decode_shared: int = 0  # decode passes that ran cascade attention over shared prefixes
     jump_forward_tokens: int = 0
     extend_tokens: int = 0
 
@@ -119,6 +121,9 @@ class Scheduler:
         # than the steps it saves unless no request is left decoding beside it; with the
         # overlap scheduler the already launched decode step is wasted as well).
         self.jump_whole_batch = False
+        # Cascade attention over prefixes shared through the radix cache (set by the
+        # runtime, --cascade-attention; core/shared_prefix.py).
+        self.cascade_attention = False
         self.grammar_queue: list[Req] = []  # constrained requests waiting for their grammar
         self.waiting: list[Req] = []
         self.running: list[Req] = []
@@ -622,14 +627,24 @@ class Scheduler:
         if input_ids is None:
             rows_meta.append([r.output_ids[-1] for r in batch])
         meta = torch.tensor(rows_meta, dtype=torch.int64)
-        meta = to_device(meta, dev, self.pin_memory)
+        shared = None
+        if self.cascade_attention and len(batch) > 1:
+            shared = shared_prefix.build([r.slots for r in batch], rows_meta[2])
+        if shared is not None:  # one copy to the device for both
+            n = meta.numel()
+            both = to_device(torch.cat([meta.view(-1), shared]), dev, self.pin_memory)
+            meta, shared = both[:n].view(meta.shape), shared_prefix.unpack(both[n:], len(batch))
+        else:
+            meta = to_device(meta, dev, self.pin_memory)
         positions, out_loc, rows = meta[0], meta[1], meta[2]
         if input_ids is None:
             input_ids = meta[3]
         self.req_pool.req_to_token[rows, positions] = out_loc.to(torch.int32)
         fb = ForwardBatch(is_decode=True, input_ids=input_ids, positions=positions, out_cache_loc=out_loc,
                           req_pool_indices=rows, seq_lens=positions + 1, kv=self.kv,
-                          req_to_token=self.req_pool.req_to_token)
+                          req_to_token=self.req_pool.req_to_token, shared=shared)
+        if shared is not None:
+            self.counters.decode_shared += 1
         with self.no_grad():
             if self.decode_graph is not None and self.decode_graph.can_run(fb):
                 logits = self.decode_graph.replay(fb)

@@ -36,6 +36,11 @@ class PagedAttention(nn.Module):
         k_cache = fb.kv.k[self.layer_id]
         v_cache = fb.kv.v[self.layer_id]
         ops.kv_store(k_cache, v_cache, fb.out_cache_loc, k, v)
+        if fb.is_decode and fb.shared is not None:
+            sp = fb.shared
+            return ops.attention_decode_shared(q, k_cache, v_cache, fb.req_to_token, fb.req_pool_indices,
+                                               fb.seq_lens, self.scale, sp.kv_start, sp.tile_rows,
+                                               sp.tile_lens, sp.tile_members)
         if fb.is_decode:
             return ops.attention_decode(q, k_cache, v_cache, fb.req_to_token, fb.req_pool_indices,
                                         fb.seq_lens, self.scale)

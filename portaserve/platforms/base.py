@@ -89,10 +89,11 @@ class Platform:
     def empty_cache(self) -> None:
         """Hand cached, unused device memory back to the driver."""
 
-    def decode_graph_runner(self, model, kv, req_pool, max_bs: int, compiled=None):
+    def decode_graph_runner(self, model, kv, req_pool, max_bs: int, compiled=None, cascade=False):
         """A captured-graph runner for decode batches, or None where graphs don't apply.
         It has can_run(fb) and replay(fb) -> logits.  compiled: a CompiledDecode whose
-        function the runner captures for the batch sizes it covers."""
+        function the runner captures for the batch sizes it covers.  cascade: decode
+        batches may carry cascade-attention tiles (ForwardBatch.shared)."""
         return None
 
     def describe(self) -> dict:

@@ -17,6 +17,7 @@ for _op, _target in [
     ("silu_and_mul", f"{_TK}.activation:silu_and_mul"),
     ("rotary_embedding", f"{_TK}.rotary:rotary_embedding"),
     ("attention_decode", f"{_TK}.attention:attention_decode"),
+    ("attention_decode_shared", f"{_TK}.attention:attention_decode_shared"),
     ("attention_extend", f"{_TK}.attention:attention_extend"),
     ("fused_moe", f"{_TK}.moe:fused_moe"),
 ]:

@@ -73,6 +73,38 @@ def test_attention_extend(H, Hk, D):
     torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("H,Hk,D", [(4, 2, 32), (8, 8, 16), (8, 1, 64), (6, 2, 48)])
+def test_attention_decode_shared(H, Hk, D):
+    """Cascade attention (shared-prefix tiles, padded with empty tiles as in a captured
+    graph) against plain native decode attention."""
+    from tests.test_cascade_attention import paged_shared_batch
+
+    g = torch.Generator().manual_seed(H * 7 + Hk + D)
+    q, k, v, r2t, rows, seq_lens, m = paged_shared_batch(g, [(150, 3), (140, 18), (0, 2), (130, 1)], H, Hk, D,
+                                                         pad_tiles=3)
+    ref = native.attention_decode(q, k, v, r2t, rows, seq_lens, D ** -0.5)
+    args = _to(DEVICE, q, k, v, r2t, rows, seq_lens, m.kv_start, m.tile_rows, m.tile_lens, m.tile_members)
+    out = _triton("attention_decode_shared")(*args[:6], D ** -0.5, *args[6:])
+    torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_attention_decode_few_splits(monkeypatch, splits):
+    """Large batches use fewer KV splits (one per sequence at the largest): plain and
+    cascade decode with the split count a GPU would pick for them."""
+    from portaserve.platforms.triton_kernels import attention as ta
+    from tests.test_cascade_attention import paged_shared_batch
+
+    monkeypatch.setattr(ta, "_num_splits", lambda b, hk, dev: splits)
+    g = torch.Generator().manual_seed(splits)
+    q, k, v, r2t, rows, seq_lens, m = paged_shared_batch(g, [(140, 4), (0, 3)], 8, 2, 32)
+    ref = native.attention_decode(q, k, v, r2t, rows, seq_lens, 32 ** -0.5)
+    args = _to(DEVICE, q, k, v, r2t, rows, seq_lens, m.kv_start, m.tile_rows, m.tile_lens, m.tile_members)
+    torch.testing.assert_close(ta.attention_decode(*args[:6], 32 ** -0.5).cpu(), ref, atol=2e-3, rtol=2e-3)
+    out = ta.attention_decode_shared(*args[:6], 32 ** -0.5, *args[6:])
+    torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
+
+
 # Triton's CPU interpreter computes through numpy, which has no bfloat16: 16-bit dtypes are
 # checked on the GPU host only.
 DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.float32, torch.bfloat16, torch.float16]

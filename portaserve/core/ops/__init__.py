@@ -30,6 +30,7 @@ _DECLARATIONS = [
     ("kv_store", "kv_cache", native.kv_store),
     ("attention_extend", "attention", native.attention_extend),
     ("attention_decode", "attention", native.attention_decode),
+    ("attention_decode_shared", "attention", native.attention_decode_shared),
     ("apply_penalties", "sampling", native.apply_penalties),
     ("top_k_top_p_min_p_sample", "sampling", native.top_k_top_p_min_p_sample),
     ("moe_topk", "moe", native.moe_topk),
@@ -124,6 +125,15 @@ def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix
 def attention_decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale):
     return _fns["attention_decode"](q, k_cache, v_cache, req_to_token, req_pool_indices,
                                     seq_lens, scale)
+
+
+def attention_decode_shared(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale,
+                            kv_start, tile_rows, tile_lens, tile_members):
+    """attention_decode for a batch whose requests share cached prefixes, as a cascade
+    (see core/shared_prefix.py for the tiles)."""
+    return _fns["attention_decode_shared"](q, k_cache, v_cache, req_to_token, req_pool_indices,
+                                           seq_lens, scale, kv_start, tile_rows, tile_lens,
+                                           tile_members)
 
 
 def apply_penalties(logits, output_counts, seen_mask, frequency, presence, repetition):

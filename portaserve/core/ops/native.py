@@ -130,6 +130,47 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return o.reshape(B, H, -1).to(q.dtype)
 
 
+def _attend(q, k, v, scale):
+    """q [M, Hk, g, D] over k, v [L, Hk, D]: output [M, Hk, g, DV] and log-sum-exp [M, Hk, g]
+    (float32)."""
+    s = torch.einsum("mkgd,lkd->mkgl", q.float(), k.float()) * scale
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.einsum("mkgl,lkd->mkgd", torch.exp(s - lse.unsqueeze(-1)), v.float())
+    return o, lse
+
+
+def attention_decode_shared(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale,
+                            kv_start, tile_rows, tile_lens, tile_members):
+    """attention_decode computed as a cascade (core/shared_prefix.py): each tile's requests
+    attend to their shared prefix (positions [0, tile_len) of req_to_token[tile_row]) as one
+    batch, each request to its own positions [kv_start, seq_len), and the two partial
+    softmaxes merge by their log-sum-exp.  Equal to attention_decode; this form checks the
+    tiles (a wrong tile changes the result) and is the reference for the kernels."""
+    B, H, D = q.shape
+    Hk = k_cache.shape[1]
+    g = H // Hk
+    qg = q.view(B, Hk, g, D)
+    dv = v_cache.shape[-1]
+    pre_o = torch.zeros(B, Hk, g, dv, dtype=torch.float32, device=q.device)
+    pre_lse = torch.full((B, Hk, g), float("-inf"), device=q.device)
+    for row, n, members in zip(tile_rows.tolist(), tile_lens.tolist(), tile_members.tolist()):
+        members = [m for m in members if m >= 0]
+        if n == 0 or not members:
+            continue
+        slots = req_to_token[row, :n].long()
+        idx = torch.tensor(members, device=q.device)
+        pre_o[idx], pre_lse[idx] = _attend(qg[idx], k_cache[slots].to(q.dtype), v_cache[slots].to(q.dtype), scale)
+    out = torch.empty(B, Hk, g, dv, dtype=q.dtype, device=q.device)
+    for i, (rp, start, end) in enumerate(zip(req_pool_indices.tolist(), kv_start.tolist(), seq_lens.tolist())):
+        slots = req_to_token[rp, start:end].long()
+        o, lse = _attend(qg[i:i + 1], k_cache[slots].to(q.dtype), v_cache[slots].to(q.dtype), scale)
+        m = torch.maximum(lse[0], pre_lse[i])
+        w_own, w_pre = torch.exp(lse[0] - m), torch.exp(pre_lse[i] - m)
+        out[i] = ((o[0] * w_own.unsqueeze(-1) + pre_o[i] * w_pre.unsqueeze(-1))
+                  / (w_own + w_pre).unsqueeze(-1)).to(q.dtype)
+    return out.reshape(B, H, dv)
+
+
 # ---- sampling ----------------------------------------------------------------------
 def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, seen_mask: torch.Tensor,
                     frequency: torch.Tensor, presence: torch.Tensor,

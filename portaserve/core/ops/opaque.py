@@ -23,6 +23,20 @@ def _(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale):
     return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
 
 
+@torch.library.custom_op("portaserve::attention_decode_shared", mutates_args=())
+def attention_decode_shared(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor,
+                            req_pool_indices: Tensor, seq_lens: Tensor, scale: float, kv_start: Tensor,
+                            tile_rows: Tensor, tile_lens: Tensor, tile_members: Tensor) -> Tensor:
+    return _impl["attention_decode_shared"](q, k_cache, v_cache, req_to_token, req_pool_indices,
+                                            seq_lens, scale, kv_start, tile_rows, tile_lens, tile_members)
+
+
+@attention_decode_shared.register_fake
+def _(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale, kv_start, tile_rows,
+      tile_lens, tile_members):
+    return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
+
+
 @torch.library.custom_op("portaserve::attention_extend", mutates_args=())
 def attention_extend(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor,
                      req_pool_indices: Tensor, prefix_lens: Tensor, extend_lens: Tensor,
@@ -62,6 +76,6 @@ def routes(impl: dict) -> dict:
     """The opaque replacements, keyed by op name; they call impl[op] at run time."""
     global _impl
     _impl = impl
-    return {"attention_decode": attention_decode,
+    return {"attention_decode": attention_decode, "attention_decode_shared": attention_decode_shared,
             "attention_extend": attention_extend, "all_reduce": _all_reduce_route,
             "all_gather": lambda x, dim, group: all_gather(x, dim)}

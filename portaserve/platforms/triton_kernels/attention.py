@@ -11,17 +11,39 @@ import torch
 import triton
 import triton.language as tl
 
-# Fixed so that a decode launch does not depend on host-side values (CUDA-graph safe).
+# The most splits of a decode sequence.  The count a launch uses depends only on shapes
+# (batch size, KV heads), never on lengths, so a captured CUDA graph stays valid.
 NUM_KV_SPLITS = 16
+# Splits are used until about this many programs per SM run: enough to fill the device at
+# small batches, none at large ones, where each extra split only adds partial results to
+# write and merge (the remainder of a shared-prefix batch is a few hundred tokens: with 16
+# splits its programs got one block each; H200, python -m portaserve.bench.cascade --profile).
+PROGRAMS_PER_SM = 4
+
+
+def _num_splits(batch: int, kv_heads: int, device) -> int:
+    if device.type == "cpu":  # the interpreter: exercise the split merge in tests
+        return NUM_KV_SPLITS
+    want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), batch * kv_heads)
+    return min(NUM_KV_SPLITS, triton.next_power_of_2(want))
+
+
+_SMS: dict = {}
+
+
+def _sm_count(device) -> int:
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
 
 
 @triton.jit
-def _decode_stage1(q_ptr, k_ptr, v_ptr, r2t_ptr, rpi_ptr, seq_ptr, mid_o, mid_lse,
+def _decode_stage1(q_ptr, k_ptr, v_ptr, r2t_ptr, rpi_ptr, seq_ptr, start_ptr, mid_o, mid_lse,
                    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
                    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
                    scale, n_heads, GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_START: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -33,9 +55,12 @@ def _decode_stage1(q_ptr, k_ptr, v_ptr, r2t_ptr, rpi_ptr, seq_ptr, mid_o, mid_ls
     dvmask = dv < DV
     seq_len = tl.load(seq_ptr + b).to(tl.int32)
     row = tl.load(rpi_ptr + b).to(tl.int64)
+    kv0 = 0  # positions before kv0 (a shared prefix) are attended by _shared_prefix_kernel
+    if HAS_START:
+        kv0 = tl.load(start_ptr + b).to(tl.int32)
     # whole blocks per split: short sequences use few splits, the rest exit at once
-    per = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * per
+    per = tl.cdiv(tl.cdiv(seq_len - kv0, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = kv0 + split * per
     end = tl.minimum(start + per, seq_len)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=hmask[:, None] & dmask[None, :], other=0.0)
@@ -68,24 +93,126 @@ def _decode_stage1(q_ptr, k_ptr, v_ptr, r2t_ptr, rpi_ptr, seq_ptr, mid_o, mid_ls
 
 @triton.jit
 def _decode_stage2(mid_o, mid_lse, o_ptr, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
-                   stride_ob, stride_oh, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr):
+                   stride_ob, stride_oh, start_ptr, pmid_o, pmid_lse, stride_pb, stride_ph, stride_ps,
+                   stride_plb, stride_plh, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, PREFIX_SPLITS: tl.constexpr):
+    """Merge the splits' partial outputs by their log-sum-exp; with PREFIX_SPLITS, also the
+    shared-prefix partials of requests that have one (start > 0)."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     dv = tl.arange(0, BLOCK_DV)
     dvmask = dv < DV
     s = tl.arange(0, NUM_SPLITS)
     lse = tl.load(mid_lse + b * stride_lb + h * stride_lh + s)
-    m = tl.max(lse, axis=0)
-    w = tl.exp(lse - m)
-    w = tl.where(lse == float("-inf"), 0.0, w)
     parts = tl.load(mid_o + b * stride_mb + h * stride_mh + s[:, None] * stride_ms + dv[None, :],
                     mask=dvmask[None, :], other=0.0)
-    out = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(o_ptr + b * stride_ob + h * stride_oh + dv, out.to(o_ptr.dtype.element_ty), mask=dvmask)
+    m = tl.max(lse, axis=0)
+    if PREFIX_SPLITS > 0:
+        ps = tl.arange(0, PREFIX_SPLITS)
+        pmask = (ps * 0 + tl.load(start_ptr + b)) > 0  # this request has a tile
+        plse = tl.load(pmid_lse + b * stride_plb + h * stride_plh + ps, mask=pmask, other=float("-inf"))
+        pparts = tl.load(pmid_o + b * stride_pb + h * stride_ph + ps[:, None] * stride_ps + dv[None, :],
+                         mask=pmask[:, None] & dvmask[None, :], other=0.0)
+        m = tl.maximum(m, tl.max(plse, axis=0))
+        pw = tl.where(plse == float("-inf"), 0.0, tl.exp(plse - m))
+    w = tl.exp(lse - m)
+    w = tl.where(lse == float("-inf"), 0.0, w)
+    num = tl.sum(parts * w[:, None], axis=0)
+    den = tl.sum(w, axis=0)
+    if PREFIX_SPLITS > 0:
+        num += tl.sum(pparts * pw[:, None], axis=0)
+        den += tl.sum(pw, axis=0)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + dv, (num / den).to(o_ptr.dtype.element_ty), mask=dvmask)
+
+
+@triton.jit
+def _shared_prefix_kernel(q_ptr, k_ptr, v_ptr, r2t_ptr, tile_row_ptr, tile_len_ptr, tile_mem_ptr,
+                          pmid_o, pmid_lse, stride_qb, stride_qh, stride_kt, stride_kh, stride_vt,
+                          stride_vh, stride_r2t, stride_tm, stride_pb, stride_ph, stride_ps,
+                          stride_plb, stride_plh, scale, n_heads,
+                          GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr,
+                          MEMBERS: tl.constexpr, SUBTILES: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PREFIX_SPLITS: tl.constexpr):
+    """Cascade attention, level 1: the requests of one tile share the first tile_len
+    positions of the KV (the same slots, through the radix cache).  Their queries (MEMBERS
+    requests x the GROUP heads of one KV head, as the rows of one matrix) attend to that
+    prefix together, so each prefix block is read once per tile instead of once per
+    request and the score product is a real matrix product.  The partials (output and
+    log-sum-exp per split) are merged with the per-request rest by _decode_stage2."""
+    pid = tl.program_id(0)
+    tile = pid // SUBTILES
+    sub = pid % SUBTILES
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    plen = tl.load(tile_len_ptr + tile).to(tl.int32)
+    if plen == 0:
+        return
+    row = tl.load(tile_row_ptr + tile).to(tl.int64)
+    i = tl.arange(0, MEMBERS * BLOCK_G)
+    member = tl.load(tile_mem_ptr + tile * stride_tm + sub * MEMBERS + i // BLOCK_G).to(tl.int64)
+    g = i % BLOCK_G
+    heads = kvh * GROUP + g
+    rmask = (member >= 0) & (g < GROUP) & (heads < n_heads)
+    member = tl.where(rmask, member, 0)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    dv = tl.arange(0, BLOCK_DV)
+    dvmask = dv < DV
+    per = tl.cdiv(tl.cdiv(plen, PREFIX_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per
+    end = tl.minimum(start + per, plen)
+    q = tl.load(q_ptr + member[:, None] * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full([MEMBERS * BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([MEMBERS * BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([MEMBERS * BLOCK_G, BLOCK_DV], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        slots = tl.load(r2t_ptr + row * stride_r2t + n, mask=nmask, other=0).to(tl.int64)
+        k = tl.load(k_ptr + slots[:, None] * stride_kt + kvh * stride_kh + d[None, :],
+                    mask=nmask[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee").to(tl.float32) * scale
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        v = tl.load(v_ptr + slots[:, None] * stride_vt + kvh * stride_vh + dv[None, :],
+                    mask=nmask[:, None] & dvmask[None, :], other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    has = end > start
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    tl.store(pmid_o + member[:, None] * stride_pb + heads[:, None] * stride_ph + split * stride_ps + dv[None, :],
+             out, mask=rmask[:, None] & dvmask[None, :])
+    tl.store(pmid_lse + member * stride_plb + heads * stride_plh + split, lse, mask=rmask)
 
 
 def attention_decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale):
+    return _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale)
+
+
+def attention_decode_shared(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale,
+                            kv_start, tile_rows, tile_lens, tile_members):
+    """Decode attention with cascade over shared prefixes (core/shared_prefix.py): each tile's
+    prefix once for all its requests, then each request's own positions [kv_start, seq_len)."""
+    return _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale,
+                   (kv_start, tile_rows, tile_lens, tile_members))
+
+
+# The shared-prefix kernel's launch: prefix splits (fixed, for CUDA graphs, like
+# NUM_KV_SPLITS), keys per block, warps and pipeline stages (python -m portaserve.bench.cascade
+# --sweep times the alternatives).
+PREFIX_SPLITS = 4
+PREFIX_BLOCK_N = 64
+PREFIX_WARPS = 4
+PREFIX_STAGES = 3
+
+
+def _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale, shared=None):
     B, H, D = q.shape
     Hk = k_cache.shape[1]
     DV = v_cache.shape[-1]
@@ -93,20 +220,45 @@ def attention_decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
     o = torch.empty(B, H, DV, dtype=q.dtype, device=q.device)
     if B == 0:
         return o
-    mid_o = torch.empty(B, H, NUM_KV_SPLITS, DV, dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty(B, H, NUM_KV_SPLITS, dtype=torch.float32, device=q.device)
+    on_cpu = q.device.type == "cpu"
+    splits = _num_splits(B, Hk, q.device)
+    mid_o = torch.empty(B, H, splits, DV, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     BLOCK_H = max(16, triton.next_power_of_2(group))
-    _decode_stage1[(B, Hk, NUM_KV_SPLITS)](
-        q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
+    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_DV = triton.next_power_of_2(DV)
+    kv_start = pmid_o = pmid_lse = None
+    if shared is not None:
+        kv_start, tile_rows, tile_lens, tile_members = shared
+        pmid_o = torch.empty(B, H, PREFIX_SPLITS, DV, dtype=torch.float32, device=q.device)
+        pmid_lse = torch.empty(B, H, PREFIX_SPLITS, dtype=torch.float32, device=q.device)
+        block_g = triton.next_power_of_2(group)
+        tile = tile_members.shape[1]  # a power of two (core/shared_prefix.TILE)
+        members = max(1, min(tile, 64 // block_g))  # query rows per program: members x heads
+        if tile_rows.shape[0]:
+            _shared_prefix_kernel[(tile_rows.shape[0] * (tile // members), Hk, PREFIX_SPLITS)](
+                q, k_cache, v_cache, req_to_token, tile_rows, tile_lens, tile_members, pmid_o, pmid_lse,
+                q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+                v_cache.stride(1), req_to_token.stride(0), tile_members.stride(0), pmid_o.stride(0),
+                pmid_o.stride(1), pmid_o.stride(2), pmid_lse.stride(0), pmid_lse.stride(1), scale, H,
+                GROUP=group, D=D, DV=DV, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_G=block_g,
+                MEMBERS=members, SUBTILES=tile // members, BLOCK_N=32 if on_cpu else PREFIX_BLOCK_N,
+                PREFIX_SPLITS=PREFIX_SPLITS, **({} if on_cpu else dict(num_warps=PREFIX_WARPS,
+                                                                         num_stages=PREFIX_STAGES)))
+    _decode_stage1[(B, Hk, splits)](
+        q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, kv_start, mid_o, mid_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), scale, H, GROUP=group, D=D, DV=DV,
-        BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV), BLOCK_H=BLOCK_H,
-        BLOCK_N=32 if q.device.type == "cpu" else 64, NUM_SPLITS=NUM_KV_SPLITS)
+        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_H=BLOCK_H,
+        BLOCK_N=32 if on_cpu else 64, NUM_SPLITS=splits, HAS_START=shared is not None)
+    ps = (0, 0, 0, 0, 0) if shared is None else (
+        pmid_o.stride(0), pmid_o.stride(1), pmid_o.stride(2), pmid_lse.stride(0), pmid_lse.stride(1))
     _decode_stage2[(B, H)](
         mid_o, mid_lse, o, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
-        mid_lse.stride(1), o.stride(0), o.stride(1), DV=DV, BLOCK_DV=triton.next_power_of_2(DV),
-        NUM_SPLITS=NUM_KV_SPLITS)
+        mid_lse.stride(1), o.stride(0), o.stride(1), kv_start, pmid_o, pmid_lse, *ps,
+        DV=DV, BLOCK_DV=BLOCK_DV, NUM_SPLITS=splits,
+        PREFIX_SPLITS=0 if shared is None else PREFIX_SPLITS)
     return o
 
 
