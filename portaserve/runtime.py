@@ -151,10 +151,14 @@ class CompiledDecode:
         ops.use_opaque_ops()
         self.max_bs = max_bs
         self.specialize = specialize
-        # one compiled graph per captured batch size, plus headroom
+        # one compiled graph per captured batch size, two with cascade attention (plain and
+        # with tiles), plus headroom
+        from portaserve.platforms.cuda.graph_runner import batch_size_ladder
+
+        limit = 2 * len(batch_size_ladder(max_bs)) + 16
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
 
         def forward(fb):
             return model.compute_logits(model(fb))

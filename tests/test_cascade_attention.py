@@ -25,10 +25,11 @@ def _brute_common(a, b):
     return n
 
 
-def _shared_slot_lists(rng, groups, own=(1, 40)):
+def _shared_slot_lists(rng, groups, own=(1, 40), header=0):
     """Slot lists like the radix cache makes them: each group's requests hold the same
     slots for the group's prefix (and some of them more: a longer cached path), then
-    slots of their own.  groups: [(prefix length, members)]."""
+    slots of their own; with header > 0 every request starts with the same header slots
+    (a BOS token, a chat template's first tokens).  groups: [(prefix length, members)]."""
     next_slot = [1]
 
     def fresh(n):
@@ -36,9 +37,10 @@ def _shared_slot_lists(rng, groups, own=(1, 40)):
         next_slot[0] += n
         return out
 
+    head = fresh(header)
     lists = []
     for plen, n in groups:
-        pre = fresh(plen)
+        pre = head + fresh(max(plen - header, 0))
         deeper = fresh(rng.randint(0, 30))  # a longer path some members share
         for _ in range(n):
             extra = deeper if rng.random() < 0.5 else []
@@ -48,19 +50,20 @@ def _shared_slot_lists(rng, groups, own=(1, 40)):
     return [lists[i] for i in order]
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_plan_tiles_against_brute_force(seed):
     rng = random.Random(seed)
     groups = [(rng.choice([0, 20, 127, 128, 200, 400]), rng.randint(1, 40)) for _ in range(rng.randint(1, 6))]
-    lists = _shared_slot_lists(rng, groups)
+    lists = _shared_slot_lists(rng, groups, header=rng.choice([0, 1, 16, 100]))
     rows = list(range(100, 100 + len(lists)))
     plan = sp.plan_tiles(lists, rows)
-    # brute force: the group of i is every request whose first slot is i's
+    # brute force: i's group is every request sharing >= MIN_SHARED positions with it
+    # (pairwise, by comparing the lists); its prefix the least such common length
     want = {}
     for i, a in enumerate(lists):
-        members = [j for j, b in enumerate(lists) if b[0] == a[0]]
-        n = min(_brute_common(a, lists[j]) for j in members)
-        want[i] = n if len(members) > 1 and n >= sp.MIN_SHARED else 0
+        common = [_brute_common(a, b) for b in lists]
+        members = [j for j, n in enumerate(common) if n >= sp.MIN_SHARED]
+        want[i] = min(_brute_common(lists[members[0]], lists[j]) for j in members) if len(members) > 1 else 0
     if plan is None:
         assert not any(want.values())
         return
@@ -83,6 +86,17 @@ def test_large_groups_split_evenly():
     assert set(kv_start) == {201}
     _, tiles = sp.plan_tiles(lists[:17], list(range(17)))
     assert [len(m) for _, _, m in tiles] == [9, 8]
+
+
+def test_a_common_header_does_not_merge_groups():
+    """Two system prompts behind the same 16-token header, and one request sharing only the
+    header: each prompt's requests form their own tiles with their full prefix."""
+    head = list(range(1, 17))
+    a, b = head + list(range(100, 1100)), head + list(range(2000, 2500))
+    lists = [a + [5000 + i] for i in range(20)] + [b + [6000 + i] for i in range(3)] + [head + [7000, 7001]]
+    kv_start, tiles = sp.plan_tiles(lists, list(range(len(lists))))
+    assert kv_start == [len(a)] * 20 + [len(b)] * 3 + [0]
+    assert sorted((n, len(m)) for _, n, m in tiles) == [(len(b), 3), (len(a), 10), (len(a), 10)]
 
 
 def test_short_or_lone_prefixes_are_not_tiled():
@@ -149,9 +163,12 @@ def test_engine_with_cascade_matches_transformers(tiny_models, page_size):
 
     path = tiny_models("llama3")
     hf = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval()
-    system = random_prompts(2, 512, 160, 200, seed=40 + page_size)
+    # every prompt starts with the same few tokens (a BOS and a template header): shared
+    # by all, but too short to tile; the two system prompts are tiled separately
+    header = [1, 7, 7, 9, 11]
+    system = [header + s for s in random_prompts(2, 512, 160, 200, seed=40 + page_size)]
     questions = random_prompts(10, 512, 3, 20, seed=50 + page_size)
-    prompts = [system[i % 2] + q for i, q in enumerate(questions)] + random_prompts(1, 512, 30, 30, seed=7)
+    prompts = [system[i % 2] + q for i, q in enumerate(questions)] + [header + random_prompts(1, 512, 30, 30, seed=7)[0]]
     sampling = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
     with Engine(str(path), skip_tokenizer_init=True, max_total_tokens=8000, page_size=page_size,
                 cascade_attention="on") as eng:

@@ -160,6 +160,7 @@ def make_attention_decode_shared(g, device, dtype):
 
     H, Hk, D = _attn_shape(g)
     groups = [(_randint(g, 128, 160), _randint(g, 1, 18)) for _ in range(_randint(g, 1, 3))]
+    groups[0] = (groups[0][0], max(groups[0][1], 2))  # at least one tile
     q, k, v, r2t, rows, seq, m = paged_shared_batch(g, groups, H, Hk, D, dtype, pad_tiles=_randint(g, 0, 2))
     return tuple(t.to(device) for t in (q, k, v, r2t, rows, seq)) + (D ** -0.5,) + tuple(
         t.to(device) for t in (m.kv_start, m.tile_rows, m.tile_lens, m.tile_members))

@@ -47,6 +47,8 @@ def main(argv=None) -> int:
                    help="also time the Triton shared-prefix kernel's launch alternatives (splits, "
                         "block, warps, stages) and print the fastest")
     ns = p.parse_args(argv)
+    if ns.members < 2:
+        p.error("--members: a group needs at least 2 requests to share its prefix")
     plat = resolve_platform(None if ns.device == "auto" else ns.device)
     dev = plat.device()
     dtype = getattr(torch, ns.dtype)

@@ -10,7 +10,8 @@ merge by their log-sum-exp (ops.attention_decode_shared).
 Grouping works on the host mirror of each request's KV slots (Req.slots): requests share
 their first n positions exactly when slots[:n] are equal.  A slot belongs to one position
 of one radix-tree path, so if two requests agree at position i they agree at every
-position before it, and the common length is found by binary search.
+position before it: requests are grouped by their slot at position MIN_SHARED - 1, and a
+group's common length is found by binary search.
 """
 from __future__ import annotations
 
@@ -48,10 +49,15 @@ def plan_tiles(slot_lists: list, rows: list, min_shared: int = MIN_SHARED, tile:
     order, including the token this step writes); rows[i] its req_to_token row.
     Returns (kv_start per request, [(row, prefix length, [member indices])]) with every
     tile of 2..tile members, or None when no group is worth it."""
+    # Requests sharing at least min_shared positions hold the same slot at position
+    # min_shared - 1 (and, agreement being prefix-closed, at every position before it), so
+    # that slot is the group key: a short common header (a BOS token, a chat template's
+    # first page) does not merge groups, and one request sharing only a header cannot
+    # shorten a group's prefix.
     groups: dict = {}
     for i, slots in enumerate(slot_lists):
         if len(slots) > min_shared:
-            groups.setdefault(slots[0], []).append(i)
+            groups.setdefault(slots[min_shared - 1], []).append(i)
     kv_start = [0] * len(slot_lists)
     tiles = []
     for members in groups.values():

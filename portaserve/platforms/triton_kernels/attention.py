@@ -22,7 +22,9 @@ PROGRAMS_PER_SM = 4
 
 
 def _num_splits(batch: int, kv_heads: int, device) -> int:
-    if device.type == "cpu":  # the interpreter: exercise the split merge in tests
+    # CPU: the interpreter, where tests exercise the split merge; XPU: its device
+    # properties name no SM count, so keep the fixed count there
+    if device.type != "cuda":  # ROCm devices are "cuda" too
         return NUM_KV_SPLITS
     want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), batch * kv_heads)
     return min(NUM_KV_SPLITS, triton.next_power_of_2(want))
@@ -146,7 +148,8 @@ def _shared_prefix_kernel(q_ptr, k_ptr, v_ptr, r2t_ptr, tile_row_ptr, tile_len_p
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     plen = tl.load(tile_len_ptr + tile).to(tl.int32)
-    if plen == 0:
+    first = tl.load(tile_mem_ptr + tile * stride_tm + sub * MEMBERS)  # members are packed left
+    if (plen == 0) | (first < 0):
         return
     row = tl.load(tile_row_ptr + tile).to(tl.int64)
     i = tl.arange(0, MEMBERS * BLOCK_G)
