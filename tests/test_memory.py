@@ -258,3 +258,25 @@ def test_kv_pool_shapes_and_padding():
         assert (t[:4] == 0).all() and (t[4:] == 7).all()
     assert KVPool.bytes_per_token(2, 2, 4, torch.bfloat16, v_head_dim=3) == 2 * 2 * (4 + 3) * 2
     assert KVPool.bytes_per_token(3, 1, 8, torch.float32) == 3 * 1 * 16 * 4
+
+
+@settings(max_examples=100, deadline=None)
+@given(writes=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 15),
+                                 st.lists(st.integers(1, 999), min_size=1, max_size=8)), max_size=12),
+       bucket=st.booleans())
+def test_req_to_token_writes_apply_at_flush_last_write_wins(writes, bucket):
+    """Writes are applied at flush(), in order (a later write to a position wins), to the
+    same table a direct write would give; with a write bucket (XLA) the padding entries
+    touch only the pad row's position 0, which stays slot 0."""
+    pool = ReqToTokenPool(4, 24, "cpu")
+    if bucket:
+        pool.write_bucket = lambda n: max(16, 1 << (n - 1).bit_length())
+    want = pool.req_to_token.clone()
+    for row, start, slots in writes:
+        pool.write(row, start, slots)
+        want[row, start:start + len(slots)] = torch.tensor(slots, dtype=torch.int32)
+    assert torch.equal(pool.req_to_token, torch.zeros_like(want))  # nothing before the flush
+    pool.flush()
+    assert torch.equal(pool.req_to_token, want)
+    pool.flush()  # nothing pending: unchanged
+    assert torch.equal(pool.req_to_token, want)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from portaserve.core.hostcopy import to_device
+
 
 class KVPool:
     """Per-layer K and V buffers of shape [num_slots, kv_heads, head_dim]."""
@@ -43,11 +45,36 @@ class ReqToTokenPool:
     ``pad_row``, is never handed out: it maps every position to the padding slot 0, for
     padded entries of fixed-shape (graph-captured) batches."""
 
-    def __init__(self, size: int, max_context_len: int, device):
+    def __init__(self, size: int, max_context_len: int, device, pin_memory: bool = False):
         self.size = size
         self.req_to_token = torch.zeros(size + 1, max_context_len, dtype=torch.int32, device=device)
         self.pad_row = size
         self._free = list(range(size - 1, -1, -1))
+        self.pin_memory = pin_memory
+        # Writes are collected on the host and applied by flush() before a forward reads
+        # the table: one copy and one scatter per pass instead of one per request, and on
+        # XLA one small graph whose shape is a bucket (write_bucket) instead of one per
+        # combination of request lengths.
+        self._pending: dict[int, int] = {}  # flat index -> slot; the last write wins
+        self.write_bucket = None  # n -> padded n (set by platforms with compiled graphs)
+
+    def write(self, row: int, start: int, slots) -> None:
+        """Positions [start, start + len(slots)) of row map to slots (applied at flush)."""
+        base = row * self.req_to_token.shape[1] + start
+        self._pending.update(zip(range(base, base + len(slots)), slots))
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        idx, vals = list(self._pending), list(self._pending.values())
+        self._pending.clear()
+        if self.write_bucket is not None:
+            extra = self.write_bucket(len(idx)) - len(idx)
+            pad = self.pad_row * self.req_to_token.shape[1]  # the pad row's position 0: slot 0
+            idx += [pad] * extra
+            vals += [0] * extra
+        t = to_device(torch.tensor([idx, vals], dtype=torch.int64), self.req_to_token.device, self.pin_memory)
+        self.req_to_token.view(-1)[t[0]] = t[1].to(torch.int32)
 
     def available(self) -> int:
         return len(self._free)

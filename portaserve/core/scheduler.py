@@ -103,7 +103,7 @@ class Scheduler:
         self.decode_fn = decode_fn
         self.page_size = cfg.page_size
         self.allocator = SlotAllocator(cfg.max_total_tokens, cfg.page_size)
-        self.req_pool = ReqToTokenPool(cfg.max_running_requests + 1, cfg.context_len + 8, device)
+        self.req_pool = ReqToTokenPool(cfg.max_running_requests + 1, cfg.context_len + 8, device, pin_memory)
         self.tree: Optional[RadixCache] = None if cfg.disable_radix_cache else RadixCache(
             self.allocator, cfg.page_size)
         self.pin_memory = pin_memory
@@ -286,8 +286,7 @@ class Scheduler:
         req.last_slot = slots[-1]
         del req.slots[start:]
         req.slots.extend(slots)
-        self.req_pool.req_to_token[req.req_pool_idx, start:start + n] = torch.tensor(
-            slots, dtype=torch.int32).to(self.req_pool.req_to_token.device, non_blocking=True)
+        self.req_pool.write(req.req_pool_idx, start, slots)
         return slots
 
     def _make_room(self, tokens: int) -> None:
@@ -345,7 +344,6 @@ class Scheduler:
             return
         kv_len = req.kv_len
         aligned = kv_len - kv_len % self.page_size
-        row = self.req_pool.req_to_token[req.req_pool_idx]
         slots = torch.tensor(req.slots[:aligned], dtype=torch.int64)
         own_from = len(req.prefix_indices)
         already = self.tree.insert(req.fill_ids[:aligned], slots)
@@ -353,8 +351,8 @@ class Scheduler:
             self.allocator.free(slots[own_from:already])
         new_prefix, new_node = self.tree.match_prefix(req.fill_ids[:aligned])
         assert len(new_prefix) == aligned
-        row[:aligned] = new_prefix.to(row.dtype).to(row.device)
         req.slots[:aligned] = new_prefix.tolist()
+        self.req_pool.write(req.req_pool_idx, 0, req.slots[:aligned])
         self.tree.inc_lock_ref(new_node)
         if req.last_node is not None:
             self.tree.dec_lock_ref(req.last_node)
@@ -466,10 +464,8 @@ class Scheduler:
                     break
             self.waiting.pop(i)
             req.req_pool_idx = self.req_pool.alloc()
-            if prefix:
-                self.req_pool.req_to_token[req.req_pool_idx, :prefix] = req.prefix_indices.to(
-                    torch.int32).to(self.req_pool.req_to_token.device)
             req.slots = req.prefix_indices.tolist()
+            self.req_pool.write(req.req_pool_idx, 0, req.slots)
             req.kv_len = prefix
             if not req.admitted_once:
                 req.admitted_once = True
@@ -526,7 +522,7 @@ class Scheduler:
             fill = req.fill_ids
             ids.extend(fill[start:start + n])
             pos.extend(range(start, start + n))
-            locs.append(self.req_pool.req_to_token[req.req_pool_idx, start:start + n])
+            locs.extend(req.slots[start:start + n])  # the host mirror of the row
             completes = start + n == len(fill)
             # rows whose logits we need: input logprobs, and the last row to sample from
             lp_from = req.input_logprob_start()
@@ -537,11 +533,12 @@ class Scheduler:
                     sel.append(row + (p - start))
                     sel_owner.append((req, p, last))
             row += n
+        self.req_pool.flush()
         fb = ForwardBatch(
             is_decode=False,
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(pos, dtype=torch.int64, device=dev),
-            out_cache_loc=torch.cat(locs).to(torch.int64),
+            out_cache_loc=torch.tensor(locs, dtype=torch.int64, device=dev),
             req_pool_indices=torch.tensor([r.req_pool_idx for r in batch], dtype=torch.int64, device=dev),
             seq_lens=torch.tensor([r.kv_len + r.extend_n for r in batch], dtype=torch.int64, device=dev),
             kv=self.kv,
@@ -639,7 +636,9 @@ class Scheduler:
         positions, out_loc, rows = meta[0], meta[1], meta[2]
         if input_ids is None:
             input_ids = meta[3]
-        self.req_pool.req_to_token[rows, positions] = out_loc.to(torch.int32)
+        for r, loc in zip(batch, locs):
+            self.req_pool.write(r.req_pool_idx, r.kv_len, (loc,))
+        self.req_pool.flush()
         fb = ForwardBatch(is_decode=True, input_ids=input_ids, positions=positions, out_cache_loc=out_loc,
                           req_pool_indices=rows, seq_lens=positions + 1, kv=self.kv,
                           req_to_token=self.req_pool.req_to_token, shared=shared)

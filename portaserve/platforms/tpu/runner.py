@@ -137,6 +137,8 @@ class XlaDecodeRunner:
         self.buckets_used: set[int] = set()
         self.forward_compiles = 0
         self.extend = XlaExtendPadder(model, req_pool)
+        # the scheduler's request-table writes go out as one scatter padded to a bucket
+        req_pool.write_bucket = token_bucket
 
     @property
     def extend_buckets_used(self):
