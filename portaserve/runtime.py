@@ -307,6 +307,8 @@ def _build_rank(args, platform, table, src, cfg, dtype, context_len, tp) -> Runt
             logger.warning("--enable-torch-compile: decode graph capture failed; decoding eagerly, uncompiled")
     elif compiled is not None:
         sched.decode_graph = compiled  # compiled eager decode for batches it covers
+    # XLA: batches padded on the host to the runner's buckets (see Scheduler.padding)
+    sched.padding = getattr(sched.decode_graph, "padding", None)
     # from the configuration, not from whether capture succeeded: tensor-parallel ranks
     # must all take the same scheduling decisions
     mode = jump_forward_mode(args, graphs)

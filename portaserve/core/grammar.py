@@ -82,6 +82,14 @@ class GrammarMasks:
     bitmask: torch.Tensor
     rows: list[int]
 
+    def padded(self, batch: int) -> "GrammarMasks":
+        """The same masks for a batch padded to `batch` rows (the extra rows allow all)."""
+        extra = batch - self.bitmask.shape[0]
+        if extra <= 0:
+            return self
+        return GrammarMasks(torch.cat([self.bitmask, self.bitmask.new_full((extra, self.bitmask.shape[1]), -1)]),
+                            self.rows)
+
 
 class GrammarBackend:
     def __init__(self, tokenizer, vocab_size: int, eos_ids, threads: int = 1, pin_memory: bool = True):

@@ -32,12 +32,12 @@ class Sampler:
         return torch.Generator(device=self.rng_device).manual_seed(int(seed))
 
     def sample(self, logits: torch.Tensor, reqs: list[Req], eos_ids: set[int], grammar=None, masks=None):
-        """logits: [B, V] float32.  Returns (next token ids [B] list, raw logprobs [B, V]
+        """logits: [B, V] float32 (B >= len(reqs): a padded batch's extra rows are dropped).  Returns (next token ids [B] list, raw logprobs [B, V]
         or None when no request asked for logprobs).  masks: the batch's grammar bitmasks
         if the caller filled them already (GrammarBackend.fill_masks), else they are filled
         here for every request holding a matcher."""
         ids, logprobs = self.sample_tensor(logits, reqs, eos_ids, grammar, masks)
-        return ids.tolist(), logprobs
+        return ids.tolist()[:len(reqs)], logprobs
 
     def _h2d(self, data, dtype):
         return to_device(torch.tensor(data, dtype=dtype), self.device, self.pin_memory)
@@ -50,6 +50,7 @@ class Sampler:
         or jumped forward since its launch); they draw nothing from their request's own
         generator, so a seeded request's draws do not depend on the scheduling."""
         B, V = logits.shape
+        pad = B - len(reqs)  # padded batches (XLA): rows past the requests sample greedily, unused
         raw = logits
         logprobs = torch.log_softmax(raw, dim=-1) if any(r.return_logprob for r in reqs) else None
         logits = self._mask_min_tokens(logits, reqs, eos_ids)
@@ -61,11 +62,14 @@ class Sampler:
         if masks is not None:
             if logits is raw:
                 logits = logits.clone()
+            masks = masks.padded(B)
             grammar.apply_masks(logits, masks)
         greedy = [r.sampling.greedy for r in reqs]
         if all(greedy):
             return logits.argmax(dim=-1), logprobs
-        temps = self._h2d([1.0 if g else r.sampling.temperature for g, r in zip(greedy, reqs)], logits.dtype)
+        greedy += [True] * pad
+        temps = self._h2d([1.0 if g else r.sampling.temperature for g, r in zip(greedy, reqs)] + [1.0] * pad,
+                          logits.dtype)
         probs = torch.softmax(logits / temps.unsqueeze(1), dim=-1)
         # Exp(1) noise: one draw for the batch, then the seeded requests' own rows
         noise = torch.empty(probs.shape, dtype=probs.dtype, device=self.rng_device)
@@ -77,9 +81,9 @@ class Sampler:
         if all(r.sampling.top_k <= 0 and r.sampling.top_p >= 1.0 and r.sampling.min_p <= 0.0 for r in reqs):
             sampled = (probs / noise).argmax(dim=-1)  # nothing to filter: no sort needed
         else:
-            top_k = self._h2d([r.sampling.top_k for r in reqs], torch.int64)
-            top_p = self._h2d([r.sampling.top_p for r in reqs], probs.dtype)
-            min_p = self._h2d([r.sampling.min_p for r in reqs], probs.dtype)
+            top_k = self._h2d([r.sampling.top_k for r in reqs] + [0] * pad, torch.int64)
+            top_p = self._h2d([r.sampling.top_p for r in reqs] + [1.0] * pad, probs.dtype)
+            min_p = self._h2d([r.sampling.min_p for r in reqs] + [0.0] * pad, probs.dtype)
             sampled = ops.top_k_top_p_min_p_sample(probs, top_k, top_p, min_p, noise)
         if any(greedy):
             sampled = torch.where(self._h2d(greedy, torch.bool), logits.argmax(dim=-1), sampled)
@@ -110,7 +114,9 @@ class Sampler:
                 counts[i].scatter_add_(0, out, torch.ones_like(out, dtype=torch.int32))
             if r.sampling.repetition_penalty != 1.0:
                 seen[i, torch.tensor(r.fill_ids, device=dev)] = True
-        f = torch.tensor([r.sampling.frequency_penalty for r in reqs], device=dev, dtype=logits.dtype)
-        p = torch.tensor([r.sampling.presence_penalty for r in reqs], device=dev, dtype=logits.dtype)
-        rp = torch.tensor([r.sampling.repetition_penalty for r in reqs], device=dev, dtype=logits.dtype)
+        pad = B - len(reqs)
+        f = torch.tensor([r.sampling.frequency_penalty for r in reqs] + [0.0] * pad, device=dev, dtype=logits.dtype)
+        p = torch.tensor([r.sampling.presence_penalty for r in reqs] + [0.0] * pad, device=dev, dtype=logits.dtype)
+        rp = torch.tensor([r.sampling.repetition_penalty for r in reqs] + [1.0] * pad, device=dev,
+                          dtype=logits.dtype)
         return ops.apply_penalties(logits, counts, seen, f, p, rp)

@@ -124,6 +124,12 @@ class Scheduler:
         # Cascade attention over prefixes shared through the radix cache (set by the
         # runtime, --cascade-attention; core/shared_prefix.py).
         self.cascade_attention = False
+        # Set by platforms whose graphs are compiled per tensor shape (XLA): sizes to pad
+        # batches to on the host, so that no device op sees an unpadded batch shape.
+        # decode(b) -> padded batch; extend(tokens, requests) -> padded pair; rows(n) ->
+        # padded number of sampled rows.  Padding follows the pad-row convention
+        # (ReqToTokenPool): padded entries read and write only slot 0 and are dropped.
+        self.padding = None
         self.grammar_queue: list[Req] = []  # constrained requests waiting for their grammar
         self.waiting: list[Req] = []
         self.running: list[Req] = []
@@ -492,7 +498,7 @@ class Scheduler:
         decode step inside this prefill batch; none if the pool cannot hold a token each
         (the decode step after this batch retracts as usual)."""
         riders = list(self.running)  # never in batch: it holds new and chunked requests only
-        if not riders or not self._room_for_decode(riders):
+        if not riders or not self._room_for_decode(riders) or self.padding is not None:
             return []
         for r in riders:
             self._alloc(r, r.kv_len, 1)
@@ -533,23 +539,35 @@ class Scheduler:
                     sel.append(row + (p - start))
                     sel_owner.append((req, p, last))
             row += n
+        rows = [r.req_pool_idx for r in batch]
+        prefix_lens = [r.kv_len for r in batch]
+        extend_lens = [r.extend_n for r in batch]
+        if self.padding is not None:  # one padding request holds every padding token
+            tp, bp = self.padding.extend(len(ids), len(batch))
+            nt, nb = tp - len(ids), bp - len(batch)
+            ids, pos, locs = ids + [0] * nt, pos + [0] * nt, locs + [0] * nt
+            rows += [self.req_pool.pad_row] * nb
+            prefix_lens += [0] * nb
+            if nt and not nb:
+                raise RuntimeError("extend padding: padding tokens need a padding request")
+            extend_lens += ([nt] + [0] * (nb - 1)) if nb else []
         self.req_pool.flush()
         fb = ForwardBatch(
             is_decode=False,
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(pos, dtype=torch.int64, device=dev),
             out_cache_loc=torch.tensor(locs, dtype=torch.int64, device=dev),
-            req_pool_indices=torch.tensor([r.req_pool_idx for r in batch], dtype=torch.int64, device=dev),
-            seq_lens=torch.tensor([r.kv_len + r.extend_n for r in batch], dtype=torch.int64, device=dev),
+            req_pool_indices=torch.tensor(rows, dtype=torch.int64, device=dev),
+            seq_lens=torch.tensor([p + e for p, e in zip(prefix_lens, extend_lens)], dtype=torch.int64, device=dev),
             kv=self.kv,
             req_to_token=self.req_pool.req_to_token,
-            prefix_lens=torch.tensor([r.kv_len for r in batch], dtype=torch.int64, device=dev),
-            extend_lens=torch.tensor([r.extend_n for r in batch], dtype=torch.int64, device=dev),
+            prefix_lens=torch.tensor(prefix_lens, dtype=torch.int64, device=dev),
+            extend_lens=torch.tensor(extend_lens, dtype=torch.int64, device=dev),
             decode_tail=len(riders),
         )
         with self.no_grad():
             hidden = self.model(fb)
-            logits = self.model.compute_logits(hidden[torch.tensor(sel, dtype=torch.int64, device=dev)]) \
+            logits = self.model.compute_logits(hidden[torch.tensor(self._pad_rows(sel), dtype=torch.int64, device=dev)]) \
                 if sel else None
         self.counters.forward_extend += 1
         self.counters.extend_tokens += len(ids) - len(riders)
@@ -589,8 +607,14 @@ class Scheduler:
                         r.input_top_logprobs.insert(0, None)
                 r.input_lp_done = True
         if sample_reqs:
-            self._sample_and_advance(logits[sample_rows], sample_reqs)
+            self._sample_and_advance(logits[self._pad_rows(sample_rows)], sample_reqs)
         return [r for r in batch if r is not self.chunked]
+
+    def _pad_rows(self, rows: list) -> list:
+        """rows, repeated-row padded to padding.rows(len(rows)) where batches are padded."""
+        if self.padding is None:
+            return rows
+        return rows + [rows[0]] * (self.padding.rows(len(rows)) - len(rows))
 
     def _record_input_logprob(self, req: Req, lp: torch.Tensor, tok: int) -> None:
         req.input_token_logprobs.append((float(lp[tok]), tok, None))
@@ -623,9 +647,12 @@ class Scheduler:
         rows_meta = [[r.kv_len for r in batch], locs, [r.req_pool_idx for r in batch]]
         if input_ids is None:
             rows_meta.append([r.output_ids[-1] for r in batch])
+        if self.padding is not None and input_ids is None:  # position 0, slot 0, pad row, token 0
+            n = self.padding.decode(len(batch)) - len(batch)
+            rows_meta = [m + [v] * n for m, v in zip(rows_meta, (0, 0, self.req_pool.pad_row, 0))]
         meta = torch.tensor(rows_meta, dtype=torch.int64)
         shared = None
-        if self.cascade_attention and len(batch) > 1:
+        if self.cascade_attention and len(batch) > 1 and self.padding is None:
             shared = shared_prefix.build([r.slots for r in batch], rows_meta[2])
         if shared is not None:  # one copy to the device for both
             n = meta.numel()

@@ -86,6 +86,8 @@ class XlaExtendPadder:
 
     def padded(self, fb: ForwardBatch) -> ForwardBatch:
         T, B = int(fb.input_ids.shape[0]), fb.batch_size
+        if B == self.num_reqs and T == token_bucket(T):  # padded by the scheduler already
+            return fb
         if B >= self.num_reqs:
             raise ValueError(f"{B} requests exceed the request table ({self.num_reqs - 1})")
         nt, nb = token_bucket(T) - T, self.num_reqs - B
@@ -125,6 +127,24 @@ class XlaExtendPadder:
         return None  # the padded hidden states, as computed
 
 
+class HostPadding:
+    """The scheduler's batch sizes padded on the host (Scheduler.padding), so the small
+    bookkeeping and sampling graphs around each forward see bucket shapes only."""
+
+    def __init__(self, decode_sizes: list[int], num_reqs: int):
+        self.decode_sizes = decode_sizes
+        self.num_reqs = num_reqs
+
+    def decode(self, b: int) -> int:
+        return pad_to_bucket(b, self.decode_sizes) if b <= self.decode_sizes[-1] else b
+
+    def extend(self, tokens: int, reqs: int) -> tuple[int, int]:
+        return token_bucket(tokens), self.num_reqs
+
+    def rows(self, n: int) -> int:
+        return 1 << max(n - 1, 0).bit_length()
+
+
 class XlaDecodeRunner:
     def __init__(self, model, kv, req_pool, max_bs: int, device):
         self.model = model
@@ -139,6 +159,7 @@ class XlaDecodeRunner:
         self.extend = XlaExtendPadder(model, req_pool)
         # the scheduler's request-table writes go out as one scatter padded to a bucket
         req_pool.write_bucket = token_bucket
+        self.padding = HostPadding(self.sizes, self.extend.num_reqs)
 
     @property
     def extend_buckets_used(self):
