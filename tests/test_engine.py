@@ -290,3 +290,27 @@ def test_host_padded_batches_give_the_same_tokens(tiny_models):
     assert res[0][0] == res[1][0] and res[0][2] == res[1][2]
     for x, y in zip(res[0][1], res[1][1]):
         assert max(abs(p - q) for p, q in zip(x, y)) < 1e-4
+
+
+def test_host_padding_spreads_padding_tokens_over_rows(tiny_models):
+    """Extend padding beyond one request-table row (68 tokens padded to 128 with rows of
+    48 positions) is spread over several padding requests; tokens still equal unpadded."""
+    from portaserve import Engine
+    from portaserve.platforms.tpu.runner import HostPadding
+    from tests.conftest import random_prompts
+
+    path = tiny_models("llama3")
+    prompts = [random_prompts(1, 512, n, n, seed=n + i)[0] for i, n in enumerate([20, 20, 20, 5, 3])]
+    sp = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+    outs = []
+    for pad in (False, True):
+        with Engine(str(path), skip_tokenizer_init=True, max_total_tokens=2000, context_length=40,
+                    max_running_requests=6) as eng:
+            sched = eng.rt.scheduler
+            assert sched.req_pool.req_to_token.shape[1] == 48
+            if pad:
+                sched.padding = HostPadding([1, 2, 4, 8], sched.req_pool.size + 1)
+            outs.append([o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=sp)])
+            if pad:
+                assert eng.get_server_info()["counters"]["extend_tokens"] == 68  # padding not counted
+    assert outs[0] == outs[1]

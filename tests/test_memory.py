@@ -262,7 +262,8 @@ def test_kv_pool_shapes_and_padding():
 
 @settings(max_examples=100, deadline=None)
 @given(writes=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 15),
-                                 st.lists(st.integers(1, 999), min_size=1, max_size=8)), max_size=12),
+                                 st.lists(st.integers(1, 999), min_size=1, max_size=8), st.integers(0, 2)),
+                       max_size=12),
        bucket=st.booleans())
 def test_req_to_token_writes_apply_at_flush_last_write_wins(writes, bucket):
     """Writes are applied at flush(), in order (a later write to a position wins), to the
@@ -272,8 +273,13 @@ def test_req_to_token_writes_apply_at_flush_last_write_wins(writes, bucket):
     if bucket:
         pool.write_bucket = lambda n: max(16, 1 << (n - 1).bit_length())
     want = pool.req_to_token.clone()
-    for row, start, slots in writes:
-        pool.write(row, start, slots)
+    for row, start, slots, how in writes:
+        if how == 0:
+            pool.write(row, start, slots)
+        elif how == 1:
+            pool.write(row, start, torch.tensor(slots))
+        else:  # as points, the way a decode step writes
+            pool.write_points([row] * len(slots), list(range(start, start + len(slots))), slots)
         want[row, start:start + len(slots)] = torch.tensor(slots, dtype=torch.int32)
     assert torch.equal(pool.req_to_token, torch.zeros_like(want))  # nothing before the flush
     pool.flush()

@@ -55,25 +55,46 @@ class ReqToTokenPool:
         # the table: one copy and one scatter per pass instead of one per request, and on
         # XLA one small graph whose shape is a bucket (write_bucket) instead of one per
         # combination of request lengths.
-        self._pending: dict[int, int] = {}  # flat index -> slot; the last write wins
+        self._pending: list = []  # (flat indices, slots) per write, in order
         self.write_bucket = None  # n -> padded n (set by platforms with compiled graphs)
 
     def write(self, row: int, start: int, slots) -> None:
-        """Positions [start, start + len(slots)) of row map to slots (applied at flush)."""
-        base = row * self.req_to_token.shape[1] + start
-        self._pending.update(zip(range(base, base + len(slots)), slots))
+        """Positions [start, start + len(slots)) of row map to slots (a list or an int
+        tensor, not changed by the caller until the flush), applied at flush(); a later
+        write to a position wins."""
+        if len(slots):
+            base = row * self.req_to_token.shape[1] + start
+            self._pending.append((range(base, base + len(slots)), slots))
+
+    def write_points(self, rows: list, positions: list, slots: list) -> None:
+        """Position positions[i] of row rows[i] maps to slots[i] (a decode step's new
+        tokens), applied at flush()."""
+        if rows:
+            w = self.req_to_token.shape[1]
+            self._pending.append(([r * w + p for r, p in zip(rows, positions)], slots))
 
     def flush(self) -> None:
         if not self._pending:
             return
-        idx, vals = list(self._pending), list(self._pending.values())
-        self._pending.clear()
+        pending, self._pending = self._pending, []
+        spans = sorted(s for idx, _ in pending for s in (
+            [(idx.start, idx.stop)] if isinstance(idx, range) else [(i, i + 1) for i in idx]))
+        if any(nxt[0] < prev[1] for prev, nxt in zip(spans, spans[1:])):
+            # overlapping writes (a row freed and reused, a position rewritten): keep the
+            # last write of each position, since a scatter's order is undefined (rare)
+            last: dict = {}
+            for idx, v in pending:
+                last.update(zip(idx, torch.as_tensor(v).tolist()))
+            pending = [(list(last), list(last.values()))]
+        idx = torch.cat([torch.arange(i.start, i.stop, dtype=torch.int64) if isinstance(i, range)
+                         else torch.tensor(i, dtype=torch.int64) for i, _ in pending])
+        vals = torch.cat([torch.as_tensor(v, dtype=torch.int64) for _, v in pending])
         if self.write_bucket is not None:
-            extra = self.write_bucket(len(idx)) - len(idx)
+            extra = self.write_bucket(idx.shape[0]) - idx.shape[0]
             pad = self.pad_row * self.req_to_token.shape[1]  # the pad row's position 0: slot 0
-            idx += [pad] * extra
-            vals += [0] * extra
-        t = to_device(torch.tensor([idx, vals], dtype=torch.int64), self.req_to_token.device, self.pin_memory)
+            idx = torch.cat([idx, torch.full((extra,), pad, dtype=torch.int64)])
+            vals = torch.cat([vals, torch.zeros(extra, dtype=torch.int64)])
+        t = to_device(torch.stack([idx, vals]), self.req_to_token.device, self.pin_memory)
         self.req_to_token.view(-1)[t[0]] = t[1].to(torch.int32)
 
     def available(self) -> int:

@@ -358,7 +358,8 @@ class Scheduler:
         new_prefix, new_node = self.tree.match_prefix(req.fill_ids[:aligned])
         assert len(new_prefix) == aligned
         req.slots[:aligned] = new_prefix.tolist()
-        self.req_pool.write(req.req_pool_idx, 0, req.slots[:aligned])
+        if already > own_from:  # the duplicates freed above now read the tree's slots
+            self.req_pool.write(req.req_pool_idx, own_from, new_prefix[own_from:already])
         self.tree.inc_lock_ref(new_node)
         if req.last_node is not None:
             self.tree.dec_lock_ref(req.last_node)
@@ -471,7 +472,7 @@ class Scheduler:
             self.waiting.pop(i)
             req.req_pool_idx = self.req_pool.alloc()
             req.slots = req.prefix_indices.tolist()
-            self.req_pool.write(req.req_pool_idx, 0, req.slots)
+            self.req_pool.write(req.req_pool_idx, 0, req.prefix_indices)
             req.kv_len = prefix
             if not req.admitted_once:
                 req.admitted_once = True
@@ -542,15 +543,18 @@ class Scheduler:
         rows = [r.req_pool_idx for r in batch]
         prefix_lens = [r.kv_len for r in batch]
         extend_lens = [r.extend_n for r in batch]
-        if self.padding is not None:  # one padding request holds every padding token
+        real_tokens = len(ids)
+        if self.padding is not None:
+            # padding requests on the pad row hold the padding tokens, each at most a row
             tp, bp = self.padding.extend(len(ids), len(batch))
             nt, nb = tp - len(ids), bp - len(batch)
+            width = self.req_pool.req_to_token.shape[1]
+            if nt > nb * width:
+                raise RuntimeError(f"extend padding: {nt} padding tokens need more than {nb} padding requests")
             ids, pos, locs = ids + [0] * nt, pos + [0] * nt, locs + [0] * nt
             rows += [self.req_pool.pad_row] * nb
             prefix_lens += [0] * nb
-            if nt and not nb:
-                raise RuntimeError("extend padding: padding tokens need a padding request")
-            extend_lens += ([nt] + [0] * (nb - 1)) if nb else []
+            extend_lens += [min(width, max(nt - j * width, 0)) for j in range(nb)]
         self.req_pool.flush()
         fb = ForwardBatch(
             is_decode=False,
@@ -570,10 +574,10 @@ class Scheduler:
             logits = self.model.compute_logits(hidden[torch.tensor(self._pad_rows(sel), dtype=torch.int64, device=dev)]) \
                 if sel else None
         self.counters.forward_extend += 1
-        self.counters.extend_tokens += len(ids) - len(riders)
+        self.counters.extend_tokens += real_tokens - len(riders)
         if riders:
             self.counters.forward_mixed += 1
-        self.last_step = StepStats("mixed" if riders else "extend", len(batch), len(ids))
+        self.last_step = StepStats("mixed" if riders else "extend", len(batch), real_tokens)
 
         # input logprobs: logits at position p score token p+1
         sample_rows, sample_reqs = [], []
@@ -581,7 +585,7 @@ class Scheduler:
             need_lp = [i for i, (r, p, last) in enumerate(sel_owner)
                        if r.return_logprob and p + 1 < len(r.input_ids)]
             if need_lp:
-                lps = torch.log_softmax(logits[need_lp], dim=-1)
+                lps = torch.log_softmax(logits[self._pad_rows(need_lp)], dim=-1)
                 for j, i in enumerate(need_lp):
                     r, p, _ = sel_owner[i]
                     if p + 1 >= r.input_logprob_start():
@@ -663,8 +667,7 @@ class Scheduler:
         positions, out_loc, rows = meta[0], meta[1], meta[2]
         if input_ids is None:
             input_ids = meta[3]
-        for r, loc in zip(batch, locs):
-            self.req_pool.write(r.req_pool_idx, r.kv_len, (loc,))
+        self.req_pool.write_points([r.req_pool_idx for r in batch], [r.kv_len for r in batch], locs)
         self.req_pool.flush()
         fb = ForwardBatch(is_decode=True, input_ids=input_ids, positions=positions, out_cache_loc=out_loc,
                           req_pool_indices=rows, seq_lens=positions + 1, kv=self.kv,
