@@ -43,6 +43,18 @@ def test_dense_tp2_matches_tp1(tiny_models, kind):
     assert sum(per_rank) >= full
 
 
+def test_cascade_attention_tp2_matches_tp1(tiny_models):
+    """Cascade attention under TP: each rank plans the same tiles (from its replica of the
+    scheduler) over its own KV heads; tokens equal TP=1 without cascade."""
+    path = tiny_models("llama3")
+    system = random_prompts(1, 512, 150, 150, seed=8)[0]
+    prompts = [system + q for q in random_prompts(4, 512, 3, 12, seed=9)]
+    one, _ = _greedy(path, 1, prompts, cascade_attention="off")
+    two, info = _greedy(path, 2, [system + [5]] + prompts, cascade_attention="on")
+    assert info["cascade_attention"] is True and info["counters"]["decode_shared"] > 0, info["counters"]
+    assert two[1:] == one
+
+
 @pytest.mark.parametrize("kind", ["qwen2_moe", "qwen3_moe"])
 def test_moe_tp2_matches_tp1(tiny_moe_models, kind):
     # experts split along their intermediate dim; qwen2_moe adds a split shared expert
