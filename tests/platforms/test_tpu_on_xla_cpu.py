@@ -125,3 +125,23 @@ def test_new_prompt_lengths_compile_almost_nothing_once_warm(tiny_models):
     new = [b - a for a, b in zip(counts, counts[1:])]
     print(f"\ngraphs compiled: first lengths {new[0]}, new lengths {new[1]}, first lengths again {new[2]}")
     assert new[1] <= 5 and new[2] == 0, new
+
+
+def test_runner_pads_batches_the_scheduler_did_not(tiny_models):
+    """The runner's own padding (its forward hook, for batches built without
+    Scheduler.padding) gives the CPU platform's tokens too, including padding beyond one
+    request-table row (prompts of 20+20+20+5+3 tokens padded to 128, rows of 48)."""
+    from portaserve import Engine
+
+    path = tiny_models("llama3")
+    prompts = [[(j * 5 + n) % 500 + 3 for j in range(n)] for n in (20, 20, 20, 5, 3)]
+    sp = {"max_new_tokens": 5, "temperature": 0, "ignore_eos": True}
+    common = dict(skip_tokenizer_init=True, dtype="float32", max_total_tokens=2000, context_length=40,
+                  disable_overlap_schedule=True, max_running_requests=6)
+    with Engine(str(path), device="cpu", **common) as eng:
+        want = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=sp)]
+    with Engine(str(path), device="tpu", **common) as eng:
+        eng.rt.scheduler.padding = None
+        got = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=sp)]
+        assert (128, eng.rt.scheduler.req_pool.size + 1) in eng.rt.scheduler.decode_graph.extend_buckets_used
+    assert got == want

@@ -7,9 +7,11 @@ padding slot 0 through the request table's pad row, and their logits are dropped
 **Extend** (prefill) batches are padded the same way: the number of tokens up to a power
 of two (at least ``MIN_EXTEND_TOKENS``) and the number of requests to one fixed size
 (every request row plus one padding request), so extend graphs number at most
-log2(largest batch) + 1.  The padding tokens form one padding request on the pad row
-(input id 0, position 0, K/V written to the padding slot 0, attending only to slot 0); the
-other padding requests have no tokens.  No real request's keys, queries or outputs change.
+log2(largest batch) + 1.  The padding tokens form padding requests on the pad row, each
+at most a row long (input id 0, position 0, K/V written to the padding slot 0, attending
+only to slot 0); the other padding requests have no tokens.  The scheduler pads its
+batches this way on the host (Scheduler.padding, HostPadding below), so the hook's own
+padding only serves batches built elsewhere.  No real request's keys, queries or outputs change.
 The scheduler calls the model directly for extend batches, so the padding is installed
 as a forward pre-hook on the model (and the graph cut as a forward hook); the returned
 hidden states keep the padded rows (rows >= the real token count are padding; callers
@@ -92,8 +94,11 @@ class XlaExtendPadder:
             raise ValueError(f"{B} requests exceed the request table ({self.num_reqs - 1})")
         nt, nb = token_bucket(T) - T, self.num_reqs - B
         dev = fb.input_ids.device
-        ext = torch.zeros(nb, dtype=fb.extend_lens.dtype)
-        ext[0] = nt  # every padding token in the first padding request
+        width = fb.req_to_token.shape[1]
+        if nt > nb * width:
+            raise ValueError(f"{nt} padding tokens need more than {nb} padding requests")
+        # the padding tokens in the padding requests, each at most a request-table row
+        ext = torch.tensor([min(width, max(nt - j * width, 0)) for j in range(nb)], dtype=fb.extend_lens.dtype)
         ext = ext.to(dev)
         zeros = torch.zeros(nb, dtype=fb.prefix_lens.dtype, device=dev)
         return ForwardBatch(
