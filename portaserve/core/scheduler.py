@@ -252,7 +252,7 @@ class Scheduler:
             return early + self._step_overlapped()
         reqs = self._schedule_prefill()
         if reqs:
-            riders = self._mix_running(reqs) if self.cfg.enable_mixed_chunk else []
+            riders = self._mix_running(reqs) if self._mixing() else []
             return early + self._run_extend(reqs + riders, riders)
         if self.running:
             if self.overlap and self._overlap_safe(self.running) and self._room_for_decode(self.running):
@@ -417,7 +417,7 @@ class Scheduler:
             return []
         self._order_waiting()
         chunk_budget = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else 1 << 62
-        if self.cfg.enable_mixed_chunk and self.running:
+        if self._mixing() and self.running:
             # the running requests' decode tokens ride along; the prompt part keeps at least
             # half the chunk (and a page), so many running requests cannot starve admission
             chunk_budget = max(chunk_budget - len(self.running), chunk_budget // 2, self.page_size)
@@ -494,12 +494,17 @@ class Scheduler:
                 self.chunked = req
         return batch
 
+    def _mixing(self) -> bool:
+        """--enable-mixed-chunk, where batches are not padded (padding requests would sit
+        after the riders, which attention expects last)."""
+        return self.cfg.enable_mixed_chunk and self.padding is None
+
     def _mix_running(self, batch: list[Req]) -> list[Req]:
         """The running requests, each given a slot for its next token, to take their
         decode step inside this prefill batch; none if the pool cannot hold a token each
         (the decode step after this batch retracts as usual)."""
         riders = list(self.running)  # never in batch: it holds new and chunked requests only
-        if not riders or not self._room_for_decode(riders) or self.padding is not None:
+        if not riders or not self._room_for_decode(riders):
             return []
         for r in riders:
             self._alloc(r, r.kv_len, 1)
