@@ -9,19 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
-
-def _time(fn, sync, reps):
-    fn()
-    sync()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync()
-    return (time.perf_counter() - t) / reps
+from portaserve.bench.sampling import _time
 
 
 def main(argv=None) -> int:

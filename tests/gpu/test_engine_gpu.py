@@ -26,6 +26,15 @@ def gpu_llama(tmp_path_factory):
     return path
 
 
+def _assert_greedy_matches(hf, prompts, outs, n):
+    mismatches = []
+    for ids, out in zip(prompts, outs):
+        ref, _ = hf_greedy(hf, ids, n)
+        if out["output_ids"] != ref:
+            mismatches.append((len(ids), out["output_ids"], ref))
+    assert not mismatches, mismatches[:2]
+
+
 @pytest.mark.parametrize("graphs,compile", [(True, False), (False, False), (True, True)])
 def test_greedy_matches_transformers_fp32(gpu_llama, graphs, compile):
     from portaserve import Engine
@@ -40,12 +49,7 @@ def test_greedy_matches_transformers_fp32(gpu_llama, graphs, compile):
         assert (eng.rt.scheduler.decode_graph is not None) == graphs
         outs = eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 32, "temperature": 0,
                                                                 "ignore_eos": True})
-    mismatches = []
-    for ids, out in zip(prompts, outs):
-        ref, _ = hf_greedy(hf, ids, 32)
-        if out["output_ids"] != ref:
-            mismatches.append((len(ids), out["output_ids"], ref))
-    assert not mismatches, mismatches[:2]
+    _assert_greedy_matches(hf, prompts, outs, 32)
 
 
 def test_bf16_runs_and_mostly_agrees(gpu_llama):
@@ -85,9 +89,4 @@ def test_cascade_attention_matches_transformers(gpu_llama, graphs):
                                                                 "ignore_eos": True})
         counters = eng.get_server_info()["counters"]
     assert counters["decode_shared"] >= 20, counters
-    mismatches = []
-    for ids, out in zip(prompts, outs):
-        ref, _ = hf_greedy(hf, ids, 32)
-        if out["output_ids"] != ref:
-            mismatches.append((len(ids), out["output_ids"], ref))
-    assert not mismatches, mismatches[:2]
+    _assert_greedy_matches(hf, prompts, outs, 32)
