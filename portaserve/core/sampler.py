@@ -32,8 +32,9 @@ class Sampler:
         return torch.Generator(device=self.rng_device).manual_seed(int(seed))
 
     def sample(self, logits: torch.Tensor, reqs: list[Req], eos_ids: set[int], grammar=None, masks=None):
-        """logits: [B, V] float32 (B >= len(reqs): a padded batch's extra rows are dropped).  Returns (next token ids [B] list, raw logprobs [B, V]
-        or None when no request asked for logprobs).  masks: the batch's grammar bitmasks
+        """logits: [B, V] float32, B >= len(reqs) (a padded batch's extra rows are sampled
+        and dropped).  Returns (next token ids, one per request, raw logprobs [B, V] or None
+        when no request asked for logprobs).  masks: the batch's grammar bitmasks
         if the caller filled them already (GrammarBackend.fill_masks), else they are filled
         here for every request holding a matcher."""
         ids, logprobs = self.sample_tensor(logits, reqs, eos_ids, grammar, masks)

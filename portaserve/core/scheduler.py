@@ -653,7 +653,9 @@ class Scheduler:
             r.last_slot = self.allocator.alloc_tokens(1, r.last_slot, r.kv_len)[0]
             r.slots.append(r.last_slot)
             locs.append(r.last_slot)
-        rows_meta = [[r.kv_len for r in batch], locs, [r.req_pool_idx for r in batch]]
+        positions_l, rows_l = [r.kv_len for r in batch], [r.req_pool_idx for r in batch]
+        self.req_pool.write_points(rows_l, positions_l, locs)
+        rows_meta = [positions_l, locs, rows_l]
         if input_ids is None:
             rows_meta.append([r.output_ids[-1] for r in batch])
         if self.padding is not None and input_ids is None:  # position 0, slot 0, pad row, token 0
@@ -662,7 +664,7 @@ class Scheduler:
         meta = torch.tensor(rows_meta, dtype=torch.int64)
         shared = None
         if self.cascade_attention and len(batch) > 1 and self.padding is None:
-            shared = shared_prefix.build([r.slots for r in batch], rows_meta[2])
+            shared = shared_prefix.build([r.slots for r in batch], rows_l)
         if shared is not None:  # one copy to the device for both
             n = meta.numel()
             both = to_device(torch.cat([meta.view(-1), shared]), dev, self.pin_memory)
@@ -672,7 +674,6 @@ class Scheduler:
         positions, out_loc, rows = meta[0], meta[1], meta[2]
         if input_ids is None:
             input_ids = meta[3]
-        self.req_pool.write_points([r.req_pool_idx for r in batch], [r.kv_len for r in batch], locs)
         self.req_pool.flush()
         fb = ForwardBatch(is_decode=True, input_ids=input_ids, positions=positions, out_cache_loc=out_loc,
                           req_pool_indices=rows, seq_lens=positions + 1, kv=self.kv,
