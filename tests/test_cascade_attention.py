@@ -187,3 +187,22 @@ def test_cascade_auto_is_off_without_a_kernel(default_engine):
     so auto leaves cascade attention off."""
     info = default_engine.get_server_info()
     assert info["cascade_attention"] is False and info["counters"]["decode_shared"] == 0
+
+
+def test_bench_one_batch_shared_prefix(tiny_models):
+    """bench one-batch --shared-prefix-len: prompts share their first tokens, and decode
+    steps then run cascade attention (where it is on)."""
+    from portaserve.bench import one_batch
+    from portaserve.runtime import build_runtime
+    from portaserve.server_args import ServerArgs
+
+    rt = build_runtime(ServerArgs(model_path=str(tiny_models("llama3")), skip_tokenizer_init=True,
+                                  max_total_tokens=4000, cascade_attention="on"))
+    try:
+        r = one_batch.run(rt, 4, 200, 6, shared_len=160)
+        shared_steps = rt.scheduler.counters.decode_shared
+        one_batch.run(rt, 4, 200, 6)
+        assert r["shared_len"] == 160 and shared_steps >= 4
+        assert rt.scheduler.counters.decode_shared == shared_steps  # nothing shared: plain steps
+    finally:
+        one_batch._driver(rt).shutdown()

@@ -16,14 +16,18 @@ import time
 import numpy as np
 
 
-def run(rt, batch_size: int, input_len: int, output_len: int, seed: int = 0) -> dict:
+def run(rt, batch_size: int, input_len: int, output_len: int, seed: int = 0, shared_len: int = 0) -> dict:
+    """shared_len: the prompts' first shared_len tokens are the same (a system prompt:
+    with the radix cache it is computed once, and decode reads it through cascade
+    attention where that is on)."""
     from portaserve.core.request_builder import build_req
 
     sched = _driver(rt)
     sync = rt.platform.synchronize
     rng = np.random.default_rng(seed)
     vocab = rt.model_config.vocab_size
-    reqs = [build_req(rt.limits(), None, None, rng.integers(100, vocab - 1, input_len).tolist(),
+    shared = rng.integers(100, vocab - 1, min(shared_len, input_len)).tolist()
+    reqs = [build_req(rt.limits(), None, None, shared + rng.integers(100, vocab - 1, input_len - len(shared)).tolist(),
                       {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True})
             for _ in range(batch_size)]
     for r in reqs:
@@ -48,7 +52,7 @@ def run(rt, batch_size: int, input_len: int, output_len: int, seed: int = 0) -> 
     decode = [d for d in decode if d > 0] or decode
     sched.flush_cache()
     med = statistics.median(decode) if decode else float("nan")
-    return {"batch_size": batch_size, "input_len": input_len, "output_len": output_len,
+    return {"batch_size": batch_size, "input_len": input_len, "output_len": output_len, "shared_len": len(shared),
             "prefill_s": prefill, "prefill_tok_s": batch_size * input_len / prefill,
             "decode_median_ms": med * 1e3, "decode_mean_ms": statistics.fmean(decode) * 1e3 if decode else None,
             "decode_tok_s": batch_size / med if decode else None}
@@ -71,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, nargs="+", default=[1])
     p.add_argument("--input-len", type=int, nargs="+", default=[128])
     p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--shared-prefix-len", type=int, default=0,
+                   help="the first N input tokens are the same in every prompt (a shared system prompt)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--output-file", default=None)
     p.add_argument("--profile", action="store_true", help="profile decode steps of the largest batch")
@@ -88,13 +94,14 @@ def main(argv=None) -> int:
     rows = []
     for bs in ns.batch_size:
         for il in ns.input_len:
-            r = run(rt, bs, il, ns.output_len)
+            r = run(rt, bs, il, ns.output_len, shared_len=ns.shared_prefix_len)
             rows.append(r)
-            print(f"bs={bs:<4} in={il:<5} out={ns.output_len:<4} prefill {r['prefill_s'] * 1e3:9.2f} ms "
+            shared = f" shared={r['shared_len']}" if r["shared_len"] else ""
+            print(f"bs={bs:<4} in={il:<5}{shared} out={ns.output_len:<4} prefill {r['prefill_s'] * 1e3:9.2f} ms "
                   f"({r['prefill_tok_s']:9.0f} tok/s)  decode step median {r['decode_median_ms']:8.3f} ms "
                   f"({r['decode_tok_s']:9.1f} tok/s)", flush=True)
     if ns.profile:
-        profile_decode(rt, max(ns.batch_size), min(ns.input_len), 8)
+        profile_decode(rt, max(ns.batch_size), min(ns.input_len), 8, ns.shared_prefix_len)
     device = rt.platform.describe()
     if rt.tp is not None:
         print(f"{time.strftime('%T')} stopping the tensor-parallel ranks", file=sys.stderr, flush=True)
@@ -122,7 +129,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def profile_decode(rt, bs, input_len, steps):
+def profile_decode(rt, bs, input_len, steps, shared_len=0):
     """Top kernels of a few decode steps (torch profiler), to see where the time goes."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -131,8 +138,10 @@ def profile_decode(rt, bs, input_len, steps):
 
     sched = _driver(rt)
     rng = np.random.default_rng(1)
+    shared = rng.integers(100, 1000, min(shared_len, input_len)).tolist()
     for _ in range(bs):
-        sched.add_request(build_req(rt.limits(), None, None, rng.integers(100, 1000, input_len).tolist(),
+        sched.add_request(build_req(rt.limits(), None, None,
+                                    shared + rng.integers(100, 1000, input_len - len(shared)).tolist(),
                                     {"max_new_tokens": steps + 4, "temperature": 0, "ignore_eos": True}))
     while sched.prefilling:
         sched.step()
