@@ -40,6 +40,39 @@ def _sm_count(device) -> int:
 
 
 @triton.jit
+def _attend_range(q, k_ptr, v_ptr, row_ptr, kvh, stride_kt, stride_kh, stride_vt, stride_vh, start, end,
+                  scale, d, dmask, dv, dvmask, ROWS: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Online softmax of the ROWS query rows q (heads of one KV head) over positions
+    [start, end) of one request-table row (row_ptr): the normalised output [ROWS, BLOCK_DV]
+    and the log-sum-exp [ROWS] (float32; -inf for an empty range), the partial result the
+    split merge (_decode_stage2) combines."""
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        slots = tl.load(row_ptr + n, mask=nmask, other=0).to(tl.int64)
+        k = tl.load(k_ptr + slots[:, None] * stride_kt + kvh * stride_kh + d[None, :],
+                    mask=nmask[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee").to(tl.float32) * scale
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        v = tl.load(v_ptr + slots[:, None] * stride_vt + kvh * stride_vh + dv[None, :],
+                    mask=nmask[:, None] & dvmask[None, :], other=0.0).to(q.dtype)  # fp8 caches upcast
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    has = end > start
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    return out, lse
+
+
+@triton.jit
 def _decode_stage1(q_ptr, k_ptr, v_ptr, r2t_ptr, rpi_ptr, seq_ptr, start_ptr, mid_o, mid_lse,
                    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
                    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
@@ -66,28 +99,9 @@ def _decode_stage1(q_ptr, k_ptr, v_ptr, r2t_ptr, rpi_ptr, seq_ptr, start_ptr, mi
     end = tl.minimum(start + per, seq_len)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=hmask[:, None] & dmask[None, :], other=0.0)
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        nmask = n < end
-        slots = tl.load(r2t_ptr + row * stride_r2t + n, mask=nmask, other=0).to(tl.int64)
-        k = tl.load(k_ptr + slots[:, None] * stride_kt + kvh * stride_kh + d[None, :],
-                    mask=nmask[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee").to(tl.float32) * scale
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        v = tl.load(v_ptr + slots[:, None] * stride_vt + kvh * stride_vh + dv[None, :],
-                    mask=nmask[:, None] & dvmask[None, :], other=0.0).to(q.dtype)  # fp8 caches upcast
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
-    has = end > start
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    out, lse = _attend_range(q, k_ptr, v_ptr, r2t_ptr + row * stride_r2t, kvh, stride_kt, stride_kh,
+                             stride_vt, stride_vh, start, end, scale, d, dmask, dv, dvmask,
+                             ROWS=BLOCK_H, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N)
     tl.store(mid_o + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + dv[None, :], out,
              mask=hmask[:, None] & dvmask[None, :])
     tl.store(mid_lse + b * stride_lb + heads * stride_lh + split, lse, mask=hmask)
@@ -167,28 +181,9 @@ def _shared_prefix_kernel(q_ptr, k_ptr, v_ptr, r2t_ptr, tile_row_ptr, tile_len_p
     end = tl.minimum(start + per, plen)
     q = tl.load(q_ptr + member[:, None] * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
-    m_i = tl.full([MEMBERS * BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([MEMBERS * BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([MEMBERS * BLOCK_G, BLOCK_DV], dtype=tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        nmask = n < end
-        slots = tl.load(r2t_ptr + row * stride_r2t + n, mask=nmask, other=0).to(tl.int64)
-        k = tl.load(k_ptr + slots[:, None] * stride_kt + kvh * stride_kh + d[None, :],
-                    mask=nmask[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee").to(tl.float32) * scale
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        v = tl.load(v_ptr + slots[:, None] * stride_vt + kvh * stride_vh + dv[None, :],
-                    mask=nmask[:, None] & dvmask[None, :], other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
-    has = end > start
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    out, lse = _attend_range(q, k_ptr, v_ptr, r2t_ptr + row * stride_r2t, kvh, stride_kt, stride_kh,
+                             stride_vt, stride_vh, start, end, scale, d, dmask, dv, dvmask,
+                             ROWS=MEMBERS * BLOCK_G, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N)
     tl.store(pmid_o + member[:, None] * stride_pb + heads[:, None] * stride_ph + split * stride_ps + dv[None, :],
              out, mask=rmask[:, None] & dvmask[None, :])
     tl.store(pmid_lse + member * stride_plb + heads * stride_plh + split, lse, mask=rmask)
