@@ -170,6 +170,7 @@ class CompiledDecode:
         return fb.batch_size <= self.max_bs and (self.specialize or fb.shared is None)
 
     def replay(self, fb):
+        ops.attention_prepare(fb)
         return self.fn(fb)
 
 
@@ -202,8 +203,6 @@ def build_runtime(args: ServerArgs, tp_rank: int = 0) -> Runtime:
     args.validate()
     platform = resolve_platform(args.device)
     set_current_platform(platform)
-    table = resolve_op_table(platform, args.kernel)
-    ops.use_table(table)
     src = resolve_model_path(args.model_path)
     hf = load_hf_config(src)
     cfg = build_config(hf)
@@ -235,16 +234,25 @@ def build_runtime(args: ServerArgs, tp_rank: int = 0) -> Runtime:
                 p.terminate()
             raise
     try:
-        return _build_rank(args, platform, table, src, cfg, dtype, context_len, tp)
+        return _build_rank(args, platform, src, cfg, dtype, context_len, tp)
     except BaseException:
         if tp is not None:  # do not leave the other ranks waiting in a collective
             tp.abort()
         raise
 
 
-def _build_rank(args, platform, table, src, cfg, dtype, context_len, tp) -> Runtime:
-    """Model, KV pool and scheduler of this rank, on its device."""
+def _build_rank(args, platform, src, cfg, dtype, context_len, tp) -> Runtime:
+    """Op table, model, KV pool and scheduler of this rank, on its device."""
     device = platform.device()  # after binding this rank's device
+    from portaserve.models.llama import attention_shards
+
+    # after the device is bound (start-up kernel checks run on this rank's device); providers
+    # with kernels for some models only (FlashInfer) see this rank's attention shape
+    heads, kv_heads, _ = attention_shards(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    table = resolve_op_table(platform, args.kernel_overrides(), {
+        "dtype": dtype, "kv_dtype": kv_cache_dtype(args.kv_cache_dtype, dtype), "head_dim": cfg.head_dim,
+        "heads": heads, "kv_heads": kv_heads})
+    ops.use_table(table)
     tokenizer = None if args.skip_tokenizer_init else load_tokenizer(src, args.tokenizer_path)
     model = load_model(src, cfg, dtype, device, args.load_format, args.random_seed)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -53,6 +53,7 @@ class ServerArgs:
     log_level: str = _opt("info", "logging level", choices=["debug", "info", "warning", "error"])
     kernel: list = _opt(None, "force an op provider, OP=PROVIDER (repeatable); all=native bisects numerics",
                         action="append")
+    attention_backend: Optional[str] = _opt(None, "attention kernels (SGLang's flag): flashinfer, triton, native, or a platform's own (sdpa on CPU, aiter, ipex, pallas); default: the platform's choice (CUDA: flashinfer for prefill where installed and the model fits, triton for decode). --kernel entries override it op by op")
     skip_tokenizer_init: bool = _opt(False, "accept and return token ids only")
     disable_cuda_graph: bool = _opt(False, "run decode eagerly instead of replaying captured CUDA/HIP graphs")
     cuda_graph_max_bs: Optional[int] = _opt(None, "largest decode batch captured in a graph (default: min(max-running-requests, 256))")
@@ -101,6 +102,9 @@ class ServerArgs:
             raise ValueError("--torch-compile-max-bs must be >= 1")
         if self.page_size < 1:
             raise ValueError("--page-size must be >= 1")
+        from portaserve.core.ops import parse_kernel_overrides
+
+        parse_kernel_overrides(self.kernel_overrides())  # bad --attention-backend / --kernel fail here
 
     # ---- CLI --------------------------------------------------------------------------
     @classmethod
@@ -123,6 +127,23 @@ class ServerArgs:
                 kw["choices"] = md.pop("choices")
             kw["default"] = None if kw.get("action") == "append" else f.default
             parser.add_argument(*names, **kw)
+
+    def kernel_overrides(self) -> list:
+        """--attention-backend X as --kernel entries for the attention ops (the cascade kernel
+        too where X has one; the planning hook attention_prepare follows them by itself),
+        then the explicit --kernel entries, which win."""
+        out = []
+        if self.attention_backend:
+            import portaserve.platforms.providers  # noqa: F401  (registers the providers)
+            from portaserve.core.ops import PROVIDERS
+
+            known = sorted({p for op, p in PROVIDERS if op == "attention_decode"})
+            if self.attention_backend not in known:
+                raise ValueError(f"--attention-backend {self.attention_backend!r}: choose from {', '.join(known)}")
+            for op in ("attention_extend", "attention_decode", "attention_decode_shared"):
+                if (op, self.attention_backend) in PROVIDERS:
+                    out.append(f"{op}={self.attention_backend}")
+        return out + list(self.kernel or [])
 
     @classmethod
     def from_cli(cls, ns: argparse.Namespace) -> "ServerArgs":

@@ -276,7 +276,9 @@ def _usable_providers():
 
 def test_every_op_has_a_factory():
     # collectives need a process group: tests/test_tensor_parallel.py checks them on two ranks
-    local_ops = {name for name, d in OPS.items() if d.family != "collective"}
+    # attention_prepare is a planning hook with no output of its own: the attention ops
+    # it plans for are what gets checked (tests/gpu for FlashInfer, its one planner)
+    local_ops = {name for name, d in OPS.items() if d.family != "collective"} - {"attention_prepare"}
     assert set(SPECS) == local_ops, "give every declared op an input factory in SPECS"
 
 

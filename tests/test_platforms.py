@@ -330,8 +330,8 @@ def fake_kernels(monkeypatch):
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
     added = []
 
-    def add(op, name, platforms_, requires=None, target=None):
-        register_provider(op, name, platforms_, target or f"{mod.__name__}:{op}", requires)
+    def add(op, name, platforms_, requires=None, target=None, supports=None):
+        register_provider(op, name, platforms_, target or f"{mod.__name__}:{op}", requires, supports)
         added.append((op, name))
 
     add.module = mod
@@ -407,6 +407,27 @@ def test_working_provider_is_chosen_over_native(fake_kernels):
     # --kernel all=native bisects back to the oracle
     table = resolve_op_table(CpuPlatform(), ["all=native"])
     assert table.choices["rmsnorm"].provider == "native" and table.choices["rmsnorm"].forced
+
+
+def test_provider_for_some_models_only(fake_kernels):
+    # a provider with kernels for some model shapes (FlashInfer: fp16/bf16, head sizes
+    # 64/128/256) is chosen for a model it fits and rejected, with its reason, otherwise;
+    # without a model (portaserve env) it is listed as the choice
+    ran = []
+
+    def fits(model):
+        ran.append(model)
+        return None if model["dtype"] == torch.bfloat16 else f"no kernel for {model['dtype']}"
+
+    fake_kernels("rmsnorm", "picky", ("cpu",), supports=fits)
+    assert resolve_op_table(CpuPlatform()).choices["rmsnorm"].provider == "picky"
+    bf16 = {"dtype": torch.bfloat16, "kv_dtype": torch.bfloat16, "head_dim": 64}
+    assert resolve_op_table(CpuPlatform(), model=bf16).choices["rmsnorm"].provider == "picky"
+    c = resolve_op_table(CpuPlatform(), model=dict(bf16, dtype=torch.float32)).choices["rmsnorm"]
+    assert c.provider == "native" and ("picky", "no kernel for torch.float32") in c.rejected
+    assert len(ran) == 2
+    with pytest.raises(ops.OpResolutionError, match="picky cannot run here: no kernel for torch.float32"):
+        resolve_op_table(CpuPlatform(), ["rmsnorm=picky"], model=dict(bf16, dtype=torch.float32))
 
 
 def test_import_failure_and_raising_requirement_are_rejections(fake_kernels):

@@ -142,6 +142,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cascade-attention", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm", "dfs-weight", "random"])
     p.add_argument("--compare-cascade-off", action="store_true", help="also run with --cascade-attention off")
+    p.add_argument("--attention-backend", default=None, help="flashinfer, triton, ... (default: the platform's)")
+    p.add_argument("--compare-attention-backend", default=None, metavar="NAME",
+                   help="also run with --attention-backend NAME (side by side, same prompts)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--output-file", default=None)
 
@@ -157,9 +160,13 @@ def main(argv=None) -> int:
               max_running_requests=ns.max_running_requests, mem_fraction_static=ns.mem_fraction_static,
               disable_cuda_graph=ns.disable_cuda_graph, tp_size=ns.tp_size,
               enable_torch_compile=ns.enable_torch_compile, enable_mixed_chunk=ns.enable_mixed_chunk,
-              cascade_attention=ns.cascade_attention, schedule_policy=ns.schedule_policy)
+              cascade_attention=ns.cascade_attention, schedule_policy=ns.schedule_policy,
+              attention_backend=ns.attention_backend)
     results = {}
     configs = [("portaserve", {})]
+    if ns.compare_attention_backend:
+        configs.append((f"portaserve --attention-backend {ns.compare_attention_backend}",
+                        {"attention_backend": ns.compare_attention_backend}))
     if ns.compare_cascade_off:
         configs.append(("portaserve --cascade-attention off", {"cascade_attention": "off"}))
     if ns.compare_no_cache:
@@ -177,6 +184,8 @@ def main(argv=None) -> int:
             engine_outputs = engine_outputs or results[label]["outputs"]
             info = eng.rt.info()
             results[label]["counters"] = eng.get_server_info()["counters"]
+            table = eng.rt.op_table.as_dict()
+            results[label]["attention"] = {k: table[f"attention_{k}"]["provider"] for k in ("extend", "decode")}
         del eng  # shutdown() released its memory; drop the handle too
         gc.collect()
     if ns.compare_hf:
@@ -212,6 +221,9 @@ def main(argv=None) -> int:
             shared = r.get("counters", {}).get("decode_shared", 0)
             print(f"{label} steps: " + ", ".join(f"{k}={v}" for k, v in r["steps"].items())
                   + (f", cascade-attention decode steps={shared}" if shared else ""))
+    for label, r in results.items():
+        if r.get("attention"):
+            print(f"{label} attention: " + ", ".join(f"{k}={v}" for k, v in r["attention"].items()))
     first = next(iter(results))
     for label, r in results.items():
         if label not in (first, "transformers"):

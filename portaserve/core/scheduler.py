@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from portaserve.core import shared_prefix
+from portaserve.core import ops, shared_prefix
 from portaserve.core.forward_batch import ForwardBatch
 from portaserve.core.hostcopy import to_device
 from portaserve.core.memory import KVPool, OutOfSlots, ReqToTokenPool, SlotAllocator
@@ -573,7 +573,10 @@ class Scheduler:
             prefix_lens=torch.tensor(prefix_lens, dtype=torch.int64, device=dev),
             extend_lens=torch.tensor(extend_lens, dtype=torch.int64, device=dev),
             decode_tail=len(riders),
+            seq_lens_cpu=torch.tensor([p + e for p, e in zip(prefix_lens, extend_lens)], dtype=torch.int32),
+            extend_lens_cpu=torch.tensor(extend_lens, dtype=torch.int32),
         )
+        ops.attention_prepare(fb)
         with self.no_grad():
             hidden = self.model(fb)
             logits = self.model.compute_logits(hidden[torch.tensor(self._pad_rows(sel), dtype=torch.int64, device=dev)]) \
@@ -677,13 +680,15 @@ class Scheduler:
         self.req_pool.flush()
         fb = ForwardBatch(is_decode=True, input_ids=input_ids, positions=positions, out_cache_loc=out_loc,
                           req_pool_indices=rows, seq_lens=positions + 1, kv=self.kv,
-                          req_to_token=self.req_pool.req_to_token, shared=shared)
+                          req_to_token=self.req_pool.req_to_token, shared=shared,
+                          seq_lens_cpu=torch.tensor(rows_meta[0], dtype=torch.int32) + 1)
         if shared is not None:
             self.counters.decode_shared += 1
         with self.no_grad():
             if self.decode_graph is not None and self.decode_graph.can_run(fb):
-                logits = self.decode_graph.replay(fb)
+                logits = self.decode_graph.replay(fb)  # plans its own static batch
             else:
+                ops.attention_prepare(fb)
                 logits = self.model.compute_logits(self.model(fb))
         for r in batch:
             r.kv_len += 1

@@ -115,10 +115,11 @@ __all__ = [
 ]
 
 
-def resolve_op_table(platform: Platform, kernel_overrides=None):
-    """Register every platform's providers (metadata only) and resolve the op table."""
+def resolve_op_table(platform: Platform, kernel_overrides=None, model: dict | None = None):
+    """Register every platform's providers (metadata only) and resolve the op table
+    (for a model {"dtype", "kv_dtype", "head_dim"} when given)."""
     from portaserve.core import ops
     from portaserve.platforms import providers  # noqa: F401  (registers on import)
 
     return ops.resolve_ops(platform, ops.parse_kernel_overrides(kernel_overrides)
-                           if isinstance(kernel_overrides, (list, tuple)) else kernel_overrides)
+                           if isinstance(kernel_overrides, (list, tuple)) else kernel_overrides, model)

@@ -83,6 +83,10 @@ class Platform:
         by the registry if missing."""
         return []
 
+    def op_priority(self, op: str) -> list[str] | None:
+        """An op's own order where it differs from its family's (measured), else None."""
+        return None
+
     def synchronize(self) -> None:
         pass
 

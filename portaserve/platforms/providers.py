@@ -23,6 +23,20 @@ for _op, _target in [
 ]:
     register_provider(_op, "triton", _TRITON_PLATFORMS, _target, requires=needs_module("triton"))
 
+# ---- CUDA: FlashInfer's attention (the [cuda] extra), ahead of Triton where it has kernels ------
+def _flashinfer_supports(model):
+    # the model's dtype and head size; at an engine's start also builds the kernels for its
+    # attention shape (nvcc JIT, cached) and checks them against native on its device
+    from portaserve.platforms.cuda import flashinfer_ops
+
+    return flashinfer_ops.unsupported_reason(model)
+
+
+_NEEDS_FLASHINFER = needs_module("flashinfer", "pip install portaserve[cuda]")
+for _op in ("attention_prepare", "attention_decode", "attention_extend"):
+    register_provider(_op, "flashinfer", ("cuda",), f"portaserve.platforms.cuda.flashinfer_ops:{_op}",
+                      requires=_NEEDS_FLASHINFER, supports=_flashinfer_supports)
+
 # ---- CPU: torch's fused SDPA kernel, one batched call per step --------------------------------
 def _needs_sdpa_gqa():
     import inspect

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PLATFORM_EXTRAS = ["cpu", "cuda", "rocm", "xpu", "tpu"]
 # what each extra must bring (beyond the base dependencies)
 # (on this host torch 2.13 and triton are installed already, so only [tpu] must add them)
-MUST_INSTALL = {"tpu": {"torch", "torch-xla", "libtpu"}}
+MUST_INSTALL = {"tpu": {"torch", "torch-xla", "libtpu"}, "cuda": {"flashinfer-python"}}
 
 
 def _pypi_reachable() -> bool:

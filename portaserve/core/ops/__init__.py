@@ -31,6 +31,7 @@ _DECLARATIONS = [
     ("attention_extend", "attention", native.attention_extend),
     ("attention_decode", "attention", native.attention_decode),
     ("attention_decode_shared", "attention", native.attention_decode_shared),
+    ("attention_prepare", "attention", native.attention_prepare),
     ("apply_penalties", "sampling", native.apply_penalties),
     ("top_k_top_p_min_p_sample", "sampling", native.top_k_top_p_min_p_sample),
     ("moe_topk", "moe", native.moe_topk),
@@ -134,6 +135,11 @@ def attention_decode_shared(q, k_cache, v_cache, req_to_token, req_pool_indices,
     return _fns["attention_decode_shared"](q, k_cache, v_cache, req_to_token, req_pool_indices,
                                            seq_lens, scale, kv_start, tile_rows, tile_lens,
                                            tile_members)
+
+
+def attention_prepare(fb, graph=False):
+    """Plan the coming forward's attention on the host (see native.attention_prepare)."""
+    return _fns["attention_prepare"](fb, graph)
 
 
 def apply_penalties(logits, output_counts, seen_mask, frequency, presence, repetition):

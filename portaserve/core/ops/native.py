@@ -108,6 +108,14 @@ def attention_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+def attention_prepare(fb, graph: bool = False) -> None:
+    """Called once before each forward with its ForwardBatch (and by a graph runner
+    before each replay, graph=True): attention providers that plan a batch on the host
+    (FlashInfer) plan it here, from fb.seq_lens_cpu / fb.extend_lens_cpu, so that the
+    layers' attention calls only launch.  The native and Triton ops need no plan."""
+    return None
+
+
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float) -> torch.Tensor:

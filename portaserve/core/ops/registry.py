@@ -37,10 +37,17 @@ class Provider:
     platforms: tuple  # platform names, or ("*",) for any
     target: str  # "module:attr"
     requires: Optional[Requirement] = None
+    # the model's side: given {"dtype", "kv_dtype", "head_dim"}, None or why not (a
+    # provider with kernels for some shapes only)
+    supports: Optional[Callable[[dict], Optional[str]]] = None
 
-    def check(self, platform_name: str) -> Optional[str]:
+    def check(self, platform_name: str, model: Optional[dict] = None) -> Optional[str]:
         if "*" not in self.platforms and platform_name not in self.platforms:
             return f"not for platform {platform_name} (only {', '.join(self.platforms)})"
+        if model is not None and self.supports is not None:
+            reason = self.supports(model)
+            if reason:
+                return reason
         if self.requires is not None:
             try:
                 reason = self.requires()
@@ -68,13 +75,13 @@ def declare_op(name: str, family: str, native: Callable, doc: str = "") -> None:
 
 
 def register_provider(op: str, provider: str, platforms, target: str,
-                      requires: Optional[Requirement] = None) -> None:
+                      requires: Optional[Requirement] = None, supports=None) -> None:
     if op not in OPS:
         raise ValueError(f"cannot register provider {provider!r} for undeclared op {op!r}")
     key = (op, provider)
     if key in PROVIDERS:
         raise ValueError(f"provider {provider!r} for op {op!r} registered twice")
-    PROVIDERS[key] = Provider(op, provider, tuple(platforms), target, requires)
+    PROVIDERS[key] = Provider(op, provider, tuple(platforms), target, requires, supports)
 
 
 def providers_for(op: str) -> list[Provider]:
@@ -156,7 +163,8 @@ def parse_kernel_overrides(specs) -> dict[str, str]:
     return out
 
 
-def resolve_ops(platform, overrides: Optional[dict] = None) -> OpTable:
+def resolve_ops(platform, overrides: Optional[dict] = None, model: Optional[dict] = None) -> OpTable:
+    """model: {"dtype", "kv_dtype", "head_dim"} of the model to serve, when known."""
     overrides = dict(overrides or {})
     everything = overrides.pop("all", None)
     choices: dict[str, OpChoice] = {}
@@ -168,7 +176,7 @@ def resolve_ops(platform, overrides: Optional[dict] = None) -> OpTable:
                 raise OpResolutionError(
                     f"--kernel {op}={forced}: no such provider; known: {', '.join(cands)}")
             p = cands[forced]
-            reason = p.check(platform.name)
+            reason = p.check(platform.name, model)
             if reason is None:
                 try:
                     fn = p.load()
@@ -178,7 +186,8 @@ def resolve_ops(platform, overrides: Optional[dict] = None) -> OpTable:
                 raise OpResolutionError(f"--kernel {op}={forced} cannot run here: {reason}")
             choices[op] = OpChoice(op, forced, fn, [], forced=True)
             continue
-        order = [n for n in platform.provider_priority(decl.family) if n != "native"]
+        prio = getattr(platform, "op_priority", lambda _op: None)(op) or platform.provider_priority(decl.family)
+        order = [n for n in prio if n != "native"]
         order += [n for n in cands if n not in order and n != "native"] + ["native"]
         rejected = []
         chosen = None
@@ -186,15 +195,39 @@ def resolve_ops(platform, overrides: Optional[dict] = None) -> OpTable:
             p = cands.get(name)
             if p is None:
                 continue
-            reason = p.check(platform.name)
+            reason = p.check(platform.name, model)
             if reason is None:
                 try:
                     chosen = OpChoice(op, name, p.load(), rejected)
                     break
                 except Exception as e:
                     reason = f"import failed: {type(e).__name__}: {e}"
-            if name in platform.provider_priority(decl.family) or "*" in p.platforms or platform.name in p.platforms:
+            if name in prio or "*" in p.platforms or platform.name in p.platforms:
                 rejected.append((name, reason))
         assert chosen is not None, f"native provider of {op} failed to load"
         choices[op] = chosen
+    _follow_hooks(choices, overrides)
     return OpTable(platform.name, choices)
+
+
+# planning hooks -> the ops they plan for: a hook runs the provider those ops run (where it
+# has one; else native), whatever the priorities or --kernel all=... say, so a provider that
+# plans on the host (FlashInfer) always gets its plans
+HOOKS = {"attention_prepare": ("attention_extend", "attention_decode")}
+
+
+def _follow_hooks(choices: dict, overrides: dict) -> None:
+    for hook, users in HOOKS.items():
+        if hook not in choices:
+            continue
+        wanted = [choices[u].provider for u in users
+                  if choices[u].provider != "native" and (hook, choices[u].provider) in PROVIDERS]
+        target = wanted[0] if wanted else "native"
+        current = choices[hook]
+        if current.provider == target:
+            continue
+        if hook in overrides:
+            users_on = ", ".join(f"{u}={choices[u].provider}" for u in users)
+            raise OpResolutionError(f"--kernel {hook}={overrides[hook]} does not fit {users_on}: "
+                                    f"{hook} must be {target} (it follows the attention ops; leave it out)")
+        choices[hook] = OpChoice(hook, target, PROVIDERS[(hook, target)].load(), current.rejected, current.forced)

@@ -56,3 +56,12 @@ class CudaPlatform(Platform):
 
     def provider_priority(self, op_family: str) -> list[str]:
         return ["flashinfer", "triton", "native"]
+
+    def op_priority(self, op: str) -> list[str] | None:
+        # measured on an H200, Llama-3.1-8B shape, bf16 (docs/BENCHMARKS.md, session 5): the
+        # Triton split-KV kernel replayed in CUDA graphs decodes 3-9% faster than FlashInfer's
+        # (which also plans on the host every step); FlashInfer prefills faster (extend stays
+        # FlashInfer).  --attention-backend flashinfer runs both through FlashInfer.
+        if op == "attention_decode":
+            return ["triton", "flashinfer", "native"]
+        return None

@@ -4,6 +4,8 @@ One graph per batch size of a ladder up to max_bs, all sharing a memory pool.  A
 batch of size b runs the smallest captured size >= b, padded: padded entries read and write
 only the padding slot 0 through the pool's pad row, and their logits are dropped.
 Everything a captured forward reads lives in static buffers that replay() refills.
+Attention providers that plan on the host (FlashInfer) plan into fixed buffers of their
+own: ops.attention_prepare(graph=True) before capture and before each replay.
 
 With cascade attention (core/shared_prefix.py) each batch size >= 2 has a second graph,
 captured with the tiles in static buffers too, as many as a batch can have (bs // 2);
@@ -19,7 +21,7 @@ import time
 
 import torch
 
-from portaserve.core import shared_prefix
+from portaserve.core import ops, shared_prefix
 from portaserve.core.forward_batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ class CudaGraphRunner:
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple, torch.Tensor] = {}
 
-    def _fb(self, bs: int, cascade: bool) -> ForwardBatch:
+    def _fb(self, bs: int, cascade: bool, seq_lens_cpu=None) -> ForwardBatch:
         shared = None
         if cascade:
             nt = bs // 2
@@ -69,7 +71,7 @@ class CudaGraphRunner:
         return ForwardBatch(is_decode=True, input_ids=self.input_ids[:bs], positions=self.positions[:bs],
                             out_cache_loc=self.out_cache_loc[:bs], req_pool_indices=self.req_pool_indices[:bs],
                             seq_lens=self.seq_lens[:bs], kv=self.kv, req_to_token=self.req_to_token,
-                            shared=shared)
+                            shared=shared, seq_lens_cpu=seq_lens_cpu)
 
     def _fill_tiles(self, sp: shared_prefix.SharedPrefix, b: int, bs: int) -> None:
         k = sp.tile_rows.shape[0]
@@ -88,7 +90,9 @@ class CudaGraphRunner:
         variants = [(bs, c) for bs in reversed(self.sizes)  # largest first: later graphs reuse its memory
                     for c in ((False, True) if self.shared and bs > 1 else (False,))]
         for key in variants:
-            fb = self._fb(*key)
+            fb = self._fb(*key, seq_lens_cpu=torch.ones(key[0], dtype=torch.int32))
+            if not key[1]:  # host-planned attention (FlashInfer) plans into fixed buffers
+                ops.attention_prepare(fb, graph=True)
             if self.compiled is not None and self.compiled.can_run(fb):
                 forward = self.compiled.fn
             else:
@@ -128,5 +132,10 @@ class CudaGraphRunner:
         key = (bs, self.shared and fb.shared is not None)
         if key[1]:
             self._fill_tiles(fb.shared, b, bs)
+        else:  # re-plan host-planned attention for this batch, into the captured buffers
+            host = fb.seq_lens_cpu
+            if host is not None and bs > b:
+                host = torch.cat([host, torch.ones(bs - b, dtype=host.dtype)])
+            ops.attention_prepare(self._fb(bs, False, host), graph=True)
         self.graphs[key].replay()
         return self.outputs[key][:b]

@@ -23,3 +23,6 @@ class RocmPlatform(CudaPlatform):
 
     def provider_priority(self, op_family: str) -> list[str]:
         return ["aiter", "triton", "native"]
+
+    def op_priority(self, op: str) -> list[str] | None:
+        return None  # CUDA's per-op order is a FlashInfer/Triton measurement
