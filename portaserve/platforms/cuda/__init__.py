@@ -62,6 +62,6 @@ class CudaPlatform(Platform):
         # Triton split-KV kernel replayed in CUDA graphs decodes 3-9% faster than FlashInfer's
         # (which also plans on the host every step); FlashInfer prefills faster (extend stays
         # FlashInfer).  --attention-backend flashinfer runs both through FlashInfer.
-        if op == "attention_decode":
+        if op == "attention_decode" and self.name == "cuda":  # not subclasses (ROCm, plugins)
             return ["triton", "flashinfer", "native"]
         return None
