@@ -241,6 +241,17 @@ def build_runtime(args: ServerArgs, tp_rank: int = 0) -> Runtime:
         raise
 
 
+def _resolve_table(platform, args, model):
+    from portaserve.core.ops import OpResolutionError
+
+    try:
+        return resolve_op_table(platform, args.kernel_overrides(), model)
+    except OpResolutionError as e:
+        if args.attention_backend:
+            raise OpResolutionError(f"--attention-backend {args.attention_backend}: {e}") from None
+        raise
+
+
 def _build_rank(args, platform, src, cfg, dtype, context_len, tp) -> Runtime:
     """Op table, model, KV pool and scheduler of this rank, on its device."""
     device = platform.device()  # after binding this rank's device
@@ -249,7 +260,7 @@ def _build_rank(args, platform, src, cfg, dtype, context_len, tp) -> Runtime:
     # after the device is bound (start-up kernel checks run on this rank's device); providers
     # with kernels for some models only (FlashInfer) see this rank's attention shape
     heads, kv_heads, _ = attention_shards(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-    table = resolve_op_table(platform, args.kernel_overrides(), {
+    table = _resolve_table(platform, args, {
         "dtype": dtype, "kv_dtype": kv_cache_dtype(args.kv_cache_dtype, dtype), "head_dim": cfg.head_dim,
         "heads": heads, "kv_heads": kv_heads})
     ops.use_table(table)

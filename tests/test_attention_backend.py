@@ -58,3 +58,11 @@ def test_planning_hook_follows_the_attention_ops(monkeypatch):
 def test_bad_kernel_entry_fails_in_validate():
     with pytest.raises(ValueError, match="unknown op 'attention_sideways'"):
         ServerArgs(model_path="m", kernel=["attention_sideways=triton"]).validate()
+
+
+def test_engine_start_names_the_backend_that_cannot_run(tiny_models):
+    from portaserve import Engine
+    from portaserve.core.ops import OpResolutionError
+
+    with pytest.raises(OpResolutionError, match="--attention-backend flashinfer: .*not for platform cpu"):
+        Engine(str(tiny_models("llama3")), skip_tokenizer_init=True, device="cpu", attention_backend="flashinfer")

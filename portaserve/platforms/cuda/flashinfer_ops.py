@@ -161,6 +161,7 @@ class _State:
         self._eager = {}  # kind -> wrapper
         self._graph = {}  # batch size -> (decode wrapper in graph mode, its index room)
         self._graph_bufs = None  # (indptr, indices, last_page_len), shared by the graph wrappers
+        self._copied = {}  # id(wrapper) -> event after its last plan's host-to-device copy
 
     # ---- wrappers ---------------------------------------------------------------------
     def _tensor_cores(self) -> bool:
@@ -203,6 +204,21 @@ class _State:
         return w
 
     # ---- planning -----------------------------------------------------------------------
+    # A plan fills the wrapper's page-locked host buffer and copies it to the device
+    # asynchronously.  The overlap scheduler plans batch N+1 while the device may still be
+    # behind; before refilling that buffer, wait until the last plan's copy has run (in
+    # practice long done: the device is running N by then).
+    def _before_plan(self, wrapper) -> None:
+        ev = self._copied.get(id(wrapper))
+        if ev is not None:
+            ev.synchronize()
+
+    def _after_plan(self, wrapper) -> None:
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event()
+            ev.record()
+            self._copied[id(wrapper)] = ev
+
     def _forget(self, wrapper) -> None:
         # a wrapper holds one plan: planning it again invalidates the old entry
         for k in [k for k, (w, _) in self.plans.items() if w is wrapper]:
@@ -223,8 +239,10 @@ class _State:
             wrapper = self.graph_wrapper(bs, req_to_token.shape[1] * bs)
         else:
             wrapper = self.eager_wrapper("decode")
+        self._before_plan(wrapper)
         wrapper.plan(indptr, indices, torch.ones(bs, dtype=torch.int32), c.heads, c.kv_heads, c.head_dim, 1,
                      q_data_type=c.q_dtype, kv_data_type=c.kv_dtype, sm_scale=c.scale)
+        self._after_plan(wrapper)
         self._remember(_key(rpi, seq_lens, "decode"), wrapper, (rpi, seq_lens))
         return wrapper
 
@@ -237,9 +255,11 @@ class _State:
         qo_indptr = torch.zeros(bs + 1, dtype=torch.int32)
         torch.cumsum(ext_host.to(torch.int32), 0, out=qo_indptr[1:])
         wrapper = self.eager_wrapper("extend")
+        self._before_plan(wrapper)
         wrapper.plan(qo_indptr, kv_indptr, indices, torch.ones(bs, dtype=torch.int32), c.heads, c.kv_heads,
                      c.head_dim, 1, causal=True, sm_scale=c.scale, q_data_type=c.q_dtype,
                      kv_data_type=c.kv_dtype)
+        self._after_plan(wrapper)
         self._remember(_key(rpi, extend_lens, "extend", prefix_lens), wrapper, refs)
         return wrapper
 
