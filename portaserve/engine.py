@@ -282,6 +282,7 @@ class Engine:
             self.rt.scheduler.model = None
             self.rt.scheduler.kv = None
             self.rt.scheduler.decode_graph = None
+            self.rt.scheduler.req_pool = None  # and the attention providers' state kept per table
             gc.collect()
             self.rt.platform.empty_cache()
 

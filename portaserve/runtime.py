@@ -247,7 +247,7 @@ def _resolve_table(platform, args, model):
     try:
         return resolve_op_table(platform, args.kernel_overrides(), model)
     except OpResolutionError as e:
-        if args.attention_backend:
+        if args.attention_backend and "attention_" in str(e):
             raise OpResolutionError(f"--attention-backend {args.attention_backend}: {e}") from None
         raise
 

@@ -102,9 +102,14 @@ class ServerArgs:
             raise ValueError("--torch-compile-max-bs must be >= 1")
         if self.page_size < 1:
             raise ValueError("--page-size must be >= 1")
-        from portaserve.core.ops import parse_kernel_overrides
+        import portaserve.platforms.providers  # noqa: F401  (registers the providers)
+        from portaserve.core.ops import PROVIDERS, parse_kernel_overrides
 
-        parse_kernel_overrides(self.kernel_overrides())  # bad --attention-backend / --kernel fail here
+        # bad --attention-backend / --kernel entries fail here, before any rank starts
+        for op, prov in parse_kernel_overrides(self.kernel_overrides()).items():
+            known = sorted({p for o, p in PROVIDERS if o == op or op == "all"})
+            if prov not in known:
+                raise ValueError(f"--kernel {op}={prov}: no such provider; known: {', '.join(known)}")
 
     # ---- CLI --------------------------------------------------------------------------
     @classmethod

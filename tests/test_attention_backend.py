@@ -66,3 +66,22 @@ def test_engine_start_names_the_backend_that_cannot_run(tiny_models):
 
     with pytest.raises(OpResolutionError, match="--attention-backend flashinfer: .*not for platform cpu"):
         Engine(str(tiny_models("llama3")), skip_tokenizer_init=True, device="cpu", attention_backend="flashinfer")
+
+
+def test_hook_provider_is_not_checked_when_the_ops_do_not_use_it(monkeypatch):
+    """--attention-backend triton must not build or run FlashInfer at start-up just to
+    resolve the planning hook: the hook is not walked by priority, only loaded."""
+    from portaserve.core.ops import registry
+
+    checked = []
+
+    def fits(model):
+        checked.append(model)
+        return None
+
+    monkeypatch.setitem(registry.PROVIDERS, ("attention_prepare", "picky"),
+                        registry.Provider("attention_prepare", "picky", ("cpu",),
+                                          "portaserve.core.ops.native:attention_prepare", supports=fits))
+    model = {"dtype": "bf16", "kv_dtype": "bf16", "head_dim": 64}
+    t = resolve_op_table(resolve_platform("cpu"), ["attention_extend=native"], model).as_dict()
+    assert t["attention_prepare"]["provider"] == "native" and checked == []

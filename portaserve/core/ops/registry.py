@@ -44,15 +44,18 @@ class Provider:
     def check(self, platform_name: str, model: Optional[dict] = None) -> Optional[str]:
         if "*" not in self.platforms and platform_name not in self.platforms:
             return f"not for platform {platform_name} (only {', '.join(self.platforms)})"
-        if model is not None and self.supports is not None:
-            reason = self.supports(model)
-            if reason:
-                return reason
         if self.requires is not None:
             try:
                 reason = self.requires()
             except Exception as e:
                 reason = f"requirement check raised {type(e).__name__}: {e}"
+            if reason:
+                return reason
+        if model is not None and self.supports is not None:
+            try:
+                reason = self.supports(model)
+            except Exception as e:
+                reason = f"model check raised {type(e).__name__}: {e}"
             if reason:
                 return reason
         return None
@@ -169,6 +172,9 @@ def resolve_ops(platform, overrides: Optional[dict] = None, model: Optional[dict
     everything = overrides.pop("all", None)
     choices: dict[str, OpChoice] = {}
     for op, decl in OPS.items():
+        if op in HOOKS and op not in overrides:
+            choices[op] = None  # set by _follow_hooks once the ops it plans for are chosen
+            continue
         forced = overrides.get(op, everything)
         cands = {p.name: p for p in providers_for(op)}
         if forced is not None:
@@ -224,10 +230,13 @@ def _follow_hooks(choices: dict, overrides: dict) -> None:
                   if choices[u].provider != "native" and (hook, choices[u].provider) in PROVIDERS]
         target = wanted[0] if wanted else "native"
         current = choices[hook]
-        if current.provider == target:
+        if current is not None and current.provider == target:
             continue
         if hook in overrides:
             users_on = ", ".join(f"{u}={choices[u].provider}" for u in users)
             raise OpResolutionError(f"--kernel {hook}={overrides[hook]} does not fit {users_on}: "
                                     f"{hook} must be {target} (it follows the attention ops; leave it out)")
-        choices[hook] = OpChoice(hook, target, PROVIDERS[(hook, target)].load(), current.rejected, current.forced)
+        # the users' providers passed their checks already: only load the hook (forced when
+        # the ops it follows were)
+        choices[hook] = OpChoice(hook, target, PROVIDERS[(hook, target)].load(),
+                                 forced=all(choices[u].forced for u in users))

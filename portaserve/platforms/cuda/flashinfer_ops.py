@@ -81,10 +81,12 @@ def selftest(dtype=torch.bfloat16, heads: int = 8, kv_heads: int = 2, head_dim: 
     says why).  Once per device, shape and process."""
     if not torch.cuda.is_available():
         return None
-    dev = torch.device("cuda", torch.cuda.current_device())
+    dev = torch.device("cuda", torch.cuda.current_device())  # the rank's: bound before resolution
     key = (str(dev), dtype, heads, kv_heads, head_dim)
     if key not in _SELFTEST:
         try:
+            import flashinfer  # noqa: F401  (not installed: say so, not a failed comparison)
+
             _SELFTEST[key] = _compare_with_native(dev, dtype, heads, kv_heads, head_dim)
         except Exception as e:  # no nvcc, an unsupported GPU, a broken install
             _SELFTEST[key] = f"FlashInfer failed on {dev}: {type(e).__name__}: {str(e)[:300]}"
