@@ -75,6 +75,16 @@ def hf_greedy(model, ids, n, repetition_penalty=1.0):
     return toks, lps
 
 
+def greedy_prefix_agreement(hf, prompts, outs, n: int, k: int) -> int:
+    """How many prompts' first k of n greedy tokens equal transformers' (bf16 kernels round
+    differently from transformers' own, so later tokens may part)."""
+    agree = 0
+    for ids, out in zip(prompts, outs):
+        ref, _ = hf_greedy(hf, ids, n)
+        agree += out["output_ids"][:k] == ref[:k]
+    return agree
+
+
 def make_tiny_checkpoint(tmp: Path, kind: str) -> Path:
     """A small random-weight model of the given family, saved as sharded safetensors."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,

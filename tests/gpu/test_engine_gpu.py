@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import hf_greedy, random_prompts
+from tests.conftest import greedy_prefix_agreement, hf_greedy, random_prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm device")
 
@@ -63,10 +63,7 @@ def test_bf16_runs_and_mostly_agrees(gpu_llama):
                 max_total_tokens=20000) as eng:
         outs = eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 8, "temperature": 0,
                                                                 "ignore_eos": True})
-    agree = 0
-    for ids, out in zip(prompts, outs):
-        ref, _ = hf_greedy(hf, ids, 8)
-        agree += out["output_ids"][:4] == ref[:4]
+    agree = greedy_prefix_agreement(hf, prompts, outs, 8, 4)
     print(f"bf16: first 4 tokens identical for {agree}/8 prompts")
     assert agree >= 6
 

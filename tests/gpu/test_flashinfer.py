@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from portaserve.core.forward_batch import ForwardBatch
 from portaserve.core.ops import native
-from tests.conftest import hf_greedy, random_prompts
+from tests.conftest import greedy_prefix_agreement, random_prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 fi = pytest.importorskip("flashinfer")
@@ -165,10 +165,7 @@ def test_engine_bf16_with_flashinfer_agrees_with_transformers(gpu_llama, graphs,
         assert table["attention_extend"]["provider"] == "flashinfer"
         outs = eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 8, "temperature": 0,
                                                                 "ignore_eos": True})
-    agree = 0
-    for ids, out in zip(prompts, outs):
-        ref, _ = hf_greedy(hf, ids, 8)
-        agree += out["output_ids"][:4] == ref[:4]
+    agree = greedy_prefix_agreement(hf, prompts, outs, 8, 4)
     print(f"flashinfer bf16 graphs={graphs} mixed={mixed}: first 4 tokens identical for {agree}/8 prompts")
     assert agree >= 6
 

@@ -59,6 +59,7 @@ class CudaGraphRunner:
             self.tile_lens = torch.zeros(nt, dtype=torch.int64, device=device)
             self.tile_members = torch.full((nt, shared_prefix.TILE), -1, dtype=torch.int64, device=device)
         # (batch size, with cascade tiles) -> graph and its logits
+        self.plans = True  # set by capture()
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple, torch.Tensor] = {}
 
@@ -85,6 +86,9 @@ class CudaGraphRunner:
     @torch.inference_mode()
     def capture(self) -> None:
         t0 = time.perf_counter()
+        table = ops.current_table()
+        # does the attention plan on the host (FlashInfer)? then replays re-plan first
+        self.plans = table is None or table.choices["attention_prepare"].provider != "native"
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         variants = [(bs, c) for bs in reversed(self.sizes)  # largest first: later graphs reuse its memory
@@ -132,7 +136,7 @@ class CudaGraphRunner:
         key = (bs, self.shared and fb.shared is not None)
         if key[1]:
             self._fill_tiles(fb.shared, b, bs)
-        else:  # re-plan host-planned attention for this batch, into the captured buffers
+        elif self.plans:  # re-plan host-planned attention for this batch, into the captured buffers
             host = fb.seq_lens_cpu
             if host is not None and bs > b:
                 host = torch.cat([host, torch.ones(bs - b, dtype=host.dtype)])
