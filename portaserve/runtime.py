@@ -328,8 +328,7 @@ def _build_rank(args, platform, src, cfg, dtype, context_len, tp) -> Runtime:
         sched.decode_graph = compiled  # compiled eager decode for batches it covers
     # XLA: batches padded on the host to the runner's buckets (see Scheduler.padding)
     sched.padding = getattr(sched.decode_graph, "padding", None)
-    if sched.padding is not None:  # overlapped steps pass on unpadded device ids: not wired
-        sched.overlap = False
+    sched.lazy_device = platform.lazy_tensors
     # from the configuration, not from whether capture succeeded: tensor-parallel ranks
     # must all take the same scheduling decisions
     mode = jump_forward_mode(args, graphs)

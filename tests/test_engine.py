@@ -262,6 +262,43 @@ def test_overlap_schedule_logic_same_tokens(tiny_models):
             assert kv["free"] == kv["max_total_tokens"]
 
 
+def test_overlap_with_host_padded_batches_same_tokens(tiny_models):
+    """The overlapped loop on padded batches (XLA): step N's sampled ids stay padded on the
+    device and are gathered (padded again) for N+1 when requests finish in between; the
+    tokens equal the plain loop's, and the padded loop's batches keep bucket sizes."""
+    from portaserve import Engine
+    from portaserve.platforms.tpu.runner import HostPadding
+
+    path = tiny_models("llama3")
+    prompts = random_prompts(7, 512, 5, 60, seed=22)
+    sps = [{"max_new_tokens": 3 + 4 * i, "temperature": 0, "ignore_eos": True} for i in range(7)]
+    sps[2] = {"max_new_tokens": 25, "temperature": 0.8, "top_p": 0.9, "sampling_seed": 5, "ignore_eos": True}
+    outs, sizes = [], []
+    for pad, overlap in ((False, False), (True, True)):
+        with Engine(str(path), skip_tokenizer_init=True, max_total_tokens=3000, max_running_requests=8) as eng:
+            sched = eng.rt.scheduler
+            sched.overlap = overlap
+            if pad:
+                sched.padding = HostPadding([1, 2, 4, 8], sched.req_pool.size + 1)
+                seen = []
+                forward = sched._decode_forward
+
+                def spy(batch, input_ids=None, forward=forward, seen=seen):
+                    if input_ids is not None:
+                        seen.append((len(batch), input_ids.shape[0]))
+                    return forward(batch, input_ids)
+
+                sched._decode_forward = spy
+            outs.append([o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=sps)])
+            assert eng.flush_cache()
+            kv = eng.get_server_info()["kv"]
+            assert kv["free"] == kv["max_total_tokens"]
+    assert outs[0] == outs[1]
+    # overlapped steps ran, some after requests finished (a gather to a smaller bucket)
+    assert seen and all(n == HostPadding([1, 2, 4, 8], 0).decode(b) for b, n in seen)
+    assert len({b for b, _ in seen}) > 2
+
+
 def test_host_padded_batches_give_the_same_tokens(tiny_models):
     """Scheduler.padding (used on XLA, where every tensor shape is its own compiled graph)
     pads decode and extend batches and the sampled rows on the host; on the CPU the same

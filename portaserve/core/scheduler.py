@@ -130,6 +130,9 @@ class Scheduler:
         # padded number of sampled rows.  Padding follows the pad-row convention
         # (ReqToTokenPool): padded entries read and write only slot 0 and are dropped.
         self.padding = None
+        # Set by platforms with lazy tensors (XLA): a launched step's sampled ids are read by
+        # value later (reading runs what is pending) instead of copied out under an event.
+        self.lazy_device = False
         self.grammar_queue: list[Req] = []  # constrained requests waiting for their grammar
         self.waiting: list[Req] = []
         self.running: list[Req] = []
@@ -661,9 +664,11 @@ class Scheduler:
         rows_meta = [positions_l, locs, rows_l]
         if input_ids is None:
             rows_meta.append([r.output_ids[-1] for r in batch])
-        if self.padding is not None and input_ids is None:  # position 0, slot 0, pad row, token 0
+        if self.padding is not None:  # position 0, slot 0, pad row, token 0
             n = self.padding.decode(len(batch)) - len(batch)
             rows_meta = [m + [v] * n for m, v in zip(rows_meta, (0, 0, self.req_pool.pad_row, 0))]
+            if input_ids is not None and input_ids.shape[0] != len(batch) + n:  # overlapped: padded already
+                raise RuntimeError(f"decode ids of {input_ids.shape[0]} rows for a batch padded to {len(batch) + n}")
         meta = torch.tensor(rows_meta, dtype=torch.int64)
         shared = None
         if self.cascade_attention and len(batch) > 1 and self.padding is None:
@@ -769,6 +774,8 @@ class Scheduler:
                                                 ignored)
             if ids.device.type == "cpu":  # nothing runs asynchronously: the logic only
                 host, event = ids, None
+            elif self.lazy_device:  # XLA: read by value at resolve time, after N+1 is launched
+                host, event = ids, None
             else:
                 host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=self.pin_memory)
                 host.copy_(ids, non_blocking=True)
@@ -786,9 +793,11 @@ class Scheduler:
                 and r.seq_len + 1 < self.cfg.context_len]
         if (cont and not self._prefill_possible() and self._overlap_safe(live)
                 and self._room_for_decode([prev.reqs[i] for i in cont])):
-            ids = prev.ids
-            if len(cont) != len(prev.reqs):
-                idx = torch.tensor(cont, dtype=torch.int64)
+            ids = prev.ids  # one per request of prev (padded batches: then the padding rows)
+            want = len(cont) if self.padding is None else self.padding.decode(len(cont))
+            if len(cont) != len(prev.reqs) or ids.shape[0] != want:
+                # the continuing requests' ids, padded (rows of request 0's id) to N+1's size
+                idx = torch.tensor(cont + [cont[0]] * (want - len(cont)), dtype=torch.int64)
                 idx = to_device(idx, ids.device, self.pin_memory)
                 ids = ids.index_select(0, idx)
             batch = [prev.reqs[i] for i in cont]

@@ -33,7 +33,10 @@ class TpuPlatform(Platform):
     dist_backend = "xla"
     inference_mode = False  # torch_xla cannot version-count inference tensors: no_grad
     pin_memory = False  # torch pins only through a GPU runtime; XLA transfers need none
-    overlap_schedule = False  # not wired for XLA's lazy tensors yet
+    # the host builds step N+1 (and launches its graphs) before reading step N's ids;
+    # reading them then waits for N only (Scheduler.lazy_device)
+    overlap_schedule = True
+    lazy_tensors = True
     supports_graphs = True  # XLA compiles whole graphs; decode batches use padded buckets
     supported_dtypes = (torch.bfloat16, torch.float32)
 

@@ -39,6 +39,8 @@ def main(argv=None):
     ap.add_argument("--decode-batch", type=int, default=4)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--context-length", type=int, default=256)
+    ap.add_argument("--overlap", action="store_true",
+                    help="with the overlap scheduler (the platform's default; off here for comparable counts)")
     args = ap.parse_args(argv)
 
     from portaserve import Engine
@@ -53,7 +55,7 @@ def _run(args, Engine):
 
         path = str(make_tiny_checkpoint(Path(tempfile.mkdtemp()), "llama3"))
     common = dict(skip_tokenizer_init=True, dtype="float32", max_total_tokens=4096,
-                  context_length=args.context_length, disable_overlap_schedule=True)
+                  context_length=args.context_length, disable_overlap_schedule=not args.overlap)
     out = {}
     with Engine(path, device="tpu", **common) as eng:
         m0 = _metrics()
@@ -91,6 +93,7 @@ def _run(args, Engine):
                                 "ms_per_decode_step": round((tn - t1) / n * 1e3, 2),
                                 **_delta(m2, _metrics())}
         out["device"] = eng.rt.platform.device_name()
+        out["overlap_schedule"] = eng.rt.scheduler.overlap
     print(json.dumps(out, indent=1))
     return out
 
