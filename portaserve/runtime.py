@@ -329,6 +329,9 @@ def _build_rank(args, platform, src, cfg, dtype, context_len, tp) -> Runtime:
     # XLA: batches padded on the host to the runner's buckets (see Scheduler.padding)
     sched.padding = getattr(sched.decode_graph, "padding", None)
     sched.lazy_device = platform.lazy_tensors
+    sched.cut_graph = getattr(sched.decode_graph, "cut", None)
+    if sched.lazy_device and sched.cut_graph is None:  # lazy tensors but no runner cutting graphs:
+        sched.overlap = False  # each step's graph would grow with the previous step's
     # from the configuration, not from whether capture succeeded: tensor-parallel ranks
     # must all take the same scheduling decisions
     mode = jump_forward_mode(args, graphs)

@@ -39,7 +39,7 @@ POLICIES = ("fcfs", "lpm", "dfs-weight", "random")
 class _Inflight:
     reqs: list
     ids: torch.Tensor  # sampled ids, on the device
-    host: torch.Tensor  # pinned copy, valid once event has completed
+    host: torch.Tensor  # pinned copy, valid once event has completed (lazy devices: ids itself)
     event: object
 
 
@@ -133,6 +133,7 @@ class Scheduler:
         # Set by platforms with lazy tensors (XLA): a launched step's sampled ids are read by
         # value later (reading runs what is pending) instead of copied out under an event.
         self.lazy_device = False
+        self.cut_graph = None  # lazy devices: launch what is pending as one graph (XLA: sync)
         self.grammar_queue: list[Req] = []  # constrained requests waiting for their grammar
         self.waiting: list[Req] = []
         self.running: list[Req] = []
@@ -653,6 +654,9 @@ class Scheduler:
         metadata, then a captured graph or an eager forward.  input_ids defaults to each
         request's last sampled token (fill_ids[kv_len] == output_ids[-1])."""
         dev = self.device
+        n_pad = 0 if self.padding is None else self.padding.decode(len(batch)) - len(batch)
+        if input_ids is not None and input_ids.shape[0] != len(batch) + n_pad:  # before any state changes
+            raise RuntimeError(f"decode ids of {input_ids.shape[0]} rows for a batch of {len(batch) + n_pad}")
         self._make_room(sum(self.allocator.pages_needed(1, r.kv_len) for r in batch) * self.page_size)
         locs = []
         for r in batch:
@@ -664,11 +668,8 @@ class Scheduler:
         rows_meta = [positions_l, locs, rows_l]
         if input_ids is None:
             rows_meta.append([r.output_ids[-1] for r in batch])
-        if self.padding is not None:  # position 0, slot 0, pad row, token 0
-            n = self.padding.decode(len(batch)) - len(batch)
-            rows_meta = [m + [v] * n for m, v in zip(rows_meta, (0, 0, self.req_pool.pad_row, 0))]
-            if input_ids is not None and input_ids.shape[0] != len(batch) + n:  # overlapped: padded already
-                raise RuntimeError(f"decode ids of {input_ids.shape[0]} rows for a batch padded to {len(batch) + n}")
+        if n_pad:  # position 0, slot 0, pad row, token 0 (overlapped ids: padded on the device already)
+            rows_meta = [m + [v] * n_pad for m, v in zip(rows_meta, (0, 0, self.req_pool.pad_row, 0))]
         meta = torch.tensor(rows_meta, dtype=torch.int64)
         shared = None
         if self.cascade_attention and len(batch) > 1 and self.padding is None:
@@ -775,6 +776,10 @@ class Scheduler:
             if ids.device.type == "cpu":  # nothing runs asynchronously: the logic only
                 host, event = ids, None
             elif self.lazy_device:  # XLA: read by value at resolve time, after N+1 is launched
+                if self.cut_graph is not None:
+                    # run the sampling as its own graph now (asynchronously), keyed by this
+                    # batch's bucket only, not folded into N+1's bookkeeping graph
+                    self.cut_graph()
                 host, event = ids, None
             else:
                 host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=self.pin_memory)

@@ -151,6 +151,8 @@ class HostPadding:
 
 
 class XlaDecodeRunner:
+    cut = staticmethod(sync)  # the scheduler's graph cut after sampling (overlap scheduler)
+
     def __init__(self, model, kv, req_pool, max_bs: int, device):
         self.model = model
         self.kv = kv
