@@ -27,7 +27,7 @@ class ForwardBatch:
     decode_tail: int = 0
     # decode batches with requests sharing cached prefixes: cascade attention's tiles
     shared: Optional[SharedPrefix] = None
-    # host copies of seq_lens and extend_lens (int32, CPU), for attention providers that
+    # host copies of seq_lens and extend_lens (integer CPU tensors), for attention providers that
     # plan on the host once per forward (ops.attention_prepare) without reading the device
     seq_lens_cpu: Optional[torch.Tensor] = None
     extend_lens_cpu: Optional[torch.Tensor] = None

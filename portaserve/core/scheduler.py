@@ -670,7 +670,7 @@ class Scheduler:
             rows_meta.append([r.output_ids[-1] for r in batch])
         if n_pad:  # position 0, slot 0, pad row, token 0 (overlapped ids: padded on the device already)
             rows_meta = [m + [v] * n_pad for m, v in zip(rows_meta, (0, 0, self.req_pool.pad_row, 0))]
-        meta = torch.tensor(rows_meta, dtype=torch.int64)
+        meta = host_meta = torch.tensor(rows_meta, dtype=torch.int64)
         shared = None
         if self.cascade_attention and len(batch) > 1 and self.padding is None:
             shared = shared_prefix.build([r.slots for r in batch], rows_l)
@@ -687,7 +687,7 @@ class Scheduler:
         fb = ForwardBatch(is_decode=True, input_ids=input_ids, positions=positions, out_cache_loc=out_loc,
                           req_pool_indices=rows, seq_lens=positions + 1, kv=self.kv,
                           req_to_token=self.req_pool.req_to_token, shared=shared,
-                          seq_lens_cpu=torch.tensor(rows_meta[0], dtype=torch.int32) + 1)
+                          seq_lens_cpu=host_meta[0] + 1)
         if shared is not None:
             self.counters.decode_shared += 1
         with self.no_grad():
