@@ -148,9 +148,10 @@ def _key(rpi: torch.Tensor, lens: torch.Tensor, kind: str, prefix_lens=None) -> 
 
 
 class _State:
-    """Per request table (one per engine): the workspace, the wrappers and their live plans.  Wrappers are made and
-    planned under inference mode, always: a buffer FlashInfer allocates there is an
-    inference tensor, which a later plan outside inference mode could not update."""
+    """Per request table (one per engine): the workspace, the wrappers and their live
+    plans.  Wrappers are made and planned under inference mode, always: a buffer
+    FlashInfer allocates there is an inference tensor, which a later plan outside
+    inference mode could not update."""
 
     def __init__(self, device, table=lambda: None):
         self.device = device
