@@ -192,3 +192,14 @@ def test_overlap_schedule_on_xla_same_tokens_bounded_graphs(tiny_models):
     assert launched and len({b for b, _ in launched}) > 2, launched  # overlapped, across finishing
     assert all(n in sched.padding.decode_sizes for _, n in launched)
     assert recompiled == 0, recompiled
+
+
+def test_no_overlap_without_the_runner_that_cuts_graphs(tiny_models):
+    """--disable-cuda-graph on XLA: no runner cuts the graphs between steps, so each
+    step's graph would include the last; the overlap scheduler stays off there."""
+    from portaserve import Engine
+
+    with Engine(str(tiny_models("llama3")), device="tpu", skip_tokenizer_init=True, dtype="float32",
+                max_total_tokens=1024, context_length=128, disable_cuda_graph=True) as eng:
+        sched = eng.rt.scheduler
+        assert sched.lazy_device and sched.cut_graph is None and not sched.overlap
