@@ -565,20 +565,21 @@ class Scheduler:
             prefix_lens += [0] * nb
             extend_lens += [min(width, max(nt - j * width, 0)) for j in range(nb)]
         self.req_pool.flush()
+        seq_cpu = torch.tensor([p + e for p, e in zip(prefix_lens, extend_lens)], dtype=torch.int64)
         fb = ForwardBatch(
             is_decode=False,
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(pos, dtype=torch.int64, device=dev),
             out_cache_loc=torch.tensor(locs, dtype=torch.int64, device=dev),
             req_pool_indices=torch.tensor(rows, dtype=torch.int64, device=dev),
-            seq_lens=torch.tensor([p + e for p, e in zip(prefix_lens, extend_lens)], dtype=torch.int64, device=dev),
+            seq_lens=seq_cpu.to(dev),
             kv=self.kv,
             req_to_token=self.req_pool.req_to_token,
             prefix_lens=torch.tensor(prefix_lens, dtype=torch.int64, device=dev),
             extend_lens=torch.tensor(extend_lens, dtype=torch.int64, device=dev),
             decode_tail=len(riders),
-            seq_lens_cpu=torch.tensor([p + e for p, e in zip(prefix_lens, extend_lens)], dtype=torch.int32),
-            extend_lens_cpu=torch.tensor(extend_lens, dtype=torch.int32),
+            seq_lens_cpu=seq_cpu,
+            extend_lens_cpu=torch.tensor(extend_lens, dtype=torch.int64),
         )
         ops.attention_prepare(fb)
         with self.no_grad():
