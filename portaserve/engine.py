@@ -261,6 +261,17 @@ class Engine:
         self._inbox.put(("flush_cache", done))
         return done.get()
 
+    def start_profile(self, output_dir: Optional[str] = None, num_steps: Optional[int] = None,
+                      activities=None, record_shapes: bool = False) -> dict:
+        """torch.profiler over the next num_steps scheduler steps (or until stop_profile);
+        see portaserve.profiler.  Under tensor parallelism rank 0 is profiled."""
+        return self._call(lambda: self.rt.profiler.start(output_dir, num_steps, activities, record_shapes))
+
+    def stop_profile(self) -> dict:
+        """Stop, write the trace and the per-step-kind summary; returns their paths and
+        the summary."""
+        return self._call(self.rt.profiler.stop)
+
     def get_server_info(self) -> dict:
         info = self.rt.info()
         info["kv"] = self._call(self.rt.scheduler.kv_stats)

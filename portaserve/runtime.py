@@ -39,6 +39,13 @@ class Runtime:
     weight_bytes: int
     tp: Any = None  # tp.TPGroup when --tp-size > 1
     rank_weight_bytes: Optional[list] = None  # every rank's weight bytes (tensor parallel)
+    profiler: Any = None  # portaserve.profiler.StepProfiler over this rank's scheduler
+
+    def __post_init__(self):
+        from portaserve.profiler import StepProfiler
+
+        self.profiler = StepProfiler(self.scheduler, self.platform.profiler_activities,
+                                     self.tp.rank if self.tp is not None else 0)
 
     def limits(self):
         from portaserve.core.request_builder import Limits

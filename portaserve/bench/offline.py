@@ -55,12 +55,18 @@ class StepTimer:
         return d
 
 
-def run_engine(engine, reqs: list[BenchRequest]) -> dict:
+def run_engine(engine, reqs: list[BenchRequest], profile: dict = None) -> dict:
+    """profile: Engine.start_profile options, to profile this run (its first num_steps)."""
     sps = [{"max_new_tokens": r.output_len, "temperature": 0, "ignore_eos": True} for r in reqs]
     timer = StepTimer(engine.rt.scheduler) if engine.rt.tp is None else None
+    if profile is not None:
+        engine.start_profile(**profile)
     t0 = time.perf_counter()
     outs = engine.generate(input_ids=[r.input_ids for r in reqs], sampling_params=sps)
     dt = time.perf_counter() - t0
+    prof = None
+    if profile is not None:
+        prof = engine.stop_profile() if engine.rt.profiler.active else engine.rt.profiler.last
     steps = timer.remove() if timer is not None else {}
     out_tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
     assert out_tokens == sum(r.output_len for r in reqs)
@@ -68,7 +74,8 @@ def run_engine(engine, reqs: list[BenchRequest]) -> dict:
     prompt = sum(len(r.input_ids) for r in reqs)
     return {"seconds": dt, "output_tokens": out_tokens, "output_tok_s": out_tokens / dt,
             "total_tok_s": (out_tokens + prompt) / dt, "cache_hit_rate": cached / prompt,
-            "steps": steps, "outputs": [o["output_ids"] for o in outs]}
+            "steps": steps, "outputs": [o["output_ids"] for o in outs],
+            **({"profile": {k: prof[k] for k in ("trace", "summary_file", "steps")}} if prof else {})}
 
 
 @torch.inference_mode()
@@ -145,6 +152,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default=None, help="flashinfer, triton, ... (default: the platform's)")
     p.add_argument("--compare-attention-backend", default=None, metavar="NAME",
                    help="also run with --attention-backend NAME (side by side, same prompts)")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over each timed run; prints device time per step kind")
+    p.add_argument("--profile-steps", type=int, default=None, help="profile only the first N steps")
+    p.add_argument("--profile-dir", default=None,
+                   help="trace directory (default: $PORTASERVE_TORCH_PROFILER_DIR or /tmp/portaserve-profile)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--output-file", default=None)
 
@@ -180,7 +192,8 @@ def main(argv=None) -> int:
             if warm:
                 run_engine(eng, warm)
                 eng.flush_cache()
-            results[label] = run_engine(eng, reqs)
+            prof = {"output_dir": ns.profile_dir, "num_steps": ns.profile_steps} if ns.profile else None
+            results[label] = run_engine(eng, reqs, prof)
             engine_outputs = engine_outputs or results[label]["outputs"]
             info = eng.rt.info()
             results[label]["counters"] = eng.get_server_info()["counters"]
@@ -221,6 +234,10 @@ def main(argv=None) -> int:
             shared = r.get("counters", {}).get("decode_shared", 0)
             print(f"{label} steps: " + ", ".join(f"{k}={v}" for k, v in r["steps"].items())
                   + (f", cascade-attention decode steps={shared}" if shared else ""))
+    for label, r in results.items():
+        if r.get("profile"):
+            with open(r["profile"]["summary_file"]) as f:
+                print(f"{label} profile ({r['profile']['steps']} steps, trace {r['profile']['trace']}):\n{f.read()}")
     for label, r in results.items():
         if r.get("attention"):
             print(f"{label} attention: " + ", ".join(f"{k}={v}" for k, v in r["attention"].items()))

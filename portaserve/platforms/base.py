@@ -36,6 +36,8 @@ class Platform:
     # launch decode step N+1 before reading N's tokens (asynchronous devices only)
     overlap_schedule: bool = True
     lazy_tensors: bool = False  # device values exist once read or synced (XLA)
+    # torch.profiler activities (/start_profile); XLA has its own profiler
+    profiler_activities: tuple = ("cpu",)
     # torch.compile backend for --enable-torch-compile (None: the platform compiles whole
     # graphs already, e.g. XLA)
     compile_backend: str | None = "inductor"

@@ -291,13 +291,13 @@ class SchedulerClient:
         self._send.send_pyobj(("abort", rid))
         return rid in self.states
 
-    async def call(self, cmd: str, timeout: float = 30.0):
+    async def call(self, cmd: str, *args, timeout: float = 30.0):
         if self.dead is not None:
             raise SchedulerDead(self.dead)
         token = uuid.uuid4().hex
         fut = asyncio.get_running_loop().create_future()
         self.pending[token] = fut
-        self._send.send_pyobj((cmd, token))
+        self._send.send_pyobj((cmd, token, *args))
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:

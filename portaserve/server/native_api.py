@@ -1,4 +1,5 @@
-"""SGLang's native API: /generate, /get_model_info, /server_info, /flush_cache, /health,
+"""SGLang's native API: /generate, /get_model_info, /server_info, /flush_cache, /start_profile,
+/stop_profile, /health,
 /health_generate, /abort_request.  Shapes follow SGLang 0.5 so that its frontend client
 (``sgl.RuntimeEndpoint``) works unmodified."""
 from __future__ import annotations
@@ -222,6 +223,42 @@ async def flush_cache(request: Request):
                         "(When there are running or waiting requests, the operation will not be performed.)\n",
                         status_code=200)
     return Response("Cache not flushed: requests are in flight.\n", status_code=400)
+
+
+@router.api_route("/start_profile", methods=["POST", "GET"])
+async def start_profile(request: Request):
+    """torch.profiler over the scheduler's next steps (SGLang's /start_profile). Optional
+    JSON body: output_dir (default $PORTASERVE_TORCH_PROFILER_DIR, else
+    /tmp/portaserve-profile), num_steps (stop by itself after that many steps),
+    activities (e.g. ["cpu", "cuda"]), record_shapes."""
+    body = await read_json_object(request) if (await request.body()).strip() else {}
+    known = {"output_dir", "num_steps", "activities", "record_shapes"}
+    extra = sorted(set(body) - known)
+    if extra:
+        raise bad_request(f"unknown field(s) {extra}; /start_profile takes {sorted(known)}", extra[0])
+    opts = {"output_dir": get(body, "output_dir", str), "num_steps": get(body, "num_steps", int),
+            "activities": get(body, "activities", list), "record_shapes": get(body, "record_shapes", bool, False)}
+    return await _profile_call(request, "start_profile", opts)
+
+
+@router.api_route("/stop_profile", methods=["POST", "GET"])
+async def stop_profile(request: Request):
+    """Stop the profiler: writes <output_dir>/<stamp>-rank0.trace.json.gz and a summary
+    of device time per step kind (extend / mixed / decode) beside it."""
+    return await _profile_call(request, "stop_profile")
+
+
+async def _profile_call(request, kind: str, *args):
+    c = _client(request)
+    try:
+        res = await c.call(kind, *args, timeout=120)
+    except SchedulerDead as e:
+        raise dead_error(str(e))
+    except asyncio.TimeoutError:
+        raise dead_error("the scheduler did not answer within 120 s")
+    if "error" in res:
+        raise bad_request(res["error"], None, "profiler")
+    return JSONResponse(res["ok"])
 
 
 @router.api_route("/health", methods=["GET", "POST"])

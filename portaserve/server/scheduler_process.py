@@ -4,7 +4,8 @@ Started by the HTTP process with multiprocessing's ``spawn``.  It talks to the H
 process over two ZMQ ipc:// sockets:
 
   HTTP --PUSH--> [in]  ("add", Req) | ("abort", rid) | ("flush_cache", token)
-                       | ("stats", token) | ("shutdown",)
+                       | ("stats", token) | ("start_profile", token, options)
+                       | ("stop_profile", token) | ("shutdown",)
   HTTP <--PULL-- [out] {"ready": {...}} | {"error": msg}        (once, at startup)
                        ("out", [delta message, ...])            (after every step)
                        ("reply", token, payload)                (answers to commands)
@@ -90,6 +91,21 @@ def _stats(rt) -> dict:
     }
 
 
+def _profile_command(profiler, kind: str, options: dict = None) -> dict:
+    """{"ok": result} or {"error": why} (a bad request, answered with a 400)."""
+    from portaserve.profiler import ProfileError
+
+    try:
+        if kind == "start_profile":
+            return {"ok": profiler.start(**(options or {}))}
+        return {"ok": profiler.stop()}
+    except ProfileError as e:
+        msg = str(e)
+        if kind == "stop_profile" and profiler.last is not None:
+            msg += f"; the last profile was written to {profiler.last['trace']}"
+        return {"error": msg}
+
+
 def _loop(rt, recv, send, parent_pid: int) -> None:
     try:
         _serve(rt, recv, send, parent_pid)
@@ -148,6 +164,8 @@ def _serve(rt, recv, send, parent_pid: int) -> None:
                 send.send_pyobj(("reply", item[1], sched.flush_cache()))
             elif kind == "stats":
                 send.send_pyobj(("reply", item[1], _stats(rt)))
+            elif kind in ("start_profile", "stop_profile"):
+                send.send_pyobj(("reply", item[1], _profile_command(rt.profiler, kind, *item[2:])))
             elif kind == "shutdown":
                 return
             else:

@@ -142,3 +142,30 @@ def test_abort_request(server):
     m = result["r"]["meta_info"]
     assert m["finish_reason"]["type"] == "abort" and m["completion_tokens"] < 400
     server.wait_idle()
+
+
+def test_start_stop_profile(server, tmp_path):
+    """/start_profile and /stop_profile (SGLang's): bad input is a 400 naming the problem,
+    and a profiled request's steps land in the trace and the per-kind summary."""
+    for body, msg in [({"num_steps": -1}, "positive integer"), ({"num_step": 3}, "unknown field"),
+                      ({"activities": ["tpu"]}, "not available"), ({"num_steps": "x"}, "num_steps")]:
+        r = server.post("/start_profile", json=body)
+        assert r.status_code == 400, r.text
+        assert msg in r.json()["error"]["message"] and r.json()["error"]["type"] == "invalid_request_error"
+    r = server.post("/stop_profile")
+    assert r.status_code == 400 and "not running" in r.json()["error"]["message"]
+    r = server.post("/start_profile", json={"output_dir": str(tmp_path)})
+    assert r.status_code == 200, r.text
+    assert server.post("/start_profile").status_code == 400  # already running
+    out = server.post("/generate", json={"input_ids": [3, 14, 15, 92, 65],
+                                         "sampling_params": {"max_new_tokens": 4, "temperature": 0,
+                                                             "ignore_eos": True}})
+    assert out.status_code == 200
+    r = server.post("/stop_profile")
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert res["trace"].startswith(str(tmp_path)) and (tmp_path / res["trace"].split("/")[-1]).exists()
+    s = res["summary"]
+    # a 5-token prompt and 4 new tokens: one prompt pass and 3 decode steps (the first
+    # token comes from the prompt pass), unless a concurrent test's request shared steps
+    assert s["extend"]["steps"] >= 1 and s["decode"]["steps"] >= 3

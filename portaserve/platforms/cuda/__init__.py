@@ -9,6 +9,7 @@ from portaserve.platforms.base import MemoryInfo, Platform
 
 class CudaPlatform(Platform):
     name = "cuda"
+    profiler_activities = ("cpu", "cuda")
     device_type = "cuda"
     dist_backend = "nccl"
     supports_graphs = True

@@ -8,6 +8,7 @@ from portaserve.platforms.base import MemoryInfo, Platform
 
 class XpuPlatform(Platform):
     name = "xpu"
+    profiler_activities = ("cpu", "xpu")
     device_type = "xpu"
     dist_backend = "xccl"
     supports_graphs = False

@@ -1,0 +1,171 @@
+"""torch.profiler over a window of scheduler steps: SGLang's /start_profile and
+/stop_profile, Engine.start_profile/stop_profile and `bench offline --profile`.
+
+Each scheduler step runs under a ``record_function`` range; once it has run, the step's
+kind (extend, mixed, decode, or resolve: a step that only read back a launched decode)
+is known from ``Scheduler.last_step``.  On stop the profiler writes
+
+  <dir>/<stamp>-rank<r>.trace.json.gz   the Chrome/Perfetto trace
+  <dir>/<stamp>-rank<r>.summary.txt     the summary below
+
+and the summary gives, per step kind: the number of steps, their wall time, and the
+device time of the kernels they launched (attributed by launch, so with the overlap
+scheduler a decode step's kernels count in the step that launched them), with the top
+kernels of each kind.  Under tensor parallelism rank 0 is profiled.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("portaserve")
+
+ENV_DIR = "PORTASERVE_TORCH_PROFILER_DIR"  # SGLang: SGLANG_TORCH_PROFILER_DIR
+STEP_LABEL = "portaserve.step"
+
+
+class ProfileError(ValueError):
+    """A bad profiler request (already running, not running, bad option)."""
+
+
+class StepProfiler:
+    def __init__(self, sched, activities=("cpu",), rank: int = 0):
+        self.sched = sched
+        self.available = tuple(activities)
+        self.rank = rank
+        self.prof = None
+        self.steps: list = []  # (mode, wall seconds) per profiled step
+        self.num_steps: Optional[int] = None
+        self.output_dir = ""
+        self.last: Optional[dict] = None  # what the last stop wrote and found
+
+    @property
+    def active(self) -> bool:
+        return self.prof is not None
+
+    def start(self, output_dir: Optional[str] = None, num_steps: Optional[int] = None,
+              activities=None, record_shapes: bool = False) -> dict:
+        from torch.profiler import ProfilerActivity, profile
+
+        if self.active:
+            raise ProfileError("the profiler is already running; stop it first")
+        if num_steps is not None and (not isinstance(num_steps, int) or isinstance(num_steps, bool)
+                                      or num_steps < 1):
+            raise ProfileError(f"num_steps must be a positive integer, got {num_steps!r}")
+        acts = list(activities) if activities else list(self.available)
+        names = {a.lower() for a in acts if isinstance(a, str)}
+        if len(names) != len(acts) or not names:
+            raise ProfileError(f"activities must be a list of names, got {activities!r}")
+        unknown = sorted(names - set(self.available))
+        if unknown:
+            raise ProfileError(f"activities {unknown} are not available on this platform "
+                               f"(available: {list(self.available)})")
+        output_dir = output_dir or os.environ.get(ENV_DIR) or "/tmp/portaserve-profile"
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+        except OSError as e:
+            raise ProfileError(f"cannot create the output directory {output_dir!r}: {e}") from None
+        kinds = {"cpu": ProfilerActivity.CPU, "cuda": ProfilerActivity.CUDA}
+        if hasattr(ProfilerActivity, "XPU"):
+            kinds["xpu"] = ProfilerActivity.XPU
+        self.prof = profile(activities=[kinds[n] for n in sorted(names)], record_shapes=record_shapes)
+        self.prof.__enter__()
+        self.steps, self.num_steps, self.output_dir = [], num_steps, output_dir
+        # wrap whatever step is in place (a benchmark's step timer, or the method)
+        self._outer = self.sched.__dict__.get("step")
+        self._inner = self.sched.step
+        self.sched.step = self._step
+        logger.info("profiler started (%s, %s steps) -> %s", sorted(names), num_steps or "until stop", output_dir)
+        return {"output_dir": output_dir, "num_steps": num_steps, "activities": sorted(names)}
+
+    def _step(self):
+        t = time.perf_counter()
+        with torch.profiler.record_function(STEP_LABEL):
+            out = self._inner()
+        mode = self.sched.last_step.mode
+        self.steps.append(("resolve" if mode == "idle" else mode, time.perf_counter() - t))
+        if self.num_steps is not None and len(self.steps) >= self.num_steps:
+            self.stop()
+        return out
+
+    def stop(self) -> dict:
+        if not self.active:
+            raise ProfileError("the profiler is not running")
+        prof, self.prof = self.prof, None
+        if self._outer is None:
+            del self.sched.step  # the bound method again
+        else:
+            self.sched.step = self._outer
+        prof.__exit__(None, None, None)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = os.path.join(self.output_dir, f"{stamp}-rank{self.rank}")
+        trace = base + ".trace.json.gz"
+        prof.export_chrome_trace(trace)
+        summary = summarize(prof, self.steps)
+        with open(base + ".summary.txt", "w") as f:
+            f.write(format_summary(summary))
+        self.last = {"trace": trace, "summary_file": base + ".summary.txt", "steps": len(self.steps),
+                     "summary": summary}
+        logger.info("profiler stopped after %d steps: %s", len(self.steps), trace)
+        return self.last
+
+
+def _device_us(evt) -> float:
+    return getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0) or 0.0
+
+
+def _kernels(evt):
+    """(name, device us) of every kernel launched under evt, its children included."""
+    stack = [evt]
+    while stack:
+        e = stack.pop()
+        for k in getattr(e, "kernels", ()):
+            yield k.name, k.duration
+        stack.extend(e.cpu_children)
+
+
+def summarize(prof, steps: list, top: int = 12) -> dict:
+    """Per step kind: steps, wall ms, device ms, and the top kernels by device time
+    (CPU ops by self CPU time where nothing ran on a device)."""
+    evts = [e for e in prof.events() if e.name == STEP_LABEL]
+    evts.sort(key=lambda e: e.time_range.start)
+    out: dict = {}
+    if len(evts) != len(steps):  # a step range the profiler lost: no per-kind attribution
+        logger.warning("profiler: %d step ranges for %d steps", len(evts), len(steps))
+    for (mode, wall), evt in zip(steps, evts):
+        d = out.setdefault(mode, {"steps": 0, "wall_ms": 0.0, "device_ms": 0.0,
+                                  "kernels": defaultdict(float), "cpu_ops": defaultdict(float)})
+        d["steps"] += 1
+        d["wall_ms"] += wall * 1e3
+        for name, us in _kernels(evt):
+            d["kernels"][name] += us / 1e3
+            d["device_ms"] += us / 1e3
+        stack = list(evt.cpu_children)
+        while stack:
+            e = stack.pop()
+            if e.name.startswith("aten::") or e.name.startswith("portaserve"):
+                d["cpu_ops"][e.name] += e.self_cpu_time_total / 1e3
+            stack.extend(e.cpu_children)
+    for d in out.values():
+        d["kernels"] = sorted(((k, round(v, 3)) for k, v in d["kernels"].items()), key=lambda kv: -kv[1])[:top]
+        d["cpu_ops"] = sorted(((k, round(v, 3)) for k, v in d["cpu_ops"].items()), key=lambda kv: -kv[1])[:top]
+        d["wall_ms"], d["device_ms"] = round(d["wall_ms"], 3), round(d["device_ms"], 3)
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    lines = []
+    for mode, d in summary.items():
+        n = d["steps"]
+        lines.append(f"{mode}: {n} steps, wall {d['wall_ms']:.2f} ms ({d['wall_ms'] / n:.3f}/step), "
+                     f"device {d['device_ms']:.2f} ms ({d['device_ms'] / n:.3f}/step)")
+        rows = d["kernels"] or d["cpu_ops"]
+        what = "kernel" if d["kernels"] else "CPU op (self time)"
+        for name, ms in rows:
+            lines.append(f"    {ms / n:10.3f} ms/step  {what}  {name[:110]}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,103 @@
+"""The step profiler (Engine.start_profile/stop_profile, /start_profile, `bench offline
+--profile`): the trace it writes holds one range per scheduler step, and its per-kind
+summary agrees with the scheduler's own counters."""
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+
+import pytest
+
+from portaserve.profiler import STEP_LABEL, ProfileError
+
+
+def _trace_steps(path) -> int:
+    with gzip.open(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    return sum(1 for e in events if e.get("name") == STEP_LABEL)
+
+
+def _run(engine, n=3, new=6):
+    sps = {"max_new_tokens": new, "temperature": 0, "ignore_eos": True}
+    return engine.generate(input_ids=[[5 + i, 17, 230 + i, 9, 41] for i in range(n)], sampling_params=sps)
+
+
+def test_profile_until_stop_matches_counters(default_engine, tmp_path):
+    eng = default_engine
+    modes = Counter()
+    sched = eng.rt.scheduler
+    before = eng.get_server_info()["counters"]
+    res = eng.start_profile(output_dir=str(tmp_path))
+    assert res["output_dir"] == str(tmp_path) and res["activities"] == ["cpu"]
+    inner = sched.step  # the profiler's wrapper: count kinds from a second wrapper outside it
+
+    def counting():
+        out = inner()
+        modes[sched.last_step.mode] += 1
+        return out
+
+    sched.step = counting
+    try:
+        _run(eng)
+    finally:
+        eng._call(lambda: setattr(sched, "step", inner))
+    out = eng.stop_profile()
+    after = eng.get_server_info()["counters"]
+    assert "step" not in vars(sched)  # the bound method again
+    s = out["summary"]
+    n_ext = after["forward_extend"] - before["forward_extend"]
+    n_dec = after["forward_decode"] - before["forward_decode"]
+    assert n_ext >= 1 and n_dec >= 5
+    assert s["extend"]["steps"] + s.get("mixed", {}).get("steps", 0) == n_ext == modes["extend"] + modes["mixed"]
+    assert s["decode"]["steps"] == n_dec == modes["decode"]
+    assert out["steps"] == sum(modes.values()) == _trace_steps(out["trace"])
+    # the CPU ops under the steps: the model's matmuls are there
+    assert any(name in ("aten::mm", "aten::addmm", "aten::bmm") for name, _ in s["extend"]["cpu_ops"])
+    text = open(out["summary_file"]).read()
+    assert text.startswith("extend:") and "decode:" in text
+
+
+def test_profile_num_steps_stops_by_itself(default_engine, tmp_path):
+    eng = default_engine
+    eng.start_profile(output_dir=str(tmp_path), num_steps=2)
+    _run(eng, n=2, new=8)
+    prof = eng.rt.profiler
+    assert not prof.active and prof.last["steps"] == 2
+    assert _trace_steps(prof.last["trace"]) == 2
+    assert "step" not in vars(eng.rt.scheduler)
+    with pytest.raises(ProfileError, match="not running"):
+        eng.stop_profile()
+    # the engine keeps serving
+    assert len(_run(eng, n=1, new=2)[0]["output_ids"]) == 2
+
+
+def test_profile_bad_requests(default_engine, tmp_path):
+    eng = default_engine
+    for kw, msg in [({"num_steps": 0}, "positive integer"), ({"num_steps": "3"}, "positive integer"),
+                    ({"activities": ["cuda"]}, "not available"), ({"activities": [1]}, "list of names"),
+                    ({"output_dir": "/proc/no/such"}, "cannot create")]:
+        with pytest.raises(ProfileError, match=msg):
+            eng.start_profile(**kw)
+        assert not eng.rt.profiler.active
+    eng.start_profile(output_dir=str(tmp_path))
+    try:
+        with pytest.raises(ProfileError, match="already running"):
+            eng.start_profile()
+    finally:
+        eng.stop_profile()
+
+
+def test_profiler_wraps_and_restores_an_outer_step_wrapper(default_engine, tmp_path):
+    from portaserve.bench.offline import StepTimer
+
+    sched = default_engine.rt.scheduler
+    timer = default_engine._call(lambda: StepTimer(sched))
+    try:
+        default_engine.start_profile(output_dir=str(tmp_path))
+        _run(default_engine, n=1, new=3)
+        default_engine.stop_profile()
+        assert sched.__dict__.get("step") is timer  # restored to the timer, not the method
+    finally:
+        steps = default_engine._call(timer.remove)
+    assert steps["decode_steps"] >= 2
