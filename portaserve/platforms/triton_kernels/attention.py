@@ -41,12 +41,13 @@ def _sm_count(device) -> int:
 
 @triton.jit
 def _attend_range(q, k_ptr, v_ptr, row_ptr, kvh, stride_kt, stride_kh, stride_vt, stride_vh, start, end,
-                  scale, d, dmask, dv, dvmask, ROWS: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """Online softmax of the ROWS query rows q (heads of one KV head) over positions
-    [start, end) of one request-table row (row_ptr): the normalised output [ROWS, BLOCK_DV]
-    and the log-sum-exp [ROWS] (float32; -inf for an empty range), the partial result the
-    split merge (_decode_stage2) combines."""
+                  scale, d, dmask, dv, dvmask, qpos, ROWS: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Online softmax of the ROWS query rows q (heads of one KV head, or a block of prompt
+    positions) over positions [start, end) of one request-table row (row_ptr): the
+    normalised output [ROWS, BLOCK_DV] and the log-sum-exp [ROWS] (float32; -inf for an
+    empty range), the partial result the split merge (_decode_stage2) combines.  CAUSAL:
+    row r sees positions <= qpos[r] only (every row must see position start)."""
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
@@ -57,7 +58,10 @@ def _attend_range(q, k_ptr, v_ptr, row_ptr, kvh, stride_kt, stride_kh, stride_vt
         k = tl.load(k_ptr + slots[:, None] * stride_kt + kvh * stride_kh + d[None, :],
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee").to(tl.float32) * scale
-        s = tl.where(nmask[None, :], s, float("-inf"))
+        if CAUSAL:
+            s = tl.where((n[None, :] <= qpos[:, None]) & nmask[None, :], s, float("-inf"))
+        else:
+            s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -100,8 +104,8 @@ def _decode_stage1(q_ptr, k_ptr, v_ptr, r2t_ptr, rpi_ptr, seq_ptr, start_ptr, mi
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=hmask[:, None] & dmask[None, :], other=0.0)
     out, lse = _attend_range(q, k_ptr, v_ptr, r2t_ptr + row * stride_r2t, kvh, stride_kt, stride_kh,
-                             stride_vt, stride_vh, start, end, scale, d, dmask, dv, dvmask,
-                             ROWS=BLOCK_H, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N)
+                             stride_vt, stride_vh, start, end, scale, d, dmask, dv, dvmask, end,
+                             ROWS=BLOCK_H, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N, CAUSAL=False)
     tl.store(mid_o + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + dv[None, :], out,
              mask=hmask[:, None] & dvmask[None, :])
     tl.store(mid_lse + b * stride_lb + heads * stride_lh + split, lse, mask=hmask)
@@ -182,8 +186,8 @@ def _shared_prefix_kernel(q_ptr, k_ptr, v_ptr, r2t_ptr, tile_row_ptr, tile_len_p
     q = tl.load(q_ptr + member[:, None] * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
     out, lse = _attend_range(q, k_ptr, v_ptr, r2t_ptr + row * stride_r2t, kvh, stride_kt, stride_kh,
-                             stride_vt, stride_vh, start, end, scale, d, dmask, dv, dvmask,
-                             ROWS=MEMBERS * BLOCK_G, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N)
+                             stride_vt, stride_vh, start, end, scale, d, dmask, dv, dvmask, end,
+                             ROWS=MEMBERS * BLOCK_G, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N, CAUSAL=False)
     tl.store(pmid_o + member[:, None] * stride_pb + heads[:, None] * stride_ph + split * stride_ps + dv[None, :],
              out, mask=rmask[:, None] & dvmask[None, :])
     tl.store(pmid_lse + member * stride_plb + heads * stride_plh + split, lse, mask=rmask)
@@ -284,30 +288,11 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r2t_ptr, rpi_ptr, prefix_ptr, ext
     dvmask = dv < DV
     q = tl.load(q_ptr + (q0 + m[:, None]) * stride_qt + h * stride_qh + d[None, :],
                 mask=mmask[:, None] & dmask[None, :], other=0.0)
-    qpos = prefix + m
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # causal: prompt position prefix + m sees the cache up to itself (position 0 always)
     kv_end = tl.minimum(prefix + (mblk + 1) * BLOCK_M, prefix + ext)
-    for n0 in range(0, kv_end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        nmask = n < kv_end
-        slots = tl.load(r2t_ptr + row * stride_r2t + n, mask=nmask, other=0).to(tl.int64)
-        k = tl.load(k_ptr + slots[:, None] * stride_kt + kvh * stride_kh + d[None, :],
-                    mask=nmask[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee").to(tl.float32) * scale
-        causal = (n[None, :] <= qpos[:, None]) & nmask[None, :]
-        s = tl.where(causal, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        v = tl.load(v_ptr + slots[:, None] * stride_vt + kvh * stride_vh + dv[None, :],
-                    mask=nmask[:, None] & dvmask[None, :], other=0.0).to(q.dtype)  # fp8 caches upcast
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out, _ = _attend_range(q, k_ptr, v_ptr, r2t_ptr + row * stride_r2t, kvh, stride_kt, stride_kh,
+                           stride_vt, stride_vh, 0, kv_end, scale, d, dmask, dv, dvmask, prefix + m,
+                           ROWS=BLOCK_M, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N, CAUSAL=True)
     tl.store(o_ptr + (q0 + m[:, None]) * stride_ot + h * stride_oh + dv[None, :],
              out.to(o_ptr.dtype.element_ty), mask=mmask[:, None] & dvmask[None, :])
 
