@@ -15,6 +15,8 @@ kernels of each kind.  Under tensor parallelism rank 0 is profiled.
 """
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import os
 import time
@@ -105,8 +107,14 @@ class StepProfiler:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         base = os.path.join(self.output_dir, f"{stamp}-rank{self.rank}")
         trace = base + ".trace.json.gz"
-        prof.export_chrome_trace(trace)
-        summary = summarize(prof, self.steps)
+        prof.export_chrome_trace(base + ".trace.json")
+        with open(base + ".trace.json", "rb") as f:
+            raw = f.read()
+        os.remove(base + ".trace.json")
+        with gzip.open(trace, "wb", compresslevel=3) as f:
+            f.write(raw)
+        summary = summarize(json.loads(raw), self.steps)
+        del raw
         with open(base + ".summary.txt", "w") as f:
             f.write(format_summary(summary))
         self.last = {"trace": trace, "summary_file": base + ".summary.txt", "steps": len(self.steps),
@@ -115,45 +123,68 @@ class StepProfiler:
         return self.last
 
 
-def _device_us(evt) -> float:
-    return getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0) or 0.0
+DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
-def _kernels(evt):
-    """(name, device us) of every kernel launched under evt, its children included."""
-    stack = [evt]
-    while stack:
-        e = stack.pop()
-        for k in getattr(e, "kernels", ()):
-            yield k.name, k.duration
-        stack.extend(e.cpu_children)
+def summarize(trace: dict, steps: list, top: int = 12) -> dict:
+    """Per step kind: steps, wall ms, device ms, and the top kernels by device time, from
+    the exported trace.  A kernel (memcpy, memset) counts in the step whose range holds
+    its launch (the runtime or driver call with the same correlation id; a graph launch
+    owns all its kernels), so Triton and library kernels count as well as aten's.  Where
+    nothing ran on a device, the top-level CPU ops of each kind by inclusive time."""
+    import bisect
 
+    evs = [e for e in trace.get("traceEvents", ()) if e.get("ph") == "X"]
+    windows = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("tid")) for e in evs
+                     if e.get("name") == STEP_LABEL)
+    if len(windows) != len(steps):  # a range the profiler lost: no per-kind attribution
+        logger.warning("profiler: %d step ranges for %d steps", len(windows), len(steps))
+    starts = [w[0] for w in windows]
+    tids = {w[2] for w in windows}
 
-def summarize(prof, steps: list, top: int = 12) -> dict:
-    """Per step kind: steps, wall ms, device ms, and the top kernels by device time
-    (CPU ops by self CPU time where nothing ran on a device)."""
-    evts = [e for e in prof.events() if e.name == STEP_LABEL]
-    evts.sort(key=lambda e: e.time_range.start)
+    def step_of(ts, tid):
+        i = bisect.bisect_right(starts, ts) - 1
+        if i < 0 or i >= len(steps) or ts > windows[i][1] or tid not in tids:
+            return None
+        return i
+
+    launch = {}  # correlation id -> index of the step that launched it
+    ops: list = []
+    for e in evs:
+        cat = e.get("cat")
+        if cat in ("cuda_runtime", "cuda_driver", "xpu_runtime", "xpu_driver"):
+            corr = e.get("args", {}).get("correlation")
+            i = step_of(e["ts"], e.get("tid"))
+            if corr is not None and i is not None:
+                launch[corr] = i
+        elif cat == "cpu_op":
+            ops.append(e)
     out: dict = {}
-    if len(evts) != len(steps):  # a step range the profiler lost: no per-kind attribution
-        logger.warning("profiler: %d step ranges for %d steps", len(evts), len(steps))
-    for (mode, wall), evt in zip(steps, evts):
+    for mode, wall in steps:
         d = out.setdefault(mode, {"steps": 0, "wall_ms": 0.0, "device_ms": 0.0,
                                   "kernels": defaultdict(float), "cpu_ops": defaultdict(float)})
         d["steps"] += 1
         d["wall_ms"] += wall * 1e3
-        for name, us in _kernels(evt):
-            d["kernels"][name] += us / 1e3
-            d["device_ms"] += us / 1e3
-        stack = list(evt.cpu_children)
-        while stack:
-            e = stack.pop()
-            if e.name.startswith("aten::") or e.name.startswith("portaserve"):
-                d["cpu_ops"][e.name] += e.self_cpu_time_total / 1e3
-            stack.extend(e.cpu_children)
+    for e in evs:
+        if e.get("cat") in DEVICE_CATS:
+            i = launch.get(e.get("args", {}).get("correlation"))
+            if i is not None:
+                d = out[steps[i][0]]
+                d["kernels"][e["name"]] += e.get("dur", 0) / 1e3
+                d["device_ms"] += e.get("dur", 0) / 1e3
+    ops.sort(key=lambda e: e["ts"])
+    end = {}  # per thread: the end of the current top-level op
+    for e in ops:
+        tid = e.get("tid")
+        if e["ts"] < end.get(tid, -1.0):
+            continue  # nested in a top-level op
+        end[tid] = e["ts"] + e.get("dur", 0)
+        i = step_of(e["ts"], tid)
+        if i is not None:
+            out[steps[i][0]]["cpu_ops"][e["name"]] += e.get("dur", 0) / 1e3
     for d in out.values():
-        d["kernels"] = sorted(((k, round(v, 3)) for k, v in d["kernels"].items()), key=lambda kv: -kv[1])[:top]
-        d["cpu_ops"] = sorted(((k, round(v, 3)) for k, v in d["cpu_ops"].items()), key=lambda kv: -kv[1])[:top]
+        for key in ("kernels", "cpu_ops"):
+            d[key] = sorted(((k, round(v, 3)) for k, v in d[key].items()), key=lambda kv: -kv[1])[:top]
         d["wall_ms"], d["device_ms"] = round(d["wall_ms"], 3), round(d["device_ms"], 3)
     return out
 
@@ -164,8 +195,7 @@ def format_summary(summary: dict) -> str:
         n = d["steps"]
         lines.append(f"{mode}: {n} steps, wall {d['wall_ms']:.2f} ms ({d['wall_ms'] / n:.3f}/step), "
                      f"device {d['device_ms']:.2f} ms ({d['device_ms'] / n:.3f}/step)")
-        rows = d["kernels"] or d["cpu_ops"]
-        what = "kernel" if d["kernels"] else "CPU op (self time)"
-        for name, ms in rows:
-            lines.append(f"    {ms / n:10.3f} ms/step  {what}  {name[:110]}")
+        for what, rows in (("kernel", d["kernels"]), ("CPU op", d["cpu_ops"][:8])):
+            for name, ms in rows:
+                lines.append(f"    {ms / n:10.3f} ms/step  {what:6s}  {name[:110]}")
     return "\n".join(lines) + "\n"

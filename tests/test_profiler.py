@@ -52,8 +52,11 @@ def test_profile_until_stop_matches_counters(default_engine, tmp_path):
     assert s["extend"]["steps"] + s.get("mixed", {}).get("steps", 0) == n_ext == modes["extend"] + modes["mixed"]
     assert s["decode"]["steps"] == n_dec == modes["decode"]
     assert out["steps"] == sum(modes.values()) == _trace_steps(out["trace"])
-    # the CPU ops under the steps: the model's matmuls are there
-    assert any(name in ("aten::mm", "aten::addmm", "aten::bmm") for name, _ in s["extend"]["cpu_ops"])
+    # the top-level CPU ops under the steps: the model's projections lead, inside the wall time
+    for d in s.values():
+        assert d["cpu_ops"][0][0] == "aten::linear"
+        assert sum(ms for _, ms in d["cpu_ops"]) <= d["wall_ms"]
+    assert s["decode"]["device_ms"] == 0 and not s["decode"]["kernels"]  # nothing ran on a device
     text = open(out["summary_file"]).read()
     assert text.startswith("extend:") and "decode:" in text
 
@@ -101,3 +104,32 @@ def test_profiler_wraps_and_restores_an_outer_step_wrapper(default_engine, tmp_p
     finally:
         steps = default_engine._call(timer.remove)
     assert steps["decode_steps"] >= 2
+
+
+def test_summary_attributes_kernels_by_launch():
+    """Device work counts in the step whose range holds its launch (by correlation id),
+    whatever launched it and whenever it ran; launches outside any step are left out."""
+    from portaserve.profiler import summarize
+
+    def x(name, cat, ts, dur, tid=7, corr=None):
+        e = {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "tid": tid}
+        if corr is not None:
+            e["args"] = {"correlation": corr}
+        return e
+
+    ev = [x(STEP_LABEL, "user_annotation", 100, 50), x(STEP_LABEL, "user_annotation", 200, 50),
+          x("cudaLaunchKernel", "cuda_runtime", 110, 2, corr=1),
+          x("cuLaunchKernelEx", "cuda_driver", 120, 2, corr=2),  # a Triton kernel
+          x("cudaGraphLaunch", "cuda_runtime", 210, 5, corr=3),
+          x("cudaLaunchKernel", "cuda_runtime", 170, 2, corr=4),  # between the steps
+          x("cudaLaunchKernel", "cuda_runtime", 215, 2, tid=8, corr=5),  # another thread
+          x("gemm", "kernel", 115, 30, tid=0, corr=1), x("_extend_kernel", "kernel", 260, 40, tid=0, corr=2),
+          x("gemm", "kernel", 300, 10, tid=0, corr=3), x("norm", "kernel", 310, 5, tid=0, corr=3),
+          x("stray", "kernel", 175, 9, tid=0, corr=4), x("other", "kernel", 220, 9, tid=0, corr=5),
+          x("aten::linear", "cpu_op", 105, 20), x("aten::mm", "cpu_op", 106, 10), x("aten::add", "cpu_op", 205, 3)]
+    s = summarize({"traceEvents": ev}, [("extend", 0.05), ("decode", 0.05)])
+    assert s["extend"]["kernels"] == [("_extend_kernel", 0.04), ("gemm", 0.03)]
+    assert s["extend"]["device_ms"] == 0.07
+    assert s["decode"]["kernels"] == [("gemm", 0.01), ("norm", 0.005)] and s["decode"]["device_ms"] == 0.015
+    assert s["extend"]["cpu_ops"] == [("aten::linear", 0.02)]  # aten::mm is nested in it
+    assert s["decode"]["cpu_ops"] == [("aten::add", 0.003)]
