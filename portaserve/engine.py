@@ -262,10 +262,11 @@ class Engine:
         return done.get()
 
     def start_profile(self, output_dir: Optional[str] = None, num_steps: Optional[int] = None,
-                      activities=None, record_shapes: bool = False) -> dict:
+                      activities=None, record_shapes: bool = False, with_stack: bool = False) -> dict:
         """torch.profiler over the next num_steps scheduler steps (or until stop_profile);
         see portaserve.profiler.  Under tensor parallelism rank 0 is profiled."""
-        return self._call(lambda: self.rt.profiler.start(output_dir, num_steps, activities, record_shapes))
+        return self._call(lambda: self.rt.profiler.start(output_dir, num_steps, activities, record_shapes,
+                                                         with_stack))
 
     def stop_profile(self) -> dict:
         """Stop, write the trace and the per-step-kind summary; returns their paths and

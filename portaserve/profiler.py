@@ -51,7 +51,7 @@ class StepProfiler:
         return self.prof is not None
 
     def start(self, output_dir: Optional[str] = None, num_steps: Optional[int] = None,
-              activities=None, record_shapes: bool = False) -> dict:
+              activities=None, record_shapes: bool = False, with_stack: bool = False) -> dict:
         from torch.profiler import ProfilerActivity, profile
 
         if self.active:
@@ -75,7 +75,9 @@ class StepProfiler:
         kinds = {"cpu": ProfilerActivity.CPU, "cuda": ProfilerActivity.CUDA}
         if hasattr(ProfilerActivity, "XPU"):
             kinds["xpu"] = ProfilerActivity.XPU
-        self.prof = profile(activities=[kinds[n] for n in sorted(names)], record_shapes=record_shapes)
+        # with_stack: Python function events too (slower steps), summarised per kind
+        self.prof = profile(activities=[kinds[n] for n in sorted(names)], record_shapes=record_shapes,
+                            with_stack=with_stack)
         self.prof.__enter__()
         self.steps, self.num_steps, self.output_dir = [], num_steps, output_dir
         # wrap whatever step is in place (a benchmark's step timer, or the method)
@@ -136,7 +138,7 @@ def summarize(trace: dict, steps: list, top: int = 12) -> dict:
 
     evs = [e for e in trace.get("traceEvents", ()) if e.get("ph") == "X"]
     windows = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("tid")) for e in evs
-                     if e.get("name") == STEP_LABEL)
+                     if e.get("name") == STEP_LABEL and e.get("cat") == "user_annotation")
     if len(windows) != len(steps):  # a range the profiler lost: no per-kind attribution
         logger.warning("profiler: %d step ranges for %d steps", len(windows), len(steps))
     starts = [w[0] for w in windows]
@@ -150,6 +152,7 @@ def summarize(trace: dict, steps: list, top: int = 12) -> dict:
 
     launch = {}  # correlation id -> index of the step that launched it
     ops: list = []
+    pyfn: list = []
     for e in evs:
         cat = e.get("cat")
         if cat in ("cuda_runtime", "cuda_driver", "xpu_runtime", "xpu_driver"):
@@ -159,10 +162,12 @@ def summarize(trace: dict, steps: list, top: int = 12) -> dict:
                 launch[corr] = i
         elif cat == "cpu_op":
             ops.append(e)
+        elif cat == "python_function" and "portaserve/" in e.get("name", ""):
+            pyfn.append(e)
     out: dict = {}
     for mode, wall in steps:
-        d = out.setdefault(mode, {"steps": 0, "wall_ms": 0.0, "device_ms": 0.0,
-                                  "kernels": defaultdict(float), "cpu_ops": defaultdict(float)})
+        d = out.setdefault(mode, {"steps": 0, "wall_ms": 0.0, "device_ms": 0.0, "kernels": defaultdict(float),
+                                  "cpu_ops": defaultdict(float), "python": defaultdict(float)})
         d["steps"] += 1
         d["wall_ms"] += wall * 1e3
     for e in evs:
@@ -182,8 +187,13 @@ def summarize(trace: dict, steps: list, top: int = 12) -> dict:
         i = step_of(e["ts"], tid)
         if i is not None:
             out[steps[i][0]]["cpu_ops"][e["name"]] += e.get("dur", 0) / 1e3
+    for e in pyfn:  # inclusive time of portaserve's own functions (with_stack)
+        i = step_of(e["ts"], e.get("tid"))
+        if i is not None:
+            name = e["name"].split("portaserve/", 1)[1]
+            out[steps[i][0]]["python"][name] += e.get("dur", 0) / 1e3
     for d in out.values():
-        for key in ("kernels", "cpu_ops"):
+        for key in ("kernels", "cpu_ops", "python"):
             d[key] = sorted(((k, round(v, 3)) for k, v in d[key].items()), key=lambda kv: -kv[1])[:top]
         d["wall_ms"], d["device_ms"] = round(d["wall_ms"], 3), round(d["device_ms"], 3)
     return out
@@ -195,7 +205,7 @@ def format_summary(summary: dict) -> str:
         n = d["steps"]
         lines.append(f"{mode}: {n} steps, wall {d['wall_ms']:.2f} ms ({d['wall_ms'] / n:.3f}/step), "
                      f"device {d['device_ms']:.2f} ms ({d['device_ms'] / n:.3f}/step)")
-        for what, rows in (("kernel", d["kernels"]), ("CPU op", d["cpu_ops"][:8])):
+        for what, rows in (("kernel", d["kernels"]), ("CPU op", d["cpu_ops"][:8]), ("python", d["python"])):
             for name, ms in rows:
                 lines.append(f"    {ms / n:10.3f} ms/step  {what:6s}  {name[:110]}")
     return "\n".join(lines) + "\n"

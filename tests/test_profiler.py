@@ -118,6 +118,7 @@ def test_summary_attributes_kernels_by_launch():
         return e
 
     ev = [x(STEP_LABEL, "user_annotation", 100, 50), x(STEP_LABEL, "user_annotation", 200, 50),
+          x(STEP_LABEL, "gpu_user_annotation", 112, 60, tid=0),  # the range on the GPU timeline
           x("cudaLaunchKernel", "cuda_runtime", 110, 2, corr=1),
           x("cuLaunchKernelEx", "cuda_driver", 120, 2, corr=2),  # a Triton kernel
           x("cudaGraphLaunch", "cuda_runtime", 210, 5, corr=3),
@@ -133,3 +134,13 @@ def test_summary_attributes_kernels_by_launch():
     assert s["decode"]["kernels"] == [("gemm", 0.01), ("norm", 0.005)] and s["decode"]["device_ms"] == 0.015
     assert s["extend"]["cpu_ops"] == [("aten::linear", 0.02)]  # aten::mm is nested in it
     assert s["decode"]["cpu_ops"] == [("aten::add", 0.003)]
+
+
+def test_with_stack_reports_portaserve_functions(default_engine, tmp_path):
+    default_engine.start_profile(output_dir=str(tmp_path), with_stack=True)
+    _run(default_engine, n=1, new=3)
+    s = default_engine.stop_profile()["summary"]
+    names = [n for n, _ in s["extend"]["python"]]
+    assert any("_run_extend" in n for n in names), names
+    run_extend = next(ms for n, ms in s["extend"]["python"] if "_run_extend" in n)
+    assert 0 < run_extend <= s["extend"]["wall_ms"]

@@ -155,6 +155,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over each timed run; prints device time per step kind")
     p.add_argument("--profile-steps", type=int, default=None, help="profile only the first N steps")
+    p.add_argument("--profile-with-stack", action="store_true",
+                   help="record Python functions too (host time per function; slows the steps)")
     p.add_argument("--profile-dir", default=None,
                    help="trace directory (default: $PORTASERVE_TORCH_PROFILER_DIR or /tmp/portaserve-profile)")
     p.add_argument("--warmup", type=int, default=1)
@@ -192,7 +194,8 @@ def main(argv=None) -> int:
             if warm:
                 run_engine(eng, warm)
                 eng.flush_cache()
-            prof = {"output_dir": ns.profile_dir, "num_steps": ns.profile_steps} if ns.profile else None
+            prof = {"output_dir": ns.profile_dir, "num_steps": ns.profile_steps,
+                    "with_stack": ns.profile_with_stack} if ns.profile else None
             results[label] = run_engine(eng, reqs, prof)
             engine_outputs = engine_outputs or results[label]["outputs"]
             info = eng.rt.info()

@@ -230,14 +230,15 @@ async def start_profile(request: Request):
     """torch.profiler over the scheduler's next steps (SGLang's /start_profile). Optional
     JSON body: output_dir (default $PORTASERVE_TORCH_PROFILER_DIR, else
     /tmp/portaserve-profile), num_steps (stop by itself after that many steps),
-    activities (e.g. ["cpu", "cuda"]), record_shapes."""
+    activities (e.g. ["cpu", "cuda"]), record_shapes, with_stack (Python functions too)."""
     body = await read_json_object(request) if (await request.body()).strip() else {}
-    known = {"output_dir", "num_steps", "activities", "record_shapes"}
+    known = {"output_dir", "num_steps", "activities", "record_shapes", "with_stack"}
     extra = sorted(set(body) - known)
     if extra:
         raise bad_request(f"unknown field(s) {extra}; /start_profile takes {sorted(known)}", extra[0])
     opts = {"output_dir": get(body, "output_dir", str), "num_steps": get(body, "num_steps", int),
-            "activities": get(body, "activities", list), "record_shapes": get(body, "record_shapes", bool, False)}
+            "activities": get(body, "activities", list), "record_shapes": get(body, "record_shapes", bool, False),
+            "with_stack": get(body, "with_stack", bool, False)}
     return await _profile_call(request, "start_profile", opts)
 
 
