@@ -143,6 +143,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=1)
     p.add_argument("--enable-torch-compile", action="store_true")
     p.add_argument("--enable-mixed-chunk", action="store_true")
+    p.add_argument("--disable-overlap-schedule", action="store_true")
     p.add_argument("--compare-hf", action="store_true", help="also run transformers generate")
     p.add_argument("--hf-batch-size", type=int, default=None, help="default: all prompts in one batch")
     p.add_argument("--compare-no-cache", action="store_true", help="also run with --disable-radix-cache")
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
               max_total_tokens=ns.max_total_tokens, chunked_prefill_size=ns.chunked_prefill_size,
               max_running_requests=ns.max_running_requests, mem_fraction_static=ns.mem_fraction_static,
               disable_cuda_graph=ns.disable_cuda_graph, tp_size=ns.tp_size,
-              enable_torch_compile=ns.enable_torch_compile, enable_mixed_chunk=ns.enable_mixed_chunk,
+              enable_torch_compile=ns.enable_torch_compile, enable_mixed_chunk=ns.enable_mixed_chunk, disable_overlap_schedule=ns.disable_overlap_schedule,
               cascade_attention=ns.cascade_attention, schedule_policy=ns.schedule_policy,
               attention_backend=ns.attention_backend)
     results = {}
