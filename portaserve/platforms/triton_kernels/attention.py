@@ -214,7 +214,15 @@ PREFIX_WARPS = 4
 PREFIX_STAGES = 3
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, copied if its address is not 16-byte aligned.  Triton compiles a kernel variant
+    per pointer alignment: a mixed batch's decode tail (a slice at an odd offset) would
+    otherwise compile a second variant of each kernel mid-serving (~0.5 s on the H200)."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale, shared=None):
+    q, req_pool_indices, seq_lens = _aligned(q), _aligned(req_pool_indices), _aligned(seq_lens)
     B, H, D = q.shape
     Hk = k_cache.shape[1]
     DV = v_cache.shape[-1]
@@ -305,6 +313,8 @@ def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix
     B = extend_lens.shape[0]
     if T == 0 or B == 0:
         return o
+    q, req_pool_indices, prefix_lens, extend_lens = (_aligned(t) for t in (q, req_pool_indices, prefix_lens,
+                                                                          extend_lens))
     qstart = torch.zeros(B, dtype=torch.int64, device=q.device)
     qstart[1:] = torch.cumsum(extend_lens, 0)[:-1]
     BLOCK_M = 32 if q.device.type == "cpu" else 64
