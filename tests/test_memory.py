@@ -193,6 +193,15 @@ def test_double_free_and_bad_free_raise(ps):
         a.free([a.total_slots])  # past the pool
     assert a.available_size() == a.size
     a.free([])  # freeing nothing is fine
+    # a bad free takes nothing back, not even its good pages
+    s = a.alloc_tokens(2 * ps)
+    before = a.free_slot_set()
+    for bad in ([*s, 0], [*s, a.total_slots], [*s, a.total_slots - 1]):  # the last: never allocated
+        with pytest.raises(ValueError):
+            a.free(bad)
+        assert a.free_slot_set() == before
+    a.free(s)
+    assert a.available_size() == a.size
 
 
 def test_slot_zero_page_is_never_handed_out():

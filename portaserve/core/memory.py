@@ -154,10 +154,15 @@ class SlotAllocator:
         pages_needed = -(-need // ps)
         if pages_needed > len(self._free_pages):
             raise OutOfSlots(f"need {pages_needed} pages, {len(self._free_pages)} free")
-        for _ in range(pages_needed):
-            page = self._free_pages.pop()
-            self._free_set.discard(page)
-            out.extend(range(page * ps, page * ps + ps))
+        if pages_needed:  # in bulk, in pop() order (the list's end first: low pages)
+            taken = self._free_pages[-pages_needed:][::-1]
+            del self._free_pages[-pages_needed:]
+            self._free_set.difference_update(taken)
+            if ps == 1:
+                out.extend(taken)
+            else:
+                for page in taken:
+                    out.extend(range(page * ps, page * ps + ps))
         return out[:n]
 
     def pages_needed(self, n: int, seq_len: int = 0) -> int:
@@ -173,14 +178,16 @@ class SlotAllocator:
         if not slots:
             return
         ps = self.page_size
-        pages = {s // ps for s in slots} if ps > 1 else slots
-        for p in pages:
-            if p <= 0 or p > self.num_pages:
-                raise ValueError(f"freeing slot page {p} outside the pool")
-            if p in self._free_set:
-                raise ValueError(f"double free of KV page {p}")
-            self._free_set.add(p)
-            self._free_pages.append(p)
+        pages = list({s // ps: None for s in slots}) if ps > 1 else list(slots)  # in order
+        lo, hi = min(pages), max(pages)
+        if lo <= 0 or hi > self.num_pages:
+            raise ValueError(f"freeing slot page {lo if lo <= 0 else hi} outside the pool")
+        fresh = set(pages)
+        if len(fresh) != len(pages) or not fresh.isdisjoint(self._free_set):
+            dup = next(p for i, p in enumerate(pages) if p in self._free_set or p in pages[:i])
+            raise ValueError(f"double free of KV page {dup}")
+        self._free_set |= fresh
+        self._free_pages.extend(pages)
 
 
 # ---- KV cache storage type (--kv-cache-dtype) -------------------------------------------------
