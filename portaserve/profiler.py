@@ -209,3 +209,65 @@ def format_summary(summary: dict) -> str:
             for name, ms in rows:
                 lines.append(f"    {ms / n:10.3f} ms/step  {what:6s}  {name[:110]}")
     return "\n".join(lines) + "\n"
+
+
+def device_gaps(trace: dict, min_gap_ms: float = 1.0) -> list:
+    """Per step range of a trace: (wall ms, device-busy ms, [(offset ms, gap ms, [(host
+    event, ms overlapping the gap), ...]), ...]): where the device sat idle inside a step
+    for at least min_gap_ms, and what the step's thread was doing meanwhile.  A long gap
+    with no host event in it is Python time (a compile, a lock, the interpreter)."""
+    evs = [e for e in trace.get("traceEvents", ()) if e.get("ph") == "X"]
+    steps = sorted((e for e in evs if e.get("name") == STEP_LABEL and e.get("cat") == "user_annotation"),
+                   key=lambda e: e["ts"])
+    dev = sorted((e for e in evs if e.get("cat") in DEVICE_CATS), key=lambda e: e["ts"])
+    host = sorted((e for e in evs if e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver")),
+                  key=lambda e: e["ts"])
+    out = []
+    for s in steps:
+        t0, t1, tid = s["ts"], s["ts"] + s.get("dur", 0), s.get("tid")
+        busy, gaps, end = 0.0, [], t0
+        for k in dev:
+            a, b = k["ts"], k["ts"] + k.get("dur", 0)
+            if b <= t0 or a >= t1:
+                continue
+            a, b = max(a, t0), min(b, t1)
+            if a - end >= min_gap_ms * 1e3:
+                gaps.append((end, a))
+            busy += max(0.0, b - max(a, end))
+            end = max(end, b)
+        if t1 - end >= min_gap_ms * 1e3:
+            gaps.append((end, t1))
+        rows = []
+        for a, b in gaps:
+            during = defaultdict(float)
+            for e in host:
+                if e.get("tid") == tid and e["ts"] < b and e["ts"] + e.get("dur", 0) > a:
+                    during[e["name"]] += min(b, e["ts"] + e.get("dur", 0)) - max(a, e["ts"])
+            top = sorted(during.items(), key=lambda kv: -kv[1])[:4]
+            rows.append((round((a - t0) / 1e3, 2), round((b - a) / 1e3, 2), [(n, round(v / 1e3, 2)) for n, v in top]))
+        out.append((round((t1 - t0) / 1e3, 2), round(busy / 1e3, 2), rows))
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m portaserve.profiler",
+                                description="Device-idle gaps inside each scheduler step of a trace "
+                                            "written by /stop_profile or bench offline --profile.")
+    p.add_argument("trace", help="<stamp>-rank<r>.trace.json.gz")
+    p.add_argument("--min-gap-ms", type=float, default=1.0)
+    ns = p.parse_args(argv)
+    opener = gzip.open if ns.trace.endswith(".gz") else open
+    with opener(ns.trace, "rt") as f:
+        trace = json.load(f)
+    for i, (wall, busy, gaps) in enumerate(device_gaps(trace, ns.min_gap_ms)):
+        print(f"step {i}: wall {wall:.2f} ms, device busy {busy:.2f} ms")
+        for off, ms, host in gaps:
+            what = ", ".join(f"{n} {v:.2f} ms" for n, v in host) or "no host event: Python time"
+            print(f"    at +{off:.2f} ms: device idle {ms:.2f} ms; host: {what}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

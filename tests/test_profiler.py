@@ -144,3 +144,28 @@ def test_with_stack_reports_portaserve_functions(default_engine, tmp_path):
     assert any("_run_extend" in n for n in names), names
     run_extend = next(ms for n, ms in s["extend"]["python"] if "_run_extend" in n)
     assert 0 < run_extend <= s["extend"]["wall_ms"]
+
+
+def test_device_gaps_finds_idle_device_inside_steps(tmp_path, capsys):
+    """python -m portaserve.profiler TRACE: device-idle stretches inside each step and the
+    host events of the step's thread during them (none: Python time, e.g. a compile)."""
+    import gzip as gz
+
+    from portaserve.profiler import device_gaps, main
+
+    def x(name, cat, ts, dur, tid=7):
+        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "tid": tid}
+
+    ev = [x(STEP_LABEL, "user_annotation", 0, 10_000), x(STEP_LABEL, "gpu_user_annotation", 0, 10_000, tid=0),
+          x("k1", "kernel", 1_000, 2_000, tid=0), x("k2", "kernel", 2_500, 1_000, tid=0),  # overlapping
+          x("k3", "kernel", 8_000, 1_500, tid=0),
+          x("aten::cat", "cpu_op", 4_000, 1_000), x("aten::cat", "cpu_op", 5_000, 500, tid=9)]  # other thread
+    out = device_gaps({"traceEvents": ev}, min_gap_ms=0.4)
+    assert out == [(10.0, 4.0, [(0.0, 1.0, []), (3.5, 4.5, [("aten::cat", 1.0)]), (9.5, 0.5, [])])]
+    assert device_gaps({"traceEvents": ev}, min_gap_ms=2.0) == [(10.0, 4.0, [(3.5, 4.5, [("aten::cat", 1.0)])])]
+    path = tmp_path / "t.trace.json.gz"
+    with gz.open(path, "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    assert main([str(path), "--min-gap-ms", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "step 0: wall 10.00 ms, device busy 4.00 ms" in text and "device idle 4.50 ms; host: aten::cat 1.00 ms" in text
