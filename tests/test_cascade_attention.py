@@ -115,6 +115,30 @@ def test_pack_roundtrip():
     assert meta.tile_members.tolist() == [[0, 1, 2, 3, 4] + [-1] * (sp.TILE - 5)]
 
 
+@pytest.mark.parametrize("members", [[5, 4], [5, 4, 1], [3, 3, 3, 2]])
+def test_packed_parts_start_aligned(members):
+    """Every part of the packed plan starts 16-byte aligned (Triton compiles one kernel
+    variant per pointer alignment), whatever the batch size and tile count, and unpacks
+    to the same plan as plan_tiles."""
+    lists, rows, base = [], [], 10
+    for g, n in enumerate(members):  # groups of n requests sharing a 200-token prefix (>= MIN_SHARED)
+        prefix = list(range(base, base + 200))
+        base += 1000
+        for i in range(n):
+            lists.append(prefix + [base + i])
+            rows.append(len(rows))
+    plan = sp.plan_tiles(lists, rows)
+    packed = sp.build(lists, rows)
+    for host in (packed, torch.cat([packed, packed])[:packed.numel()].clone()):
+        meta = sp.unpack(host, len(lists))
+        parts = (meta.kv_start, meta.tile_rows, meta.tile_lens, meta.tile_members)
+        assert all(t.data_ptr() % 16 == 0 for t in parts), [t.data_ptr() % 16 for t in parts]
+        assert meta.kv_start.tolist() == plan[0]
+        assert meta.tile_rows.tolist() == [t[0] for t in plan[1]]
+        assert meta.tile_lens.tolist() == [t[1] for t in plan[1]]
+        assert meta.tile_members.tolist() == [m + [-1] * (sp.TILE - len(m)) for _, _, m in plan[1]]
+
+
 def paged_shared_batch(g, groups, H, Hk, D, dtype=torch.float32, pad_tiles=0):
     """A KV pool, req_to_token rows and the cascade metadata for requests sharing
     prefixes (as the scheduler builds them), plus queries.  pad_tiles: empty tiles

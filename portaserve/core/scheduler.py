@@ -671,6 +671,9 @@ class Scheduler:
             rows_meta.append([r.output_ids[-1] for r in batch])
         if n_pad:  # position 0, slot 0, pad row, token 0 (overlapped ids: padded on the device already)
             rows_meta = [m + [v] * n_pad for m, v in zip(rows_meta, (0, 0, self.req_pool.pad_row, 0))]
+        width = len(rows_meta[0])
+        if width % 2:  # rows of even length: each starts 16-byte aligned (one Triton variant)
+            rows_meta = [m + [0] for m in rows_meta]
         meta = host_meta = torch.tensor(rows_meta, dtype=torch.int64)
         shared = None
         if self.cascade_attention and len(batch) > 1 and self.padding is None:
@@ -681,6 +684,7 @@ class Scheduler:
             meta, shared = both[:n].view(meta.shape), shared_prefix.unpack(both[n:], len(batch))
         else:
             meta = to_device(meta, dev, self.pin_memory)
+        meta, host_meta = meta[:, :width], host_meta[:, :width]
         positions, out_loc, rows = meta[0], meta[1], meta[2]
         if input_ids is None:
             input_ids = meta[3]

@@ -87,19 +87,25 @@ def plan_tiles(slot_lists: list, rows: list, min_shared: int = MIN_SHARED, tile:
 
 def build(slot_lists: list, rows: list, min_shared: int = MIN_SHARED) -> "torch.Tensor | None":
     """The plan of plan_tiles packed into one int64 host tensor (one copy to the device):
-    [kv_start (B) | rows (NT) | lens (NT) | members (NT x TILE)]; None when nothing is
-    shared.  unpack() splits it (on either side of the copy)."""
+    [kv_start (B) | rows (NT) | lens (NT) | members (NT x TILE)], each part padded to an
+    even length so that every part starts 16-byte aligned where the whole does (Triton
+    compiles a kernel variant per pointer alignment); None when nothing is shared.
+    unpack() splits it (on either side of the copy)."""
     plan = plan_tiles(slot_lists, rows, min_shared)
     if plan is None:
         return None
     kv_start, tiles = plan
     members = [m + [-1] * (TILE - len(m)) for _, _, m in tiles]
-    flat = kv_start + [t[0] for t in tiles] + [t[1] for t in tiles] + [x for m in members for x in m]
+    def even(xs):
+        return xs + [0] * (len(xs) % 2)
+
+    flat = even(kv_start) + even([t[0] for t in tiles]) + even([t[1] for t in tiles]) + [x for m in members for x in m]
     return torch.tensor(flat, dtype=torch.int64)
 
 
 def unpack(packed: torch.Tensor, batch_size: int) -> SharedPrefix:
-    nt = (packed.shape[0] - batch_size) // (2 + TILE)
-    b = batch_size
-    return SharedPrefix(packed[:b], packed[b:b + nt], packed[b + nt:b + 2 * nt],
-                        packed[b + 2 * nt:].view(nt, TILE))
+    b = batch_size + batch_size % 2
+    nt = (packed.shape[0] - b) // (2 + TILE)  # the padding (< 2 + TILE) drops out
+    t = nt + nt % 2
+    return SharedPrefix(packed[:batch_size], packed[b:b + nt], packed[b + t:b + t + nt],
+                        packed[b + 2 * t:].view(nt, TILE))

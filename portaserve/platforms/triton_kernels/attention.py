@@ -223,6 +223,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 def _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale, shared=None):
     q, req_pool_indices, seq_lens = _aligned(q), _aligned(req_pool_indices), _aligned(seq_lens)
+    if shared is not None:
+        shared = tuple(_aligned(t) for t in shared)
     B, H, D = q.shape
     Hk = k_cache.shape[1]
     DV = v_cache.shape[-1]
