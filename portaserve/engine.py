@@ -283,6 +283,8 @@ class Engine:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        if not self._thread.is_alive() and getattr(self.rt, "profiler", None) is not None:
+            self.rt.profiler.stop_quietly()  # write what was profiled
         if not self._thread.is_alive() and getattr(self.rt, "model", None) is not None:
             # free the weights and the KV pool now, not when the last reference goes
             import gc

@@ -45,6 +45,7 @@ class StepProfiler:
         self.num_steps: Optional[int] = None
         self.output_dir = ""
         self.last: Optional[dict] = None  # what the last stop wrote and found
+        self._installed = False  # our wrapper is in the scheduler's step chain
 
     @property
     def active(self) -> bool:
@@ -60,65 +61,96 @@ class StepProfiler:
                                       or num_steps < 1):
             raise ProfileError(f"num_steps must be a positive integer, got {num_steps!r}")
         acts = list(activities) if activities else list(self.available)
-        names = {a.lower() for a in acts if isinstance(a, str)}
-        if len(names) != len(acts) or not names:
+        if not all(isinstance(a, str) for a in acts):
             raise ProfileError(f"activities must be a list of names, got {activities!r}")
+        names = {a.lower() for a in acts}
+        if len(names) != len(acts):
+            raise ProfileError(f"activities must be distinct, got {activities!r}")
         unknown = sorted(names - set(self.available))
         if unknown:
             raise ProfileError(f"activities {unknown} are not available on this platform "
                                f"(available: {list(self.available)})")
+        if "cpu" not in names:  # the step ranges and kernel launches are CPU events
+            raise ProfileError(f"activities must include 'cpu' (the steps are timed there), got {activities!r}")
         output_dir = output_dir or os.environ.get(ENV_DIR) or "/tmp/portaserve-profile"
         try:
             os.makedirs(output_dir, exist_ok=True)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise ProfileError(f"cannot create the output directory {output_dir!r}: {e}") from None
+        if not os.access(output_dir, os.W_OK | os.X_OK):
+            raise ProfileError(f"the output directory {output_dir!r} is not writable")
         kinds = {"cpu": ProfilerActivity.CPU, "cuda": ProfilerActivity.CUDA}
         if hasattr(ProfilerActivity, "XPU"):
             kinds["xpu"] = ProfilerActivity.XPU
         # with_stack: Python function events too (slower steps), summarised per kind
-        self.prof = profile(activities=[kinds[n] for n in sorted(names)], record_shapes=record_shapes,
-                            with_stack=with_stack)
-        self.prof.__enter__()
+        prof = profile(activities=[kinds[n] for n in sorted(names)], record_shapes=record_shapes,
+                       with_stack=with_stack)
+        prof.__enter__()
+        self.prof = prof
         self.steps, self.num_steps, self.output_dir = [], num_steps, output_dir
-        # wrap whatever step is in place (a benchmark's step timer, or the method)
-        self._outer = self.sched.__dict__.get("step")
-        self._inner = self.sched.step
-        self.sched.step = self._step
+        if not self._installed:  # else still in the chain from before, passing through
+            # wrap whatever step is in place (a benchmark's step timer, or the method)
+            self._outer = self.sched.__dict__.get("step")
+            self._inner = self.sched.step
+            self._wrapper = self._step  # one bound method, to recognise it later
+            self.sched.step = self._wrapper
+            self._installed = True
         logger.info("profiler started (%s, %s steps) -> %s", sorted(names), num_steps or "until stop", output_dir)
         return {"output_dir": output_dir, "num_steps": num_steps, "activities": sorted(names)}
 
     def _step(self):
+        if not self.active:  # stopped while wrapped by a later wrapper: pass through
+            return self._inner()
         t = time.perf_counter()
-        with torch.profiler.record_function(STEP_LABEL):
-            out = self._inner()
+        try:
+            # the step's index in the range's name: the summary matches ranges to steps by it
+            with torch.profiler.record_function(f"{STEP_LABEL}#{len(self.steps)}"):
+                out = self._inner()
+        except BaseException:
+            self.stop_quietly()  # keep the trace of what led here; the error goes on
+            raise
         mode = self.sched.last_step.mode
         self.steps.append(("resolve" if mode == "idle" else mode, time.perf_counter() - t))
         if self.num_steps is not None and len(self.steps) >= self.num_steps:
-            self.stop()
+            self.stop_quietly()  # a failed write must not fail the step (or the engine)
         return out
+
+    def stop_quietly(self) -> None:
+        """Stop if running (shutdown, a failing step, num_steps reached); errors logged."""
+        if self.active:
+            try:
+                self.stop()
+            except Exception as e:  # noqa: BLE001 - logged, and the profiler is off
+                logger.error("profiler: stopping failed: %s", e)
 
     def stop(self) -> dict:
         if not self.active:
             raise ProfileError("the profiler is not running")
         prof, self.prof = self.prof, None
-        if self._outer is None:
-            del self.sched.step  # the bound method again
-        else:
-            self.sched.step = self._outer
+        if self.sched.__dict__.get("step") is self._wrapper:  # else wrapped again since: passes through
+            if self._outer is None:
+                del self.sched.step  # the bound method again
+            else:
+                self.sched.step = self._outer
+            self._installed = False
         prof.__exit__(None, None, None)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = os.path.join(self.output_dir, f"{stamp}-rank{self.rank}")
+        now = time.time()
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
+        base = os.path.join(self.output_dir, f"{stamp}-pid{os.getpid()}-rank{self.rank}")
         trace = base + ".trace.json.gz"
-        prof.export_chrome_trace(base + ".trace.json")
-        with open(base + ".trace.json", "rb") as f:
-            raw = f.read()
-        os.remove(base + ".trace.json")
-        with gzip.open(trace, "wb", compresslevel=3) as f:
-            f.write(raw)
-        summary = summarize(json.loads(raw), self.steps)
-        del raw
-        with open(base + ".summary.txt", "w") as f:
-            f.write(format_summary(summary))
+        try:
+            prof.export_chrome_trace(base + ".trace.json")
+            with open(base + ".trace.json", "rb") as f:
+                raw = f.read()
+            os.remove(base + ".trace.json")
+            with gzip.open(trace, "wb", compresslevel=3) as f:
+                f.write(raw)
+            summary = summarize(json.loads(raw), self.steps)
+            del raw
+            with open(base + ".summary.txt", "w") as f:
+                f.write(format_summary(summary))
+        except (OSError, ValueError) as e:
+            raise ProfileError(f"writing the profile to {self.output_dir!r} failed: {e}") from None
         self.last = {"trace": trace, "summary_file": base + ".summary.txt", "steps": len(self.steps),
                      "summary": summary}
         logger.info("profiler stopped after %d steps: %s", len(self.steps), trace)
@@ -126,6 +158,19 @@ class StepProfiler:
 
 
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def _step_ranges(evs):
+    """(start, end, thread, step index) of the step ranges on the CPU timeline (kineto
+    repeats them on the GPU timeline as gpu_user_annotation)."""
+    for e in evs:
+        name = e.get("name", "")
+        if e.get("cat") == "user_annotation" and name.startswith(STEP_LABEL + "#"):
+            try:
+                i = int(name[len(STEP_LABEL) + 1:])
+            except ValueError:
+                continue
+            yield e["ts"], e["ts"] + e.get("dur", 0), e.get("tid"), i
 
 
 def summarize(trace: dict, steps: list, top: int = 12) -> dict:
@@ -137,18 +182,17 @@ def summarize(trace: dict, steps: list, top: int = 12) -> dict:
     import bisect
 
     evs = [e for e in trace.get("traceEvents", ()) if e.get("ph") == "X"]
-    windows = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("tid")) for e in evs
-                     if e.get("name") == STEP_LABEL and e.get("cat") == "user_annotation")
-    if len(windows) != len(steps):  # a range the profiler lost: no per-kind attribution
+    windows = sorted((start, end, tid, i) for start, end, tid, i in _step_ranges(evs) if i < len(steps))
+    if len(windows) != len(steps):  # a range the profiler lost: those steps go unattributed
         logger.warning("profiler: %d step ranges for %d steps", len(windows), len(steps))
     starts = [w[0] for w in windows]
     tids = {w[2] for w in windows}
 
     def step_of(ts, tid):
-        i = bisect.bisect_right(starts, ts) - 1
-        if i < 0 or i >= len(steps) or ts > windows[i][1] or tid not in tids:
+        j = bisect.bisect_right(starts, ts) - 1
+        if j < 0 or ts > windows[j][1] or tid not in tids:
             return None
-        return i
+        return windows[j][3]
 
     launch = {}  # correlation id -> index of the step that launched it
     ops: list = []
@@ -212,23 +256,31 @@ def format_summary(summary: dict) -> str:
 
 
 def device_gaps(trace: dict, min_gap_ms: float = 1.0) -> list:
-    """Per step range of a trace: (wall ms, device-busy ms, [(offset ms, gap ms, [(host
-    event, ms overlapping the gap), ...]), ...]): where the device sat idle inside a step
-    for at least min_gap_ms, and what the step's thread was doing meanwhile.  A long gap
-    with no host event in it is Python time (a compile, a lock, the interpreter)."""
+    """Per step range of a trace, in step order: (step index, wall ms, device-busy ms,
+    [(offset ms, gap ms, [(host event, ms overlapping the gap), ...]), ...]): where the
+    device sat idle inside a step for at least min_gap_ms, and what the step's thread was
+    doing meanwhile.  A long gap with no host event in it is Python time (a compile, a
+    lock, the interpreter)."""
+    import bisect
+
     evs = [e for e in trace.get("traceEvents", ()) if e.get("ph") == "X"]
-    steps = sorted((e for e in evs if e.get("name") == STEP_LABEL and e.get("cat") == "user_annotation"),
-                   key=lambda e: e["ts"])
-    dev = sorted((e for e in evs if e.get("cat") in DEVICE_CATS), key=lambda e: e["ts"])
-    host = sorted((e for e in evs if e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver")),
-                  key=lambda e: e["ts"])
+    dev = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in evs if e.get("cat") in DEVICE_CATS)
+    dev_starts = [a for a, _ in dev]
+    longest = max((b - a for a, b in dev), default=0)
+    host: dict = defaultdict(list)  # per thread, sorted by start
+    for e in evs:
+        if e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver"):
+            host[e.get("tid")].append((e["ts"], e["ts"] + e.get("dur", 0), e["name"]))
+    longest_host, host_starts = {}, {}
+    for tid, lst in host.items():
+        lst.sort()
+        longest_host[tid] = max(b - a for a, b, _ in lst)
+        host_starts[tid] = [a for a, _, _ in lst]
     out = []
-    for s in steps:
-        t0, t1, tid = s["ts"], s["ts"] + s.get("dur", 0), s.get("tid")
+    for t0, t1, tid, i in sorted(_step_ranges(evs), key=lambda w: w[3]):
         busy, gaps, end = 0.0, [], t0
-        for k in dev:
-            a, b = k["ts"], k["ts"] + k.get("dur", 0)
-            if b <= t0 or a >= t1:
+        for a, b in dev[bisect.bisect_left(dev_starts, t0 - longest):bisect.bisect_left(dev_starts, t1)]:
+            if b <= t0:
                 continue
             a, b = max(a, t0), min(b, t1)
             if a - end >= min_gap_ms * 1e3:
@@ -238,14 +290,16 @@ def device_gaps(trace: dict, min_gap_ms: float = 1.0) -> list:
         if t1 - end >= min_gap_ms * 1e3:
             gaps.append((end, t1))
         rows = []
+        lst, starts = host.get(tid, []), host_starts.get(tid, [])
         for a, b in gaps:
             during = defaultdict(float)
-            for e in host:
-                if e.get("tid") == tid and e["ts"] < b and e["ts"] + e.get("dur", 0) > a:
-                    during[e["name"]] += min(b, e["ts"] + e.get("dur", 0)) - max(a, e["ts"])
+            lo = bisect.bisect_left(starts, a - longest_host.get(tid, 0))
+            for ha, hb, name in lst[lo:bisect.bisect_left(starts, b)]:
+                if hb > a:
+                    during[name] += min(b, hb) - max(a, ha)
             top = sorted(during.items(), key=lambda kv: -kv[1])[:4]
             rows.append((round((a - t0) / 1e3, 2), round((b - a) / 1e3, 2), [(n, round(v / 1e3, 2)) for n, v in top]))
-        out.append((round((t1 - t0) / 1e3, 2), round(busy / 1e3, 2), rows))
+        out.append((i, round((t1 - t0) / 1e3, 2), round(busy / 1e3, 2), rows))
     return out
 
 
@@ -261,7 +315,7 @@ def main(argv=None) -> int:
     opener = gzip.open if ns.trace.endswith(".gz") else open
     with opener(ns.trace, "rt") as f:
         trace = json.load(f)
-    for i, (wall, busy, gaps) in enumerate(device_gaps(trace, ns.min_gap_ms)):
+    for i, wall, busy, gaps in device_gaps(trace, ns.min_gap_ms):
         print(f"step {i}: wall {wall:.2f} ms, device busy {busy:.2f} ms")
         for off, ms, host in gaps:
             what = ", ".join(f"{n} {v:.2f} ms" for n, v in host) or "no host event: Python time"

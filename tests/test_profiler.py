@@ -15,7 +15,8 @@ from portaserve.profiler import STEP_LABEL, ProfileError
 def _trace_steps(path) -> int:
     with gzip.open(path, "rt") as f:
         events = json.load(f)["traceEvents"]
-    return sum(1 for e in events if e.get("name") == STEP_LABEL)
+    return sum(1 for e in events if e.get("name", "").startswith(STEP_LABEL + "#")
+               and e.get("cat") == "user_annotation")
 
 
 def _run(engine, n=3, new=6):
@@ -117,8 +118,10 @@ def test_summary_attributes_kernels_by_launch():
             e["args"] = {"correlation": corr}
         return e
 
-    ev = [x(STEP_LABEL, "user_annotation", 100, 50), x(STEP_LABEL, "user_annotation", 200, 50),
-          x(STEP_LABEL, "gpu_user_annotation", 112, 60, tid=0),  # the range on the GPU timeline
+    ev = [x(STEP_LABEL + "#0", "user_annotation", 100, 50), x(STEP_LABEL + "#1", "user_annotation", 200, 50),
+          x(STEP_LABEL + "#0", "gpu_user_annotation", 112, 60, tid=0),  # the range on the GPU timeline
+          x(STEP_LABEL + "#7", "user_annotation", 400, 50),  # a step the list lacks: ignored
+          x("cudaLaunchKernel", "cuda_runtime", 410, 2, corr=9), x("late", "kernel", 420, 5, tid=0, corr=9),
           x("cudaLaunchKernel", "cuda_runtime", 110, 2, corr=1),
           x("cuLaunchKernelEx", "cuda_driver", 120, 2, corr=2),  # a Triton kernel
           x("cudaGraphLaunch", "cuda_runtime", 210, 5, corr=3),
@@ -156,16 +159,82 @@ def test_device_gaps_finds_idle_device_inside_steps(tmp_path, capsys):
     def x(name, cat, ts, dur, tid=7):
         return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "tid": tid}
 
-    ev = [x(STEP_LABEL, "user_annotation", 0, 10_000), x(STEP_LABEL, "gpu_user_annotation", 0, 10_000, tid=0),
+    ev = [x(STEP_LABEL + "#0", "user_annotation", 0, 10_000),
+          x(STEP_LABEL + "#0", "gpu_user_annotation", 0, 10_000, tid=0),
           x("k1", "kernel", 1_000, 2_000, tid=0), x("k2", "kernel", 2_500, 1_000, tid=0),  # overlapping
           x("k3", "kernel", 8_000, 1_500, tid=0),
           x("aten::cat", "cpu_op", 4_000, 1_000), x("aten::cat", "cpu_op", 5_000, 500, tid=9)]  # other thread
     out = device_gaps({"traceEvents": ev}, min_gap_ms=0.4)
-    assert out == [(10.0, 4.0, [(0.0, 1.0, []), (3.5, 4.5, [("aten::cat", 1.0)]), (9.5, 0.5, [])])]
-    assert device_gaps({"traceEvents": ev}, min_gap_ms=2.0) == [(10.0, 4.0, [(3.5, 4.5, [("aten::cat", 1.0)])])]
+    assert out == [(0, 10.0, 4.0, [(0.0, 1.0, []), (3.5, 4.5, [("aten::cat", 1.0)]), (9.5, 0.5, [])])]
+    assert device_gaps({"traceEvents": ev}, min_gap_ms=2.0) == [(0, 10.0, 4.0, [(3.5, 4.5, [("aten::cat", 1.0)])])]
     path = tmp_path / "t.trace.json.gz"
     with gz.open(path, "wt") as f:
         json.dump({"traceEvents": ev}, f)
     assert main([str(path), "--min-gap-ms", "2"]) == 0
     text = capsys.readouterr().out
     assert "step 0: wall 10.00 ms, device busy 4.00 ms" in text and "device idle 4.50 ms; host: aten::cat 1.00 ms" in text
+
+
+class _FakeSched:
+    """A scheduler stand-in: step() runs fn and reports a decode step."""
+
+    def __init__(self, fn=lambda: []):
+        from portaserve.core.scheduler import StepStats
+
+        self.fn, self.last_step = fn, StepStats("decode")
+
+    def step(self):
+        return self.fn()
+
+
+def test_failures_never_escape_the_step(tmp_path):
+    """A profile that cannot be written (auto-stop inside a step) is logged, not raised
+    into the scheduler; a step that raises stops the profiler and unwraps the step."""
+    from portaserve.profiler import StepProfiler
+
+    s = _FakeSched()
+    p = StepProfiler(s)
+    p.start(output_dir="/proc", num_steps=2)  # exists, but no file can be written there
+    assert s.step() == [] and s.step() == []  # the second step stops: the write fails quietly
+    assert not p.active and p.last is None and "step" not in vars(s)
+
+    def boom():
+        raise RuntimeError("kernel fault")
+
+    s2 = _FakeSched(boom)
+    p2 = StepProfiler(s2)
+    p2.start(output_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="kernel fault"):
+        s2.step()
+    assert not p2.active and "step" not in vars(s2) and p2.last["steps"] == 0
+    for bad, msg in [("x\x00y", "cannot create"), (str(tmp_path / "f" / "\x00"), "cannot create")]:
+        with pytest.raises(ProfileError, match=msg):
+            p2.start(output_dir=bad)
+    for acts, msg in [(["cpu", "cpu"], "distinct"), ([], None)]:
+        if msg:
+            with pytest.raises(ProfileError, match=msg):
+                p2.start(output_dir=str(tmp_path), activities=acts)
+    assert not p2.active
+
+
+def test_auto_stop_keeps_a_wrapper_installed_after_start(tmp_path):
+    from portaserve.profiler import StepProfiler
+
+    s = _FakeSched()
+    p = StepProfiler(s)
+    p.start(output_dir=str(tmp_path), num_steps=2)
+    calls = []
+    inner = s.step
+
+    def timer():
+        calls.append(1)
+        return inner()
+
+    s.step = timer  # a later wrapper (a benchmark's step timer) around the profiler's
+    for _ in range(4):
+        s.step()
+    assert not p.active and p.last["steps"] == 2 and len(calls) == 4 and s.step is timer
+    # two profiles within a second get their own files
+    p.start(output_dir=str(tmp_path), num_steps=1)
+    s.step()
+    assert len(list(tmp_path.glob("*.trace.json.gz"))) == 2

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from portaserve.server.common import (SSE_DONE, dead_error, follow, make_req, sse, sse_error,
                                       submit, wait_all)
-from portaserve.server.errors import bad_request, get, read_json_object
+from portaserve.server.errors import APIError, bad_request, get, read_json_object
 from portaserve.server.manager import ReqState, SchedulerDead
 
 router = APIRouter()
@@ -252,12 +252,15 @@ async def stop_profile(request: Request):
 async def _profile_call(request, kind: str, *args):
     c = _client(request)
     try:
-        res = await c.call(kind, *args, timeout=120)
+        # stopping writes and summarises the trace on the scheduler: allow it time
+        res = await c.call(kind, *args, timeout=600)
     except SchedulerDead as e:
         raise dead_error(str(e))
     except asyncio.TimeoutError:
-        raise dead_error("the scheduler did not answer within 120 s")
+        raise dead_error("the scheduler did not answer within 600 s")
     if "error" in res:
+        if res.get("status") == 500:
+            raise APIError(500, res["error"], "internal_error", None, "profiler")
         raise bad_request(res["error"], None, "profiler")
     return JSONResponse(res["ok"])
 

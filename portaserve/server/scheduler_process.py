@@ -92,7 +92,8 @@ def _stats(rt) -> dict:
 
 
 def _profile_command(profiler, kind: str, options: dict = None) -> dict:
-    """{"ok": result} or {"error": why} (a bad request, answered with a 400)."""
+    """{"ok": result} or {"error": why, "status": 400 (a bad request) or 500}; never raises:
+    a profiler failure must not take the scheduler down."""
     from portaserve.profiler import ProfileError
 
     try:
@@ -103,7 +104,10 @@ def _profile_command(profiler, kind: str, options: dict = None) -> dict:
         msg = str(e)
         if kind == "stop_profile" and profiler.last is not None:
             msg += f"; the last profile was written to {profiler.last['trace']}"
-        return {"error": msg}
+        return {"error": msg, "status": 400}
+    except Exception as e:  # noqa: BLE001 - reported to the caller, the scheduler goes on
+        logger.exception("profiler %s failed", kind)
+        return {"error": f"the profiler failed: {type(e).__name__}: {e}", "status": 500}
 
 
 def _loop(rt, recv, send, parent_pid: int) -> None:
@@ -167,6 +171,7 @@ def _serve(rt, recv, send, parent_pid: int) -> None:
             elif kind in ("start_profile", "stop_profile"):
                 send.send_pyobj(("reply", item[1], _profile_command(rt.profiler, kind, *item[2:])))
             elif kind == "shutdown":
+                rt.profiler.stop_quietly()  # write what was profiled
                 return
             else:
                 logger.error("unknown command %r", kind)

@@ -148,7 +148,8 @@ def test_start_stop_profile(server, tmp_path):
     """/start_profile and /stop_profile (SGLang's): bad input is a 400 naming the problem,
     and a profiled request's steps land in the trace and the per-kind summary."""
     for body, msg in [({"num_steps": -1}, "positive integer"), ({"num_step": 3}, "unknown field"),
-                      ({"activities": ["tpu"]}, "not available"), ({"num_steps": "x"}, "num_steps")]:
+                      ({"activities": ["tpu"]}, "not available"), ({"num_steps": "x"}, "num_steps"),
+                      ({"output_dir": "x\u0000y"}, "cannot create")]:
         r = server.post("/start_profile", json=body)
         assert r.status_code == 400, r.text
         assert msg in r.json()["error"]["message"] and r.json()["error"]["type"] == "invalid_request_error"
@@ -169,3 +170,10 @@ def test_start_stop_profile(server, tmp_path):
     # a 5-token prompt and 4 new tokens: one prompt pass and 3 decode steps (the first
     # token comes from the prompt pass), unless a concurrent test's request shared steps
     assert s["extend"]["steps"] >= 1 and s["decode"]["steps"] >= 3
+
+    # a profile that cannot be written: an error answer, and the server keeps serving
+    assert server.post("/start_profile", json={"output_dir": "/proc"}).status_code == 200
+    r = server.post("/stop_profile")
+    assert r.status_code == 400 and "writing the profile" in r.json()["error"]["message"], r.text
+    assert server.get("/health").status_code == 200
+    assert server.post("/generate", json={"input_ids": [3, 14], "sampling_params": {"max_new_tokens": 2}}).status_code == 200
