@@ -148,8 +148,15 @@ class Engine:
                 tp.shutdown()
 
     def _handle_command(self, item) -> None:
-        kind, payload = item
+        kind, payload = item[0], item[1]
         sched = self.rt.scheduler
+        if kind in ("start_profile", "stop_profile"):  # (kind, reply queue[, options])
+            prof = self.rt.profiler
+            try:
+                payload.put(prof.start(**item[2]) if kind == "start_profile" else prof.stop())
+            except Exception as e:  # noqa: BLE001 - raised to the caller
+                payload.put(e)
+            return
         if kind == "add":
             sched.add_request(payload)
         elif kind == "abort":
@@ -264,14 +271,25 @@ class Engine:
     def start_profile(self, output_dir: Optional[str] = None, num_steps: Optional[int] = None,
                       activities=None, record_shapes: bool = False, with_stack: bool = False) -> dict:
         """torch.profiler over the next num_steps scheduler steps (or until stop_profile);
-        see portaserve.profiler.  Under tensor parallelism rank 0 is profiled."""
-        return self._call(lambda: self.rt.profiler.start(output_dir, num_steps, activities, record_shapes,
-                                                         with_stack))
+        see portaserve.profiler.  Under tensor parallelism every rank writes its own trace;
+        the summary returned is rank 0's."""
+        return self._profile_command(("start_profile", dict(
+            output_dir=output_dir, num_steps=num_steps, activities=activities, record_shapes=record_shapes,
+            with_stack=with_stack)))
 
     def stop_profile(self) -> dict:
         """Stop, write the trace and the per-step-kind summary; returns their paths and
         the summary."""
-        return self._call(self.rt.profiler.stop)
+        return self._profile_command(("stop_profile",))
+
+    def _profile_command(self, cmd: tuple):
+        """Through the inbox like a state change, so tensor-parallel ranks get it too."""
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox.put((cmd[0], done, *cmd[1:]))
+        res = done.get()
+        if isinstance(res, Exception):
+            raise res
+        return res
 
     def get_server_info(self) -> dict:
         info = self.rt.info()

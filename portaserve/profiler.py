@@ -11,7 +11,8 @@ is known from ``Scheduler.last_step``.  On stop the profiler writes
 and the summary gives, per step kind: the number of steps, their wall time, and the
 device time of the kernels they launched (attributed by launch, so with the overlap
 scheduler a decode step's kernels count in the step that launched them), with the top
-kernels of each kind.  Under tensor parallelism rank 0 is profiled.
+kernels of each kind.  Under tensor parallelism every rank writes its own files (the
+commands travel with the scheduler's synced commands); callers get rank 0's answer.
 """
 from __future__ import annotations
 

@@ -50,14 +50,16 @@ def step_commands(sched, items) -> list:
 def synced_commands(items) -> list:
     """The part of a driver loop's inbox that changes scheduler state, in arrival order,
     as the tuples every rank applies: ("add", req), ("abort", rid), ("flush_cache",),
-    ("shutdown",).  Items are (kind, payload, ...); other kinds (queries answered by
+    ("start_profile", options), ("stop_profile",), ("shutdown",).  Items are (kind, payload, ...); other kinds (queries answered by
     rank 0 alone) are left out, as are reply handles."""
     out = []
     for it in items:
         if it[0] in ("add", "abort"):
             out.append((it[0], it[1]))
-        elif it[0] in ("flush_cache", "shutdown"):
+        elif it[0] in ("flush_cache", "shutdown", "stop_profile"):
             out.append((it[0],))
+        elif it[0] == "start_profile":  # (kind, reply handle, options): every rank profiles
+            out.append((it[0], it[2] if len(it) > 2 else None))
     return out
 
 
@@ -298,14 +300,29 @@ def follow(rt) -> None:
             for c in cmds:
                 if c[0] == "shutdown":
                     stop = True
+                elif c[0] in ("start_profile", "stop_profile"):
+                    _follow_profile(rt.profiler, c)
                 else:
                     apply_command(sched, c)
             if stop:
+                rt.profiler.stop_quietly()  # write what was profiled
                 return
             if sched.has_work():
                 sched.step()
     finally:
         tp.shutdown()
+
+
+def _follow_profile(profiler, cmd) -> None:
+    """Rank 0's /start_profile or /stop_profile on this rank (its own trace file); rank 0
+    answers the caller, so errors here are only logged."""
+    try:
+        if cmd[0] == "start_profile":
+            profiler.start(**(cmd[1] or {}))
+        else:
+            profiler.stop_quietly()
+    except Exception as e:  # noqa: BLE001
+        logger.error("rank %d: %s failed: %s", profiler.rank, cmd[0], e)
 
 
 def apply_command(sched, cmd):

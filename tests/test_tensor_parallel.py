@@ -228,3 +228,33 @@ def test_rank_dying_at_startup_fails_fast(tiny_models, monkeypatch):
         Engine(str(tiny_models("llama3")), skip_tokenizer_init=True, max_total_tokens=2000,
                tp_size=2, dist_timeout=300)
     assert time.monotonic() - t0 < 60
+
+
+def test_profile_every_rank(tiny_models, tmp_path):
+    """start_profile/stop_profile reach every rank (with the synced commands): each writes
+    its trace, with the same steps as rank 0's."""
+    import gzip
+    import json
+    import time
+
+    from portaserve.profiler import STEP_LABEL
+
+    sp = {"max_new_tokens": 5, "temperature": 0, "ignore_eos": True}
+    with Engine(str(tiny_models("llama3")), skip_tokenizer_init=True, max_total_tokens=2000, tp_size=2) as eng:
+        eng.start_profile(output_dir=str(tmp_path))
+        eng.generate(input_ids=random_prompts(2, 512, 5, 20, seed=3), sampling_params=sp)
+        res = eng.stop_profile()
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("*-rank1.summary.txt"))) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    traces = sorted(tmp_path.glob("*.trace.json.gz"))
+    assert [p.name.rsplit("-", 1)[1] for p in traces] in (["rank0.trace.json.gz", "rank1.trace.json.gz"],
+                                                         ["rank1.trace.json.gz", "rank0.trace.json.gz"])
+
+    def steps(path):
+        with gzip.open(path, "rt") as f:
+            return sum(1 for e in json.load(f)["traceEvents"]
+                       if e.get("cat") == "user_annotation" and e.get("name", "").startswith(STEP_LABEL + "#"))
+
+    assert res["steps"] >= 5
+    assert {steps(p) for p in traces} == {res["steps"]}

@@ -65,9 +65,13 @@ def run_engine(engine, reqs: list[BenchRequest], profile: dict = None) -> dict:
     outs = engine.generate(input_ids=[r.input_ids for r in reqs], sampling_params=sps)
     dt = time.perf_counter() - t0
     prof = None
-    if profile is not None:  # stopped by num_steps, or now (decided on the scheduler thread)
-        p = engine.rt.profiler
-        prof = engine._call(lambda: p.stop() if p.active else p.last)
+    if profile is not None:  # stopped by num_steps already, or now
+        from portaserve.profiler import ProfileError
+
+        try:
+            prof = engine.stop_profile()
+        except ProfileError:
+            prof = engine.rt.profiler.last
     steps = timer.remove() if timer is not None else {}
     out_tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
     assert out_tokens == sum(r.output_len for r in reqs)

@@ -244,7 +244,7 @@ async def start_profile(request: Request):
 
 @router.api_route("/stop_profile", methods=["POST", "GET"])
 async def stop_profile(request: Request):
-    """Stop the profiler: writes <output_dir>/<stamp>-rank0.trace.json.gz and a summary
+    """Stop the profiler: each rank writes <output_dir>/<stamp>-pid<P>-rank<R>.trace.json.gz and a summary
     of device time per step kind (extend / mixed / decode) beside it."""
     return await _profile_call(request, "stop_profile")
 
