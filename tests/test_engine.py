@@ -37,6 +37,15 @@ def test_chunked_prefill_same_tokens(reference_outputs):
         assert [o["output_ids"] for o in a] == [o["output_ids"] for o in b]
         assert [o["output_ids"] for o in a[: len(PROMPTS)]] == reference_outputs
         assert small.get_server_info()["counters"]["forward_extend"] > 2 * len(PROMPTS)
+        # prompt logprobs whose rows span chunks: the same positions, values and tokens
+        for start in (0, 3, 11):
+            lp = [e.generate(long[1], {"max_new_tokens": 1, "temperature": 0}, return_logprob=True,
+                             logprob_start_len=start)["meta_info"]["input_token_logprobs"] for e in (small, whole)]
+            assert len(lp[0]) == len(lp[1]) > 20
+            assert [t for _, t, _ in lp[0]] == [t for _, t, _ in lp[1]]
+            assert lp[0][0][0] is None if start == 0 else lp[0][0][0] is not None
+            for (x, _, _), (y, _, _) in zip(lp[0], lp[1]):
+                assert x == y if x is None or y is None else abs(x - y) < 1e-3
         _free_all(small)
 
 

@@ -539,15 +539,20 @@ class Scheduler:
             ids.extend(fill[start:start + n])
             pos.extend(range(start, start + n))
             locs.extend(req.slots[start:start + n])  # the host mirror of the row
-            completes = start + n == len(fill)
-            # rows whose logits we need: input logprobs, and the last row to sample from
+            end = start + n
+            completes = end == len(fill)
+            # rows whose logits we need: input logprobs (positions [lp_from - 1, prompt - 1)),
+            # and the last row to sample from; ranges, not a loop over the chunk's tokens
             lp_from = req.input_logprob_start()
-            want_input = req.return_logprob and lp_from < len(req.input_ids) and not req.input_lp_done
-            for p in range(start, start + n):
-                last = completes and p == start + n - 1
-                if last or (want_input and max(lp_from - 1, 0) <= p < len(req.input_ids) - 1):
-                    sel.append(row + (p - start))
-                    sel_owner.append((req, p, last))
+            want = []
+            if req.return_logprob and lp_from < len(req.input_ids) and not req.input_lp_done:
+                want = range(max(start, lp_from - 1, 0), min(end, len(req.input_ids) - 1))
+            for p in want:
+                sel.append(row + (p - start))
+                sel_owner.append((req, p, completes and p == end - 1))
+            if completes and (not want or want[-1] != end - 1):
+                sel.append(row + n - 1)
+                sel_owner.append((req, end - 1, True))
             row += n
         rows = [r.req_pool_idx for r in batch]
         prefix_lens = [r.kv_len for r in batch]
