@@ -50,6 +50,7 @@ class ServerArgs:
     served_model_name: Optional[str] = _opt(None, "model name reported by the API (default: the model's)")
     chat_template: Optional[str] = _opt(None, "Jinja chat template file or string overriding the tokenizer's")
     enable_metrics: bool = _opt(False, "serve Prometheus metrics at /metrics")
+    skip_server_warmup: bool = _opt(False, "accept requests without first running one short warm-up request (which compiles and caches the kernels the first real request would otherwise wait for)")
     log_level: str = _opt("info", "logging level", choices=["debug", "info", "warning", "error"])
     kernel: list = _opt(None, "force an op provider, OP=PROVIDER (repeatable); all=native bisects numerics",
                         action="append")

@@ -99,6 +99,35 @@ def create_app(client: SchedulerClient) -> FastAPI:
     return app
 
 
+WARMUP_TIMEOUT_S = 600  # first-use kernel builds (Triton, FlashInfer) on a fresh machine
+
+
+async def _warmup(client: SchedulerClient) -> None:
+    """One short request through the whole path before the port opens (SGLang does the
+    same): the kernels that compile on first use (Triton's, on GPUs) compile now, not in
+    the first user's request.  Its prompt is then dropped from the prefix cache."""
+    import uuid
+
+    from portaserve.server.common import make_req, wait_all
+
+    t0 = time.perf_counter()
+    n = min(16, client.limits.vocab_size - 1)
+    req = make_req(client, None, [1 + i for i in range(n)], {"max_new_tokens": 8, "temperature": 0,
+                                                              "ignore_eos": True},
+                   rid=f"WARMUP_{uuid.uuid4().hex}")
+    states = client.submit([req])
+    try:
+        await asyncio.wait_for(wait_all(client, states), timeout=WARMUP_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise RuntimeError(f"the warm-up request did not finish in {WARMUP_TIMEOUT_S} s "
+                           "(--skip-server-warmup skips it)") from None
+    st = states[0]
+    if st.error is not None or client.dead is not None:
+        raise RuntimeError(f"the warm-up request failed: {st.error or client.dead}")
+    await client.call("flush_cache")
+    logger.info("warm-up request done in %.1f s", time.perf_counter() - t0)
+
+
 async def _serve_async(args) -> int:
     import uvicorn
 
@@ -108,6 +137,12 @@ async def _serve_async(args) -> int:
     except BaseException:
         await client.close()
         raise
+    if not args.skip_server_warmup:
+        try:
+            await _warmup(client)
+        except BaseException:
+            await client.close()
+            raise
     if args.enable_metrics:
         from portaserve.server.metrics import Metrics
 

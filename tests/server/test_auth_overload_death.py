@@ -33,6 +33,15 @@ def small(tmp_path_factory):
     s.stop()
 
 
+def test_warmup_ran_before_serving(small):
+    """One 16-token warm-up request ran through the scheduler before the port opened (the
+    first test on this server: no other request yet), and its prompt left the cache."""
+    info = requests.get(small.url + "/server_info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    c = info["counters"]
+    assert (c["prompt_tokens"], c["generated_tokens"], c["forward_extend"]) == (16, 8, 1), c
+    assert info["kv"]["free"] == info["kv"]["max_total_tokens"]
+
+
 def test_api_key(small):
     url = small.url
     assert requests.get(url + "/health").status_code == 200  # open

@@ -12,7 +12,7 @@ FLAGS = ["--model-path", "--tokenizer-path", "--host", "--port", "--device", "--
          "--tp-size", "--tp", "--context-length", "--mem-fraction-static", "--max-total-tokens",
          "--max-running-requests", "--max-queued-requests", "--chunked-prefill-size",
          "--schedule-policy", "--disable-radix-cache", "--api-key", "--served-model-name",
-         "--chat-template", "--enable-metrics", "--log-level", "--kernel"]
+         "--chat-template", "--enable-metrics", "--log-level", "--kernel", "--skip-server-warmup"]
 
 
 def _run(args, timeout=120):
