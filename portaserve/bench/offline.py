@@ -60,6 +60,7 @@ def run_engine(engine, reqs: list[BenchRequest], profile: dict = None) -> dict:
     sps = [{"max_new_tokens": r.output_len, "temperature": 0, "ignore_eos": True} for r in reqs]
     timer = StepTimer(engine.rt.scheduler) if engine.rt.tp is None else None
     if profile is not None:
+        earlier = engine.rt.profiler.last
         engine.start_profile(**profile)
     t0 = time.perf_counter()
     outs = engine.generate(input_ids=[r.input_ids for r in reqs], sampling_params=sps)
@@ -72,6 +73,9 @@ def run_engine(engine, reqs: list[BenchRequest], profile: dict = None) -> dict:
             prof = engine.stop_profile()
         except ProfileError:
             prof = engine.rt.profiler.last
+        if prof is earlier:  # this run's profile was not written (its stop logged why)
+            print("profile: none written for this run", file=sys.stderr)
+            prof = None
     steps = timer.remove() if timer is not None else {}
     out_tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
     assert out_tokens == sum(r.output_len for r in reqs)

@@ -111,20 +111,28 @@ async def _warmup(client: SchedulerClient) -> None:
     from portaserve.server.common import make_req, wait_all
 
     t0 = time.perf_counter()
-    n = min(16, client.limits.vocab_size - 1)
-    req = make_req(client, None, [1 + i for i in range(n)], {"max_new_tokens": 8, "temperature": 0,
-                                                              "ignore_eos": True},
-                   rid=f"WARMUP_{uuid.uuid4().hex}")
-    states = client.submit([req])
+    lim = client.limits
+    cap = min(lim.context_len, lim.pool_tokens)  # prompt + new tokens must fit both
+    n = min(16, lim.vocab_size - 1, cap - 1)
+    if n < 1:
+        logger.warning("no warm-up request fits (context %d, pool %d, vocab %d); skipped",
+                       lim.context_len, lim.pool_tokens, lim.vocab_size)
+        return
+    sp = {"max_new_tokens": min(8, cap - n), "temperature": 0, "ignore_eos": True}
     try:
+        req = make_req(client, None, [1 + i for i in range(n)], sp, rid=f"WARMUP_{uuid.uuid4().hex}")
+        states = client.submit([req])
         await asyncio.wait_for(wait_all(client, states), timeout=WARMUP_TIMEOUT_S)
+        if states[0].error is not None:
+            raise RuntimeError(states[0].error)
+        flushed = await client.call("flush_cache", timeout=WARMUP_TIMEOUT_S)
     except asyncio.TimeoutError:
         raise RuntimeError(f"the warm-up request did not finish in {WARMUP_TIMEOUT_S} s "
                            "(--skip-server-warmup skips it)") from None
-    st = states[0]
-    if st.error is not None or client.dead is not None:
-        raise RuntimeError(f"the warm-up request failed: {st.error or client.dead}")
-    await client.call("flush_cache")
+    except (APIError, RuntimeError) as e:  # SchedulerDead is a RuntimeError
+        raise RuntimeError(f"the warm-up request failed: {e} (--skip-server-warmup skips it)") from None
+    if not flushed:
+        logger.warning("the warm-up prompt could not be flushed from the prefix cache")
     logger.info("warm-up request done in %.1f s", time.perf_counter() - t0)
 
 

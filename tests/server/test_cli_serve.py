@@ -70,3 +70,54 @@ def test_bench_serving(server, tmp_path):
               "--gsp-output-len", "2", "--max-concurrency", "2", "--disable-tqdm"], timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Successful requests:                     4" in r.stdout
+
+
+def test_warmup_request_fits_the_limits(monkeypatch):
+    """The warm-up request is sized to what the server accepts (a tiny --context-length or
+    KV pool must not stop it from starting); where nothing fits it is skipped, and a
+    failure is a RuntimeError that says what failed (serve() prints it, no traceback)."""
+    import asyncio
+    import types
+
+    from portaserve.core.request_builder import Limits
+    from portaserve.server import app, common
+
+    sent = []
+
+    class Client:
+        tokenizer, dead = None, None
+
+        def __init__(self, **lim):
+            self.limits = Limits(**{"context_len": 4096, "vocab_size": 32000, "pool_tokens": 4096, **lim})
+
+        def submit(self, reqs):
+            sent.append(reqs[0])
+            return [types.SimpleNamespace(error=None)]
+
+        async def call(self, cmd, timeout=30):
+            return True
+
+    async def done(client, states, request=None):
+        return None
+
+    monkeypatch.setattr(common, "wait_all", done)
+    for lim, want in [({}, (16, 8)), ({"context_len": 20}, (16, 4)), ({"pool_tokens": 10}, (9, 1)),
+                      ({"context_len": 2, "vocab_size": 2}, (1, 1))]:
+        sent.clear()
+        asyncio.run(app._warmup(Client(**lim)))
+        r = sent[0]
+        assert (len(r.input_ids), r.sampling.max_new_tokens) == want, lim
+    sent.clear()
+    asyncio.run(app._warmup(Client(context_len=1)))  # nothing fits: skipped
+    assert not sent
+
+    async def dead(client, states, request=None):
+        raise common.dead_error("the scheduler crashed: out of memory")
+
+    monkeypatch.setattr(common, "wait_all", dead)
+    try:
+        asyncio.run(app._warmup(Client()))
+    except RuntimeError as e:
+        assert "warm-up request failed" in str(e) and "out of memory" in str(e)
+    else:
+        raise AssertionError("a failed warm-up must raise")
