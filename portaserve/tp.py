@@ -50,8 +50,9 @@ def step_commands(sched, items) -> list:
 def synced_commands(items) -> list:
     """The part of a driver loop's inbox that changes scheduler state, in arrival order,
     as the tuples every rank applies: ("add", req), ("abort", rid), ("flush_cache",),
-    ("start_profile", options), ("stop_profile",), ("shutdown",).  Items are (kind, payload, ...); other kinds (queries answered by
-    rank 0 alone) are left out, as are reply handles."""
+    ("start_profile", options), ("stop_profile",), ("shutdown",).  Items are (kind,
+    payload, ...); other kinds (queries answered by rank 0 alone) are left out, as are
+    reply handles."""
     out = []
     for it in items:
         if it[0] in ("add", "abort"):
