@@ -1,0 +1,51 @@
+"""Compiles the shared Triton kernels for real GPU targets, in its own process (Triton's
+JIT mode: the tests run the kernels under the interpreter, which checks no types).
+
+Reads one JSON request per line on stdin: {"module", "name", "signature", "constexprs",
+"options"}, the launch a test just made; compiles it for every target below through
+Triton's whole pipeline (TTIR, TTGIR, LLVM, then PTX + cubin or AMDGCN + hsaco) and
+writes {"ok": true} or {"ok": false, "error": ...}.  The interpreter accepts kernels a
+GPU compile rejects (a variable whose type differs between the branches of an if, for
+one), so this is what catches them without a GPU."""
+import importlib
+import json
+import sys
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# NVIDIA Hopper (the H100/H200 the GPU leg runs on) and AMD MI300 (the ROCm platform's
+# Triton target); Intel's XPU backend is not part of the PyPI wheel.
+TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("hip", "gfx942", 64)]
+
+
+def _value(v):
+    if isinstance(v, dict) and "tl_dtype" in v:
+        return getattr(tl, v["tl_dtype"])
+    return v
+
+
+def compile_launch(req):
+    fn = getattr(importlib.import_module(req["module"]), req["name"])
+    constexprs = {(i,): _value(v) for i, v in req["constexprs"]}
+    for target in TARGETS:
+        src = ASTSource(fn, req["signature"], constexprs=constexprs)
+        triton.compile(src, target=target, options=req["options"])
+
+
+def main():
+    for line in sys.stdin:
+        req = json.loads(line)
+        try:
+            compile_launch(req)
+            out = {"ok": True}
+        except Exception as e:  # the test that launched it fails with this message
+            out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
