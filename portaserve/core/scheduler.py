@@ -570,27 +570,24 @@ class Scheduler:
             prefix_lens += [0] * nb
             extend_lens += [min(width, max(nt - j * width, 0)) for j in range(nb)]
         self.req_pool.flush()
-        seq_cpu = torch.tensor([p + e for p, e in zip(prefix_lens, extend_lens)], dtype=torch.int64)
+        seq_l = [p + e for p, e in zip(prefix_lens, extend_lens)]
+        sel_rows = self._pad_rows(sel) if sel else []
+        # the pass's metadata in one asynchronous copy: a plain torch.tensor(..., device=)
+        # per field would wait for the previous pass to finish, each, before this one launches
+        (input_ids, positions, out_loc, rows_d, prefix_d, extend_d, seq_d, sel_d) = self._upload(
+            [ids, pos, locs, rows, prefix_lens, extend_lens, seq_l, sel_rows])
+        seq_cpu = torch.tensor(seq_l, dtype=torch.int64)
         fb = ForwardBatch(
-            is_decode=False,
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(pos, dtype=torch.int64, device=dev),
-            out_cache_loc=torch.tensor(locs, dtype=torch.int64, device=dev),
-            req_pool_indices=torch.tensor(rows, dtype=torch.int64, device=dev),
-            seq_lens=seq_cpu.to(dev),
-            kv=self.kv,
-            req_to_token=self.req_pool.req_to_token,
-            prefix_lens=torch.tensor(prefix_lens, dtype=torch.int64, device=dev),
-            extend_lens=torch.tensor(extend_lens, dtype=torch.int64, device=dev),
-            decode_tail=len(riders),
-            seq_lens_cpu=seq_cpu,
+            is_decode=False, input_ids=input_ids, positions=positions, out_cache_loc=out_loc,
+            req_pool_indices=rows_d, seq_lens=seq_d, kv=self.kv,
+            req_to_token=self.req_pool.req_to_token, prefix_lens=prefix_d, extend_lens=extend_d,
+            decode_tail=len(riders), seq_lens_cpu=seq_cpu,
             extend_lens_cpu=torch.tensor(extend_lens, dtype=torch.int64),
         )
         ops.attention_prepare(fb)
         with self.no_grad():
             hidden = self.model(fb)
-            logits = self.model.compute_logits(hidden[torch.tensor(self._pad_rows(sel), dtype=torch.int64, device=dev)]) \
-                if sel else None
+            logits = self.model.compute_logits(hidden[sel_d]) if sel else None
         self.counters.forward_extend += 1
         self.counters.extend_tokens += real_tokens - len(riders)
         if riders:
@@ -631,6 +628,23 @@ class Scheduler:
         if sample_reqs:
             self._sample_and_advance(logits[self._pad_rows(sample_rows)], sample_reqs)
         return [r for r in batch if r is not self.chunked]
+
+    def _upload(self, fields: list[list[int]]) -> list[torch.Tensor]:
+        """int64 device tensors of the given lists, through one host->device copy (pinned
+        and asynchronous where the platform allows).  Each field starts at an even offset of
+        the buffer, so 16-byte aligned (kernels specialise on pointer alignment: an odd
+        offset would compile another variant of each).  XLA (lazy, nothing waits): a tensor
+        per field, so each keeps its own bucketed shape and the graphs stay few."""
+        if self.lazy_device:
+            return [torch.tensor(f, dtype=torch.int64, device=self.device) for f in fields]
+        flat, spans = [], []
+        for f in fields:
+            spans.append((len(flat), len(f)))
+            flat.extend(f)
+            if len(f) % 2:
+                flat.append(0)
+        buf = to_device(torch.tensor(flat, dtype=torch.int64), self.device, self.pin_memory)
+        return [buf[o:o + n] for o, n in spans]
 
     def _pad_rows(self, rows: list) -> list:
         """rows, repeated-row padded to padding.rows(len(rows)) where batches are padded."""
