@@ -90,6 +90,20 @@ def make_kv_store(g, device, dtype):
     return tuple(t.to(device) for t in (k_cache, v_cache, loc, k, v))
 
 
+def make_rotary_kv_store(g, device, dtype):
+    # q, k, v as views of one fused projection output (the model's layout: strided rows)
+    positions, q, k, cos_sin, is_neox = make_rotary(g, device, dtype)
+    T, H, D = q.shape
+    Hk = k.shape[1]
+    qkv = torch.cat([q.reshape(T, -1), k.reshape(T, -1), _randn(g, T, Hk * D, dtype=dtype).to(device)], 1)
+    q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, Hk * D, Hk * D], 1))
+    S = T + _randint(g, 1, 9)
+    k_cache = _randn(g, S, Hk, D, dtype=dtype).to(device)
+    v_cache = _randn(g, S, Hk, D, dtype=dtype).to(device)
+    loc = (torch.randperm(S - 1, generator=g)[:T] + 1).to(device)
+    return positions, q, k, v, cos_sin, is_neox, k_cache, v_cache, loc
+
+
 @dataclass
 class PagedBatch:
     """Requests over a KV pool with scattered slots.  Slot 0 is the zeroed padding slot;
@@ -246,6 +260,7 @@ SPECS: dict[str, OpSpec] = {
     "silu_and_mul": OpSpec(make_silu_and_mul),
     "rotary_embedding": OpSpec(make_rotary),
     "kv_store": OpSpec(make_kv_store, outputs=lambda args, ret: [args[0], args[1]]),
+    "rotary_kv_store": OpSpec(make_rotary_kv_store, outputs=lambda args, ret: [ret, args[6], args[7]]),
     "attention_extend": OpSpec(make_attention_extend),
     "attention_decode": OpSpec(make_attention_decode),
     "attention_decode_shared": OpSpec(make_attention_decode_shared),

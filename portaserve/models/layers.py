@@ -32,10 +32,16 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
 
-    def forward(self, q, k, v, fb: ForwardBatch):
+    def forward(self, q, k, v, fb: ForwardBatch, rope=None):
+        """rope: (positions, cos_sin_cache, is_neox) to rotate q and k on the way in (one
+        op with the store, so a platform can fuse them)."""
         k_cache = fb.kv.k[self.layer_id]
         v_cache = fb.kv.v[self.layer_id]
-        ops.kv_store(k_cache, v_cache, fb.out_cache_loc, k, v)
+        if rope is not None:
+            positions, cos_sin, is_neox = rope
+            q = ops.rotary_kv_store(positions, q, k, v, cos_sin, is_neox, k_cache, v_cache, fb.out_cache_loc)
+        else:
+            ops.kv_store(k_cache, v_cache, fb.out_cache_loc, k, v)
         if fb.is_decode and fb.shared is not None:
             sp = fb.shared
             return ops.attention_decode_shared(q, k_cache, v_cache, fb.req_to_token, fb.req_pool_indices,

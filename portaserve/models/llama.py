@@ -85,8 +85,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q, k = ops.rotary_embedding(positions, q, k, cos_sin, True)
-        o = self.attn(q, k, v, fb)
+        o = self.attn(q, k, v, fb, rope=(positions, cos_sin, True))
         return self.o_proj(o.reshape(T, self.nh * self.hd))
 
 

@@ -16,6 +16,7 @@ for _op, _target in [
     ("fused_add_rmsnorm", f"{_TK}.norm:fused_add_rmsnorm"),
     ("silu_and_mul", f"{_TK}.activation:silu_and_mul"),
     ("rotary_embedding", f"{_TK}.rotary:rotary_embedding"),
+    ("rotary_kv_store", f"{_TK}.rotary:rotary_kv_store"),
     ("attention_decode", f"{_TK}.attention:attention_decode"),
     ("attention_decode_shared", f"{_TK}.attention:attention_decode_shared"),
     ("attention_extend", f"{_TK}.attention:attention_extend"),

@@ -151,6 +151,37 @@ def test_rotary(is_neox, rot):
     assert not torch.equal(tq.cpu(), q)
 
 
+@pytest.mark.parametrize("is_neox,rot,D", [(True, 64, 64), (False, 64, 64), (True, 32, 64), (False, 16, 48)])
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32), (torch.bfloat16, torch.float8_e4m3fn)])
+def test_rotary_kv_store(is_neox, rot, D, dtype, cache_dtype):
+    """Rotary + KV store in one launch against the two native ops, on q/k/v viewed out of
+    one projection output (strided rows), head counts past one head block (H=20 > 16)."""
+    from portaserve.models.rope import cos_sin_cache
+
+    g = torch.Generator().manual_seed(rot + D)
+    T, H, Hk, S = 13, 20, 4, 40
+    cs = cos_sin_cache(rot, 512, {"rope_theta": 10000.0, "rope_type": "default"})
+    pos = torch.randint(0, 512, (T,), generator=g)
+    qkv = (torch.randn(T, (H + 2 * Hk) * D, generator=g) * 4).to(dtype)
+    q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, Hk * D, Hk * D], 1))
+    qkv0 = qkv.clone()
+    kc = torch.randn(S, Hk, D, generator=g).to(cache_dtype)
+    vc = torch.randn(S, Hk, D, generator=g).to(cache_dtype)
+    loc = torch.randperm(S, generator=g)[:T]
+    rq, rk = native.rotary_embedding(pos, q, k, cs, is_neox)
+    rkc, rvc = kc.clone(), vc.clone()
+    native.kv_store(rkc, rvc, loc, rk, v)
+    dev = _to(DEVICE, pos, q, k, v, cs, kc, vc, loc)
+    tq = _triton("rotary_kv_store")(*dev[:5], is_neox, *dev[5:])
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(tq.cpu(), rq, **tol)
+    torch.testing.assert_close(dev[5].cpu().float(), rkc.float(), **(tol if cache_dtype != torch.float8_e4m3fn
+                                                                       else dict(atol=0.5, rtol=0.13)))
+    torch.testing.assert_close(dev[6].cpu().float(), rvc.float(), atol=0, rtol=0)
+    assert torch.equal(qkv0, qkv) and torch.equal(dev[1].cpu(), q)  # the inputs untouched
+
+
 @pytest.mark.parametrize("T,H,I,E,K", [(1, 32, 16, 4, 2), (13, 64, 48, 6, 2), (40, 32, 32, 8, 3)])
 def test_fused_moe(T, H, I, E, K):
     g = torch.Generator().manual_seed(T + E)

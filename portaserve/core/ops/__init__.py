@@ -28,6 +28,7 @@ _DECLARATIONS = [
     ("silu_and_mul", "activation", native.silu_and_mul),
     ("rotary_embedding", "rotary", native.rotary_embedding),
     ("kv_store", "kv_cache", native.kv_store),
+    ("rotary_kv_store", "rotary", native.rotary_kv_store),
     ("attention_extend", "attention", native.attention_extend),
     ("attention_decode", "attention", native.attention_decode),
     ("attention_decode_shared", "attention", native.attention_decode_shared),
@@ -68,7 +69,8 @@ def use_table(table: OpTable) -> None:
 #   adds between the GEMMs (a provider's hand-written kernel would stay one launch each).
 # Outside compiled code (eager extend passes) every op still runs its chosen provider.
 _OPAQUE_ROUTES: dict = {}
-_FUSED_WHEN_COMPILED = ("rmsnorm", "fused_add_rmsnorm", "silu_and_mul", "rotary_embedding", "kv_store")
+_FUSED_WHEN_COMPILED = ("rmsnorm", "fused_add_rmsnorm", "silu_and_mul", "rotary_embedding", "kv_store",
+                        "rotary_kv_store")
 
 
 def _native_when_compiling(name: str):
@@ -115,6 +117,11 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox=True):
 
 def kv_store(k_cache, v_cache, loc, k, v):
     return _fns["kv_store"](k_cache, v_cache, loc, k, v)
+
+
+def rotary_kv_store(positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache, loc):
+    """rotary_embedding on q and k, k and v stored at slots loc; returns the rotated q."""
+    return _fns["rotary_kv_store"](positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache, loc)
 
 
 def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens,

@@ -79,6 +79,20 @@ def kv_store(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor,
     v_cache[loc] = v.to(v_cache.dtype)
 
 
+def rotary_kv_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cos_sin_cache: torch.Tensor, is_neox: bool, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+    """rotary_embedding on q and k, then kv_store of the rotated k and v; returns the rotated
+    q.  One op so a platform can do both in one kernel (a decode step's small launches add
+    up).  Composed of the two ops as dispatched, so where no fused provider exists each part
+    still runs its platform's chosen provider (and its cache layout)."""
+    from portaserve.core import ops
+
+    q, k = ops.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+    ops.kv_store(k_cache, v_cache, loc, k, v)
+    return q
+
+
 # ---- attention ---------------------------------------------------------------------
 def attention_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from portaserve.core.ops import native
+
 
 @triton.jit
 def _rope_kernel(x_ptr, pos_ptr, cs_ptr, n_heads, stride_t, stride_h, stride_cs,
@@ -51,3 +53,79 @@ def _apply(x, positions, cos_sin_cache, is_neox):
 
 def rotary_embedding(positions, q, k, cos_sin_cache, is_neox=True):
     return _apply(q, positions, cos_sin_cache, is_neox), _apply(k, positions, cos_sin_cache, is_neox)
+
+
+# ---- rotary + KV store in one launch -----------------------------------------------------
+@triton.jit
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr, loc_ptr, cs_ptr,
+                       n_q, n_kv, q_blocks, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
+                       s_kcs, s_kch, s_vcs, s_vch, s_cs, D, HALF,
+                       BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, IS_NEOX: tl.constexpr):
+    # Program (t, b): block b of q heads (b < q_blocks) rotated into qo, or block
+    # b - q_blocks of KV heads: k rotated and v copied into the cache at slot loc[t].
+    # Each element pairs with its rotation partner (neox: d +- HALF; interleaved: d ^ 1);
+    # elements past the rotary dim 2*HALF pass through.
+    t = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    rot = d < 2 * HALF
+    if IS_NEOX:
+        first = d < HALF
+        partner = tl.where(first, d + HALF, d - HALF)
+        ci = tl.where(first, d, d - HALF)
+    else:
+        first = (d % 2) == 0
+        partner = tl.where(first, d + 1, d - 1)
+        ci = d // 2
+    partner = tl.where(rot, partner, d)
+    cmask = dmask & rot
+    cos = tl.load(cs_ptr + pos * s_cs + ci, mask=cmask, other=1.0).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * s_cs + HALF + ci, mask=cmask, other=0.0).to(tl.float32)
+    sin = tl.where(first, -sin, sin)  # y = x cos - partner sin (first), x cos + partner sin
+    if b < q_blocks:
+        h = b * BLOCK_H + tl.arange(0, BLOCK_H)
+        m = (h < n_q)[:, None] & dmask[None, :]
+        src = q_ptr + t * s_qt + h[:, None] * s_qh
+        x = tl.load(src + d[None, :], mask=m, other=0.0)
+        xp = tl.load(src + partner[None, :], mask=m, other=0.0).to(tl.float32)
+        y = x.to(tl.float32) * cos[None, :] + xp * sin[None, :]
+        tl.store(qo_ptr + t * s_ot + h[:, None] * s_oh + d[None, :], y.to(x.dtype), mask=m)
+    else:
+        slot = tl.load(loc_ptr + t).to(tl.int64)
+        h = (b - q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+        m = (h < n_kv)[:, None] & dmask[None, :]
+        src = k_ptr + t * s_kt + h[:, None] * s_kh
+        x = tl.load(src + d[None, :], mask=m, other=0.0)
+        xp = tl.load(src + partner[None, :], mask=m, other=0.0).to(tl.float32)
+        ky = (x.to(tl.float32) * cos[None, :] + xp * sin[None, :]).to(x.dtype)  # as the model's k,
+        tl.store(kc_ptr + slot * s_kcs + h[:, None] * s_kch + d[None, :],  # then the cache's dtype
+                 ky.to(kc_ptr.dtype.element_ty), mask=m)
+        vv = tl.load(v_ptr + t * s_vt + h[:, None] * s_vh + d[None, :], mask=m, other=0.0)
+        tl.store(vc_ptr + slot * s_vcs + h[:, None] * s_vch + d[None, :],
+                 vv.to(vc_ptr.dtype.element_ty), mask=m)
+
+
+def rotary_kv_store(positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache, loc):
+    """Rotary on q and k, k and v stored into the caches at slots loc; returns the rotated q.
+    One launch per layer instead of rotary's two (plus their copies) and the store's two."""
+    if k_cache.element_size() == 1 or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        # fp8 caches saturate on store (native's clamp); odd layouts: the composed ops
+        q, k = rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+        native.kv_store(k_cache, v_cache, loc, k, v)
+        return q
+    T, H, D = q.shape
+    Hk = k.shape[1]
+    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    if T == 0:
+        return out
+    BLOCK_H = min(16, triton.next_power_of_2(max(H, Hk)))
+    q_blocks = triton.cdiv(H, BLOCK_H)
+    _rope_store_kernel[(T, q_blocks + triton.cdiv(Hk, BLOCK_H))](
+        q, k, v, out, k_cache, v_cache, positions, loc, cos_sin_cache, H, Hk, q_blocks,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+        v_cache.stride(1), cos_sin_cache.stride(0), D, cos_sin_cache.shape[-1] // 2,
+        BLOCK_H=BLOCK_H, BLOCK_D=triton.next_power_of_2(D), IS_NEOX=is_neox)
+    return out
