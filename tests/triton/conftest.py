@@ -2,8 +2,8 @@
 is named (PORTASERVE_TEST_DEVICE=cuda on a GPU host runs them compiled).  The variable
 must be set before the kernels are decorated (imported).
 
-Under the interpreter every launch is also compiled for real GPU targets (NVIDIA sm_90,
-AMD gfx942) by compile_worker.py in a separate process, once per distinct signature: the
+Under the interpreter every launch is also compiled for real GPU targets (NVIDIA sm_90 and
+sm_80, AMD gfx942) by compile_worker.py in a separate process, once per distinct signature: the
 interpreter does not type-check a kernel, and a kernel it runs can still fail to compile
 on a GPU.  PORTASERVE_TRITON_COMPILE_CHECK=0 turns this off."""
 import atexit

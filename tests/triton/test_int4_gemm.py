@@ -67,13 +67,17 @@ def test_int4_gemm_leading_dims():
     torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
-def test_attention_over_fp8_kv_cache(kv_dtype):
+@pytest.mark.parametrize("kv_dtype,as_bytes", [(torch.float8_e4m3fn, False), (torch.float8_e4m3fn, True),
+                                              (torch.float8_e5m2, False)])
+def test_attention_over_fp8_kv_cache(kv_dtype, as_bytes, monkeypatch):
     """Reading an FP8 pool is the same as reading its upcast copy (the rounding happened
-    at store time)."""
-    from portaserve.platforms.triton_kernels.attention import attention_decode, attention_extend
+    at store time): decode, cascade decode and extend.  as_bytes: the path of GPUs whose
+    Triton has no e4m3 type (the A100), which reads the cache as bytes and decodes them."""
+    from portaserve.platforms.triton_kernels import attention as ta
+    from tests.test_cascade_attention import paged_shared_batch
     from tests.triton.test_kernels import _paged_setup
 
+    monkeypatch.setattr(ta, "_e4m3_as_bytes", lambda device: as_bytes)
     g = torch.Generator().manual_seed(5)
     H, Hk, D = 8, 2, 32
     seq = [1, 17, 70, 5]
@@ -83,7 +87,14 @@ def test_attention_over_fp8_kv_cache(kv_dtype):
     sl = torch.tensor(seq)
     ref = native.attention_decode(q, k8.float(), v8.float(), r2t, rows, sl, D ** -0.5)
     torch.testing.assert_close(native.attention_decode(q, k8, v8, r2t, rows, sl, D ** -0.5), ref)
-    out = attention_decode(*_dev(q, k8, v8, r2t, rows, sl), D ** -0.5)
+    out = ta.attention_decode(*_dev(q, k8, v8, r2t, rows, sl), D ** -0.5)
+    torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
+
+    q, k, v, r2t, rows, sl, m = paged_shared_batch(g, [(150, 3), (0, 2)], H, Hk, D, pad_tiles=1)
+    k8, v8 = k.to(kv_dtype), v.to(kv_dtype)
+    ref = native.attention_decode(q, k8.float(), v8.float(), r2t, rows, sl, D ** -0.5)
+    args = _dev(q, k8, v8, r2t, rows, sl, m.kv_start, m.tile_rows, m.tile_lens, m.tile_members)
+    out = ta.attention_decode_shared(*args[:6], D ** -0.5, *args[6:])
     torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
 
     prefix, ext = [0, 40, 3], [7, 33, 1]
@@ -92,8 +103,32 @@ def test_attention_over_fp8_kv_cache(kv_dtype):
     q = torch.randn(sum(ext), H, D, generator=g)
     pl, el = torch.tensor(prefix), torch.tensor(ext)
     ref = native.attention_extend(q, k8.float(), v8.float(), r2t, rows, pl, el, D ** -0.5)
-    out = attention_extend(*_dev(q, k8, v8, r2t, rows, pl, el), D ** -0.5)
+    out = ta.attention_extend(*_dev(q, k8, v8, r2t, rows, pl, el), D ** -0.5)
     torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
+
+
+if importlib.util.find_spec("triton") is not None:  # module level: the compile check imports it
+    import triton
+    import triton.language as tl
+
+    from portaserve.platforms.triton_kernels.attention import _e4m3_bits_to_f32
+
+    @triton.jit
+    def _decode_e4m3_all(x_ptr, y_ptr):
+        i = tl.arange(0, 256)
+        tl.store(y_ptr + i, _e4m3_bits_to_f32(tl.load(x_ptr + i)))
+
+
+def test_e4m3_bytes_decode_every_value():
+    """The byte decoder against torch's float8_e4m3fn, all 256 patterns (the two NaN
+    patterns read as +-480: stores saturate, so only a NaN input writes them)."""
+    bits = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    want = bits.view(torch.float8_e4m3fn).float()
+    want[want.isnan()] = torch.where(bits[want.isnan()] >= 128, -480.0, 480.0)
+    x = bits.to(DEVICE)
+    y = torch.empty(256, dtype=torch.float32, device=DEVICE)
+    _decode_e4m3_all[(1,)](x, y)
+    assert torch.equal(y.cpu(), want), (y.cpu() - want).abs().max()
 
 
 # ---- the decode kernel (M <= 64; AWQ and GPTQ without act-order) ----------------------------------------------------------

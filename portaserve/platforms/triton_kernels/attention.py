@@ -40,14 +40,28 @@ def _sm_count(device) -> int:
 
 
 @triton.jit
+def _e4m3_bits_to_f32(x):
+    """float8_e4m3fn values from their bytes (x: uint8), for GPUs whose Triton has no e4m3
+    type (NVIDIA before sm_89).  Exact for every finite value; the NaN pattern reads as
+    +-480 (stores saturate, so only a NaN input writes it)."""
+    b = x.to(tl.int32)
+    e = (b >> 3) & 15
+    m = b & 7
+    normal = (((b & 0x80) << 24) | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125  # subnormal: m * 2^-9
+    return tl.where(e == 0, tl.where((b & 0x80) != 0, -sub, sub), normal)
+
+
+@triton.jit
 def _attend_range(q, k_ptr, v_ptr, row_ptr, kvh, stride_kt, stride_kh, stride_vt, stride_vh, start, end,
                   scale, d, dmask, dv, dvmask, qpos, ROWS: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, E4M3_BITS: tl.constexpr):
     """Online softmax of the ROWS query rows q (heads of one KV head, or a block of prompt
     positions) over positions [start, end) of one request-table row (row_ptr): the
     normalised output [ROWS, BLOCK_DV] and the log-sum-exp [ROWS] (float32; -inf for an
     empty range), the partial result the split merge (_decode_stage2) combines.  CAUSAL:
-    row r sees positions <= qpos[r] only (every row must see position start)."""
+    row r sees positions <= qpos[r] only (every row must see position start).  E4M3_BITS:
+    the caches are float8_e4m3fn seen as bytes (uint8 pointers), decoded here."""
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
@@ -57,6 +71,8 @@ def _attend_range(q, k_ptr, v_ptr, row_ptr, kvh, stride_kt, stride_kh, stride_vt
         slots = tl.load(row_ptr + n, mask=nmask, other=0).to(tl.int64)
         k = tl.load(k_ptr + slots[:, None] * stride_kt + kvh * stride_kh + d[None, :],
                     mask=nmask[:, None] & dmask[None, :], other=0.0)
+        if E4M3_BITS:
+            k = _e4m3_bits_to_f32(k)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee").to(tl.float32) * scale
         if CAUSAL:
             s = tl.where((n[None, :] <= qpos[:, None]) & nmask[None, :], s, float("-inf"))
@@ -66,7 +82,10 @@ def _attend_range(q, k_ptr, v_ptr, row_ptr, kvh, stride_kt, stride_kh, stride_vt
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         v = tl.load(v_ptr + slots[:, None] * stride_vt + kvh * stride_vh + dv[None, :],
-                    mask=nmask[:, None] & dvmask[None, :], other=0.0).to(q.dtype)  # fp8 caches upcast
+                    mask=nmask[:, None] & dvmask[None, :], other=0.0)
+        if E4M3_BITS:
+            v = _e4m3_bits_to_f32(v)
+        v = v.to(q.dtype)  # fp8 caches upcast
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee").to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
@@ -82,7 +101,8 @@ def _decode_stage1(q_ptr, k_ptr, v_ptr, r2t_ptr, rpi_ptr, seq_ptr, start_ptr, mi
                    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
                    scale, n_heads, GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_START: tl.constexpr):
+                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_START: tl.constexpr,
+                   E4M3_BITS: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -105,7 +125,8 @@ def _decode_stage1(q_ptr, k_ptr, v_ptr, r2t_ptr, rpi_ptr, seq_ptr, start_ptr, mi
                 mask=hmask[:, None] & dmask[None, :], other=0.0)
     out, lse = _attend_range(q, k_ptr, v_ptr, r2t_ptr + row * stride_r2t, kvh, stride_kt, stride_kh,
                              stride_vt, stride_vh, start, end, scale, d, dmask, dv, dvmask, end,
-                             ROWS=BLOCK_H, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N, CAUSAL=False)
+                             ROWS=BLOCK_H, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N, CAUSAL=False,
+                             E4M3_BITS=E4M3_BITS)
     tl.store(mid_o + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + dv[None, :], out,
              mask=hmask[:, None] & dvmask[None, :])
     tl.store(mid_lse + b * stride_lb + heads * stride_lh + split, lse, mask=hmask)
@@ -153,7 +174,7 @@ def _shared_prefix_kernel(q_ptr, k_ptr, v_ptr, r2t_ptr, tile_row_ptr, tile_len_p
                           GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr,
                           MEMBERS: tl.constexpr, SUBTILES: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PREFIX_SPLITS: tl.constexpr):
+                          PREFIX_SPLITS: tl.constexpr, E4M3_BITS: tl.constexpr):
     """Cascade attention, level 1: the requests of one tile share the first tile_len
     positions of the KV (the same slots, through the radix cache).  Their queries (MEMBERS
     requests x the GROUP heads of one KV head, as the rows of one matrix) attend to that
@@ -187,7 +208,8 @@ def _shared_prefix_kernel(q_ptr, k_ptr, v_ptr, r2t_ptr, tile_row_ptr, tile_len_p
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
     out, lse = _attend_range(q, k_ptr, v_ptr, r2t_ptr + row * stride_r2t, kvh, stride_kt, stride_kh,
                              stride_vt, stride_vh, start, end, scale, d, dmask, dv, dvmask, end,
-                             ROWS=MEMBERS * BLOCK_G, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N, CAUSAL=False)
+                             ROWS=MEMBERS * BLOCK_G, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N, CAUSAL=False,
+                             E4M3_BITS=E4M3_BITS)
     tl.store(pmid_o + member[:, None] * stride_pb + heads[:, None] * stride_ph + split * stride_ps + dv[None, :],
              out, mask=rmask[:, None] & dvmask[None, :])
     tl.store(pmid_lse + member * stride_plb + heads * stride_plh + split, lse, mask=rmask)
@@ -214,6 +236,33 @@ PREFIX_WARPS = 4
 PREFIX_STAGES = 3
 
 
+_E4M3_BYTES: dict = {}
+
+
+def _e4m3_as_bytes(device) -> bool:
+    """Whether this device's Triton lacks the float8_e4m3fn type (NVIDIA before sm_89, e.g.
+    the A100; AMD before MI300; Intel: not assumed): its kernels then read an e4m3 cache as
+    bytes and decode them (_e4m3_bits_to_f32).  The interpreter (CPU) has the type."""
+    if device.type == "cpu":
+        return False
+    if device not in _E4M3_BYTES:
+        if device.type == "cuda" and torch.version.hip is None:
+            has = torch.cuda.get_device_capability(device) >= (8, 9)
+        elif device.type == "cuda":
+            has = torch.cuda.get_device_properties(device).gcnArchName.startswith(("gfx94", "gfx95", "gfx12"))
+        else:
+            has = False
+        _E4M3_BYTES[device] = not has
+    return _E4M3_BYTES[device]
+
+
+def _kv_operands(k_cache, v_cache):
+    """The caches as the kernels read them, and whether as e4m3 bytes (E4M3_BITS)."""
+    if k_cache.dtype == torch.float8_e4m3fn and _e4m3_as_bytes(k_cache.device):
+        return k_cache.view(torch.uint8), v_cache.view(torch.uint8), True
+    return k_cache, v_cache, False
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """t, copied if its address is not 16-byte aligned.  Triton compiles a kernel variant
     per pointer alignment: a mixed batch's decode tail (a slice at an odd offset) would
@@ -233,6 +282,7 @@ def _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale
     if B == 0:
         return o
     on_cpu = q.device.type == "cpu"
+    k_cache, v_cache, e4m3_bits = _kv_operands(k_cache, v_cache)
     splits = _num_splits(B, Hk, q.device)
     mid_o = torch.empty(B, H, splits, DV, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
@@ -255,7 +305,7 @@ def _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale
                 pmid_o.stride(1), pmid_o.stride(2), pmid_lse.stride(0), pmid_lse.stride(1), scale, H,
                 GROUP=group, D=D, DV=DV, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_G=block_g,
                 MEMBERS=members, SUBTILES=tile // members, BLOCK_N=32 if on_cpu else PREFIX_BLOCK_N,
-                PREFIX_SPLITS=PREFIX_SPLITS, **({} if on_cpu else dict(num_warps=PREFIX_WARPS,
+                PREFIX_SPLITS=PREFIX_SPLITS, E4M3_BITS=e4m3_bits, **({} if on_cpu else dict(num_warps=PREFIX_WARPS,
                                                                          num_stages=PREFIX_STAGES)))
     _decode_stage1[(B, Hk, splits)](
         q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, kv_start, mid_o, mid_lse,
@@ -263,7 +313,7 @@ def _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale
         req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), scale, H, GROUP=group, D=D, DV=DV,
         BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_H=BLOCK_H,
-        BLOCK_N=32 if on_cpu else 64, NUM_SPLITS=splits, HAS_START=shared is not None)
+        BLOCK_N=32 if on_cpu else 64, NUM_SPLITS=splits, HAS_START=shared is not None, E4M3_BITS=e4m3_bits)
     ps = (0, 0, 0, 0, 0) if shared is None else (
         pmid_o.stride(0), pmid_o.stride(1), pmid_o.stride(2), pmid_lse.stride(0), pmid_lse.stride(1))
     _decode_stage2[(B, H)](
@@ -279,7 +329,7 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r2t_ptr, rpi_ptr, prefix_ptr, ext
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                    stride_r2t, scale, GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   BLOCK_N: tl.constexpr, E4M3_BITS: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     mblk = tl.program_id(2)
@@ -302,7 +352,8 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r2t_ptr, rpi_ptr, prefix_ptr, ext
     kv_end = tl.minimum(prefix + (mblk + 1) * BLOCK_M, prefix + ext)
     out, _ = _attend_range(q, k_ptr, v_ptr, r2t_ptr + row * stride_r2t, kvh, stride_kt, stride_kh,
                            stride_vt, stride_vh, 0, kv_end, scale, d, dmask, dv, dvmask, prefix + m,
-                           ROWS=BLOCK_M, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N, CAUSAL=True)
+                           ROWS=BLOCK_M, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N, CAUSAL=True,
+                           E4M3_BITS=E4M3_BITS)
     tl.store(o_ptr + (q0 + m[:, None]) * stride_ot + h * stride_oh + dv[None, :],
              out.to(o_ptr.dtype.element_ty), mask=mmask[:, None] & dvmask[None, :])
 
@@ -321,9 +372,11 @@ def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix
     qstart[1:] = torch.cumsum(extend_lens, 0)[:-1]
     BLOCK_M = 32 if q.device.type == "cpu" else 64
     max_ext = int(extend_lens.max())
+    k_cache, v_cache, e4m3_bits = _kv_operands(k_cache, v_cache)
     _extend_kernel[(B, H, triton.cdiv(max_ext, BLOCK_M))](
         q, k_cache, v_cache, o, req_to_token, req_pool_indices, prefix_lens, extend_lens, qstart,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         o.stride(0), o.stride(1), req_to_token.stride(0), scale, GROUP=H // Hk, D=D, DV=DV,
-        BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV), BLOCK_M=BLOCK_M, BLOCK_N=32)
+        BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV), BLOCK_M=BLOCK_M, BLOCK_N=32,
+        E4M3_BITS=e4m3_bits)
     return o
