@@ -5,7 +5,11 @@ must be set before the kernels are decorated (imported).
 Under the interpreter every launch is also compiled for real GPU targets (NVIDIA sm_90 and
 sm_80, AMD gfx942) by compile_worker.py in a separate process, once per distinct signature: the
 interpreter does not type-check a kernel, and a kernel it runs can still fail to compile
-on a GPU.  PORTASERVE_TRITON_COMPILE_CHECK=0 turns this off."""
+on a GPU.  It compiles the launches as the tests make them: where a wrapper picks smaller
+blocks on the CPU (the attention kernels' BLOCK_N, for the interpreter's speed) the GPU's
+own block sizes are not compiled here, so this finds type and lowering errors, not a
+variant that overflows a GPU's shared memory.  PORTASERVE_TRITON_COMPILE_CHECK=0 turns
+it off."""
 import atexit
 import inspect
 import json
