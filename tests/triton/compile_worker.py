@@ -2,23 +2,31 @@
 JIT mode: the tests run the kernels under the interpreter, which checks no types).
 
 Reads one JSON request per line on stdin: {"module", "name", "signature", "constexprs",
-"options"}, the launch a test just made; compiles it for each target below through
+"attrs", "options"}, the launch a test just made; compiles it for each target below through
 Triton's whole pipeline (TTIR, TTGIR, LLVM, then PTX + cubin or AMDGCN + hsaco) and
-writes {"ok": true} or {"ok": false, "error": ...}.  The interpreter accepts kernels a
+checks the shared memory it needs against the target's, and writes {"ok": true} or
+{"ok": false, "error": ...}.  The interpreter accepts kernels a
 GPU compile rejects (a variable whose type differs between the branches of an if, for
 one), so this is what catches them without a GPU."""
 import importlib
 import json
+import os
 import sys
 
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
 
 # NVIDIA Hopper (the H100/H200 the GPU leg runs on), Ampere (A100) and AMD MI300 (the ROCm
 # platform's Triton target); Intel's XPU backend is not part of the PyPI wheel.
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32), GPUTarget("hip", "gfx942", 64)]
+
+
+# Shared memory (LDS on AMD) one program may use: the H100's 227 KiB, the A100's 163 KiB,
+# the MI300's 64 KiB.  A kernel over it compiles but fails at launch ("out of resources").
+SHARED_LIMIT = {("cuda", 90): 232448, ("cuda", 80): 166912, ("hip", "gfx942"): 65536}
 
 
 def _launched_on(target, signature) -> bool:
@@ -31,7 +39,7 @@ def _launched_on(target, signature) -> bool:
 
 def _value(v):
     if isinstance(v, dict) and "tl_dtype" in v:
-        return getattr(tl, v["tl_dtype"])
+        return tl.dtype(v["tl_dtype"])
     return v
 
 
@@ -41,20 +49,30 @@ def compile_launch(req):
     for target in TARGETS:
         if not _launched_on(target, req["signature"]):
             continue
-        src = ASTSource(fn, req["signature"], constexprs=constexprs)
-        triton.compile(src, target=target, options=req["options"])
+        backend = make_backend(target)
+        attrs = {(i,): backend.parse_attr(spec) for i, spec in req.get("attrs", [])}
+        src = ASTSource(fn, req["signature"], constexprs=constexprs, attrs=attrs)
+        kernel = triton.compile(src, target=target, options=req["options"])
+        limit = SHARED_LIMIT[(target.backend, target.arch)]
+        if kernel.metadata.shared > limit:
+            raise RuntimeError(f"{target.backend} {target.arch}: needs {kernel.metadata.shared} bytes of "
+                               f"shared memory, the device has {limit}")
 
 
 def main():
+    # answers go to the original stdout; anything else printed (imports, Triton) to stderr
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     for line in sys.stdin:
-        req = json.loads(line)
+        key = line.rstrip("\n")
         try:
-            compile_launch(req)
+            compile_launch(json.loads(key))
             out = {"ok": True}
         except Exception as e:  # the test that launched it fails with this message
             out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        sys.stdout.write(json.dumps(out) + "\n")
-        sys.stdout.flush()
+        out["key"] = key
+        answers.write(json.dumps(out) + "\n")
+        answers.flush()
 
 
 if __name__ == "__main__":

@@ -3,17 +3,18 @@ is named (PORTASERVE_TEST_DEVICE=cuda on a GPU host runs them compiled).  The va
 must be set before the kernels are decorated (imported).
 
 Under the interpreter every launch is also compiled for real GPU targets (NVIDIA sm_90 and
-sm_80, AMD gfx942) by compile_worker.py in a separate process, once per distinct signature: the
-interpreter does not type-check a kernel, and a kernel it runs can still fail to compile
-on a GPU.  It compiles the launches as the tests make them: where a wrapper picks smaller
-blocks on the CPU (the attention kernels' BLOCK_N, for the interpreter's speed) the GPU's
-own block sizes are not compiled here, so this finds type and lowering errors, not a
-variant that overflows a GPU's shared memory.  PORTASERVE_TRITON_COMPILE_CHECK=0 turns
-it off."""
+sm_80, AMD gfx942) by compile_worker.py in a separate process, once per distinct
+signature, specialised as Triton's JIT would on a GPU: the interpreter type-checks
+nothing, and a kernel it runs can still fail to compile on a GPU.  The worker also checks
+each variant's shared memory against the device's.  The interpreted tests use the CPU's
+block sizes where a wrapper picks smaller ones there; test_gpu_variants.py launches the
+wrappers on meta tensors at model shapes, so their GPU variants are compiled (not run)
+too.  PORTASERVE_TRITON_COMPILE_CHECK=0 turns this off."""
 import atexit
 import inspect
 import json
 import os
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -23,41 +24,84 @@ import torch
 if os.environ.get("PORTASERVE_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-           torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-           torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
 _seen: dict = {}
 _worker = None
-
-
-def _arg_type(v):
-    if isinstance(v, torch.Tensor):
-        return "*" + _DTYPES[v.dtype]
-    if isinstance(v, bool):
-        return "i1"
-    if isinstance(v, int):
-        return "i32" if -2**31 <= v < 2**31 else "i64"
-    if isinstance(v, float):
-        return "fp32"
-    raise TypeError(f"no Triton signature type for {type(v).__name__}")
+TIMEOUT_S = 600  # one launch's compile for every target; a hung compile fails its test
 
 
 def _constexpr(v):
     import triton.language as tl
 
     if isinstance(v, tl.dtype):
-        return {"tl_dtype": next(n for n in dir(tl) if getattr(tl, n) is v)}
+        return {"tl_dtype": v.name}
+    if isinstance(v, (list, tuple)):
+        raise TypeError(f"tuple constexpr {v!r}: not supported by the compile check")
     return v
 
 
+def _signature(fn, args, kwargs):
+    """The launch as Triton's JIT specialises it on a GPU: types from the values, an int
+    equal to 1 (or None) made a constant, 16-divisible pointers and ints marked so (the
+    vectorised / pipelined lowerings key on it)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    params = inspect.signature(fn).parameters
+    bound = inspect.signature(fn).bind(*args, **{k: v for k, v in kwargs.items() if k in params})
+    bound.apply_defaults()
+    sig, consts, attrs = {}, [], []
+    for i, (name, p) in enumerate(params.items()):
+        v = bound.arguments[name]
+        if "constexpr" in str(p.annotation):
+            ty, spec = "constexpr", v
+        else:
+            ty, spec = native_specialize_impl(BaseBackend, v, False, True, True)
+        sig[name] = ty
+        if ty == "constexpr":
+            consts.append((i, _constexpr(spec)))
+        elif spec:
+            attrs.append((i, spec))
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    return {"module": fn.__module__, "name": fn.__name__, "signature": sig, "constexprs": consts,
+            "attrs": attrs, "options": options}
+
+
 def _stop_worker():
-    _worker.stdin.close()  # its loop ends at end of input
+    global _worker
+    w, _worker = _worker, None
+    if w is None:
+        return
     try:
-        _worker.wait(timeout=10)
-    except subprocess.TimeoutExpired:
+        w.stdin.close()  # its loop ends at end of input
+        w.wait(timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        w.kill()
+        w.wait()
+    w.stdout.close()
+
+
+def _ask_worker(key: str) -> dict:
+    global _worker
+    if _worker is None:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        root = Path(__file__).resolve().parents[2]
+        _worker = subprocess.Popen([sys.executable, "-m", "tests.triton.compile_worker"], cwd=root, env=env,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        _worker.stdin.write(key + "\n")
+        _worker.stdin.flush()
+        ready, _, _ = select.select([_worker.stdout], [], [], TIMEOUT_S)
+        line = _worker.stdout.readline() if ready else ""
+    except OSError:
+        line = ""
+    if not line:  # died (its stderr is above) or hung: the next launch starts a fresh one
         _worker.kill()
-        _worker.wait()
-    _worker.stdout.close()
+        _stop_worker()
+        raise RuntimeError(f"the Triton compile worker died or took over {TIMEOUT_S} s on {key}")
+    res = json.loads(line)
+    if res.get("key") != key:
+        raise RuntimeError(f"the compile worker answered another request: {res}")
+    return res
 
 
 def compiled_signatures() -> int:
@@ -66,38 +110,16 @@ def compiled_signatures() -> int:
 
 
 def _compile_check(fn, args, kwargs):
-    global _worker
-    params = inspect.signature(fn).parameters
-    bound = inspect.signature(fn).bind(*args, **{k: v for k, v in kwargs.items() if k in params})
-    bound.apply_defaults()
-    sig, consts = {}, []
-    for i, (name, p) in enumerate(params.items()):
-        v = bound.arguments[name]
-        if "constexpr" in str(p.annotation) or v is None:
-            sig[name] = "constexpr"
-            consts.append((i, _constexpr(v)))
-        else:
-            sig[name] = _arg_type(v)
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-    req = {"module": fn.__module__, "name": fn.__name__, "signature": sig, "constexprs": consts,
-           "options": options}
+    req = _signature(fn, args, kwargs)
     key = json.dumps(req, sort_keys=True)
     if key not in _seen:
-        if _worker is None:
-            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-            root = Path(__file__).resolve().parents[2]
-            _worker = subprocess.Popen([sys.executable, "-m", "tests.triton.compile_worker"], cwd=root, env=env,
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            atexit.register(_stop_worker)
-        _worker.stdin.write(key + "\n")
-        _worker.stdin.flush()
-        line = _worker.stdout.readline()
-        if not line:
-            raise RuntimeError("the Triton compile worker died (see its stderr above)")
-        _seen[key] = json.loads(line)
+        _seen[key] = _ask_worker(key)
     res = _seen[key]
     if not res["ok"]:
         raise AssertionError(f"{fn.__name__} does not compile for a GPU target with {req}: {res['error']}")
+
+
+atexit.register(_stop_worker)
 
 
 if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("PORTASERVE_TRITON_COMPILE_CHECK", "1") != "0":
@@ -107,6 +129,8 @@ if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("PORTASERVE_TRIT
 
     def _run_checked(self, *args, grid, warmup, **kwargs):
         _compile_check(self.fn, args, kwargs)
+        if any(isinstance(a, torch.Tensor) and a.is_meta for a in (*args, *kwargs.values())):
+            return None  # a GPU variant, compiled only (test_gpu_variants.py)
         return _run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = _run_checked

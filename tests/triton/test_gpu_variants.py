@@ -1,0 +1,100 @@
+"""The kernel variants a GPU launches, compiled for the GPU targets without a GPU.
+
+The interpreted tests run small shapes in float32 (numpy has no bfloat16) with the CPU's
+block sizes; a GPU launches bf16/fp16 at model shapes with its own block sizes, warps and
+pipeline stages.  Here the wrappers run on meta tensors at those shapes (the device type is
+then not "cpu", so they pick their GPU configuration); conftest.py's hook compiles each
+launch for sm_90, sm_80 and gfx942, checks its shared memory against the device's, and
+skips running it.  Shapes: Llama-3.1-8B (32 heads / 8 KV heads, head size 128, hidden
+4096, MLP 14336, vocabulary 128256), head sizes 64 and 256, fp8 caches, the fewest and
+most decode splits."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1"
+                       or os.environ.get("PORTASERVE_TRITON_COMPILE_CHECK", "1") == "0",
+                       reason="compiles through the interpreter hook (tests/triton/conftest.py)"),
+]
+
+META = torch.device("meta")
+
+
+def _m(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device=META)
+
+
+def _compiled(fn):
+    from tests.triton.conftest import compiled_signatures
+
+    n = compiled_signatures()
+    fn()
+    return compiled_signatures() - n
+
+
+ATTENTION_CASES = [  # dtype, head size, heads, KV heads, KV cache
+    (torch.bfloat16, 128, 32, 8, "model"), (torch.float16, 128, 32, 8, "model"),
+    (torch.bfloat16, 64, 16, 16, "model"), (torch.bfloat16, 256, 8, 4, "model"),
+    (torch.bfloat16, 128, 32, 8, "fp8_e4m3"), (torch.bfloat16, 128, 32, 8, "fp8_e4m3_bytes"),
+    (torch.bfloat16, 128, 32, 8, "fp8_e5m2")]
+
+
+@pytest.mark.parametrize("dtype,D,H,Hk,kv", ATTENTION_CASES)
+def test_attention_gpu_variants(dtype, D, H, Hk, kv, monkeypatch):
+    from portaserve.platforms.triton_kernels import attention as ta
+
+    monkeypatch.setattr(ta, "_e4m3_as_bytes", lambda device: kv == "fp8_e4m3_bytes")
+    kv_dtype = {"model": dtype, "fp8_e5m2": torch.float8_e5m2}.get(kv, torch.float8_e4m3fn)
+    B, slots = 128, 100_000
+    kc, vc = _m(slots, Hk, D, dtype=kv_dtype), _m(slots, Hk, D, dtype=kv_dtype)
+    r2t = _m(B + 1, 8192, dtype=torch.int32)
+    rows, lens = _m(B, dtype=torch.int64), _m(B, dtype=torch.int64)
+    q = _m(B, H, D, dtype=dtype)
+    for splits in (1, 16):  # the split count is a constexpr: the two ends
+        monkeypatch.setattr(ta, "_num_splits", lambda b, hk, dev, s=splits: s)
+        ta.attention_decode(q, kc, vc, r2t, rows, lens, D ** -0.5)
+        tiles = B // 2
+        shared = (_m(B, dtype=torch.int64), _m(tiles, dtype=torch.int64), _m(tiles, dtype=torch.int64),
+                  _m(tiles, 16, dtype=torch.int64))
+        ta.attention_decode_shared(q, kc, vc, r2t, rows, lens, D ** -0.5, *shared)
+    ext = torch.tensor([4096, 2048, 1, 2047])  # host lengths: the grid depends on them
+    qe = _m(int(ext.sum()), H, D, dtype=dtype)
+    n = _compiled(lambda: ta.attention_extend(qe, kc, vc, r2t, rows[:4], torch.zeros(4, dtype=torch.int64),
+                                              ext, D ** -0.5))
+    assert n <= 1  # compiled (0: the same variant as an earlier case)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_elementwise_gpu_variants(dtype):
+    from portaserve.models.rope import cos_sin_cache
+    from portaserve.platforms.triton_kernels import activation, norm, rotary
+
+    T, H, Hk, D, hidden, inter = 8192, 32, 8, 128, 4096, 14336
+    x, w = _m(T, hidden, dtype=dtype), _m(hidden, dtype=dtype)
+    norm.rmsnorm(x, w, 1e-5)
+    norm.fused_add_rmsnorm(x, _m(T, hidden, dtype=dtype), w, 1e-5)
+    activation.silu_and_mul(_m(T, 2 * inter, dtype=dtype))
+    cs = cos_sin_cache(D, 8192, {"rope_theta": 500000.0, "rope_type": "default"}).to(META)
+    pos, loc = _m(T, dtype=torch.int64), _m(T, dtype=torch.int64)
+    qkv = _m(T, (H + 2 * Hk) * D, dtype=dtype)
+    q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, Hk * D, Hk * D], 1))
+    rotary.rotary_embedding(pos, q, k, cs, True)
+    for kv_dtype in (dtype, torch.float32):
+        kc = _m(100_000, Hk, D, dtype=kv_dtype)
+        assert rotary.rotary_kv_store(pos, q, k, v, cs, True, kc, kc, loc).shape == (T, H, D)
+
+
+def test_sampling_gpu_variant():
+    from portaserve.platforms.triton_kernels import sampling
+
+    B, V = 256, 128256
+    probs, noise = _m(B, V, dtype=torch.float32), _m(B, V, dtype=torch.float32)
+    topk = _m(B, dtype=torch.int64)
+    topp = _m(B, dtype=torch.float32)
+    assert sampling.top_k_top_p_min_p_sample(probs, topk, topp, topp, noise).shape == (B,)
