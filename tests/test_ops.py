@@ -276,7 +276,9 @@ SPECS: dict[str, OpSpec] = {
 
 
 def _clone(args):
-    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    # same strides as the original (views of a fused projection stay strided views)
+    return tuple(torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).copy_(a)
+                 if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _usable_providers():
@@ -683,3 +685,40 @@ def test_native_moe_against_dense_loop():
         torch.testing.assert_close(wt[t].double(), p[t, order], atol=1e-6, rtol=1e-6)
     wr, _ = native.moe_topk(logits, 2, True)
     torch.testing.assert_close(wr.sum(-1), torch.ones(7))
+
+
+def test_rotary_kv_store_without_a_fused_provider_runs_each_part_as_chosen():
+    """Where native is chosen for rotary_kv_store (no fused kernel on the platform, or
+    --kernel rotary_kv_store=native), the engine runs rotary_embedding and kv_store through
+    their own chosen providers; the declared native op (the tests' oracle) stays pure torch."""
+    from portaserve.core import ops
+
+    saved = dict(ops._impl), dict(ops._fns), ops._table
+    calls = []
+    try:
+        table = ops.resolve_ops(PLATFORM, {"rotary_kv_store": "native"})
+        ops.use_table(table)
+        assert table.choices["rotary_kv_store"].provider == "native"
+        chosen_rotary = ops._fns["rotary_embedding"]
+
+        def spy(*a):
+            calls.append("rotary")
+            return chosen_rotary(*a)
+
+        ops._fns["rotary_embedding"] = spy
+        g = torch.Generator().manual_seed(3)
+        args = make_rotary_kv_store(g, DEVICE, torch.float32)
+        ref_args, got_args = _clone(args), _clone(args)
+        want = native.rotary_kv_store(*ref_args)
+        assert calls == []  # the oracle does not dispatch
+        got = ops.rotary_kv_store(*got_args)
+        assert calls == ["rotary"]
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_args[6], ref_args[6])
+        torch.testing.assert_close(got_args[7], ref_args[7])
+    finally:
+        ops._impl.clear()
+        ops._impl.update(saved[0])
+        ops._fns.clear()
+        ops._fns.update(saved[1])
+        ops._table = saved[2]

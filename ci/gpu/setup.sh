@@ -13,5 +13,5 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 # benchmark's timing or a step's time limit has to absorb it (session 7 lost a call to that)
 if [ -z "$PORTASERVE_SKIP_FLASHINFER_BUILD" ]; then
   python3 -c "import time, torch; from portaserve.platforms.cuda import flashinfer_ops as f; t = time.time(); \
-r = f.selftest(torch.bfloat16, 32, 8, 128); print(f'flashinfer kernels: {r or \"built and checked\"} ({time.time() - t:.0f} s)')"
+r = f.selftest(torch.bfloat16, 32, 8, 128) if torch.cuda.is_available() else 'no CUDA device'; print(f'flashinfer kernels: {r or \"built and checked\"} ({time.time() - t:.0f} s)')"
 fi

@@ -16,13 +16,25 @@ for _op, _target in [
     ("fused_add_rmsnorm", f"{_TK}.norm:fused_add_rmsnorm"),
     ("silu_and_mul", f"{_TK}.activation:silu_and_mul"),
     ("rotary_embedding", f"{_TK}.rotary:rotary_embedding"),
-    ("rotary_kv_store", f"{_TK}.rotary:rotary_kv_store"),
     ("attention_decode", f"{_TK}.attention:attention_decode"),
     ("attention_decode_shared", f"{_TK}.attention:attention_decode_shared"),
     ("attention_extend", f"{_TK}.attention:attention_extend"),
     ("fused_moe", f"{_TK}.moe:fused_moe"),
 ]:
     register_provider(_op, "triton", _TRITON_PLATFORMS, _target, requires=needs_module("triton"))
+
+
+def _rotary_kv_store_selftest(model):
+    # compiled for the model's dtypes and head size, and checked against native, on the
+    # device at an engine's start: a kernel that fails there leaves the two ops in charge
+    from portaserve.platforms.triton_kernels import rotary
+
+    return rotary.selftest(model)
+
+
+register_provider("rotary_kv_store", "triton", _TRITON_PLATFORMS, f"{_TK}.rotary:rotary_kv_store",
+                  requires=needs_module("triton"), supports=_rotary_kv_store_selftest)
+
 
 # ---- CUDA: FlashInfer's attention (the [cuda] extra), ahead of Triton where it has kernels ------
 def _flashinfer_supports(model):

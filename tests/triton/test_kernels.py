@@ -155,31 +155,63 @@ def test_rotary(is_neox, rot):
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                (torch.bfloat16, torch.float32), (torch.bfloat16, torch.float8_e4m3fn)])
 def test_rotary_kv_store(is_neox, rot, D, dtype, cache_dtype):
-    """Rotary + KV store in one launch against the two native ops, on q/k/v viewed out of
-    one projection output (strided rows), head counts past one head block (H=20 > 16)."""
+    """Rotary + KV store in one launch against the two native ops.  q and k are views of
+    one projection output (strided rows, as in the model), v a view with another row
+    stride, the V cache a view with another slot stride (a swapped stride shows); head
+    counts past one head block (H=20 > 16)."""
     from portaserve.models.rope import cos_sin_cache
 
     g = torch.Generator().manual_seed(rot + D)
     T, H, Hk, S = 13, 20, 4, 40
     cs = cos_sin_cache(rot, 512, {"rope_theta": 10000.0, "rope_type": "default"})
     pos = torch.randint(0, 512, (T,), generator=g)
-    qkv = (torch.randn(T, (H + 2 * Hk) * D, generator=g) * 4).to(dtype)
-    q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, Hk * D, Hk * D], 1))
-    qkv0 = qkv.clone()
+    qk = (torch.randn(T, (H + Hk) * D, generator=g) * 4).to(dtype)
+    vbuf = (torch.randn(T, Hk * D + 8, generator=g) * 4).to(dtype)
     kc = torch.randn(S, Hk, D, generator=g).to(cache_dtype)
-    vc = torch.randn(S, Hk, D, generator=g).to(cache_dtype)
+    vcbuf = torch.randn(S, Hk + 1, D, generator=g).to(cache_dtype)
     loc = torch.randperm(S, generator=g)[:T]
+
+    def views(qk, vbuf, vcbuf):  # made on each side: moving a view alone makes it contiguous
+        q, k = (t.view(T, -1, D) for t in qk.split([H * D, Hk * D], 1))
+        return q, k, vbuf[:, :Hk * D].view(T, Hk, D), vcbuf[:, :Hk]
+
+    q, k, v, vc = views(qk, vbuf, vcbuf)
     rq, rk = native.rotary_embedding(pos, q, k, cs, is_neox)
     rkc, rvc = kc.clone(), vc.clone()
     native.kv_store(rkc, rvc, loc, rk, v)
-    dev = _to(DEVICE, pos, q, k, v, cs, kc, vc, loc)
-    tq = _triton("rotary_kv_store")(*dev[:5], is_neox, *dev[5:])
+    qk_d, vbuf_d, vcbuf_d, kc_d = _to(DEVICE, qk, vbuf, vcbuf, kc)
+    q_d, k_d, v_d, vc_d = views(qk_d, vbuf_d, vcbuf_d)
+    assert q_d.stride(0) == (H + Hk) * D != v_d.stride(0) and vc_d.stride(0) != kc_d.stride(0)
+    tq = _triton("rotary_kv_store")(pos.to(DEVICE), q_d, k_d, v_d, cs.to(DEVICE), is_neox, kc_d, vc_d,
+                                    loc.to(DEVICE))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(tq.cpu(), rq, **tol)
-    torch.testing.assert_close(dev[5].cpu().float(), rkc.float(), **(tol if cache_dtype != torch.float8_e4m3fn
-                                                                       else dict(atol=0.5, rtol=0.13)))
-    torch.testing.assert_close(dev[6].cpu().float(), rvc.float(), atol=0, rtol=0)
-    assert torch.equal(qkv0, qkv) and torch.equal(dev[1].cpu(), q)  # the inputs untouched
+    torch.testing.assert_close(kc_d.cpu().float(), rkc.float(), **(tol if cache_dtype != torch.float8_e4m3fn
+                                                                    else dict(atol=0.5, rtol=0.13)))
+    torch.testing.assert_close(vc_d.cpu().float(), rvc.float(), atol=0, rtol=0)
+    assert torch.equal(vcbuf_d[:, Hk].cpu().float(), vcbuf[:, Hk].float())  # the V cache's other head untouched
+    assert torch.equal(qk_d.cpu(), qk) and torch.equal(vbuf_d.cpu(), vbuf)  # the inputs untouched
+
+
+def test_rotary_kv_store_startup_selftest(monkeypatch):
+    """The provider's start-up check (here on the interpreter as the 'accelerator'): None
+    when the kernel agrees with native for the model's dtypes and head size, the reason when
+    it fails or disagrees (the registry then chooses native); nothing to check without one."""
+    from portaserve.platforms.triton_kernels import int4_gemm, rotary
+
+    model = {"dtype": torch.float32, "kv_dtype": torch.float32, "head_dim": 64}
+    monkeypatch.setattr(int4_gemm, "_accel_device", lambda: None)
+    assert rotary.selftest(model) is None
+    monkeypatch.setattr(int4_gemm, "_accel_device", lambda: torch.device(DEVICE))
+    monkeypatch.setattr(rotary, "_SELFTEST", {})
+    assert rotary.selftest(model) is None
+    monkeypatch.setattr(rotary, "_SELFTEST", {})
+    good = rotary.rotary_kv_store
+    monkeypatch.setattr(rotary, "rotary_kv_store", lambda *a: good(*a) * 1.5)
+    assert "disagrees" in rotary.selftest(model)
+    monkeypatch.setattr(rotary, "_SELFTEST", {})
+    monkeypatch.setattr(rotary, "rotary_kv_store", lambda *a: 1 / 0)
+    assert "ZeroDivisionError" in rotary.selftest(model)
 
 
 @pytest.mark.parametrize("T,H,I,E,K", [(1, 32, 16, 4, 2), (13, 64, 48, 6, 2), (40, 32, 32, 8, 3)])

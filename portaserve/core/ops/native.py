@@ -84,12 +84,10 @@ def rotary_kv_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                     v_cache: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
     """rotary_embedding on q and k, then kv_store of the rotated k and v; returns the rotated
     q.  One op so a platform can do both in one kernel (a decode step's small launches add
-    up).  Composed of the two ops as dispatched, so where no fused provider exists each part
-    still runs its platform's chosen provider (and its cache layout)."""
-    from portaserve.core import ops
-
-    q, k = ops.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
-    ops.kv_store(k_cache, v_cache, loc, k, v)
+    up).  Where the native provider is chosen, the engine runs the two ops through their
+    own chosen providers instead (ops.use_table)."""
+    q, k = rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+    kv_store(k_cache, v_cache, loc, k, v)
     return q
 
 

@@ -5,8 +5,6 @@ import torch
 import triton
 import triton.language as tl
 
-from portaserve.core.ops import native
-
 
 @triton.jit
 def _rope_kernel(x_ptr, pos_ptr, cs_ptr, n_heads, stride_t, stride_h, stride_cs,
@@ -110,12 +108,15 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr, loc
 def rotary_kv_store(positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache, loc):
     """Rotary on q and k, k and v stored into the caches at slots loc; returns the rotated q.
     One launch per layer instead of rotary's two (plus their copies) and the store's two."""
-    if k_cache.element_size() == 1 or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        # fp8 caches saturate on store (native's clamp); odd layouts: the composed ops
-        q, k = rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
-        native.kv_store(k_cache, v_cache, loc, k, v)
-        return q
     T, H, D = q.shape
+    if (k_cache.element_size() == 1 or any(t.stride(-1) != 1 for t in (q, k, v))
+            or not v.shape[-1] == k_cache.shape[-1] == v_cache.shape[-1] == D):
+        # fp8 caches saturate on store (native's clamp); other layouts: the two ops as chosen
+        from portaserve.core import ops
+
+        q, k = ops.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+        ops.kv_store(k_cache, v_cache, loc, k, v)
+        return q
     Hk = k.shape[1]
     out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     if T == 0:
@@ -129,3 +130,44 @@ def rotary_kv_store(positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache
         v_cache.stride(1), cos_sin_cache.stride(0), D, cos_sin_cache.shape[-1] // 2,
         BLOCK_H=BLOCK_H, BLOCK_D=triton.next_power_of_2(D), IS_NEOX=is_neox)
     return out
+
+
+_SELFTEST: dict = {}
+
+
+def selftest(model: dict) -> str | None:
+    """The registry's model check: compile the fused kernel on the accelerator for the
+    model's dtype, head size and KV cache dtype and compare it with the native ops on a few
+    tokens before it is chosen.  None when it agrees (or there is nothing to test: no
+    accelerator, no model shape yet), else the reason (native is then chosen, which runs
+    the two ops through their own providers)."""
+    from portaserve.core.ops import native
+    from portaserve.platforms.triton_kernels.int4_gemm import _accel_device
+
+    dev, dt, kv, D = _accel_device(), model.get("dtype"), model.get("kv_dtype"), model.get("head_dim")
+    if dev is None or dt is None or D is None:
+        return None
+    kv = kv or dt
+    key = (str(dev), dt, kv, D)
+    if key not in _SELFTEST:
+        try:
+            g = torch.Generator().manual_seed(0)
+            T, H, Hk, S = 5, 4, 2, 16
+            qkv = torch.randn(T, (H + 2 * Hk) * D, generator=g).to(dt)
+            q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, Hk * D, Hk * D], 1))
+            pos, loc = torch.tensor([0, 1, 7, 100, 3]), torch.tensor([3, 9, 1, 15, 4])
+            cs = torch.randn(128, D, generator=g)
+            kc, vc = torch.zeros(S, Hk, D, dtype=kv), torch.zeros(S, Hk, D, dtype=kv)
+            want_q = native.rotary_kv_store(pos, q, k, v, cs, True, kc, vc, loc)
+            qkv_d = qkv.to(dev)
+            qd, kd, vd = (t.view(T, -1, D) for t in qkv_d.split([H * D, Hk * D, Hk * D], 1))
+            kcd, vcd = torch.zeros_like(kc, device=dev), torch.zeros_like(vc, device=dev)
+            got_q = rotary_kv_store(pos.to(dev), qd, kd, vd, cs.to(dev), True, kcd, vcd, loc.to(dev))
+            tol = 1e-5 if dt == torch.float32 else 2e-2
+            ok = (torch.allclose(got_q.cpu().float(), want_q.float(), atol=tol, rtol=tol)
+                  and torch.allclose(kcd.cpu().float(), kc.float(), atol=tol, rtol=tol)
+                  and torch.equal(vcd.cpu().float(), vc.float()))
+            _SELFTEST[key] = None if ok else f"fused rotary + KV store disagrees with native on {dev}"
+        except Exception as e:  # a kernel that does not compile here
+            _SELFTEST[key] = f"fused rotary + KV store failed on {dev}: {type(e).__name__}: {e}"
+    return _SELFTEST[key]
