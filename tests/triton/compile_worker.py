@@ -50,7 +50,7 @@ def compile_launch(req):
         if not _launched_on(target, req["signature"]):
             continue
         backend = make_backend(target)
-        attrs = {(i,): backend.parse_attr(spec) for i, spec in req.get("attrs", [])}
+        attrs = {(i,): backend.parse_attr(spec) for i, spec in req["attrs"][target.backend]}
         src = ASTSource(fn, req["signature"], constexprs=constexprs, attrs=attrs)
         kernel = triton.compile(src, target=target, options=req["options"])
         limit = SHARED_LIMIT[(target.backend, target.arch)]

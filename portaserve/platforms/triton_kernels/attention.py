@@ -241,16 +241,20 @@ _E4M3_BYTES: dict = {}
 
 def _e4m3_as_bytes(device) -> bool:
     """Whether this device's Triton lacks the float8_e4m3fn type (NVIDIA before sm_89, e.g.
-    the A100; AMD before MI300; Intel: not assumed): its kernels then read an e4m3 cache as
-    bytes and decode them (_e4m3_bits_to_f32).  The interpreter (CPU) has the type."""
-    if device.type == "cpu":
+    the A100; on AMD it depends on the Triton release): its kernels then read an e4m3 cache
+    as bytes and decode them (_e4m3_bits_to_f32).  Triton's backend for the device says; if
+    it cannot be asked, bytes (correct everywhere).  The interpreter (CPU) has the type."""
+    if device.type in ("cpu", "meta"):
         return False
     if device not in _E4M3_BYTES:
-        if device.type == "cuda" and torch.version.hip is None:
-            has = torch.cuda.get_device_capability(device) >= (8, 9)
-        elif device.type == "cuda":
-            has = torch.cuda.get_device_properties(device).gcnArchName.startswith(("gfx94", "gfx95", "gfx12"))
-        else:
+        try:
+            from triton.compiler.compiler import make_backend
+            from triton.runtime import driver
+
+            with (torch.xpu.device(device) if device.type == "xpu" else torch.cuda.device(device)):
+                target = driver.active.get_current_target()
+            has = "fp8e4nv" in make_backend(target).parse_options({}).supported_fp8_dtypes
+        except Exception:
             has = False
         _E4M3_BYTES[device] = not has
     return _E4M3_BYTES[device]

@@ -152,7 +152,8 @@ def selftest(model: dict) -> str | None:
     if key not in _SELFTEST:
         try:
             g = torch.Generator().manual_seed(0)
-            T, H, Hk, S = 5, 4, 2, 16
+            T, S = 5, 16
+            H, Hk = model.get("heads") or 4, model.get("kv_heads") or 2  # the engine's variant
             qkv = torch.randn(T, (H + 2 * Hk) * D, generator=g).to(dt)
             q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, Hk * D, Hk * D], 1))
             pos, loc = torch.tensor([0, 1, 7, 100, 3]), torch.tensor([3, 9, 1, 15, 4])
