@@ -530,7 +530,6 @@ class Scheduler:
     def _run_extend(self, batch: list[Req], riders: list[Req] = ()) -> list[Req]:
         """One extend pass over batch: prompt chunks, plus (mixed batches) the riders,
         running requests computing their one newest token."""
-        dev = self.device
         ids, pos, locs, sel, sel_owner = [], [], [], [], []
         row = 0
         for req in batch:

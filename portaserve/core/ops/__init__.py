@@ -56,18 +56,23 @@ def use_table(table: OpTable) -> None:
     global _table
     _table = table
     _impl.update({op: c.fn for op, c in table.choices.items()})
-    fused = table.choices.get("rotary_kv_store")
-    if fused is not None and fused.provider == "native":
-        _impl["rotary_kv_store"] = _rotary_then_store
+    for op, composed in _COMPOSED.items():  # no fused kernel chosen: the parts, as chosen
+        if table.choices.get(op) is not None and table.choices[op].provider == "native":
+            _impl[op] = composed
     _fns.update({op: fn for op, fn in _impl.items() if op not in _OPAQUE_ROUTES})
 
 
+# ---- fused ops ------------------------------------------------------------------------
+# An op that fuses others (one kernel where a platform has it) runs, where its native
+# provider is chosen, as its parts through their own chosen providers; its declared
+# native implementation stays plain torch (the tests' oracle, and what torch.compile traces).
 def _rotary_then_store(positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache, loc):
-    """rotary_kv_store where no provider does both: the two ops, each through the provider
-    chosen for it (and its platform's cache layout)."""
     q, k = _fns["rotary_embedding"](positions, q, k, cos_sin_cache, is_neox)
     _fns["kv_store"](k_cache, v_cache, loc, k, v)
     return q
+
+
+_COMPOSED = {"rotary_kv_store": _rotary_then_store}
 
 
 # ---- torch.compile ---------------------------------------------------------------------
