@@ -181,9 +181,23 @@ class Engine:
 
     def _call(self, fn):
         """Run fn on the scheduler thread (where scheduler state may be touched)."""
+        return self._command(lambda done: ("call", (fn, done)))
+
+    def _command(self, item):
+        """Send item(reply queue) to the scheduler thread and return its answer; raises
+        what it answered with, or EngineDead if the thread has stopped (it would never
+        answer)."""
+        if self._error is not None or not self._thread.is_alive():
+            raise EngineDead(f"the engine's scheduler has stopped: {self._error!r}")
         done: queue.SimpleQueue = queue.SimpleQueue()
-        self._inbox.put(("call", (fn, done)))
-        res = done.get()
+        self._inbox.put(item(done))
+        while True:
+            try:
+                res = done.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise EngineDead(f"the engine's scheduler has stopped: {self._error!r}") from None
         if isinstance(res, Exception):
             raise res
         return res
@@ -264,9 +278,7 @@ class Engine:
         self._inbox.put(("abort", rid))
 
     def flush_cache(self) -> bool:
-        done: queue.SimpleQueue = queue.SimpleQueue()
-        self._inbox.put(("flush_cache", done))
-        return done.get()
+        return self._command(lambda done: ("flush_cache", done))
 
     def start_profile(self, output_dir: Optional[str] = None, num_steps: Optional[int] = None,
                       activities=None, record_shapes: bool = False, with_stack: bool = False) -> dict:
@@ -284,12 +296,7 @@ class Engine:
 
     def _profile_command(self, cmd: tuple):
         """Through the inbox like a state change, so tensor-parallel ranks get it too."""
-        done: queue.SimpleQueue = queue.SimpleQueue()
-        self._inbox.put((cmd[0], done, *cmd[1:]))
-        res = done.get()
-        if isinstance(res, Exception):
-            raise res
-        return res
+        return self._command(lambda done: (cmd[0], done, *cmd[1:]))
 
     def get_server_info(self) -> dict:
         info = self.rt.info()

@@ -138,6 +138,10 @@ class StepProfiler:
         now = time.time()
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
         base = os.path.join(self.output_dir, f"{stamp}-pid{os.getpid()}-rank{self.rank}")
+        n = 1
+        while os.path.exists(base + ".trace.json.gz"):  # two profiles within a millisecond
+            n += 1
+            base = os.path.join(self.output_dir, f"{stamp}.{n}-pid{os.getpid()}-rank{self.rank}")
         trace = base + ".trace.json.gz"
         try:
             prof.export_chrome_trace(base + ".trace.json")

@@ -435,3 +435,29 @@ def test_host_padding_spreads_padding_tokens_over_rows(tiny_models):
             if pad:
                 assert eng.get_server_info()["counters"]["extend_tokens"] == 68  # padding not counted
     assert outs[0] == outs[1]
+
+
+def test_a_dead_scheduler_thread_fails_callers_instead_of_hanging(tiny_models):
+    """If a step raises, the scheduler thread stops: waiting requests, later requests and
+    commands that need an answer from it (flush_cache, get_server_info, profiling) get
+    EngineDead at once instead of waiting forever."""
+    from portaserve import Engine
+    from portaserve.engine import EngineDead
+
+    path = tiny_models("llama3")
+    with Engine(str(path), skip_tokenizer_init=True, max_total_tokens=2000) as e:
+        assert e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})["output_ids"]
+
+        def broken_step():
+            raise RuntimeError("a step broke")
+
+        e.rt.scheduler.step = broken_step
+        with pytest.raises(EngineDead, match="a step broke"):
+            e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})
+        e._thread.join(timeout=10)
+        t0 = time.time()
+        for call in (e.flush_cache, e.get_server_info, lambda: e.start_profile(num_steps=1),
+                     lambda: e.generate(input_ids=[5, 6], sampling_params={"max_new_tokens": 1})):
+            with pytest.raises(EngineDead):
+                call()
+        assert time.time() - t0 < 5
