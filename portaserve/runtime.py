@@ -309,6 +309,7 @@ def _build_rank(args, platform, src, cfg, dtype, context_len, tp) -> Runtime:
             disable_radix_cache=args.disable_radix_cache,
             random_seed=args.random_seed,
             overlap=not args.disable_overlap_schedule and platform.overlap_schedule,
+            overlap_prefill=not args.disable_overlap_prefill,
             deterministic=tp is not None,
             enable_mixed_chunk=args.enable_mixed_chunk,
         ),

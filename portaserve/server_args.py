@@ -63,6 +63,7 @@ class ServerArgs:
     cascade_attention: str = _opt("auto", "decode attention reads a prefix shared through the radix cache (a system prompt, few-shot examples) once per group of up to 16 requests instead of once per request: on, off, or auto (on where the attention provider has a kernel for it, e.g. Triton on CUDA/ROCm/XPU)",
                                   choices=["auto", "on", "off"])
     disable_overlap_schedule: bool = _opt(False, "process each decode step's tokens before launching the next (accelerators overlap them by default)")
+    disable_overlap_prefill: bool = _opt(False, "with the overlap scheduler, still read the previous step's tokens before launching a prompt pass, and a pass's tokens before the decode step after it (for comparison; by default prompt passes overlap too)")
     tool_call_parser: Optional[str] = _opt(None, "how tool calls are written by the model (default: detected from the chat template)",
                                            choices=["hermes", "llama3"])
     grammar_backend: str = _opt("xgrammar", "structured output backend (json_schema / regex / ebnf)",

@@ -301,7 +301,8 @@ def test_decode_metadata_reaches_the_model_aligned(tiny_models):
 
 
 def test_extend_metadata_one_copy_aligned(tiny_models, monkeypatch):
-    """A prompt pass (mixed ones included) uploads its metadata in one host->device copy:
+    """A prompt pass (mixed ones included) uploads its metadata in one host->device copy
+    and knows its longest extend on the host:
     a torch.tensor(..., device=) per field waits for the previous pass to finish each time
     (on the H200 the device sat idle ~4 ms at each 8K-token pass's start).  Every field
     reaches the model 16-byte aligned and holds what the requests say."""
@@ -333,6 +334,8 @@ def test_extend_metadata_one_copy_aligned(tiny_models, monkeypatch):
                 seen.append((fb.decode_tail, [t.data_ptr() % 16 for t in ts], fb.seq_lens.tolist(),
                              (fb.prefix_lens + fb.extend_lens).tolist(), fb.seq_lens_cpu.tolist(),
                              fb.extend_lens.sum().item(), fb.input_ids.shape[0], fb.positions.shape[0]))
+                # the prompt part's longest extend, on the host for the attention kernels
+                assert fb.max_extend_len == int(fb.extend_lens[:len(fb.extend_lens) - fb.decode_tail].max())
             return forward(fb)
 
         monkeypatch.setattr(sched_mod, "to_device", count)

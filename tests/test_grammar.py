@@ -185,9 +185,9 @@ def test_overlap_scheduler_runs_constrained_requests(default_engine, monkeypatch
     launched = []  # (overlap, constrained rows in the launched batch)
     real = sched._launch_sampling
 
-    def spy(batch, logits):
+    def spy(batch, logits, *kind):
         launched.append(sum(r.grammar is not None for r in batch))
-        return real(batch, logits)
+        return real(batch, logits, *kind)
 
     monkeypatch.setattr(sched, "_launch_sampling", spy)
     monkeypatch.setattr(sched, "jump_forward", jump_forward)

@@ -153,6 +153,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-torch-compile", action="store_true")
     p.add_argument("--enable-mixed-chunk", action="store_true")
     p.add_argument("--disable-overlap-schedule", action="store_true")
+    p.add_argument("--disable-overlap-prefill", action="store_true")
+    p.add_argument("--compare-overlap-prefill-off", action="store_true",
+                   help="also run with --disable-overlap-prefill")
+    p.add_argument("--compare-mixed-chunk", action="store_true",
+                   help="also run with --enable-mixed-chunk flipped")
     p.add_argument("--compare-hf", action="store_true", help="also run transformers generate")
     p.add_argument("--hf-batch-size", type=int, default=None, help="default: all prompts in one batch")
     p.add_argument("--compare-no-cache", action="store_true", help="also run with --disable-radix-cache")
@@ -184,6 +189,7 @@ def main(argv=None) -> int:
               max_running_requests=ns.max_running_requests, mem_fraction_static=ns.mem_fraction_static,
               disable_cuda_graph=ns.disable_cuda_graph, tp_size=ns.tp_size,
               enable_torch_compile=ns.enable_torch_compile, enable_mixed_chunk=ns.enable_mixed_chunk, disable_overlap_schedule=ns.disable_overlap_schedule,
+              disable_overlap_prefill=ns.disable_overlap_prefill,
               cascade_attention=ns.cascade_attention, schedule_policy=ns.schedule_policy,
               attention_backend=ns.attention_backend)
     results = {}
@@ -195,6 +201,11 @@ def main(argv=None) -> int:
         configs.append(("portaserve --cascade-attention off", {"cascade_attention": "off"}))
     if ns.compare_no_cache:
         configs.append(("portaserve --disable-radix-cache", {"disable_radix_cache": True}))
+    if ns.compare_overlap_prefill_off:
+        configs.append(("portaserve --disable-overlap-prefill", {"disable_overlap_prefill": True}))
+    if ns.compare_mixed_chunk:
+        flipped = not ns.enable_mixed_chunk
+        configs.append((f"portaserve mixed chunk {'on' if flipped else 'off'}", {"enable_mixed_chunk": flipped}))
     engine_outputs = None
     reqs = None
     for label, extra in configs:

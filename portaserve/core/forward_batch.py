@@ -31,6 +31,8 @@ class ForwardBatch:
     # plan on the host once per forward (ops.attention_prepare) without reading the device
     seq_lens_cpu: Optional[torch.Tensor] = None
     extend_lens_cpu: Optional[torch.Tensor] = None
+    # extend: the longest extend of the prompt part (decode tail excluded), known on the host
+    max_extend_len: Optional[int] = None
 
     @property
     def batch_size(self) -> int:

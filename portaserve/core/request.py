@@ -34,6 +34,9 @@ class Req:
     admitted_once: bool = False
     retractions: int = 0
     extend_n: int = 0  # tokens this request computes in the current extend batch
+    # bumped each time its KV is released (finished, retracted, re-queued by a jump): a
+    # token sampled for it in a step launched before then is not its own any more
+    epoch: int = 0
     input_lp_done: bool = False
     # logprobs
     input_token_logprobs: list = field(default_factory=list)

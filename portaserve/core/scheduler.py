@@ -4,6 +4,9 @@ One ``step()`` runs one forward pass:
   * if requests are waiting (or a chunked prefill is in progress) and fit, a prefill
     ("extend") batch over their uncached tokens, at most ``chunked_prefill_size`` tokens;
   * otherwise one decode step of every running request.
+With the overlap scheduler (accelerators) a step launches its pass and then reads the
+previous step's sampled tokens while the device runs it (see "overlapped decode" and
+"overlapped prompt passes" below).
 New requests therefore join between decode steps (continuous batching).  Prefixes come
 from the radix cache; a request's KV goes back into the tree when it finishes.  When a
 decode step cannot get a slot per request even after evicting the cache, the requests
@@ -41,6 +44,10 @@ class _Inflight:
     ids: torch.Tensor  # sampled ids, on the device
     host: torch.Tensor  # pinned copy, valid once event has completed (lazy devices: ids itself)
     event: object
+    # each request's epoch at launch, -1 for rows whose token is thrown away: a request
+    # released since (a jump re-queues it) may be running again when the tokens are read
+    epochs: list
+    kind: str = "decode"  # or "extend": a prompt pass's first tokens
 
 
 @dataclass
@@ -55,6 +62,9 @@ class SchedulerConfig:
     disable_radix_cache: bool = False
     random_seed: int = 0
     overlap: bool = False  # launch decode N+1 before processing N's tokens (accelerators)
+    # with overlap: launch a prompt pass before reading the previous step's tokens, and the
+    # decode step after it before reading the pass's (--disable-overlap-prefill: off)
+    overlap_prefill: bool = True
     init_new_token_ratio: float = 0.7
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
@@ -113,7 +123,8 @@ class Scheduler:
         # Set by the platform: replays captured decode graphs (e.g. CUDA graphs) when it can.
         self.decode_graph = None
         self.overlap = cfg.overlap
-        self.inflight: Optional[_Inflight] = None  # a launched decode whose tokens are unread
+        self.overlap_prefill = cfg.overlap_prefill
+        self.inflight: Optional[_Inflight] = None  # a launched step whose sampled tokens are unread
         self.grammar = grammar  # GrammarBackend or None
         self.jump_forward = jump_forward and self.tree is not None
         # Only jump when every running request can jump at this step (--jump-forward
@@ -257,6 +268,8 @@ class Scheduler:
         reqs = self._schedule_prefill()
         if reqs:
             riders = self._mix_running(reqs) if self._mixing() else []
+            if self._overlap_extend(reqs, riders):
+                return early + self._launch_extend(reqs)
             return early + self._run_extend(reqs + riders, riders)
         if self.running:
             if self.overlap and self._overlap_safe(self.running) and self._room_for_decode(self.running):
@@ -341,6 +354,7 @@ class Scheduler:
                 self.tree.dec_lock_ref(req.last_node)
         req.last_node = None
         req.last_slot = None
+        req.epoch += 1
         req.slots = []
         req.prefix_indices = torch.empty(0, dtype=torch.int64)
         self.req_pool.free(req.req_pool_idx)
@@ -529,7 +543,61 @@ class Scheduler:
 
     def _run_extend(self, batch: list[Req], riders: list[Req] = ()) -> list[Req]:
         """One extend pass over batch: prompt chunks, plus (mixed batches) the riders,
-        running requests computing their one newest token."""
+        running requests computing their one newest token; its tokens sampled and read."""
+        logits, sel_owner = self._extend_forward(batch, riders)
+        # input logprobs: logits at position p score token p+1
+        sample_rows, sample_reqs = [], []
+        if logits is not None:
+            need_lp = [i for i, (r, p, last) in enumerate(sel_owner)
+                       if r.return_logprob and p + 1 < len(r.input_ids)]
+            if need_lp:
+                lps = torch.log_softmax(logits[self._pad_rows(need_lp)], dim=-1)
+                for j, i in enumerate(need_lp):
+                    r, p, _ = sel_owner[i]
+                    if p + 1 >= r.input_logprob_start():
+                        self._record_input_logprob(r, lps[j], r.input_ids[p + 1])
+            for i, (r, p, last) in enumerate(sel_owner):
+                if last:
+                    sample_rows.append(i)
+                    sample_reqs.append(r)
+        for r in sample_reqs:
+            if r.return_logprob and r.input_logprob_start() < len(r.input_ids) and not r.input_lp_done:
+                if r.input_logprob_start() == 0:
+                    r.input_token_logprobs.insert(0, (None, r.input_ids[0], None))
+                    if r.top_logprobs_num:
+                        r.input_top_logprobs.insert(0, None)
+                r.input_lp_done = True
+        if sample_reqs:
+            self._sample_and_advance(logits[self._pad_rows(sample_rows)], sample_reqs)
+        return [r for r in batch if r is not self.chunked]
+
+    # ---- overlapped prompt passes ------------------------------------------------------
+    # A prompt pass is launched without reading the previous step's tokens first (those
+    # are read while the pass runs), and its requests join the running batch at launch:
+    # the decode step after it is launched with their first tokens still on the device.
+    # Passes that need the host between forward and sampling (input logprobs, riders of a
+    # mixed batch) and padded batches (XLA) run as before.
+    def _overlap_extend(self, batch: list[Req], riders) -> bool:
+        return (self.overlap and self.overlap_prefill and not riders and self.padding is None
+                and not self.lazy_device and self._overlap_safe(batch)
+                and all(r.sampling.max_new_tokens > 0 for r in batch))
+
+    def _launch_extend(self, batch: list[Req], prev: Optional["_Inflight"] = None) -> list[Req]:
+        """Launch batch's forward and sampling, then read and process prev's tokens (if
+        any) while they run.  Returns the requests prev's tokens went to."""
+        logits, sel_owner = self._extend_forward(batch, ())
+        done = [r for r, _, last in sel_owner if last]  # no logprob rows: one row per request
+        self.running.extend(done)
+        # the new requests' first tokens depend on nothing prev decides (their grammar
+        # masks included), so the sampling is queued right behind the forward
+        launched = self._launch_sampling(done, logits, "extend") if done else None
+        out = self._resolve(prev) if prev is not None else []
+        self.inflight = launched
+        return out
+
+    def _extend_forward(self, batch: list[Req], riders) -> tuple:
+        """Build and launch one extend pass; advance its requests' KV bookkeeping.  Returns
+        (logits of the selected rows or None, their (request, position, samples) owners)."""
         ids, pos, locs, sel, sel_owner = [], [], [], [], []
         row = 0
         for req in batch:
@@ -582,6 +650,7 @@ class Scheduler:
             req_to_token=self.req_pool.req_to_token, prefix_lens=prefix_d, extend_lens=extend_d,
             decode_tail=len(riders), seq_lens_cpu=seq_cpu,
             extend_lens_cpu=torch.tensor(extend_lens, dtype=torch.int64),
+            max_extend_len=max(extend_lens[:len(extend_lens) - len(riders)], default=0),
         )
         ops.attention_prepare(fb)
         with self.no_grad():
@@ -593,22 +662,6 @@ class Scheduler:
             self.counters.forward_mixed += 1
         self.last_step = StepStats("mixed" if riders else "extend", len(batch), real_tokens)
 
-        # input logprobs: logits at position p score token p+1
-        sample_rows, sample_reqs = [], []
-        if logits is not None:
-            need_lp = [i for i, (r, p, last) in enumerate(sel_owner)
-                       if r.return_logprob and p + 1 < len(r.input_ids)]
-            if need_lp:
-                lps = torch.log_softmax(logits[self._pad_rows(need_lp)], dim=-1)
-                for j, i in enumerate(need_lp):
-                    r, p, _ = sel_owner[i]
-                    if p + 1 >= r.input_logprob_start():
-                        self._record_input_logprob(r, lps[j], r.input_ids[p + 1])
-            for i, (r, p, last) in enumerate(sel_owner):
-                if last:
-                    sample_rows.append(i)
-                    sample_reqs.append(r)
-
         riding = {id(r) for r in riders}
         for req in batch:
             req.kv_len += req.extend_n
@@ -617,16 +670,7 @@ class Scheduler:
             # requests with the same prefix admitted later skip recomputing it
             if id(req) not in riding:
                 self._cache_unfinished(req)
-        for r in sample_reqs:
-            if r.return_logprob and r.input_logprob_start() < len(r.input_ids) and not r.input_lp_done:
-                if r.input_logprob_start() == 0:
-                    r.input_token_logprobs.insert(0, (None, r.input_ids[0], None))
-                    if r.top_logprobs_num:
-                        r.input_top_logprobs.insert(0, None)
-                r.input_lp_done = True
-        if sample_reqs:
-            self._sample_and_advance(logits[self._pad_rows(sample_rows)], sample_reqs)
-        return [r for r in batch if r is not self.chunked]
+        return logits, sel_owner
 
     def _upload(self, fields: list[list[int]]) -> list[torch.Tensor]:
         """int64 device tensors of the given lists, through one host->device copy (pinned
@@ -788,7 +832,7 @@ class Scheduler:
     def _launch_decode(self, batch: list[Req], input_ids: Optional[torch.Tensor] = None) -> "_Inflight":
         return self._launch_sampling(batch, self._decode_forward(batch, input_ids))
 
-    def _launch_sampling(self, batch: list[Req], logits: torch.Tensor) -> "_Inflight":
+    def _launch_sampling(self, batch: list[Req], logits: torch.Tensor, kind: str = "decode") -> "_Inflight":
         masks = self._grammar_masks(batch)  # on the CPU, while the forward runs
         running = {id(r) for r in self.running}
         ignored = {i for i, r in enumerate(batch) if r.finished or id(r) not in running}
@@ -809,26 +853,35 @@ class Scheduler:
                 host.copy_(ids, non_blocking=True)
                 event = torch.Event(device=ids.device)
                 event.record()
-        return _Inflight(batch, ids, host, event)
+        return _Inflight(batch, ids, host, event, [-1 if i in ignored else r.epoch for i, r in enumerate(batch)],
+                         kind)
 
     def _step_overlapped(self) -> list[Req]:
         prev, self.inflight = self.inflight, None
+        if self._prefill_possible():
+            if not self.overlap_prefill or (self._mixing() and self.running):
+                return self._resolve(prev)  # the prefill goes next step, after prev's tokens
+            batch = self._schedule_prefill()
+            if batch:
+                if self._overlap_extend(batch, ()):
+                    return self._launch_extend(batch, prev)
+                out = self._resolve(prev)
+                return out + self._run_extend(batch)
+            # nothing fits yet: decode on
         running = {id(r) for r in self.running}  # not finished, aborted or re-queued since
-        live = [r for r in prev.reqs if not r.finished and id(r) in running]
-        # requests certain to finish by length at prev need no further step
-        cont = [i for i, r in enumerate(prev.reqs) if not r.finished and id(r) in running
-                and len(r.output_ids) + 1 < r.sampling.max_new_tokens
-                and r.seq_len + 1 < self.cfg.context_len]
-        if (cont and not self._prefill_possible() and self._overlap_safe(live)
-                and self._room_for_decode([prev.reqs[i] for i in cont])):
-            ids = prev.ids  # one per request of prev (padded batches: then the padding rows)
-            want = len(cont) if self.padding is None else self.padding.decode(len(cont))
-            if len(cont) != len(prev.reqs) or ids.shape[0] != want:
-                # the continuing requests' ids, padded (rows of request 0's id) to N+1's size
-                idx = torch.tensor(cont + [cont[0]] * (want - len(cont)), dtype=torch.int64)
-                idx = to_device(idx, ids.device, self.pin_memory)
-                ids = ids.index_select(0, idx)
-            batch = [prev.reqs[i] for i in cont]
+        # requests whose token at prev is unread, by row of prev
+        pending = {id(r): i for i, (r, ep) in enumerate(zip(prev.reqs, prev.epochs))
+                   if ep == r.epoch and not r.finished and id(r) in running}
+
+        def more(r):  # not certain to finish by length at prev
+            k = 1 if id(r) in pending else 0
+            return (len(r.output_ids) + k < r.sampling.max_new_tokens
+                    and r.seq_len + k < self.cfg.context_len)
+
+        live = [r for r in self.running if not r.finished]
+        batch = [r for r in live if more(r)]
+        if batch and self._overlap_safe(live) and self._room_for_decode(batch):
+            ids = self._next_ids(prev, batch, pending)
             if any(r.grammar is not None for r in batch):
                 # N+1's masks need N's tokens in the matchers: launch N+1's forward, read
                 # and process N's tokens, then fill the masks and queue the sampling
@@ -839,15 +892,36 @@ class Scheduler:
             self.inflight = self._launch_decode(batch, ids)
         return self._resolve(prev)
 
+    def _next_ids(self, prev: "_Inflight", batch: list[Req], pending: dict) -> torch.Tensor:
+        """The next decode's input ids on the device: prev's sampled ids for its requests
+        (padded batches: then the padding rows), the host's last token for the others
+        (running requests that prev, a prompt pass, did not hold)."""
+        idx = [pending.get(id(r), -1) for r in batch]
+        ids = prev.ids
+        want = len(batch) if self.padding is None else self.padding.decode(len(batch))
+        if -1 not in idx:
+            if idx == list(range(len(prev.reqs))) and ids.shape[0] == want:
+                return ids
+            # the continuing requests' ids, padded (rows of request 0's id) to N+1's size
+            idx = torch.tensor(idx + [idx[0]] * (want - len(idx)), dtype=torch.int64)
+            return ids.index_select(0, to_device(idx, ids.device, self.pin_memory))
+        assert self.padding is None, "prompt passes are not overlapped on padded batches"
+        host = [r.output_ids[-1] for r, i in zip(batch, idx) if i < 0]
+        extra = iter(range(ids.shape[0], ids.shape[0] + len(host)))
+        idx = [i if i >= 0 else next(extra) for i in idx]
+        host_d, idx_d = self._upload([host, idx])
+        return torch.cat([ids, host_d.to(ids.dtype)]).index_select(0, idx_d)
+
     def _resolve(self, prev: "_Inflight") -> list[Req]:
-        """Read a launched decode's tokens and process them."""
+        """Read a launched step's tokens (a decode step's, or a prompt pass's first ones)
+        and process them."""
         if prev.event is not None:
             prev.event.synchronize()
         toks = prev.host.tolist()
         running = {id(r) for r in self.running}
         out = []
-        for r, tok in zip(prev.reqs, toks):
-            if r.finished or id(r) not in running:  # aborted, finished or jumped forward earlier
+        for r, tok, ep in zip(prev.reqs, toks, prev.epochs):
+            if ep != r.epoch or r.finished or id(r) not in running:  # aborted, finished or jumped forward earlier
                 continue
             r.output_ids.append(tok)
             self.counters.generated_tokens += 1

@@ -54,9 +54,9 @@ class PagedAttention(nn.Module):
         if n:  # mixed batch: prompt chunks, then running requests' one-token decode steps
             t = q.shape[0] - n
             head = ops.attention_extend(q[:t], k_cache, v_cache, fb.req_to_token, fb.req_pool_indices[:-n],
-                                        fb.prefix_lens[:-n], fb.extend_lens[:-n], self.scale)
+                                        fb.prefix_lens[:-n], fb.extend_lens[:-n], self.scale, fb.max_extend_len)
             tail = ops.attention_decode(q[t:], k_cache, v_cache, fb.req_to_token, fb.req_pool_indices[-n:],
                                         fb.seq_lens[-n:], self.scale)
             return torch.cat([head, tail])
         return ops.attention_extend(q, k_cache, v_cache, fb.req_to_token, fb.req_pool_indices,
-                                    fb.prefix_lens, fb.extend_lens, self.scale)
+                                    fb.prefix_lens, fb.extend_lens, self.scale, fb.max_extend_len)

@@ -141,9 +141,11 @@ def rotary_kv_store(positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache
 
 
 def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens,
-                     extend_lens, scale):
+                     extend_lens, scale, max_extend=None):
+    """max_extend: extend_lens.max() when the caller knows it on the host (providers that
+    size a launch by it then need not read the device), else None."""
     return _fns["attention_extend"](q, k_cache, v_cache, req_to_token, req_pool_indices,
-                                    prefix_lens, extend_lens, scale)
+                                    prefix_lens, extend_lens, scale, max_extend)
 
 
 def attention_decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale):

@@ -11,6 +11,8 @@ Tensor conventions
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -95,7 +97,7 @@ def rotary_kv_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
 def attention_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                      prefix_lens: torch.Tensor, extend_lens: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, max_extend: Optional[int] = None) -> torch.Tensor:
     """Causal attention of each request's new tokens over its cached prefix plus
     themselves.  The new tokens' K/V must already be in the cache.  GQA by head groups."""
     T, H, D = q.shape

@@ -3,6 +3,8 @@ the collectives (see ``ops.use_opaque_ops``).  Each calls whatever provider the 
 torch.compile keeps the platform's attention kernels and collectives as single nodes.
 
 No ``from __future__ import annotations`` here: torch.library reads the signatures."""
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -40,13 +42,13 @@ def _(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale, kv_s
 @torch.library.custom_op("portaserve::attention_extend", mutates_args=())
 def attention_extend(q: Tensor, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor,
                      req_pool_indices: Tensor, prefix_lens: Tensor, extend_lens: Tensor,
-                     scale: float) -> Tensor:
+                     scale: float, max_extend: Optional[int] = None) -> Tensor:
     return _impl["attention_extend"](q, k_cache, v_cache, req_to_token, req_pool_indices,
-                                     prefix_lens, extend_lens, scale)
+                                     prefix_lens, extend_lens, scale, max_extend)
 
 
 @attention_extend.register_fake
-def _(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens, extend_lens, scale):
+def _(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens, extend_lens, scale, max_extend=None):
     return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
 
 

@@ -15,6 +15,8 @@ sdpa path needs ``enable_gqa`` (torch >= 2.5).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -51,7 +53,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def attention_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                      prefix_lens: torch.Tensor, extend_lens: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, max_extend: Optional[int] = None) -> torch.Tensor:
     T, H, D = q.shape
     Hk = k_cache.shape[1]
     B = int(req_pool_indices.shape[0])

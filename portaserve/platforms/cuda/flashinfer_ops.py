@@ -387,11 +387,12 @@ def attention_decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
     return w.run(q.contiguous(), (_paged(k_cache), _paged(v_cache)))
 
 
-def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens, extend_lens, scale):
+def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens, extend_lens, scale,
+                     max_extend=None):
     st = _state(req_to_token)
     if not st.accepts(q, k_cache, scale):
         return _triton().attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices,
-                                          prefix_lens, extend_lens, scale)
+                                          prefix_lens, extend_lens, scale, max_extend)
     w = st.find("extend", req_pool_indices, extend_lens, prefix_lens)
     if w is None:  # not prepared: plan from the device tensors (one sync)
         seq_lens = prefix_lens + extend_lens

@@ -77,7 +77,7 @@ def attention_decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
 
 
 def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens,
-                     extend_lens, scale):
+                     extend_lens, scale, max_extend=None):
     """Gather each request's prefix + new K/V into packed varlen tensors and run aiter's
     flash-attention varlen kernel, causal (bottom-right aligned, as flash-attention >= 2.1:
     query i of a request sits at position prefix + i)."""
@@ -92,6 +92,7 @@ def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix
     zero = torch.zeros(1, dtype=torch.int32, device=q.device)
     cu_q = torch.cat([zero, torch.cumsum(extend_lens, 0).to(torch.int32)])
     cu_k = torch.cat([zero, torch.cumsum(totals, 0).to(torch.int32)])
-    out = a.flash_attn_varlen_func(q.contiguous(), k, v, cu_q, cu_k, int(extend_lens.max()),
+    max_q = int(extend_lens.max()) if max_extend is None else max_extend
+    out = a.flash_attn_varlen_func(q.contiguous(), k, v, cu_q, cu_k, max_q,
                                    max_total, dropout_p=0.0, softmax_scale=scale, causal=True)
     return out[0] if isinstance(out, (tuple, list)) else out

@@ -120,7 +120,7 @@ def attention_decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
 
 
 def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens,
-                     extend_lens, scale):
+                     extend_lens, scale, max_extend=None):
     if _use_kernel(q.device):
         return ragged(q, k_cache, v_cache, req_to_token[req_pool_indices], prefix_lens + extend_lens,
                       extend_lens, scale)

@@ -54,7 +54,7 @@ def attention_decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
 
 
 def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens,
-                     extend_lens, scale):
+                     extend_lens, scale, max_extend=None):
     """IPEX's varlen attention for batches without a cached prefix (plain causal prefill,
     where top-left and bottom-right causal alignment agree).  A batch that extends a
     cached prefix goes to the shared Triton kernel (or native where Triton is absent):
@@ -68,7 +68,7 @@ def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix
             except ImportError:
                 pass
         return fallback(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens,
-                        extend_lens, scale)
+                        extend_lens, scale, max_extend)
     ipex = _ipex()
     H, Hk = q.shape[1], k_cache.shape[1]
     totals = extend_lens.to(torch.int64)
