@@ -2,7 +2,9 @@
 # The whole GPU leg in one go: kernel/engine checks, then every benchmark of the CUDA issue
 # (Llama-3.1-8B shape, random bf16 weights), the MoE and quantized-GEMM figures, TP=2 when
 # two GPUs are visible, and one summary table (ci/gpu/summary.py) at the end.
-# Takes ~20-25 min on one H100/H200; the device tool's 10-min calls run the parts instead
+# Takes ~20-25 min on one H100/H200. Where one command may run 10 minutes at most (the
+# device tool's calls), run it across calls on one warm machine with ci/gpu/bg.sh
+# (`bg.sh start ci/gpu/all.sh`, then `bg.sh wait`, as often as needed), or run the parts
 # (correctness.sh, throughput.sh, serving.sh, gsp_moe.sh, tp2.sh).
 source ci/gpu/setup.sh || exit 1
 M="--model-path /tmp/llama8b --load-format dummy --dtype bfloat16"

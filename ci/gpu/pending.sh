@@ -7,7 +7,7 @@
 #     (--kernel rotary_kv_store=native), profiled at batch 1 (small-kernel share);
 #  3. prompt passes with their metadata in one upload: wall against device time per 8K-token
 #     pass (session 7 call 1, before: 200.1 wall / 184.2 device ms).
-# Then ci/gpu/mixed_random.sh (mixed chunk on the headline offline run).
+# Then ci/gpu/overlap_prefill.sh (the headline offline run; mixed chunk there too).
 source ci/gpu/setup.sh || exit 1
 step() { local name=$1 secs=$2; shift 2; echo "== $name ($(date +%T))"
   timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "== $name rc=$? ($(date +%T))"; }

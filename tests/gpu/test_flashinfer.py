@@ -37,12 +37,13 @@ def _fresh_state():
     fo._STATES.clear()
 
 
-# bf16 with head size 128, and one fp16 case with head size 64: each other dtype or head
+# bf16 with head size 128, one fp16 case with head size 64 and one bf16 case with head size
+# 256 (Gemma's): each other dtype or head
 # size is another nvcc build of a minute or more (the CPU stand-in test,
 # tests/platforms/test_flashinfer_planner.py, covers the planning for every shape)
 @pytest.mark.parametrize("dtype,H,Hk,D,seed", [
     *[(torch.bfloat16, H, Hk, 128, s) for H, Hk in [(32, 8), (16, 2)] for s in range(3)],
-    (torch.float16, 32, 8, 64, 0)])
+    (torch.float16, 32, 8, 64, 0), (torch.bfloat16, 8, 4, 256, 0)])
 def test_decode_and_extend_match_native(dtype, H, Hk, D, seed):
     g = torch.Generator().manual_seed(seed)
     B, W = 7, 640
