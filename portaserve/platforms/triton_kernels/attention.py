@@ -7,8 +7,6 @@ in the pool when these run (the model stores them first).
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
@@ -364,28 +362,6 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r2t_ptr, rpi_ptr, prefix_ptr, ext
              out.to(o_ptr.dtype.element_ty), mask=mmask[:, None] & dvmask[None, :])
 
 
-_last_max = (lambda: None, None, 0)  # (weak reference to a tensor, which part of it, that part's max)
-
-
-def _max_extend(extend_lens: torch.Tensor) -> int:
-    """extend_lens.max() read from the device once per forward, not once per layer, where
-    the caller did not give it (a read waits for all queued work, so 32 reads per prompt
-    pass would keep the host from queueing the layers ahead of the device).  The layers of
-    a forward pass the same tensor, or the same view of one (a mixed batch's prompt part)."""
-    global _last_max
-    base = extend_lens if extend_lens._base is None else extend_lens._base
-    try:
-        version = base._version
-    except RuntimeError:  # an inference tensor: no version counter (not changed in place here)
-        version = None
-    part = (extend_lens.storage_offset(), extend_lens.numel(), version)
-    ref, seen, m = _last_max
-    if ref() is not base or seen != part:
-        m = int(extend_lens.max())
-        _last_max = (weakref.ref(base), part, m)
-    return m
-
-
 def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens, extend_lens, scale,
                      max_extend=None):
     T, H, D = q.shape
@@ -400,7 +376,9 @@ def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix
     qstart = torch.zeros(B, dtype=torch.int64, device=q.device)
     qstart[1:] = torch.cumsum(extend_lens, 0)[:-1]
     BLOCK_M = 32 if q.device.type == "cpu" else 64
-    max_ext = _max_extend(extend_lens) if max_extend is None else max_extend
+    # the grid needs the longest extend on the host: the engine passes it (ForwardBatch.
+    # max_extend_len); reading it from the device would wait for all queued work
+    max_ext = int(extend_lens.max()) if max_extend is None else max_extend
     k_cache, v_cache, e4m3_bits = _kv_operands(k_cache, v_cache)
     _extend_kernel[(B, H, triton.cdiv(max_ext, BLOCK_M))](
         q, k_cache, v_cache, o, req_to_token, req_pool_indices, prefix_lens, extend_lens, qstart,
