@@ -170,3 +170,53 @@ def test_abort_while_a_prompt_pass_is_in_flight(tiny_models, when):
         assert sched.flush_cache()
         assert sched.kv_stats()["free"] == sched.allocator.size
     assert outs[0] == outs[1]
+
+
+def test_admission_counts_requests_finishing_at_the_previous_step(tiny_models, monkeypatch):
+    """At the running cap, requests whose last token is being sampled by the step in
+    flight are counted as gone: the next prompt pass is launched at once, taking spare
+    request rows while they still hold theirs, instead of a step later.  The running batch
+    never exceeds the cap, no row or slot is leaked, and the tokens are the plain loop's."""
+    from portaserve.platforms.cpu import CpuPlatform
+    from portaserve.runtime import build_runtime
+    from portaserve.server_args import ServerArgs
+
+    path = tiny_models("llama3")
+    prompts = random_prompts(9, 512, 10, 30, seed=46)
+    sps = [{"max_new_tokens": 5, "temperature": 0, "ignore_eos": True} for _ in prompts]
+    cap = 3
+    results = {}
+    for mode in ("plain", "overlap"):
+        # the runtime configures the scheduler as on an accelerator (overlap, spare rows)
+        monkeypatch.setattr(CpuPlatform, "overlap_schedule", mode == "overlap")
+        rt = build_runtime(ServerArgs(model_path=str(path), skip_tokenizer_init=True, max_total_tokens=2000,
+                                      max_running_requests=cap, grammar_backend="none"))
+        sched = rt.scheduler
+        assert sched.overlap == (mode == "overlap")
+        assert sched.req_pool.size == cap + 1 + (cap if mode == "overlap" else 0)
+        seen = {"full_launch": 0, "decode_bs": [], "rows_used": 0}
+        launch, decode = sched._launch_extend, sched._decode_forward
+
+        def launch_spy(batch, prev=None):
+            if len(sched.running) >= cap:  # admitted on the strength of prev's finishers
+                seen["full_launch"] += 1
+            seen["rows_used"] = max(seen["rows_used"], sched.req_pool.size - sched.req_pool.available())
+            return launch(batch, prev)
+
+        def decode_spy(batch, input_ids=None):
+            seen["decode_bs"].append(len(batch))
+            return decode(batch, input_ids)
+
+        sched._launch_extend, sched._decode_forward = launch_spy, decode_spy
+        reqs = _drive(rt, prompts, sps)
+        assert sched.flush_cache() and sched.kv_stats()["free"] == sched.allocator.size
+        assert sched.req_pool.available() == sched.req_pool.size
+        assert max(seen["decode_bs"]) <= cap
+        results[mode] = ([r.output_ids for r in reqs], len(seen["decode_bs"]), seen)
+    assert results["overlap"][0] == results["plain"][0]
+    seen = results["overlap"][2]
+    # waves of 3 finish together: each later wave is admitted while the previous one's
+    # last tokens are in flight, taking rows beyond the cap's
+    assert seen["full_launch"] == 2 and seen["rows_used"] > cap + 1, seen
+    # which saves the step each wave otherwise waits: as many decode steps as the plain loop
+    assert results["overlap"][1] == results["plain"][1], (results["overlap"][1], results["plain"][1])

@@ -35,18 +35,22 @@ def _workload(seed):
     return prompts, sps, config, aborts
 
 
-def _run(path, prompts, sps, config, aborts, mode):
+def _run(path, prompts, sps, config, aborts, mode, monkeypatch):
     from portaserve.core.request_builder import build_req
+    from portaserve.platforms.cpu import CpuPlatform
     from portaserve.runtime import build_runtime
     from portaserve.server_args import ServerArgs
 
     config = dict(config)
     reserve = config.pop("reserve")
+    # configured by the runtime as on an accelerator (overlap, and spare request rows
+    # for admission beside requests finishing at the step in flight)
+    monkeypatch.setattr(CpuPlatform, "overlap_schedule", mode != "plain")
     rt = build_runtime(ServerArgs(model_path=str(path), skip_tokenizer_init=True, grammar_backend="none",
-                                  **config))
+                                  disable_overlap_prefill=mode != "overlap", **config))
     sched = rt.scheduler
     sched.new_token_ratio = sched.cfg.min_new_token_ratio = reserve
-    sched.overlap, sched.overlap_prefill = mode != "plain", mode == "overlap"
+    assert (sched.overlap, sched.overlap_prefill) == (mode != "plain", mode == "overlap")
     reqs = [build_req(rt.limits(), None, None, p, sp, rid=str(i)) for i, (p, sp) in enumerate(zip(prompts, sps))]
     for r in reqs:
         sched.add_request(r)
@@ -54,6 +58,7 @@ def _run(path, prompts, sps, config, aborts, mode):
     while sched.has_work():
         sched.step()
         step += 1
+        assert len(sched.running) <= sched.cfg.max_running_requests
         if step in aborts and sched.abort(str(aborts[step])) is not None:
             aborted.add(aborts[step])
         assert step < 3000, "the scheduler stopped making progress"
@@ -65,12 +70,12 @@ def _run(path, prompts, sps, config, aborts, mode):
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_loops_agree_on_random_workloads(tiny_models, seed):
+def test_loops_agree_on_random_workloads(tiny_models, seed, monkeypatch):
     path = tiny_models("llama3")
     prompts, sps, config, aborts = _workload(seed)
-    plain, _, _ = _run(path, prompts, sps, config, {}, "plain")
+    plain, _, _ = _run(path, prompts, sps, config, {}, "plain", monkeypatch)
     for mode in ("overlap-decode-only", "overlap"):
-        got, aborted, counters = _run(path, prompts, sps, config, aborts, mode)
+        got, aborted, counters = _run(path, prompts, sps, config, aborts, mode, monkeypatch)
         for i, (ids, reason) in got.items():
             if i in aborted:  # whatever it had before the abort is a prefix of its tokens
                 assert reason["type"] == "abort" and plain[i][0][:len(ids)] == ids, (mode, i)

@@ -28,6 +28,11 @@ ob = load("one_batch.json")
 by_bs = {r["batch_size"]: r for r in ob["results"]} if ob else {}
 fmt_ms = lambda r, k="decode_median_ms": f"{r[k]:.2f} ms" if r else None  # noqa: E731
 row("batch-1 decode, 128 in (ms/token)", fmt_ms(by_bs.get(1)), "<= 6.0 (H100)")
+dev = (ob or {}).get("device", {})
+if by_bs.get(1) and dev.get("copy_bytes_per_s"):
+    floor = dev["weight_bytes"] / dev["copy_bytes_per_s"] * 1e3
+    row("batch-1 decode vs weights-read floor", f"{by_bs[1]['decode_median_ms'] / floor:.2f}x of {floor:.2f} ms "
+        f"({dev['weight_bytes'] / 1e9:.2f} GB at a copy's {dev['copy_bytes_per_s'] / 1e12:.2f} TB/s)", "physical limit")
 row("batch-128 decode step", fmt_ms(by_bs.get(128)), "<= 11 (H100)")
 for bs in (1, 32):
     r = by_bs.get(bs)
@@ -35,6 +40,8 @@ for bs in (1, 32):
     row(f"vs transformers generate, batch {bs}", f"{hf / r['decode_median_ms']:.1f}x" if hf else None, "ratio")
 off = load("offline_random.json")
 row("offline random 500 prompts (out tok/s)", off and f"{off['portaserve']['output_tok_s']:,.0f}", ">= 4,500 (H100)")
+c = off and off["portaserve"].get("counters")
+row("  its prompt passes / decode steps", c and f"{c['forward_extend']} / {c['forward_decode']}", "measured")
 gsp = load("offline_gsp.json")
 if gsp:
     on, no = gsp["portaserve"], gsp.get("portaserve --disable-radix-cache")
@@ -64,6 +71,10 @@ for r in (tp or {}).get("results", []):
     base = by_bs.get(r["batch_size"])
     ratio = f" ({base['decode_median_ms'] / r['decode_median_ms']:.2f}x TP=1)" if base else ""
     row(f"TP=2 decode, batch {r['batch_size']}", fmt_ms(r) + ratio, "measured")
+
+tests = out / "tests.log"
+last = tests.exists() and [ln for ln in tests.read_text().splitlines() if " in " in ln and ("passed" in ln or "failed" in ln)]
+row("GPU tests (tests/triton, tests/gpu, quantization)", last[-1].strip("= ") if last else None, "all pass")
 
 w = max(len(r[0]) for r in rows)
 print(f"| {'figure':<{w}} | measured | target |\n|{'-' * (w + 2)}|---|---|")

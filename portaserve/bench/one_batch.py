@@ -105,6 +105,13 @@ def main(argv=None) -> int:
     if ns.profile:
         profile_decode(rt, max(ns.batch_size), min(ns.input_len), 8, ns.shared_prefix_len)
     device = rt.platform.describe()
+    # for the physical limit: a decode step reads every weight once (per rank), all but
+    # the input embedding's rows it does not look up (unless the LM head shares them)
+    device["weight_bytes"] = max(rt.rank_weight_bytes or [rt.weight_bytes])
+    if not rt.model_config.tie_word_embeddings:
+        emb = getattr(getattr(rt.model, "model", rt.model), "embed_tokens", None)
+        device["weight_bytes"] -= sum(p.numel() * p.element_size() for p in emb.parameters()) if emb else 0
+    device["copy_bytes_per_s"] = copy_bandwidth(rt.platform)
     if rt.tp is not None:
         print(f"{time.strftime('%T')} stopping the tensor-parallel ranks", file=sys.stderr, flush=True)
     _driver(rt).shutdown()
@@ -129,6 +136,27 @@ def main(argv=None) -> int:
         with open(ns.output_file, "w") as f:
             json.dump({"device": device, "results": rows}, f, indent=2)
     return 0
+
+
+def copy_bandwidth(platform, nbytes: int = 1 << 30, reps: int = 20):
+    """Device memory bandwidth as a large copy measures it (bytes read + written per
+    second), the floor a weight-reading decode step is held against; None on the CPU."""
+    import torch
+
+    dev = platform.device()
+    if dev.type == "cpu" or platform.lazy_tensors:  # XLA: lazy copies are not timed this way
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    platform.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    platform.synchronize()
+    bw = 2 * nbytes * reps / (time.perf_counter() - t0)
+    del src, dst
+    return bw
 
 
 def profile_decode(rt, bs, input_len, steps, shared_len=0):
