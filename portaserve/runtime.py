@@ -297,7 +297,6 @@ def _build_rank(args, platform, src, cfg, dtype, context_len, tp) -> Runtime:
         from portaserve.core.grammar import GrammarBackend
 
         grammar = GrammarBackend(tokenizer, cfg.vocab_size, eos, pin_memory=platform.pin_memory)
-    overlap = not args.disable_overlap_schedule and platform.overlap_schedule
     sched = Scheduler(
         SchedulerConfig(
             context_len=context_len,
@@ -309,12 +308,8 @@ def _build_rank(args, platform, src, cfg, dtype, context_len, tp) -> Runtime:
             schedule_policy=args.schedule_policy,
             disable_radix_cache=args.disable_radix_cache,
             random_seed=args.random_seed,
-            overlap=overlap,
+            overlap=not args.disable_overlap_schedule and platform.overlap_schedule,
             overlap_prefill=not args.disable_overlap_prefill,
-            # prompt passes overlap where batches are not padded (not XLA): rows for
-            # requests admitted while those finishing still hold theirs
-            spare_req_rows=args.max_running_requests if overlap and not args.disable_overlap_prefill
-            and not platform.lazy_tensors else 0,
             deterministic=tp is not None,
             enable_mixed_chunk=args.enable_mixed_chunk,
         ),

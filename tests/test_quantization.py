@@ -282,10 +282,12 @@ def _prompts():
     return random_prompts(4, 512, 4, 40, seed=5)
 
 
-def _generate(path, n=N_TOKENS, **kw):
+def _generate(path, n=N_TOKENS, dtype="float32", **kw):
+    """Greedy tokens and logprobs; in float32 as the references are (on a GPU the engine's
+    own default would be bfloat16)."""
     from portaserve import Engine
 
-    with Engine(str(path), skip_tokenizer_init=True, max_total_tokens=2048, **kw) as eng:
+    with Engine(str(path), skip_tokenizer_init=True, max_total_tokens=2048, dtype=dtype, **kw) as eng:
         outs = eng.generate(input_ids=_prompts(), sampling_params={
             "max_new_tokens": n, "temperature": 0, "ignore_eos": True}, return_logprob=True)
     toks = [o["output_ids"] for o in outs]
@@ -539,6 +541,6 @@ def test_server_info_reports_quantization(llama):
                 kv_cache_dtype="fp8_e4m3") as eng:
         info = eng.get_server_info()
     assert info["quantization"].startswith("fp8") and info["kv_cache_dtype"] == "float8_e4m3fn"
-    with Engine(str(llama), skip_tokenizer_init=True, max_total_tokens=512) as eng:
+    with Engine(str(llama), skip_tokenizer_init=True, max_total_tokens=512, dtype="float32") as eng:
         info = eng.get_server_info()
     assert info["quantization"] is None and info["kv_cache_dtype"] == "float32"

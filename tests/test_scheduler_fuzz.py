@@ -43,8 +43,7 @@ def _run(path, prompts, sps, config, aborts, mode, monkeypatch):
 
     config = dict(config)
     reserve = config.pop("reserve")
-    # configured by the runtime as on an accelerator (overlap, and spare request rows
-    # for admission beside requests finishing at the step in flight)
+    # configured by the runtime as on an accelerator
     monkeypatch.setattr(CpuPlatform, "overlap_schedule", mode != "plain")
     rt = build_runtime(ServerArgs(model_path=str(path), skip_tokenizer_init=True, grammar_backend="none",
                                   disable_overlap_prefill=mode != "overlap", **config))

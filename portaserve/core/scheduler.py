@@ -65,11 +65,6 @@ class SchedulerConfig:
     # with overlap: launch a prompt pass before reading the previous step's tokens, and the
     # decode step after it before reading the pass's (--disable-overlap-prefill: off)
     overlap_prefill: bool = True
-    # Request-table rows beyond one per running request and one for a chunked prefill.
-    # With overlapped prompt passes, requests admitted at a step take rows while those
-    # finishing at the previous step still hold theirs (_step_overlapped); without spare
-    # rows, admission waits for them as before.
-    spare_req_rows: int = 0
     init_new_token_ratio: float = 0.7
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
@@ -118,8 +113,7 @@ class Scheduler:
         self.decode_fn = decode_fn
         self.page_size = cfg.page_size
         self.allocator = SlotAllocator(cfg.max_total_tokens, cfg.page_size)
-        rows = cfg.max_running_requests + 1 + cfg.spare_req_rows
-        self.req_pool = ReqToTokenPool(rows, cfg.context_len + 8, device, pin_memory)
+        self.req_pool = ReqToTokenPool(cfg.max_running_requests + 1, cfg.context_len + 8, device, pin_memory)
         self.tree: Optional[RadixCache] = None if cfg.disable_radix_cache else RadixCache(
             self.allocator, cfg.page_size)
         self.pin_memory = pin_memory
@@ -436,9 +430,7 @@ class Scheduler:
         return int(sum(max(0, r.sampling.max_new_tokens - len(r.output_ids)) for r in self.running)
                    * self.new_token_ratio)
 
-    def _schedule_prefill(self, leaving: int = 0) -> list[Req]:
-        """The next prefill batch.  leaving: running requests certain to finish when the
-        previous step's tokens are read (they do not count against the running cap)."""
+    def _schedule_prefill(self) -> list[Req]:
         if not self.waiting and self.chunked is None:
             return []
         self._order_waiting()
@@ -466,7 +458,7 @@ class Scheduler:
 
         i = 0  # index into waiting: requests deferred by the in-batch check are skipped
         while i < len(self.waiting) and self.chunked is None and i < 64:
-            if len(self.running) - leaving + len(batch) >= self.cfg.max_running_requests:
+            if len(self.running) + len(batch) >= self.cfg.max_running_requests:
                 break
             if self.req_pool.available() == 0:
                 break
@@ -827,10 +819,10 @@ class Scheduler:
         need = sum(self.allocator.pages_needed(1, r.kv_len) for r in reqs) * self.page_size
         return need <= self._available()
 
-    def _prefill_possible(self, leaving: int = 0) -> bool:
+    def _prefill_possible(self) -> bool:
         if self.chunked is not None:
             return True
-        if not self.waiting or len(self.running) - leaving >= self.cfg.max_running_requests:
+        if not self.waiting or len(self.running) >= self.cfg.max_running_requests:
             return False
         if self.req_pool.available() == 0:
             return False
@@ -866,6 +858,16 @@ class Scheduler:
 
     def _step_overlapped(self) -> list[Req]:
         prev, self.inflight = self.inflight, None
+        if self._prefill_possible():
+            if not self.overlap_prefill or (self._mixing() and self.running):
+                return self._resolve(prev)  # the prefill goes next step, after prev's tokens
+            batch = self._schedule_prefill()
+            if batch:
+                if self._overlap_extend(batch, ()):
+                    return self._launch_extend(batch, prev)
+                out = self._resolve(prev)
+                return out + self._run_extend(batch)
+            # nothing fits yet: decode on
         running = {id(r) for r in self.running}  # not finished, aborted or re-queued since
         # requests whose token at prev is unread, by row of prev
         pending = {id(r): i for i, (r, ep) in enumerate(zip(prev.reqs, prev.epochs))
@@ -878,21 +880,6 @@ class Scheduler:
 
         live = [r for r in self.running if not r.finished]
         batch = [r for r in live if more(r)]
-        # Admission counts the requests finishing at prev as gone: they are released when
-        # prev's tokens are read, after this step's pass is launched (their request rows
-        # are still held then, hence only as many as the table has spare rows; their KV
-        # is not counted).  Without spare rows (XLA) admission waits for them as before.
-        leaving = min(len(live) - len(batch), self.cfg.spare_req_rows) if self.overlap_prefill else 0
-        if self._prefill_possible(leaving):
-            if not self.overlap_prefill or (self._mixing() and self.running):
-                return self._resolve(prev)  # the prefill goes next step, after prev's tokens
-            pre = self._schedule_prefill(leaving)
-            if pre:
-                if self._overlap_extend(pre, ()):
-                    return self._launch_extend(pre, prev)
-                out = self._resolve(prev)
-                return out + self._run_extend(pre)
-            # nothing fits yet: decode on
         if batch and self._overlap_safe(live) and self._room_for_decode(batch):
             ids = self._next_ids(prev, batch, pending)
             if any(r.grammar is not None for r in batch):
