@@ -10,7 +10,7 @@ source ci/gpu/setup.sh || exit 1
 M="--model-path /tmp/llama8b --load-format dummy --dtype bfloat16"
 run() { local name=$1; shift; echo "== $name ($(date +%T))"; "$@" > "$OUT/$name.log" 2>&1; echo "   rc=$?"; }
 # (the default-model tests are left out: that model is a 93 MB PyPI wheel the offline host cannot fetch)
-run tests env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/triton tests/gpu \
+run tests env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider --durations=15 tests/triton tests/gpu \
   tests/test_quantization.py --deselect tests/test_quantization.py::test_fp8_against_the_float_model
 run one_batch python3 -m portaserve.bench.one_batch $M --context-length 8192 --batch-size 1 32 128 \
   --input-len 128 --output-len 64 --compare-hf --output-file $OUT/one_batch.json

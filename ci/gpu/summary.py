@@ -73,7 +73,8 @@ for r in (tp or {}).get("results", []):
     row(f"TP=2 decode, batch {r['batch_size']}", fmt_ms(r) + ratio, "measured")
 
 tests = out / "tests.log"
-last = tests.exists() and [ln for ln in tests.read_text().splitlines() if " in " in ln and ("passed" in ln or "failed" in ln)]
+last = tests.exists() and [ln for ln in tests.read_text().splitlines()
+                           if " in " in ln and any(w in ln for w in ("passed", "failed", "error"))]
 row("GPU tests (tests/triton, tests/gpu, quantization)", last[-1].strip("= ") if last else None, "all pass")
 
 w = max(len(r[0]) for r in rows)

@@ -160,12 +160,12 @@ def gpu_llama(tmp_path_factory):
 def test_engine_bf16_with_flashinfer_agrees_with_transformers(gpu_llama, graphs, mixed):
     """bf16 rounding differs between kernels, so near-tied greedy choices part: held against
     transformers in float32, the engine's bf16 tokens (first 4 of 8 per prompt) agree about
-    as often as transformers' own bf16 tokens do (one prompt of slack for rounding), and
-    the op table says FlashInfer.  (A fixed count against transformers' bf16 was 6/8 in
+    as often as transformers' own bf16 tokens do (two prompts of 16 of slack for rounding),
+    and the op table says FlashInfer.  (A fixed count against transformers' bf16 was 6/8 in
     session 5 and 5/8 after the fused rotary + KV store changed where bf16 rounds.)"""
     from portaserve import Engine
 
-    prompts = random_prompts(8, 2048, 8, 300, seed=6)
+    prompts = random_prompts(16, 2048, 8, 300, seed=6)
     ref = AutoModelForCausalLM.from_pretrained(str(gpu_llama), torch_dtype=torch.float32).cuda().eval()
     ref_outs = [{"output_ids": hf_greedy(ref, ids, 8)[0]} for ids in prompts]
     del ref
@@ -181,9 +181,9 @@ def test_engine_bf16_with_flashinfer_agrees_with_transformers(gpu_llama, graphs,
                                                                 "ignore_eos": True})
     agree = sum(o["output_ids"][:4] == r["output_ids"][:4] for o, r in zip(outs, ref_outs))
     print(f"flashinfer bf16 graphs={graphs} mixed={mixed}: first 4 tokens equal float32 transformers' "
-          f"for {agree}/8 prompts (transformers bf16: {hf_bf16}/8; "
-          f"vs transformers bf16: {greedy_prefix_agreement(hf, prompts, outs, 8, 4)}/8)")
-    assert agree >= hf_bf16 - 1 and agree >= 4
+          f"for {agree}/16 prompts (transformers bf16: {hf_bf16}/16; "
+          f"vs transformers bf16: {greedy_prefix_agreement(hf, prompts, outs, 8, 4)}/16)")
+    assert agree >= hf_bf16 - 2 and agree >= 8
 
 
 def test_default_choice_prefill_flashinfer_decode_triton(gpu_llama):
