@@ -109,8 +109,7 @@ def main(argv=None) -> int:
     # the input embedding's rows it does not look up (unless the LM head shares them)
     device["weight_bytes"] = max(rt.rank_weight_bytes or [rt.weight_bytes])
     if not rt.model_config.tie_word_embeddings:
-        emb = getattr(getattr(rt.model, "model", rt.model), "embed_tokens", None)
-        device["weight_bytes"] -= sum(p.numel() * p.element_size() for p in emb.parameters()) if emb else 0
+        device["weight_bytes"] -= sum(p.numel() * p.element_size() for p in rt.model.embed_tokens.parameters())
     device["copy_bytes_per_s"] = copy_bandwidth(rt.platform)
     if rt.tp is not None:
         print(f"{time.strftime('%T')} stopping the tensor-parallel ranks", file=sys.stderr, flush=True)
