@@ -42,10 +42,14 @@ def _run(path, overlap, prefill, prompts, sps, spy=None, lp_prompt=None, **kw):
 def _spy(seen):
     def install(sched):
         launch, next_ids = sched._launch_extend, sched._next_ids
+        passes = []  # the in-flight steps prompt passes launched (the rest are decode steps)
 
         def launch_spy(batch, prev=None):
-            seen["launched"].append((len(batch), None if prev is None else prev.kind))
-            return launch(batch, prev)
+            kind = None if prev is None else "extend" if any(p is prev for p in passes) else "decode"
+            seen["launched"].append((len(batch), kind))
+            out = launch(batch, prev)
+            passes.append(sched.inflight)
+            return out
 
         def ids_spy(prev, batch, pending):
             seen["decode_after_pass"] += any(id(r) not in pending for r in batch)

@@ -47,7 +47,6 @@ class _Inflight:
     # each request's epoch at launch, -1 for rows whose token is thrown away: a request
     # released since (a jump re-queues it) may be running again when the tokens are read
     epochs: list
-    kind: str = "decode"  # or "extend": a prompt pass's first tokens
 
 
 @dataclass
@@ -590,7 +589,7 @@ class Scheduler:
         self.running.extend(done)
         # the new requests' first tokens depend on nothing prev decides (their grammar
         # masks included), so the sampling is queued right behind the forward
-        launched = self._launch_sampling(done, logits, "extend") if done else None
+        launched = self._launch_sampling(done, logits) if done else None
         out = self._resolve(prev) if prev is not None else []
         self.inflight = launched
         return out
@@ -832,7 +831,7 @@ class Scheduler:
     def _launch_decode(self, batch: list[Req], input_ids: Optional[torch.Tensor] = None) -> "_Inflight":
         return self._launch_sampling(batch, self._decode_forward(batch, input_ids))
 
-    def _launch_sampling(self, batch: list[Req], logits: torch.Tensor, kind: str = "decode") -> "_Inflight":
+    def _launch_sampling(self, batch: list[Req], logits: torch.Tensor) -> "_Inflight":
         masks = self._grammar_masks(batch)  # on the CPU, while the forward runs
         running = {id(r) for r in self.running}
         ignored = {i for i, r in enumerate(batch) if r.finished or id(r) not in running}
@@ -853,8 +852,7 @@ class Scheduler:
                 host.copy_(ids, non_blocking=True)
                 event = torch.Event(device=ids.device)
                 event.record()
-        return _Inflight(batch, ids, host, event, [-1 if i in ignored else r.epoch for i, r in enumerate(batch)],
-                         kind)
+        return _Inflight(batch, ids, host, event, [-1 if i in ignored else r.epoch for i, r in enumerate(batch)])
 
     def _step_overlapped(self) -> list[Req]:
         prev, self.inflight = self.inflight, None
