@@ -177,6 +177,12 @@ def fp8_scaled_mm(x, w, w_scale, input_scale, out_dtype):
         y = torch._scaled_mm(xq, w.t(), scale_a=input_scale.float().reshape(()),
                              scale_b=w_scale.float().reshape(()), out_dtype=out_dtype,
                              use_fast_accum=_FAST_ACCUM)
+    elif out_dtype == torch.float32:  # row-wise for a float32 model (the reference dtype of
+        # the tests): the kernel's unscaled float32 product, scaled here in float32, as the
+        # row-wise kernel's bf16-only output would round every product to 8 bits
+        one = torch.ones((), device=x.device)
+        y = torch._scaled_mm(xq, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        y = y * xs * weight_scale_vector(w_scale, N).reshape(1, N)
     else:  # row-wise: per-token activation scales, per-channel weight scales (bf16 output)
         sb = weight_scale_vector(w_scale, N).reshape(1, N)
         if not sb.is_contiguous():  # a per-tensor scale expanded to N
