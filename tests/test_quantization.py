@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -331,8 +332,22 @@ def test_int4_checkpoint_generates_like_the_dequantized_model(llama, tmp_path, s
 # weights with the activations fake-quantized by the published rule (written below, not
 # portaserve's quantizer): the same arithmetic, so the tokens must agree except where an
 # activation sits on a rounding boundary and summation-order noise (~1e-6) tips it.
-# Measured: 64/64 for every scheme.  Asserted: 60/64.
+# Measured: 64/64 for every scheme.  Asserted: 60/64 where the GEMM accumulates exactly
+# (INT8 everywhere; FP8 on the CPU).  An FP8 tensor-core GEMM does not: on an H200 its
+# float32 product of exact e4m3 values is off by ~2.5e-4 relative (K = 64..160,
+# ci/gpu/fp8_check.py; ~13 mantissa bits of accumulation, with or without fast
+# accumulation), which moves activations across e4m3 rounding boundaries and parts
+# free-running greedy paths early (24-44 of 64 tokens agree there).  So every W8A8 engine
+# path is also checked teacher-forced: the reference runs along the engine's own tokens,
+# and the gap between the reference's best logit and the engine token's, in logit standard
+# deviations, must stay small.  Measured (mean / max over 64 steps):
+#   engine, CPU, every scheme:                  0 / 0
+#   engine, H200, fp8 / fp8_static / ct_fp8 / online fp8:
+#                                                .0064/.18, .0033/.14, .0023/.046, .0111/.13
+#   the plain dequantized model (no activation quantization, the subtlest bug class), fp8
+#   schemes: .048/.71, .038/.56, .034/.38 (CPU; .034/.38 for ct_fp8 on the H200 too)
 W8A8_MIN_AGREE = 60
+W8A8_MAX_MEAN_GAP, W8A8_MAX_GAP = 0.02, 0.25
 
 
 def _fq_act(x, kind, static=None):
@@ -349,12 +364,10 @@ def _fq_act(x, kind, static=None):
     return (q * s).reshape(x.shape).to(x.dtype)
 
 
-def hf_fake_quant_greedy(folder, kind, static_scales=None, weight_fq=None, n=N_TOKENS):
-    """Greedy tokens of transformers with every decoder linear's input fake-quantized
-    (and, if weight_fq is given, each weight replaced by weight_fq(weight))."""
+def hf_fake_quant_model(folder, kind, static_scales=None, weight_fq=None):
+    """transformers with every decoder linear's input fake-quantized (and, if weight_fq is
+    given, each weight replaced by weight_fq(weight))."""
     from transformers import AutoModelForCausalLM
-
-    from tests.conftest import hf_greedy
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
     for name, mod in model.named_modules():
@@ -364,7 +377,32 @@ def hf_fake_quant_greedy(folder, kind, static_scales=None, weight_fq=None, n=N_T
                     mod.weight.copy_(weight_fq(mod.weight))
             st = None if static_scales is None else static_scales[name]
             mod.register_forward_pre_hook(lambda m, args, st=st: (_fq_act(args[0], kind, st),))
-    return [hf_greedy(model, ids, n)[0] for ids in _prompts()]
+    return model
+
+
+@torch.no_grad()
+def teacher_forced_gaps(model, tokens) -> torch.Tensor:
+    """The reference run along the engine's own greedy tokens: at each step, how far the
+    engine token's logit falls below the reference's best, in units of the step's logit
+    standard deviation (0 where the engine chose the reference's argmax)."""
+    gaps = []
+    for ids, toks in zip(_prompts(), tokens):
+        logits = model(torch.tensor([ids + toks[:-1]])).logits[0, len(ids) - 1:].float()
+        chosen = logits.gather(-1, torch.tensor(toks)[:, None])[:, 0]
+        gaps.append((logits.max(-1).values - chosen) / logits.std(-1))
+    return torch.cat(gaps)
+
+
+def check_w8a8(got, model, kind, label):
+    from tests.conftest import hf_greedy
+
+    want = [hf_greedy(model, ids, N_TOKENS)[0] for ids in _prompts()]
+    agree, gaps = _agreement(got, want), teacher_forced_gaps(model, got)
+    print(f"{label}: {agree}/{N_TOKENS * len(want)} greedy tokens agree with fake-quantized "
+          f"transformers; teacher-forced gap mean {gaps.mean():.4f}, max {gaps.max():.4f} logit std")
+    assert gaps.mean() <= W8A8_MAX_MEAN_GAP and gaps.max() <= W8A8_MAX_GAP
+    if kind == "int8" or os.environ.get("PORTASERVE_TEST_DEVICE", "cpu") == "cpu":
+        assert agree >= W8A8_MIN_AGREE
 
 
 def _static_scales(qdir):
@@ -388,12 +426,14 @@ def test_w8a8_checkpoint_generates_like_fake_quantized_transformers(llama, tmp_p
     qdir, ddir = quantize_checkpoint(llama, tmp_path, scheme)
     got, _ = _generate(qdir)
     kind = "int8" if scheme == "ct_int8" else "fp8"
-    want = hf_fake_quant_greedy(ddir, kind, _static_scales(qdir) if scheme == "fp8_static" else None)
-    agree = _agreement(got, want)
+    model = hf_fake_quant_model(ddir, kind, _static_scales(qdir) if scheme == "fp8_static" else None)
+    check_w8a8(got, model, kind, scheme)
     plain, _ = _generate(ddir)
-    print(f"{scheme}: {agree}/{N_TOKENS * len(want)} greedy tokens agree with fake-quantized "
-          f"transformers; {_agreement(got, plain)} with the plain dequantized model")
-    assert agree >= W8A8_MIN_AGREE
+    gaps = teacher_forced_gaps(model, plain)
+    print(f"{scheme}: the plain dequantized model agrees on {_agreement(plain, got)}; its teacher-forced "
+          f"gap mean {gaps.mean():.4f}, max {gaps.max():.4f}")
+    if kind == "fp8":  # the teacher-forced check tells a path without activation quantization
+        assert gaps.mean() > W8A8_MAX_MEAN_GAP or gaps.max() > W8A8_MAX_GAP
 
 
 def _fq_weight_per_channel(kind):
@@ -411,10 +451,8 @@ def _fq_weight_per_channel(kind):
 def test_online_quantization_matches_fake_quantized_transformers(llama, kind):
     k = "fp8" if kind == "fp8" else "int8"
     got, _ = _generate(llama, quantization=kind)
-    want = hf_fake_quant_greedy(llama, k, weight_fq=_fq_weight_per_channel(k))
-    agree = _agreement(got, want)
-    print(f"--quantization {kind}: {agree}/{N_TOKENS * len(want)} agree with fake-quantized transformers")
-    assert agree >= W8A8_MIN_AGREE
+    check_w8a8(got, hf_fake_quant_model(llama, k, weight_fq=_fq_weight_per_channel(k)), k,
+               f"--quantization {kind}")
 
 
 # ---- against the unquantized model: a trained model (the default SmolLM2-135M) ---------------------
