@@ -26,6 +26,7 @@ from portaserve.platforms.cuda import CudaPlatform
 from portaserve.platforms.rocm import RocmPlatform
 from portaserve.platforms.tpu import TpuPlatform
 from portaserve.platforms.xpu import XpuPlatform
+from portaserve.server_args import ServerArgs
 
 BUILTIN = {"tpu": TpuPlatform, "rocm": RocmPlatform, "cuda": CudaPlatform, "xpu": XpuPlatform,
            "cpu": CpuPlatform}
@@ -191,8 +192,15 @@ def test_env_var_honoured(host, monkeypatch):
     monkeypatch.setenv("PORTASERVE_DEVICE", "cpu")
     assert resolve_platform().name == "cpu"
     monkeypatch.setenv("PORTASERVE_DEVICE", "XPU")  # case-insensitive, and fails loudly
-    with pytest.raises(PlatformUnavailable, match="--device xpu cannot be used here: .*no torch.xpu"):
+    with pytest.raises(PlatformUnavailable, match="PORTASERVE_DEVICE=xpu cannot be used here: .*no torch.xpu"):
         resolve_platform()
+    with pytest.raises(PlatformUnavailable, match="PORTASERVE_DEVICE=xpu"):
+        resolve_platform("auto")  # every CLI's default defers to the variable
+    with pytest.raises(PlatformUnavailable, match="--device xpu cannot be used here"):
+        resolve_platform("xpu")
+    monkeypatch.setenv("PORTASERVE_DEVICE", "cpu")
+    assert resolve_platform("auto").name == "cpu"
+    assert ServerArgs(model_path="m").device == "auto"  # so `serve` without --device honours it
     monkeypatch.setenv("PORTASERVE_DEVICE", "auto")
     assert resolve_platform().name == "cuda"
     monkeypatch.setenv("PORTASERVE_DEVICE", "xpu")

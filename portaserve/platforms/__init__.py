@@ -69,7 +69,10 @@ def probe_all() -> dict[str, str | None]:
 
 
 def resolve_platform(explicit: str | None = None) -> Platform:
-    explicit = explicit or os.environ.get("PORTASERVE_DEVICE") or "auto"
+    # "auto" (every CLI's default) and no name both leave the choice to PORTASERVE_DEVICE
+    named_by = "--device {}"
+    if not explicit or explicit.lower() == "auto":
+        explicit, named_by = os.environ.get("PORTASERVE_DEVICE") or "auto", "PORTASERVE_DEVICE={}"
     explicit = explicit.lower()
     classes = platform_classes()
     if explicit != "auto":
@@ -79,7 +82,7 @@ def resolve_platform(explicit: str | None = None) -> Platform:
             )
         reason = classes[explicit].unavailable_reason()
         if reason is not None:
-            raise PlatformUnavailable(f"--device {explicit} cannot be used here: {reason}")
+            raise PlatformUnavailable(f"{named_by.format(explicit)} cannot be used here: {reason}")
         return classes[explicit]()
     for name, cls in classes.items():
         try:
