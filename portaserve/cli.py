@@ -1,7 +1,8 @@
-"""The ``portaserve`` command: serve, generate, env, bench serving."""
+"""The ``portaserve`` command: serve, generate, env, bench (serving, offline, one-batch, ...)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -96,8 +97,26 @@ def cmd_generate(ns, args) -> int:
     return 0
 
 
+# `portaserve bench NAME ...` runs `python -m portaserve.bench.<module> ...` (each has its own
+# options: `portaserve bench NAME --help`); `bench serving` is parsed here as well
+BENCHES = {
+    "offline": ("offline", "in-process Engine throughput on a dataset (SGLang's bench_offline_throughput)"),
+    "one-batch": ("one_batch", "prefill and per-step decode latency of one static batch (SGLang's bench_one_batch)"),
+    "gemm": ("gemm", "quantized GEMMs against bf16 on the Llama-3.1-8B linear shapes"),
+    "cascade": ("cascade", "decode attention over shared prefixes: plain against cascade"),
+    "sampling": ("sampling", "top-k/top-p/min-p sampling providers against the native op"),
+    "grammar": ("grammar_overhead", "per-token cost of constrained decoding (JSON schema)"),
+    "lang-tree": ("lang_tree", "a tree of thought through portaserve.lang against one call at a time"),
+}
+
+
 def main(argv=None) -> int:
     from portaserve.server_args import ServerArgs
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
+        sys.argv[0] = f"portaserve bench {argv[1]}"  # the name its parser's usage line shows
+        return importlib.import_module(f"portaserve.bench.{BENCHES[argv[1]][0]}").main(argv[2:])
 
     parser = argparse.ArgumentParser(prog="portaserve", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -128,6 +147,8 @@ def main(argv=None) -> int:
     from portaserve.bench.serving import add_cli_args as add_bench_serving_args
 
     add_bench_serving_args(p_bs)
+    for name, (module, what) in BENCHES.items():  # listed for --help; run above, with their own options
+        bench_sub.add_parser(name, help=f"{what} (python -m portaserve.bench.{module})")
 
     ns = parser.parse_args(argv)
     if ns.cmd == "env":

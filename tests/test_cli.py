@@ -36,3 +36,35 @@ def test_generate_command():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Paris" in r.stdout
     assert "KV pool: 2048 tokens" in r.stderr and "attention_decode" in r.stderr
+
+
+def test_env_honours_portaserve_device(monkeypatch):
+    monkeypatch.setenv("PORTASERVE_DEVICE", "cuda")  # no --device: its default, auto, defers to it
+    r = run("env")
+    assert r.returncode == 2 and "PORTASERVE_DEVICE=cuda cannot be used here" in r.stderr
+
+
+def test_bench_offline_and_one_batch_commands(tiny_models, tmp_path):
+    """`portaserve bench offline` and `bench one-batch` run the benchmarks on random weights
+    from a config-only folder (--load-format dummy), as the GPU leg does on the 8B shape."""
+    import json
+    import shutil
+
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    shutil.copy(tiny_models("llama3") / "config.json", cfg / "config.json")
+    out = tmp_path / "offline.json"
+    r = run("bench", "offline", "--model-path", str(cfg), "--load-format", "dummy", "--dataset", "random",
+            "--num-prompts", "6", "--random-input-len", "40", "--random-output-len", "8",
+            "--max-total-tokens", "2048", "--output-file", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())["portaserve"]
+    assert res["output_tokens"] > 0 and res["output_tok_s"] > 0
+    out = tmp_path / "one_batch.json"
+    r = run("bench", "one-batch", "--model-path", str(cfg), "--load-format", "dummy", "--batch-size", "1", "2",
+            "--input-len", "16", "--output-len", "4", "--max-total-tokens", "2048", "--output-file", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [x["batch_size"] for x in rows] == [1, 2] and all(x["decode_median_ms"] > 0 for x in rows)
+    r = run("bench", "one-batch", "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: portaserve bench one-batch")
