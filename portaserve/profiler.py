@@ -5,8 +5,8 @@ Each scheduler step runs under a ``record_function`` range; once it has run, the
 kind (extend, mixed, decode, or resolve: a step that only read back a launched decode)
 is known from ``Scheduler.last_step``.  On stop the profiler writes
 
-  <dir>/<stamp>-rank<r>.trace.json.gz   the Chrome/Perfetto trace
-  <dir>/<stamp>-rank<r>.summary.txt     the summary below
+  <dir>/<stamp>-pid<P>-rank<R>.trace.json.gz  the Chrome/Perfetto trace
+  <dir>/<stamp>-pid<P>-rank<R>.summary.txt    the summary below
 
 and the summary gives, per step kind: the number of steps, their wall time, and the
 device time of the kernels they launched (attributed by launch, so with the overlap
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m portaserve.profiler",
                                 description="Device-idle gaps inside each scheduler step of a trace "
                                             "written by /stop_profile or bench offline --profile.")
-    p.add_argument("trace", help="<stamp>-rank<r>.trace.json.gz")
+    p.add_argument("trace", help="<stamp>-pid<P>-rank<R>.trace.json.gz")
     p.add_argument("--min-gap-ms", type=float, default=1.0)
     ns = p.parse_args(argv)
     opener = gzip.open if ns.trace.endswith(".gz") else open

@@ -270,8 +270,8 @@ def test_jump_forward_policy_follows_the_flag_and_graphs(default_engine):
     from portaserve.runtime import jump_forward_mode
     from portaserve.server_args import ServerArgs
 
-    assert default_engine.get_server_info()["jump_forward"] == "always"  # auto, no graphs on the CPU
-    for mode, graphs, want in [("auto", False, "always"), ("auto", True, "off"), ("on", True, "always"),
+    assert default_engine.get_server_info()["jump_forward"] == "on"  # auto, no graphs on the CPU
+    for mode, graphs, want in [("auto", False, "on"), ("auto", True, "off"), ("on", True, "on"),
                                ("off", False, "off"), ("whole-batch", True, "whole-batch"),
                                ("whole-batch", False, "whole-batch")]:
         assert jump_forward_mode(ServerArgs(jump_forward=mode), graphs) == want, (mode, graphs)
