@@ -114,6 +114,9 @@ def _loop(rt, recv, send, parent_pid: int) -> None:
     try:
         _serve(rt, recv, send, parent_pid)
     finally:
+        # however the loop ends (shutdown, the HTTP process gone, a crash): write what was
+        # profiled; a profiler left running crashes torch's exit handlers (SIGSEGV)
+        rt.profiler.stop_quietly()
         if rt.tp is not None:  # tell the other tensor-parallel ranks to exit
             rt.tp.shutdown()
 
@@ -171,7 +174,6 @@ def _serve(rt, recv, send, parent_pid: int) -> None:
             elif kind in ("start_profile", "stop_profile"):
                 send.send_pyobj(("reply", item[1], _profile_command(rt.profiler, kind, *item[2:])))
             elif kind == "shutdown":
-                rt.profiler.stop_quietly()  # write what was profiled
                 return
             else:
                 logger.error("unknown command %r", kind)

@@ -1,6 +1,6 @@
 """A second, small server with --api-key, tiny queue limits, --served-model-name and
 --chat-template: auth (401), overload (503 with Retry-After), the name and template, and,
-last, the scheduler process dying (the server exits non-zero)."""
+last, the scheduler process dying (the server exits non-zero); and a SIGTERM while profiling."""
 from __future__ import annotations
 
 import asyncio
@@ -174,3 +174,26 @@ def test_scheduler_death_makes_server_exit_nonzero(small):
     poller.join(timeout=10)
     assert 503 in health, health[:5] + health[-5:]  # unhealthy before it went away
     assert health[-1] == "down"
+
+
+def test_sigterm_with_the_profiler_running_writes_its_trace(tmp_path):
+    """`kill -TERM` of a server whose profiler runs: the scheduler process, finding its
+    HTTP parent gone, stops the profiler and writes the trace. (Left running, torch's
+    profiler state crashed the process at exit with SIGSEGV and wrote nothing.)"""
+    s = ServerProc(["--max-total-tokens", "2000", "--skip-server-warmup"], tmp_path / "server.log")
+    try:
+        sched_pid = s.server_info()["http"]["scheduler_pid"]
+        assert s.post("/start_profile", json={"output_dir": str(tmp_path / "prof")}).status_code == 200
+    finally:
+        s.stop()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(sched_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the scheduler process outlived its HTTP parent by 30 s")
+    assert list((tmp_path / "prof").glob("*.trace.json.gz")), (tmp_path / "server.log").read_text()[-3000:]
+    assert "Segfault" not in (tmp_path / "server.log").read_text()
