@@ -44,15 +44,28 @@ def test_env_honours_portaserve_device(monkeypatch):
     assert r.returncode == 2 and "PORTASERVE_DEVICE=cuda cannot be used here" in r.stderr
 
 
-def test_bench_offline_and_one_batch_commands(tiny_models, tmp_path):
-    """`portaserve bench offline` and `bench one-batch` run the benchmarks on random weights
-    from a config-only folder (--load-format dummy), as the GPU leg does on the 8B shape."""
-    import json
+def _config_only(tiny_models, tmp_path):
     import shutil
 
     cfg = tmp_path / "cfg"
     cfg.mkdir()
     shutil.copy(tiny_models("llama3") / "config.json", cfg / "config.json")
+    return cfg
+
+
+def test_config_only_folder_without_a_tokenizer_says_what_to_pass(tiny_models, tmp_path):
+    cfg = _config_only(tiny_models, tmp_path)
+    r = run("generate", "hi", "--model-path", str(cfg), "--load-format", "dummy")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "has no tokenizer" in r.stderr and "--tokenizer-path" in r.stderr and "--skip-tokenizer-init" in r.stderr
+
+
+def test_bench_offline_and_one_batch_commands(tiny_models, tmp_path):
+    """`portaserve bench offline` and `bench one-batch` run the benchmarks on random weights
+    from a config-only folder (--load-format dummy), as the GPU leg does on the 8B shape."""
+    import json
+
+    cfg = _config_only(tiny_models, tmp_path)
     out = tmp_path / "offline.json"
     r = run("bench", "offline", "--model-path", str(cfg), "--load-format", "dummy", "--dataset", "random",
             "--num-prompts", "6", "--random-input-len", "40", "--random-output-len", "8",

@@ -79,12 +79,19 @@ def load_hf_config(src: ModelSource) -> dict:
     return cfg
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(src: ModelSource, tokenizer_path: Optional[str] = None):
     from transformers import AutoTokenizer
 
     if tokenizer_path:
         return AutoTokenizer.from_pretrained(tokenizer_path)
     if src.kind == "hf":
+        if not any((src.path / f).exists() for f in TOKENIZER_FILES):
+            raise ValueError(f"{src.path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); a "
+                             "config-only folder, as for --load-format dummy, needs --tokenizer-path, or "
+                             "--skip-tokenizer-init to take token ids only")
         return AutoTokenizer.from_pretrained(str(src.path))
     # Converting a GGUF vocabulary takes seconds: do it once, keep the result.
     meta = _gguf_cache(src) / "tokenizer"
