@@ -122,12 +122,21 @@ class GrammarBackend:
     def _compile(self, kind: str, text: str):
         try:
             if kind == "json_schema":
-                return self.compiler.compile_json_schema(text, any_whitespace=False)
-            if kind == "regex":
-                return self.compiler.compile_regex(text)
-            return self.compiler.compile_grammar(text)
+                compiled = self.compiler.compile_json_schema(text, any_whitespace=False)
+            elif kind == "regex":
+                compiled = self.compiler.compile_regex(text)
+            else:
+                compiled = self.compiler.compile_grammar(text)
         except Exception as e:
             raise GrammarError(f"invalid {kind}: {_clean(str(e))}") from None
+        # a constraint whose language is empty (a regex such as [^\x00-\U0010FFFF]) allows
+        # no first token, not even the end: refuse it here rather than sample a token it rejects
+        bits = self.xgr.allocate_token_bitmask(1, self.vocab_size)
+        m = self.xgr.GrammarMatcher(compiled)
+        m.fill_next_token_bitmask(bits, 0)
+        if not bool(bits.any()) and not m.is_terminated():
+            raise GrammarError(f"the {kind} matches no text: no token can begin an output it accepts")
+        return compiled
 
     def matcher(self, compiled, kind: Optional[str] = None):
         m = self.xgr.GrammarMatcher(compiled)

@@ -63,8 +63,10 @@ def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=F
         except GrammarError as e:
             raise InvalidRequest(str(e), kind) from None
         setattr(params, kind, text)
-    if isinstance(top_logprobs_num, bool) or not isinstance(top_logprobs_num or 0, int) or (top_logprobs_num or 0) < 0:
-        raise InvalidRequest("top_logprobs_num must be an integer >= 0", "top_logprobs_num")
+    if (isinstance(top_logprobs_num, bool) or not isinstance(top_logprobs_num or 0, int)
+            or not 0 <= (top_logprobs_num or 0) <= limits.vocab_size):
+        raise InvalidRequest(f"top_logprobs_num must be an integer from 0 to the vocabulary size "
+                             f"({limits.vocab_size}), got {top_logprobs_num!r}", "top_logprobs_num")
     if logprob_start_len is not None and (isinstance(logprob_start_len, bool)
                                           or not isinstance(logprob_start_len, int)):
         raise InvalidRequest("logprob_start_len must be an integer", "logprob_start_len")

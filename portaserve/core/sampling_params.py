@@ -6,6 +6,9 @@ from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
 
+MAX_N = 128  # completions per request (OpenAI's limit for n)
+
+
 class InvalidRequest(ValueError):
     """A request the engine refuses; ``param`` names the offending field."""
 
@@ -76,14 +79,22 @@ class SamplingParams:
         num("top_k", integer=True)
         if self.top_k == 0 or self.top_k < -1:
             raise InvalidRequest(f"top_k must be -1 (off) or >= 1, got {self.top_k}", "top_k")
+        if self.top_k >= 2 ** 31:  # more than any vocabulary: no limit, as -1 (and fits an int32)
+            self.top_k = -1
         num("min_p", 0.0, 1.0)
         num("frequency_penalty", -2.0, 2.0)
         num("presence_penalty", -2.0, 2.0)
         num("repetition_penalty", 0.0, 2.0, lo_open=True)
-        num("n", 1, integer=True)
+        num("n", 1, MAX_N, integer=True)
         if self.sampling_seed is not None and (isinstance(self.sampling_seed, bool)
                                                or not isinstance(self.sampling_seed, int)):
             raise InvalidRequest("sampling_seed must be an integer", "sampling_seed")
+        if self.sampling_seed is not None and not -2 ** 63 <= self.sampling_seed < 2 ** 64:
+            raise InvalidRequest(f"sampling_seed must be in [-2**63, 2**64), got {self.sampling_seed}",
+                                 "sampling_seed")
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequest(f"{name} must be a boolean, got {getattr(self, name)!r}", name)
         stop = self.stop
         if stop is None:
             self.stop_strs = []

@@ -213,8 +213,8 @@ class Scheduler:
                 continue
             r.grammar_future = None
             err = fut.exception()
-            if err is not None:
-                r.finished_reason = {"type": "abort", "message": str(err)}
+            if err is not None:  # the constraint cannot be compiled or matches nothing: the client's input
+                r.finished_reason = {"type": "abort", "message": str(err), "status_code": 400}
                 self._finished_early.append(r)
             else:
                 r.grammar = self.grammar.matcher(fut.result(), r.constraint()[0])

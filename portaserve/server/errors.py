@@ -60,10 +60,34 @@ async def read_json_object(request) -> dict:
     except json.JSONDecodeError as e:
         raise bad_request(f"the request body is not valid JSON: {e.msg} at line {e.lineno} "
                           f"column {e.colno}", None, "invalid_json")
+    except (ValueError, RecursionError) as e:  # an integer of > 4300 digits; arrays nested too deep
+        raise bad_request(f"the request body cannot be read: {str(e) or type(e).__name__}"[:300],
+                          None, "invalid_json")
     if not isinstance(obj, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(obj).__name__}",
                           None, "invalid_json")
+    _check_unicode(obj)
     return obj
+
+
+def _check_unicode(obj) -> None:
+    """A JSON escape may encode half of a surrogate pair (\\ud800), which is no Unicode text:
+    a 400 naming where, before a tokenizer meets it."""
+    stack = [(obj, "")]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise bad_request(f"{where or 'a string'} holds a lone surrogate ({v[e.start]!r} at "
+                                  f"character {e.start}), which is not valid Unicode text",
+                                  where.split(".")[0].split("[")[0] or None, "invalid_encoding")
+        elif isinstance(v, dict):
+            stack.extend((x, f"{where}.{k}" if where else str(k)) for k, x in v.items())
+            stack.extend((k, f"a key of {where or 'the body'}") for k in v)
+        elif isinstance(v, list):
+            stack.extend((x, f"{where}[{i}]") for i, x in enumerate(v))
 
 
 # ---- typed field access ------------------------------------------------------------------

@@ -180,13 +180,30 @@ class SchedulerClient:
             if kind == "out":
                 now = time.perf_counter()
                 for msg in obj[1]:
-                    self._on_output(msg, now)
+                    try:
+                        self._on_output(msg, now)
+                    except Exception as e:  # noqa: BLE001 - fail this request; the loop serves the rest
+                        self._fail_one(msg["rid"], e)
             elif kind == "reply":
                 fut = self.pending.pop(obj[1], None)
                 if fut is not None and not fut.done():
                     fut.set_result(obj[2])
             elif kind == "fatal":
                 self._die(obj[1])
+
+    def _fail_one(self, rid: str, e: Exception) -> None:
+        """Processing one request's output failed (detokenizing, a metric): that request
+        ends with an error and is aborted in the scheduler; every other goes on."""
+        logger.exception("request %s: processing its output failed", rid)
+        st = self.states.get(rid)
+        if st is None or st.error is not None or st.finished_time is not None:
+            return
+        if st.finished_reason is not None:  # it had finished in the scheduler: count it out here
+            st.finished_time = time.perf_counter()
+            self.num_inflight -= 1
+        elif self.dead is None:
+            self._send.send_pyobj(("abort", rid))
+        st.fail(f"processing the output failed: {type(e).__name__}: {e}")
 
     def _on_output(self, msg: dict, now: float) -> None:
         st = self.states.get(msg["rid"])

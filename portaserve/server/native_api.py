@@ -12,6 +12,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from portaserve.core.sampling_params import MAX_N
 from portaserve.server.common import (SSE_DONE, dead_error, follow, make_req, sse, sse_error,
                                       submit, wait_all)
 from portaserve.server.errors import APIError, bad_request, get, read_json_object
@@ -89,12 +90,13 @@ def _build_reqs(client, body: dict):
         raise bad_request("rid must be a string (or a list of strings)", "rid")
     reqs, index = [], []
     for i in range(n):
-        sp = dict(_per_item(sps, i, n, "sampling_params") or {})
+        sp = _per_item(sps, i, n, "sampling_params") or {}
         if not isinstance(sp, dict):
             raise bad_request("sampling_params must be an object", "sampling_params")
+        sp = dict(sp)
         copies = sp.pop("n", 1)
-        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
-            raise bad_request(f"n must be an integer >= 1, got {copies!r}", "n")
+        if isinstance(copies, bool) or not isinstance(copies, int) or not 1 <= copies <= MAX_N:
+            raise bad_request(f"n must be an integer from 1 to {MAX_N}, got {copies!r}", "n")
         rl = _per_item(body.get("return_logprob") or False, i, n, "return_logprob")
         lsl = _per_item(body.get("logprob_start_len"), i, n, "logprob_start_len")
         tln = _per_item(body.get("top_logprobs_num"), i, n, "top_logprobs_num")
@@ -124,6 +126,9 @@ async def generate(request: Request):
     texts = request.app.state.token_texts
     if not stream:
         await wait_all(client, states, request)
+        for st in states:  # refused in the scheduler for its input (a grammar that matches nothing)
+            if (st.finished_reason or {}).get("status_code") == 400:
+                raise bad_request(st.finished_reason.get("message", ""))
         out = [native_result(st, texts, with_text) for st in states]
         return JSONResponse(out if batch else out[0])
 

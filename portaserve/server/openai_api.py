@@ -15,6 +15,7 @@ from typing import Optional
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from portaserve.core.sampling_params import MAX_N
 from portaserve.server.common import (SSE_DONE, dead_error, follow, make_req, sse, sse_error,
                                       submit, wait_all)
 from portaserve.server.errors import APIError, bad_request, get, read_json_object
@@ -102,7 +103,11 @@ def sampling_params(body: dict, chat: bool) -> tuple[dict, dict]:
         if rf is not None:
             kind = rf.get("type")
             if kind == "json_schema":
-                schema = (rf.get("json_schema") or {}).get("schema")
+                spec = rf.get("json_schema")
+                if not isinstance(spec, dict):
+                    raise bad_request("response_format.json_schema must be an object holding the schema "
+                                      "under \"schema\"", "response_format")
+                schema = spec.get("schema")
                 if not isinstance(schema, dict):
                     raise bad_request("response_format.json_schema.schema must be an object",
                                       "response_format")
@@ -120,8 +125,8 @@ def sampling_params(body: dict, chat: bool) -> tuple[dict, dict]:
 
 def _n(body: dict) -> int:
     n = get(body, "n", int, 1)
-    if n < 1 or n > 128:
-        raise bad_request(f"n must be between 1 and 128, got {n}", "n")
+    if n < 1 or n > MAX_N:
+        raise bad_request(f"n must be between 1 and {MAX_N}, got {n}", "n")
     best_of = get(body, "best_of", int)
     if best_of is not None and best_of != n:
         raise bad_request("best_of other than n is not supported", "best_of")
@@ -148,10 +153,18 @@ def _usage(states: list[ReqState], n: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+def _abort_event(fr: dict) -> bytes:
+    if fr.get("status_code") == 400:
+        return sse_error(fr.get("message", ""), "invalid_request_error")
+    return sse_error(f"the request was aborted: {fr.get('message', '')}", code="aborted")
+
+
 def _check_abort(states: list[ReqState]) -> None:
     for st in states:
         fr = st.finished_reason
         if fr is not None and fr.get("type") == "abort":
+            if fr.get("status_code") == 400:  # refused in the scheduler for its input (a grammar)
+                raise APIError(400, fr.get("message", ""), "invalid_request_error")
             raise APIError(500, f"the request was aborted: {fr.get('message', '')}", "server_error",
                            None, "aborted")
 
@@ -284,8 +297,7 @@ async def completions(request: Request):
                         continue
                     done = st.finished_reason is not None
                     if done and st.finished_reason.get("type") == "abort":
-                        yield sse_error(f"the request was aborted: "
-                                        f"{st.finished_reason.get('message', '')}", code="aborted")
+                        yield _abort_event(st.finished_reason)
                         st.sent_ids = -1
                         continue
                     delta = st.detok.pop_delta(done) if st.detok is not None else ""
@@ -505,8 +517,7 @@ async def chat_completions(request: Request):
                         continue
                     done = st.finished_reason is not None
                     if done and st.finished_reason.get("type") == "abort":
-                        yield sse_error(f"the request was aborted: "
-                                        f"{st.finished_reason.get('message', '')}", code="aborted")
+                        yield _abort_event(st.finished_reason)
                         st.sent_ids = -1
                         continue
                     if tools:

@@ -54,8 +54,7 @@ def run_scheduler_process(args, in_addr: str, out_addr: str, parent_pid: int) ->
     except BaseException as e:  # report why instead of dying silently
         logger.error("startup failed: %s", e, exc_info=args.log_level == "debug")
         send.send_pyobj({"error": f"{type(e).__name__}: {e}"})
-        send.close()
-        ctx.term()
+        _close(ctx, recv, send)
         sys.exit(1)
 
     limits = dataclasses.asdict(rt.limits())
@@ -71,10 +70,15 @@ def run_scheduler_process(args, in_addr: str, out_addr: str, parent_pid: int) ->
             send.send_pyobj(("fatal", f"the scheduler crashed: {type(e).__name__}: {e}"))
         except Exception:
             pass
-        send.close(linger=1000)
-        ctx.term()
+        _close(ctx, recv, send)
         sys.exit(1)
-    send.close(linger=1000)
+    _close(ctx, recv, send)
+
+
+def _close(ctx, recv, send) -> None:
+    """Close both sockets, then the context: ctx.term() waits for every socket, so one
+    left open kept a crashed scheduler process (and its device memory) alive for good."""
+    send.close(linger=1000)  # the last message (an error, a fatal) still reaches the HTTP side
     recv.close(linger=0)
     ctx.term()
 

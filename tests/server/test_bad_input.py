@@ -59,6 +59,23 @@ CASES = [
     (GEN, {"text": "x", "sampling_params": {"max_new_tokens": 9000}}, "context length", "max_new_tokens"),
     (GEN, {"text": ["a", "b"], "sampling_params": [{}]}, "sampling_params", "sampling_params"),
     (GEN, {"text": "x", "top_logprobs_num": -1, "return_logprob": True}, "top_logprobs_num", "top_logprobs_num"),
+    # each of these once crashed the scheduler (the server went down) or wedged the HTTP side
+    (GEN, {"text": "x", "top_logprobs_num": 49153, "return_logprob": True}, "vocabulary size", "top_logprobs_num"),
+    (C, {"prompt": "x", "seed": 2 ** 64}, "seed must be in", "seed"),
+    (GEN, {"text": "x", "sampling_params": {"sampling_seed": -2 ** 63 - 1}}, "seed must be in", "sampling_seed"),
+    (GEN, {"text": "x", "sampling_params": {"skip_special_tokens": "no"}}, "must be a boolean", "skip_special_tokens"),
+    (GEN, {"text": "x", "sampling_params": {"ignore_eos": "yes"}}, "must be a boolean", "ignore_eos"),
+    # ... or answered 500
+    (CHAT, {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": "x"}},
+     "json_schema must be an object", "response_format"),
+    (C, b'{"prompt": "\\ud800 lone"}', "lone surrogate", "prompt"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "\\udfff"}]}', "lone surrogate", "messages"),
+    (GEN, b'{"text": "x", "sampling_params": {"sampling_seed": 1' + b"0" * 5000 + b'}}', "cannot be read", None),
+    (GEN, b"[" * 100000, "cannot be read", None),
+    (GEN, {"text": "x", "sampling_params": [5]}, "sampling_params must be an object", "sampling_params"),
+    (GEN, {"text": "x", "sampling_params": {"n": 129}}, "n must be", "n"),
+    (C, {"prompt": "x", "regex": "[^\\x00-\\U0010FFFF]"}, "matches no text", None),
+    (GEN, {"text": "x", "sampling_params": {"regex": "[^\\x00-\\U0010FFFF]"}}, "matches no text", None),
 ]
 
 
@@ -83,6 +100,24 @@ def test_server_healthy_after_bad_input(server):
     assert server.get("/health").status_code == 200
     r = server.post(C, json={"prompt": "Hello", "max_tokens": 2})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    server.wait_idle()
+    assert server.post("/flush_cache").status_code == 200  # nothing left holding KV
+
+
+def test_top_k_beyond_any_vocabulary_means_no_limit(server):
+    """top_k larger than an int64 once crashed the scheduler; it limits nothing, as -1."""
+    body = {"input_ids": [3, 14, 15], "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    want = server.post(GEN, json=body).json()["output_ids"]
+    body["sampling_params"]["top_k"] = 10 ** 30
+    r = server.post(GEN, json=body)
+    assert r.status_code == 200 and r.json()["output_ids"] == want
+
+
+def test_streamed_grammar_that_matches_nothing_is_an_invalid_request_event(server):
+    r = server.post(C, json={"prompt": "x", "max_tokens": 4, "stream": True, "regex": "[^\\x00-\\U0010FFFF]"})
+    events = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")]
+    assert events and events[-1]["error"]["type"] == "invalid_request_error"
+    assert "matches no text" in events[-1]["error"]["message"]
 
 
 def test_unknown_route_is_openai_shaped_404(server):

@@ -1,0 +1,107 @@
+"""The HTTP side's scheduler client without a scheduler process: its receive loop keeps
+serving every other request when processing one request's output fails."""
+from __future__ import annotations
+
+import asyncio
+import types
+
+import zmq
+
+from portaserve.core.request import Req
+from portaserve.core.sampling_params import SamplingParams
+from portaserve.server.manager import SchedulerClient
+
+
+class FakeRecv:
+    def __init__(self, messages):
+        self.messages = list(messages)
+
+    async def recv_pyobj(self):
+        if not self.messages:
+            raise zmq.ZMQError()  # the socket closed: the loop ends
+        return self.messages.pop(0)
+
+
+class FakeSend:
+    def __init__(self):
+        self.sent = []
+
+    def send_pyobj(self, obj):
+        self.sent.append(obj)
+
+
+def test_a_failing_output_fails_only_its_request():
+    async def main():
+        c = SchedulerClient(types.SimpleNamespace(max_running_requests=4, max_queued_requests=None))
+        c._send = FakeSend()
+        bad, good, done = (Req(rid, [1, 2], SamplingParams()) for rid in ("bad", "good", "done"))
+        states = {st.rid: st for st in c.submit([bad, good, done])}
+
+        def boom(msg):
+            raise TypeError("simulated: cannot process this output")
+
+        states["bad"].absorb = boom  # processing "bad"'s output raises
+        states["done"].absorb = lambda msg: (setattr(states["done"], "finished_reason", {"type": "length"}),
+                                             boom(msg))  # ... after its finish was recorded
+        c._recv = FakeRecv([("out", [{"rid": "bad", "new_ids": [5]}, {"rid": "done", "new_ids": [6]},
+                                     {"rid": "good", "new_ids": [7], "meta": {}, "finished_reason": None}]),
+                            ("out", [{"rid": "good", "new_ids": [8], "meta": {}, "finished_reason": {"type": "length"}}])])
+        await c._recv_loop()
+        return c, states
+
+    c, states = asyncio.run(main())
+    assert "processing the output failed" in states["bad"].error and "simulated" in states["bad"].error
+    assert ("abort", "bad") in c._send.sent  # the scheduler frees its KV
+    assert states["done"].error is not None and ("abort", "done") not in c._send.sent  # already finished there
+    assert states["good"].error is None and states["good"].output_ids == [7, 8]
+    assert states["good"].finished_reason == {"type": "length"}
+    for st in states.values():
+        c.release(st)
+    assert c.num_inflight == 0 and not c.states
+
+
+def test_scheduler_process_exits_after_its_loop_crashes(tmp_path, monkeypatch):
+    """A crash in the scheduler loop sends "fatal" and the process ends. (Its receiving
+    socket was left open, and ctx.term() then blocked for good: the crashed process held
+    its memory, on a GPU its device memory, after the server had gone.)"""
+    import threading
+
+    import portaserve.runtime
+    from portaserve.server import scheduler_process as sp
+
+    from portaserve.core.request_builder import Limits
+
+    rt = types.SimpleNamespace(limits=lambda: Limits(context_len=8, vocab_size=8, pool_tokens=8),
+                               info=lambda: {}, startup_report=lambda: "",
+                               model_config=types.SimpleNamespace(architecture="x"))
+
+    def crash(*a):
+        raise RuntimeError("simulated crash in the loop")
+
+    monkeypatch.setattr(portaserve.runtime, "build_runtime", lambda args: rt)
+    monkeypatch.setattr(sp, "_loop", crash)
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    pull.bind(f"ipc://{tmp_path}/out")
+    push.bind(f"ipc://{tmp_path}/in")
+    ended = []
+
+    def run():
+        try:
+            sp.run_scheduler_process(types.SimpleNamespace(log_level="warning"), f"ipc://{tmp_path}/in",
+                                     f"ipc://{tmp_path}/out", 0)
+        except SystemExit as e:
+            ended.append(e.code)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        assert pull.poll(10000) and "ready" in pull.recv_pyobj()
+        assert pull.poll(10000) and pull.recv_pyobj()[0] == "fatal"
+        t.join(timeout=10)
+        assert not t.is_alive(), "the scheduler process hung after its loop crashed"
+        assert ended == [1]
+    finally:
+        pull.close(linger=0)
+        push.close(linger=0)
+        ctx.term()
