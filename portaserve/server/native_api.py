@@ -207,13 +207,19 @@ async def server_info(request: Request):
                        "pool_tokens": c.limits.pool_tokens, "grammar": c.limits.grammar}}
 
 
+def busy_error(seconds: int) -> APIError:
+    """A command the scheduler, alive, did not answer in time (a long step holds it)."""
+    return APIError(503, f"the scheduler is busy and did not answer within {seconds} s; try again",
+                    "server_error", None, "scheduler_busy")
+
+
 async def _stats_or_503(c):
     try:
         return await c.call("stats")
     except SchedulerDead as e:
         raise dead_error(str(e))
     except asyncio.TimeoutError:
-        raise dead_error("the scheduler did not answer within 30 s")
+        raise busy_error(30)
 
 
 @router.api_route("/flush_cache", methods=["POST", "GET"])
@@ -223,6 +229,8 @@ async def flush_cache(request: Request):
         ok = await c.call("flush_cache")
     except SchedulerDead as e:
         raise dead_error(str(e))
+    except asyncio.TimeoutError:
+        raise busy_error(30)
     if ok:
         return Response("Cache flushed.\nPlease check backend logs for more details. "
                         "(When there are running or waiting requests, the operation will not be performed.)\n",
@@ -262,7 +270,7 @@ async def _profile_call(request, kind: str, *args):
     except SchedulerDead as e:
         raise dead_error(str(e))
     except asyncio.TimeoutError:
-        raise dead_error("the scheduler did not answer within 600 s")
+        raise busy_error(600)
     if "error" in res:
         if res.get("status") == 500:
             raise APIError(500, res["error"], "internal_error", None, "profiler")

@@ -105,3 +105,24 @@ def test_scheduler_process_exits_after_its_loop_crashes(tmp_path, monkeypatch):
         pull.close(linger=0)
         push.close(linger=0)
         ctx.term()
+
+
+def test_a_scheduler_too_busy_to_answer_is_not_called_dead():
+    """A command the live scheduler does not answer in time (a long prefill holds it) is a
+    503 saying it is busy, not engine_dead; /flush_cache's once escaped as a 500."""
+    import pytest
+
+    from portaserve.server import native_api
+    from portaserve.server.errors import APIError
+
+    class Busy:
+        async def call(self, *a, **k):
+            raise asyncio.TimeoutError
+
+    with pytest.raises(APIError) as e:
+        asyncio.run(native_api._stats_or_503(Busy()))
+    assert e.value.status == 503 and e.value.code == "scheduler_busy"
+    req = types.SimpleNamespace(app=types.SimpleNamespace(state=types.SimpleNamespace(client=Busy())))
+    with pytest.raises(APIError) as e:
+        asyncio.run(native_api.flush_cache(req))
+    assert e.value.status == 503 and e.value.code == "scheduler_busy"
