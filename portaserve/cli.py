@@ -115,8 +115,8 @@ def main(argv=None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
-        sys.argv[0] = f"portaserve bench {argv[1]}"  # the name its parser's usage line shows
-        return importlib.import_module(f"portaserve.bench.{BENCHES[argv[1]][0]}").main(argv[2:])
+        return importlib.import_module(f"portaserve.bench.{BENCHES[argv[1]][0]}").main(
+            argv[2:], prog=f"portaserve bench {argv[1]}")
 
     parser = argparse.ArgumentParser(prog="portaserve", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)

@@ -306,11 +306,11 @@ def follow(rt) -> None:
                 else:
                     apply_command(sched, c)
             if stop:
-                rt.profiler.stop_quietly()  # write what was profiled
                 return
             if sched.has_work():
                 sched.step()
     finally:
+        rt.profiler.stop_quietly()  # however it ends: write what was profiled (see _loop)
         tp.shutdown()
 
 

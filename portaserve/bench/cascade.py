@@ -15,14 +15,14 @@ import torch
 from portaserve.bench.sampling import _time
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog=None) -> int:
     from portaserve.core import shared_prefix as sp
     from portaserve.core.ops import native
     from portaserve.core.ops.registry import providers_for
     import portaserve.platforms.providers  # noqa: F401  (registers the providers)
     from portaserve.platforms import resolve_platform
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog or "python -m portaserve.bench.cascade", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--groups", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--members", type=int, default=16, help="requests per group")

@@ -183,8 +183,8 @@ def _kernel_notes(provs) -> list:
     return notes
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m portaserve.bench.gemm", description=__doc__,
+def main(argv=None, prog=None) -> int:
+    p = argparse.ArgumentParser(prog=prog or "python -m portaserve.bench.gemm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run)")

@@ -71,13 +71,13 @@ def run(engine, bs: int, repeats: int = 3):
             tokens, lens, step_ms)
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog=None) -> int:
     import dataclasses
 
     from portaserve import Engine
     from portaserve.server_args import ServerArgs
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog or "python -m portaserve.bench.grammar_overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 16])
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
     p.add_argument("--jump-mode", choices=["on", "whole-batch"], default="on",

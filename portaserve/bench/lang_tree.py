@@ -160,8 +160,8 @@ def warmup(url: str) -> None:
         "max_new_tokens": 4, "temperature": 0}}, timeout=300).raise_for_status()
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, prog=None) -> int:
+    p = argparse.ArgumentParser(prog=prog or "python -m portaserve.bench.lang_tree", description=__doc__.splitlines()[0])
     p.add_argument("--width", type=int, default=4, help="forks per node (depth is 2)")
     p.add_argument("--tokens", type=int, default=16, help="new tokens per generation")
     p.add_argument("--matrix", action="store_true",

@@ -178,8 +178,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-file", default=None)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None) -> int:
+    p = argparse.ArgumentParser(prog=prog or "python -m portaserve.bench.offline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p)
     ns = p.parse_args(argv)
     from portaserve import Engine

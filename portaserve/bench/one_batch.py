@@ -69,11 +69,11 @@ def _driver(rt):
     return rt._driver
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog=None) -> int:
     from portaserve.runtime import build_runtime
     from portaserve.server_args import ServerArgs
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog or "python -m portaserve.bench.one_batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, nargs="+", default=[1])
     p.add_argument("--input-len", type=int, nargs="+", default=[128])
     p.add_argument("--output-len", type=int, default=32)

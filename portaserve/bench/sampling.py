@@ -23,13 +23,13 @@ def _time(fn, sync, reps):
     return (time.perf_counter() - t) / reps
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog=None) -> int:
     from portaserve.core.ops import native
     from portaserve.core.ops.registry import providers_for
     import portaserve.platforms.providers  # noqa: F401  (registers the providers)
     from portaserve.platforms import resolve_platform
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog or "python -m portaserve.bench.sampling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 16, 128])

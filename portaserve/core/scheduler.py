@@ -27,6 +27,7 @@ import torch
 
 from portaserve.core import ops, shared_prefix
 from portaserve.core.forward_batch import ForwardBatch
+from portaserve.core.grammar import GrammarError
 from portaserve.core.hostcopy import to_device
 from portaserve.core.memory import KVPool, OutOfSlots, ReqToTokenPool, SlotAllocator
 from portaserve.core.radix_cache import RadixCache
@@ -213,8 +214,10 @@ class Scheduler:
                 continue
             r.grammar_future = None
             err = fut.exception()
-            if err is not None:  # the constraint cannot be compiled or matches nothing: the client's input
-                r.finished_reason = {"type": "abort", "message": str(err), "status_code": 400}
+            if err is not None:
+                r.finished_reason = {"type": "abort", "message": str(err)}
+                if isinstance(err, GrammarError):  # cannot be compiled or matches nothing: the client's input
+                    r.finished_reason["status_code"] = 400
                 self._finished_early.append(r)
             else:
                 r.grammar = self.grammar.matcher(fut.result(), r.constraint()[0])

@@ -67,8 +67,10 @@ async def wait_all(client: SchedulerClient, states: list[ReqState], request=None
                 if await request.is_disconnected():
                     return
         for st in states:
-            if st.error is not None:
-                raise dead_error(st.error)
+            if st.error is not None:  # the engine died, or this request's output could not be processed
+                if client.dead is not None:
+                    raise dead_error(st.error)
+                raise APIError(500, st.error, "server_error", None, "internal_error")
     finally:
         for st in states:
             client.release(st)

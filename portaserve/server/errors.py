@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Optional
 
 from fastapi.responses import JSONResponse
@@ -66,28 +67,34 @@ async def read_json_object(request) -> dict:
     if not isinstance(obj, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(obj).__name__}",
                           None, "invalid_json")
-    _check_unicode(obj)
+    if _ESCAPED_SURROGATE.search(text):  # the only way UTF-8 text can carry a lone surrogate
+        _check_unicode(obj)
     return obj
 
 
-def _check_unicode(obj) -> None:
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(obj: dict) -> None:
     """A JSON escape may encode half of a surrogate pair (\\ud800), which is no Unicode text:
-    a 400 naming where, before a tokenizer meets it."""
-    stack = [(obj, "")]
-    while stack:
-        v, where = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise bad_request(f"{where or 'a string'} holds a lone surrogate ({v[e.start]!r} at "
-                                  f"character {e.start}), which is not valid Unicode text",
-                                  where.split(".")[0].split("[")[0] or None, "invalid_encoding")
-        elif isinstance(v, dict):
-            stack.extend((x, f"{where}.{k}" if where else str(k)) for k, x in v.items())
-            stack.extend((k, f"a key of {where or 'the body'}") for k in v)
-        elif isinstance(v, list):
-            stack.extend((x, f"{where}[{i}]") for i, x in enumerate(v))
+    a 400 naming the top-level field, before a tokenizer meets it."""
+    for field, value in obj.items():
+        stack = [field, value]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    name = field if isinstance(field, str) and field.isprintable() else None
+                    raise bad_request(f"{'field ' + repr(name) if name else 'a field name'} holds a lone "
+                                      f"surrogate ({v[e.start]!r} at character {e.start}), which is not "
+                                      "valid Unicode text", name, "invalid_encoding")
+            elif isinstance(v, dict):
+                stack.extend(v)
+                stack.extend(v.values())
+            elif isinstance(v, list):
+                stack.extend(x for x in v if isinstance(x, (str, dict, list)))
 
 
 # ---- typed field access ------------------------------------------------------------------

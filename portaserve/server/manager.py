@@ -196,7 +196,10 @@ class SchedulerClient:
         ends with an error and is aborted in the scheduler; every other goes on."""
         logger.exception("request %s: processing its output failed", rid)
         st = self.states.get(rid)
-        if st is None or st.error is not None or st.finished_time is not None:
+        if st is None or st.error is not None:
+            return
+        if st.finished_time is not None:  # counted out already; the failure came after (a metric)
+            st.event.set()
             return
         if st.finished_reason is not None:  # it had finished in the scheduler: count it out here
             st.finished_time = time.perf_counter()

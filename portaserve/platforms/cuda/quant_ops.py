@@ -152,7 +152,8 @@ def _check_scaled_mm() -> str | None:
                                  use_fast_accum=fast)
             y2 = torch._scaled_mm(xq, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
                                   use_fast_accum=fast)
-            if not (bool((y.float() == 32).all()) and bool((y2.float() == 32).all())):
+            y3 = torch._scaled_mm(xq, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)  # float32 models
+            if not all(bool((t.float() == 32).all()) for t in (y, y2, y3)):
                 raise RuntimeError("wrong result on a ones x ones product")
         except Exception as e:
             err = f"{type(e).__name__}: {e}"
