@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import zmq
@@ -108,6 +109,12 @@ class SchedulerClient:
         self._tasks: list[asyncio.Task] = []
         self._closing = False
         self.started = int(time.time())
+        # Turning a request body into Reqs (tokenizing, chat templates, grammar checks) runs
+        # on this one worker thread, not on the event loop: a multi-megabyte prompt takes
+        # seconds to tokenize, and /health and every stream would wait that long.  One thread:
+        # requests are built in arrival order, and the tokenizer is never used from two
+        # builders at once.
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="portaserve-build")
 
     # ---- startup ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -167,7 +174,15 @@ class SchedulerClient:
             elif "{%" not in tmpl and "{{" not in tmpl:
                 raise ValueError(f"--chat-template {tmpl!r} is neither a file nor a Jinja template")
             tok.chat_template = tmpl
+        # transformers clears a truncation or padding setting of the tokenizer file on the
+        # first encode, a mutation of the Rust tokenizer that must not race a decode on the
+        # event loop while the request-building thread encodes: do it now
+        tok.encode("portaserve")
         return tok
+
+    async def off_loop(self, fn: Callable, *args):
+        """fn(*args) on the request-building thread; its exceptions are re-raised here."""
+        return await asyncio.get_running_loop().run_in_executor(self._builder, fn, *args)
 
     # ---- background tasks ---------------------------------------------------------------
     async def _recv_loop(self) -> None:
@@ -328,6 +343,7 @@ class SchedulerClient:
         self._closing = True
         for t in self._tasks:
             t.cancel()
+        self._builder.shutdown(wait=False, cancel_futures=True)
         if self.proc is not None and self.proc.is_alive():
             try:
                 self._send.send_pyobj(("shutdown",))

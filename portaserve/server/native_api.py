@@ -88,7 +88,7 @@ def _build_reqs(client, body: dict):
     rids = body.get("rid")
     if rids is not None and not isinstance(rids, (str, list)):
         raise bad_request("rid must be a string (or a list of strings)", "rid")
-    reqs, index = [], []
+    reqs = []
     for i in range(n):
         sp = _per_item(sps, i, n, "sampling_params") or {}
         if not isinstance(sp, dict):
@@ -105,13 +105,13 @@ def _build_reqs(client, body: dict):
             raise bad_request("rid must be a string", "rid")
         if not isinstance(rl, bool):
             raise bad_request("return_logprob must be a boolean", "return_logprob")
+        prompt, ids = (items[i], None) if text is not None else (None, items[i])
         for j in range(copies):
-            r = make_req(client, items[i] if text is not None else None,
-                         items[i] if text is None else None, sp, rl, lsl, tln,
+            r = make_req(client, prompt, ids, sp, rl, lsl, tln,
                          (rid if copies == 1 else f"{rid}-{j}") if rid else None,
                          prefix=f"item {i}: " if batch else "")
+            prompt, ids = None, r.input_ids  # the copies reuse the first one's tokens
             reqs.append(r)
-            index.append(i * copies + j)
     return reqs, batch or len(reqs) > 1
 
 
@@ -121,7 +121,7 @@ async def generate(request: Request):
     body = await read_json_object(request)
     stream = get(body, "stream", bool, False)
     with_text = get(body, "return_text_in_logprobs", bool, False)
-    reqs, batch = _build_reqs(client, body)
+    reqs, batch = await client.off_loop(_build_reqs, client, body)
     states = submit(client, reqs)
     texts = request.app.state.token_texts
     if not stream:

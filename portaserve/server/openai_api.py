@@ -258,15 +258,21 @@ async def completions(request: Request):
     if get(body, "suffix", str):
         raise bad_request("suffix is not supported", "suffix")
     want_lp = logprobs is not None
-    reqs, prompt_texts = [], []
-    for i, (text, ids) in enumerate(prompts):
-        for _ in range(n):
-            reqs.append(make_req(c, text, ids, sp, want_lp, 0 if (want_lp and echo) else None,
-                                 logprobs or 0, rename=rename,
-                                 prefix=f"prompt {i}: " if len(prompts) > 1 else ""))
-        if echo:
-            prompt_texts.append(text if text is not None else c.tokenizer.decode(ids)
-                                if c.tokenizer is not None else "")
+
+    def build():  # on the request-building thread: it tokenizes
+        reqs, prompt_texts = [], []
+        for i, (text, ids) in enumerate(prompts):
+            kw = dict(sp=sp, return_logprob=want_lp, logprob_start_len=0 if (want_lp and echo) else None,
+                      top_logprobs_num=logprobs or 0, rename=rename,
+                      prefix=f"prompt {i}: " if len(prompts) > 1 else "")
+            first = make_req(c, text, ids, **kw)  # the n - 1 copies reuse its tokens
+            reqs += [first] + [make_req(c, None, first.input_ids, **kw) for _ in range(n - 1)]
+            if echo:
+                prompt_texts.append(text if text is not None else c.tokenizer.decode(ids)
+                                    if c.tokenizer is not None else "")
+        return reqs, prompt_texts
+
+    reqs, prompt_texts = await c.off_loop(build)
     texts = request.app.state.token_texts
     states = submit(c, reqs)
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -452,12 +458,16 @@ async def chat_completions(request: Request):
         sp["json_schema"] = json.dumps(tool_calls.constraint_schema(tools, choice))
     parser = tool_calls.detect_parser(getattr(c.tokenizer, "chat_template", None),
                                       getattr(c.args, "tool_call_parser", None))
-    ids = _chat_prompt_ids(c, body, tools)
-    if "max_new_tokens" not in sp:
-        # no max_tokens: up to the context (and the KV pool), as OpenAI does
-        room = min(c.limits.context_len, c.limits.pool_tokens) - len(ids)
-        sp["max_new_tokens"] = max(room, 1)
-    reqs = [make_req(c, None, ids, sp, want_lp, None, top or 0, rename=rename) for _ in range(n)]
+
+    def build():  # on the request-building thread: it renders the template and tokenizes
+        ids = _chat_prompt_ids(c, body, tools)
+        if "max_new_tokens" not in sp:
+            # no max_tokens: up to the context (and the KV pool), as OpenAI does
+            room = min(c.limits.context_len, c.limits.pool_tokens) - len(ids)
+            sp["max_new_tokens"] = max(room, 1)
+        return [make_req(c, None, ids, sp, want_lp, None, top or 0, rename=rename) for _ in range(n)]
+
+    reqs = await c.off_loop(build)
     texts = request.app.state.token_texts
     states = submit(c, reqs)
     rid = f"chatcmpl-{uuid.uuid4().hex}"

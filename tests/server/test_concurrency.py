@@ -98,3 +98,35 @@ def test_disconnect_non_streaming_frees_kv(server):
         pass
     server.wait_idle(timeout=20)
     _assert_pool_whole(server)
+
+
+def test_tokenizing_a_huge_prompt_does_not_stall_the_server(server):
+    """Requests are tokenized off the event loop: while a 3-million-character prompt is
+    tokenized (seconds on this CPU), /health keeps answering and a small stream keeps
+    flowing; the huge prompt then gets its 400 (longer than the context)."""
+    import threading
+
+    big = {"model": "default", "prompt": "the quick brown fox jumps over the lazy dog " * 70_000,
+           "max_tokens": 4}
+    result = {}
+
+    def post_big():
+        t = time.monotonic()
+        result["r"] = server.post("/v1/completions", json=big, timeout=300)
+        result["seconds"] = time.monotonic() - t
+
+    th = threading.Thread(target=post_big)
+    th.start()
+    time.sleep(0.3)  # the body is read, tokenizing has begun
+    worst = 0.0
+    while th.is_alive():
+        t = time.monotonic()
+        assert server.get("/health", timeout=60).status_code == 200
+        worst = max(worst, time.monotonic() - t)
+        time.sleep(0.05)
+    th.join()
+    r = result["r"]
+    assert r.status_code == 400 and "context length" in r.json()["error"]["message"], r.text
+    # the stall being measured: tokenizing took seconds, /health never waited for it
+    assert result["seconds"] > 1.5, f"tokenizing took only {result['seconds']:.2f} s: too small to tell"
+    assert worst < 0.5, f"/health waited {worst:.2f} s while a prompt was tokenized"
