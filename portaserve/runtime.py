@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -40,6 +40,7 @@ class Runtime:
     tp: Any = None  # tp.TPGroup when --tp-size > 1
     rank_weight_bytes: Optional[list] = None  # every rank's weight bytes (tensor parallel)
     profiler: Any = None  # portaserve.profiler.StepProfiler over this rank's scheduler
+    sampling_defaults: dict = field(default_factory=dict)  # --sampling-defaults model
 
     def __post_init__(self):
         from portaserve.profiler import StepProfiler
@@ -51,7 +52,8 @@ class Runtime:
         from portaserve.core.request_builder import Limits
 
         return Limits(self.context_len, self.model_config.vocab_size, self.scheduler.allocator.size,
-                      grammar=self.scheduler.grammar is not None)
+                      grammar=self.scheduler.grammar is not None,
+                      sampling_defaults=dict(self.sampling_defaults))
 
     @property
     def model_name(self) -> str:
@@ -82,6 +84,7 @@ class Runtime:
             "kv_cache_dtype": str(self.scheduler.kv.k[0].dtype).replace("torch.", ""),
             "tp_size": self.args.tp_size,
             "weight_bytes_per_rank": self.rank_weight_bytes or [self.weight_bytes],
+            "sampling_defaults": dict(self.sampling_defaults),
             "ops": self.op_table.as_dict(),
         }
         return d
@@ -99,18 +102,62 @@ class Runtime:
             f"KV pool: {self.scheduler.allocator.size} tokens (page size {self.scheduler.page_size}), "
             f"context length {self.context_len}, radix cache "
             f"{'off' if self.scheduler.tree is None else 'on'}",
+            "sampling defaults: " + (", ".join(f"{k} {v}" for k, v in self.sampling_defaults.items())
+                                     + " (the model's generation_config.json; --sampling-defaults openai "
+                                     "to ignore it)" if self.sampling_defaults else "openai's"),
             "ops:",
             self.op_table.format(),
         ]
         return "\n".join(lines)
 
 
+def _generation_config(src: ModelSource) -> dict:
+    gen = src.folder / "generation_config.json" if src.kind == "hf" else None
+    if gen is None or not gen.exists():
+        return {}
+    try:
+        cfg = json.loads(gen.read_text())
+    except ValueError as e:
+        raise ValueError(f"{gen} is not valid JSON: {e}") from None
+    return cfg if isinstance(cfg, dict) else {}
+
+
+# the generation_config.json fields that become request defaults (SGLang's and vLLM's set;
+# do_sample is not consulted, as neither does: a request that wants greedy says temperature 0)
+SAMPLING_DEFAULT_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float,
+                           "repetition_penalty": float}
+
+
+def _sampling_defaults(args: ServerArgs, src: ModelSource) -> dict:
+    """--sampling-defaults model: the model's recommended sampling parameters, which a
+    request's own values override; checked here, so a bad file fails the start, not each
+    request."""
+    if args.sampling_defaults != "model":
+        return {}
+    gen = _generation_config(src)
+    out = {}
+    for name, typ in SAMPLING_DEFAULT_FIELDS.items():
+        v = gen.get(name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (typ is int and v != int(v)):
+            raise ValueError(f"generation_config.json: {name} is {v!r}, not a number; "
+                             "--sampling-defaults openai ignores the file")
+        out[name] = typ(v)
+    if out:
+        from portaserve.core.sampling_params import InvalidRequest, SamplingParams
+
+        try:
+            SamplingParams.from_dict(dict(out))
+        except InvalidRequest as e:
+            raise ValueError(f"generation_config.json: {e}; --sampling-defaults openai ignores the file") from None
+    return out
+
+
 def _eos_ids(cfg: ModelConfig, tokenizer, src: ModelSource) -> list:
     ids = set(cfg.eos_token_ids)
-    gen = src.folder / "generation_config.json" if src.kind == "hf" else None
-    if gen is not None and gen.exists():
-        e = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(e if isinstance(e, list) else [e] if e is not None else [])
+    e = _generation_config(src).get("eos_token_id")
+    ids.update(e if isinstance(e, list) else [e] if e is not None else [])
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(i for i in ids if i is not None)
@@ -261,6 +308,7 @@ def _resolve_table(platform, args, model):
 
 def _build_rank(args, platform, src, cfg, dtype, context_len, tp) -> Runtime:
     """Op table, model, KV pool and scheduler of this rank, on its device."""
+    defaults = _sampling_defaults(args, src)  # a bad generation_config.json fails before the load
     device = platform.device()  # after binding this rank's device
     from portaserve.models.llama import attention_shards
 
@@ -346,4 +394,4 @@ def _build_rank(args, platform, src, cfg, dtype, context_len, tp) -> Runtime:
     sched.jump_forward = sched.tree is not None and mode != "off"
     sched.jump_whole_batch = mode == "whole-batch"
     return Runtime(args, platform, table, src, cfg, model, tokenizer, sched, context_len, dtype,
-                   eos, weight_bytes, tp, rank_bytes)
+                   eos, weight_bytes, tp, rank_bytes, sampling_defaults=defaults)

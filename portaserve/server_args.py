@@ -17,8 +17,12 @@ def _opt(default, help, **kw):
 
 @dataclass
 class ServerArgs:
-    model_path: Optional[str] = _opt(None, "Hugging Face folder or .gguf file; default: the built-in SmolLM2-135M-Instruct")
-    tokenizer_path: Optional[str] = _opt(None, "tokenizer folder if not the model's own")
+    model_path: Optional[str] = _opt(None, "Hugging Face folder or .gguf file, or a Hugging Face repo id (org/name: from the local Hugging Face cache, HF_HOME / HF_HUB_CACHE, else downloaded into it unless HF_HUB_OFFLINE=1); default: the built-in SmolLM2-135M-Instruct")
+    tokenizer_path: Optional[str] = _opt(None, "tokenizer folder (or Hugging Face repo id) if not the model's own")
+    revision: Optional[str] = _opt(None, "model revision (branch, tag or commit) of a Hugging Face repo id given as --model-path (default: main)")
+    trust_remote_code: bool = _opt(False, "let transformers run a repo's own tokenizer code (AutoTokenizer's trust_remote_code); portaserve's own model code is unaffected: it runs only the architectures it implements")
+    tokenizer_mode: str = _opt("auto", "auto: the fast tokenizer where there is one; slow: the Python tokenizer (use_fast=False; transformers 5 has fast tokenizers only)",
+                               choices=["auto", "slow"])
     load_format: str = _opt("auto", "auto: load the checkpoint; dummy: random weights from the config (benchmarks)",
                             choices=["auto", "dummy"])
     quantization: Optional[str] = _opt(None, "quantized GEMMs: fp8 / w8a8_int8 quantize a bf16/fp32 checkpoint at load time; awq, gptq, compressed-tensors (and fp8) checkpoints are detected from their quantization_config",
@@ -46,6 +50,8 @@ class ServerArgs:
     schedule_policy: str = _opt("fcfs", "order of admission", choices=["fcfs", "lpm", "dfs-weight", "random"])
     disable_radix_cache: bool = _opt(False, "turn off prefix caching (RadixAttention)")
     random_seed: int = _opt(0, "seed of the engine's sampling generator")
+    sampling_defaults: str = _opt("model", "defaults of the sampling parameters a request leaves out: model: the temperature, top_p, top_k, min_p and repetition_penalty of the model's generation_config.json (as SGLang and vLLM do), the rest as openai; openai: temperature 1, top_p 1, no top_k / min_p / penalty",
+                                  choices=["model", "openai"])
     api_key: Optional[str] = _opt(None, "require Authorization: Bearer KEY on every endpoint but /health")
     served_model_name: Optional[str] = _opt(None, "model name reported by the API (default: the model's)")
     chat_template: Optional[str] = _opt(None, "Jinja chat template file or string overriding the tokenizer's")

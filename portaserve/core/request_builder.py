@@ -3,7 +3,7 @@ both refuse the same bad input with the same messages."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from portaserve.core.request import Req
@@ -16,6 +16,9 @@ class Limits:
     vocab_size: int
     pool_tokens: int
     grammar: bool = False  # structured output available
+    # what a request's sampling params default to before SamplingParams' own defaults
+    # (--sampling-defaults model: the model's generation_config.json)
+    sampling_defaults: dict = field(default_factory=dict)
 
 
 def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=False,
@@ -35,6 +38,11 @@ def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=F
     if bad:
         raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (size {limits.vocab_size})",
                              "input_ids")
+    if limits.sampling_defaults and (sp is None or isinstance(sp, dict)):
+        sp = dict(sp or {})
+        for k, v in limits.sampling_defaults.items():
+            if sp.get(k) is None:  # left out, or null
+                sp[k] = v
     params = SamplingParams.from_dict(sp)
     ctx = limits.context_len
     if len(input_ids) >= ctx:
