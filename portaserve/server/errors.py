@@ -123,3 +123,11 @@ def get(body: dict, name: str, typ, default: Any = None, *, nullable: bool = Tru
     if isinstance(v, float) and not math.isfinite(v):
         raise bad_request(f"{name} must be a finite number, got {v}", name)
     return v
+
+
+def refuse_unsupported(body: dict, fields: dict) -> None:
+    """400 for the first of fields (name -> why) the body sets to something other than an
+    empty value: a field the server knows but cannot honour is refused, not ignored."""
+    for name, why in fields.items():
+        if body.get(name) not in (None, False, "", [], {}):
+            raise bad_request(why, name)

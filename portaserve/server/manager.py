@@ -165,7 +165,9 @@ class SchedulerClient:
             return None
         from portaserve.models.loader import load_tokenizer, resolve_model_path
 
-        tok = load_tokenizer(resolve_model_path(self.args.model_path), self.args.tokenizer_path)
+        a = self.args
+        tok = load_tokenizer(resolve_model_path(a.model_path, revision=a.revision), a.tokenizer_path,
+                             trust_remote_code=a.trust_remote_code, tokenizer_mode=a.tokenizer_mode)
         tmpl = self.args.chat_template
         if tmpl:
             if os.path.isfile(tmpl):

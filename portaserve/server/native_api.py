@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from portaserve.core.sampling_params import MAX_N
 from portaserve.server.common import (SSE_DONE, dead_error, follow, make_req, sse, sse_error,
                                       submit, wait_all)
-from portaserve.server.errors import APIError, bad_request, get, read_json_object
+from portaserve.server.errors import APIError, bad_request, get, read_json_object, refuse_unsupported
 from portaserve.server.manager import ReqState, SchedulerDead
 
 router = APIRouter()
@@ -61,7 +61,20 @@ def native_result(st: ReqState, texts, with_text: bool, cumulative_text: str = N
     return {"text": text, "output_ids": list(st.output_ids), "meta_info": meta}
 
 
+# SGLang's /generate fields this server cannot honour: refused, not ignored
+UNSUPPORTED_FIELDS = {
+    "input_embeds": "input_embeds is not supported; give text or input_ids",
+    "image_data": "image inputs are not supported", "audio_data": "audio inputs are not supported",
+    "video_data": "video inputs are not supported", "lora_path": "LoRA adapters are not supported",
+    "lora_id": "LoRA adapters are not supported", "session_params": "sessions are not supported",
+    "custom_logit_processor": "custom logit processors are not supported",
+    "return_hidden_states": "return_hidden_states is not supported",
+    "token_ids_logprob": "token_ids_logprob is not supported; use top_logprobs_num",
+}
+
+
 def _build_reqs(client, body: dict):
+    refuse_unsupported(body, UNSUPPORTED_FIELDS)
     text = body.get("text")
     input_ids = body.get("input_ids")
     if text is None and input_ids is None:
@@ -166,7 +179,7 @@ async def get_model_info(request: Request):
             "tokenizer_path": a.tokenizer_path or c.info.get("model_path"),
             "served_model_name": c.info.get("served_model_name"),
             "is_generation": True,
-            "preferred_sampling_params": None,
+            "preferred_sampling_params": c.limits.sampling_defaults or None,
             "weight_version": "default",
             "has_image_understanding": False,
             "has_audio_understanding": False,

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from portaserve.core.sampling_params import MAX_N
 from portaserve.server.common import (SSE_DONE, dead_error, follow, make_req, sse, sse_error,
                                       submit, wait_all)
-from portaserve.server.errors import APIError, bad_request, get, read_json_object
+from portaserve.server.errors import APIError, bad_request, get, read_json_object, refuse_unsupported
 from portaserve.server import tool_calls
 from portaserve.server.manager import ReqState, SchedulerDead
 
@@ -98,29 +98,60 @@ def sampling_params(body: dict, chat: bool) -> tuple[dict, dict]:
     js = get(body, "json_schema", (str, dict))
     if js is not None:
         sp["json_schema"] = js if isinstance(js, str) else json.dumps(js)
-    if chat:
-        rf = get(body, "response_format", dict)
-        if rf is not None:
-            kind = rf.get("type")
-            if kind == "json_schema":
-                spec = rf.get("json_schema")
-                if not isinstance(spec, dict):
-                    raise bad_request("response_format.json_schema must be an object holding the schema "
-                                      "under \"schema\"", "response_format")
-                schema = spec.get("schema")
-                if not isinstance(schema, dict):
-                    raise bad_request("response_format.json_schema.schema must be an object",
-                                      "response_format")
-                sp["json_schema"] = json.dumps(schema)
-            elif kind == "json_object":
-                sp["json_schema"] = json.dumps({"type": "object"})
-            elif kind != "text":
-                raise bad_request(f"response_format.type must be text, json_object or json_schema, "
-                                  f"got {kind!r}", "response_format")
-    lb = get(body, "logit_bias", dict)
-    if lb:
-        raise bad_request("logit_bias is not supported", "logit_bias")
+    rf = get(body, "response_format", dict)  # chat and (as SGLang) completions
+    if rf is not None:
+        kind = rf.get("type")
+        if kind == "json_schema":
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict):
+                raise bad_request("response_format.json_schema must be an object holding the schema "
+                                  "under \"schema\"", "response_format")
+            schema = spec.get("schema")
+            if not isinstance(schema, dict):
+                raise bad_request("response_format.json_schema.schema must be an object",
+                                  "response_format")
+            sp["json_schema"] = json.dumps(schema)
+        elif kind == "json_object":
+            sp["json_schema"] = json.dumps({"type": "object"})
+        elif kind != "text":
+            raise bad_request(f"response_format.type must be text, json_object or json_schema, "
+                              f"got {kind!r}", "response_format")
+    refuse_unsupported(body, UNSUPPORTED_FIELDS)
     return sp, rename
+
+
+# Fields of OpenAI's or SGLang's request bodies that this server cannot honour: a request
+# that sets one gets a 400 rather than an answer that silently ignored it (other unknown
+# fields are ignored, as vLLM and SGLang do).
+UNSUPPORTED_FIELDS = {
+    "logit_bias": "logit_bias is not supported",
+    "stop_regex": "stop_regex is not supported; use stop strings, or regex to constrain the output",
+    "lora_path": "LoRA adapters are not supported",
+    "return_hidden_states": "return_hidden_states is not supported",
+    "custom_logit_processor": "custom logit processors are not supported",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+}
+
+
+
+def _set_rids(body: dict, reqs: list) -> None:
+    """SGLang's rid field on the OpenAI endpoints (so /abort_request can name the request):
+    a string for one request (with several choices or prompts, choice k is "<rid>-<k>"),
+    or a list of one string per choice."""
+    rid = body.get("rid")
+    if rid is None:
+        return
+    if isinstance(rid, str) and rid:
+        rids = [rid] if len(reqs) == 1 else [f"{rid}-{k}" for k in range(len(reqs))]
+    elif (isinstance(rid, list) and len(rid) == len(reqs)
+          and all(isinstance(r, str) and r for r in rid)):
+        rids = rid
+    else:
+        raise bad_request(f"rid must be a non-empty string or a list of {len(reqs)} of them "
+                          "(one per choice)", "rid")
+    for r, x in zip(reqs, rids):
+        r.rid = x
 
 
 def _n(body: dict) -> int:
@@ -133,15 +164,18 @@ def _n(body: dict) -> int:
     return n
 
 
-def _stream_opts(body: dict) -> tuple[bool, bool]:
+def _stream_opts(body: dict) -> tuple[bool, str]:
+    """(stream, usage): usage is "" (none), "last" (include_usage: a final chunk with the
+    usage) or "every" (also continuous_usage_stats: every chunk carries the usage so far)."""
     stream = get(body, "stream", bool, False)
     so = get(body, "stream_options", dict)
-    include_usage = False
+    usage = ""
     if so is not None:
         if not stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
-        include_usage = get(so, "include_usage", bool, False)
-    return stream, include_usage
+        if get(so, "include_usage", bool, False):
+            usage = "every" if get(so, "continuous_usage_stats", bool, False) else "last"
+    return stream, usage
 
 
 def _usage(states: list[ReqState], n: int) -> dict:
@@ -248,7 +282,7 @@ async def completions(request: Request):
     model = _check_model(c, body)
     prompts = _prompts(body)
     n = _n(body)
-    stream, include_usage = _stream_opts(body)
+    stream, usage_mode = _stream_opts(body)
     sp, rename = sampling_params(body, chat=False)
     echo = get(body, "echo", bool, False)
     logprobs = get(body, "logprobs", int)
@@ -273,6 +307,7 @@ async def completions(request: Request):
         return reqs, prompt_texts
 
     reqs, prompt_texts = await c.off_loop(build)
+    _set_rids(body, reqs)
     texts = request.app.state.token_texts
     states = submit(c, reqs)
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -326,10 +361,10 @@ async def completions(request: Request):
                         st.sent_ids = -1
                     chunk = {"id": rid, "object": "text_completion", "created": created,
                              "model": model, "choices": [ch]}
-                    if include_usage:
-                        chunk["usage"] = None
+                    if usage_mode:
+                        chunk["usage"] = _usage(states, n) if usage_mode == "every" else None
                     yield sse(chunk)
-            if include_usage:
+            if usage_mode:
                 yield sse({"id": rid, "object": "text_completion", "created": created,
                            "model": model, "choices": [], "usage": _usage(states, n)})
         except SchedulerDead as e:
@@ -396,6 +431,19 @@ def _chat_prompt_ids(c, body: dict, tools=None) -> list[int]:
         raise bad_request("this model has no chat template; start the server with --chat-template",
                           "messages")
     kwargs = dict(get(body, "chat_template_kwargs", dict, {}))
+    # vLLM's and SGLang's fields: continue the last (assistant) message instead of opening
+    # a new turn; add_generation_prompt may also come in chat_template_kwargs
+    cont = get(body, "continue_final_message", bool, False)
+    agp = get(body, "add_generation_prompt", bool)
+    agp = kwargs.pop("add_generation_prompt", not cont if agp is None else agp)
+    if not isinstance(agp, bool):
+        raise bad_request("add_generation_prompt must be a boolean", "add_generation_prompt")
+    if cont and agp:
+        raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
+                          "continue_final_message")
+    if cont and msgs[-1]["role"] != "assistant":
+        raise bad_request("continue_final_message needs the last message to be the assistant's",
+                          "continue_final_message")
     if tools:
         if tool_calls.template_knows_tools(tok.chat_template):
             kwargs["tools"] = tools
@@ -406,7 +454,8 @@ def _chat_prompt_ids(c, body: dict, tools=None) -> list[int]:
             else:
                 msgs = [{"role": "system", "content": prompt}] + msgs
     try:
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=agp,
+                                       continue_final_message=cont, **kwargs)
     except Exception as e:  # noqa: BLE001 - template errors are the caller's input
         raise bad_request(f"the chat template failed on these messages: {e}", "messages")
     return tok.encode(text, add_special_tokens=False)
@@ -432,7 +481,7 @@ async def chat_completions(request: Request):
     body = await read_json_object(request)
     model = _check_model(c, body)
     n = _n(body)
-    stream, include_usage = _stream_opts(body)
+    stream, usage_mode = _stream_opts(body)
     sp, rename = sampling_params(body, chat=True)
     want_lp = get(body, "logprobs", bool, False)
     top = get(body, "top_logprobs", int)
@@ -443,6 +492,7 @@ async def chat_completions(request: Request):
         if top and not want_lp:
             raise bad_request("top_logprobs requires logprobs: true", "top_logprobs")
     tools, choice = None, "none"
+    max_calls = None if get(body, "parallel_tool_calls", bool, True) else 1
     if body.get("tools") is not None:
         tools = tool_calls.validate_tools(body["tools"])
         choice = tool_calls.parse_tool_choice(body.get("tool_choice"), tools)
@@ -455,7 +505,7 @@ async def chat_completions(request: Request):
             raise bad_request("tool_choice required/named cannot be combined with another output "
                               "constraint", "tool_choice")
         # arguments constrained to the functions' schemas: they always parse
-        sp["json_schema"] = json.dumps(tool_calls.constraint_schema(tools, choice))
+        sp["json_schema"] = json.dumps(tool_calls.constraint_schema(tools, choice, max_calls is None))
     parser = tool_calls.detect_parser(getattr(c.tokenizer, "chat_template", None),
                                       getattr(c.args, "tool_call_parser", None))
 
@@ -468,6 +518,7 @@ async def chat_completions(request: Request):
         return [make_req(c, None, ids, sp, want_lp, None, top or 0, rename=rename) for _ in range(n)]
 
     reqs = await c.off_loop(build)
+    _set_rids(body, reqs)
     texts = request.app.state.token_texts
     states = submit(c, reqs)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -487,7 +538,7 @@ async def chat_completions(request: Request):
         msg = {"role": "assistant", "content": st.text}
         finish = _finish(st.finished_reason)
         if tools:
-            content, calls, complete = tool_calls.parse(st.text, call_format, tool_names)
+            content, calls, complete = tool_calls.parse(st.text, call_format, tool_names, max_calls)
             if calls:
                 msg = {"role": "assistant", "content": content, "tool_calls": calls}
                 finish = tool_finish(st, calls, complete)
@@ -509,14 +560,14 @@ async def chat_completions(request: Request):
     def chunk(choices, usage=False):
         d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
              "choices": choices}
-        if include_usage:
-            d["usage"] = _usage(states, n) if usage else None
+        if usage_mode:
+            d["usage"] = _usage(states, n) if usage or usage_mode == "every" else None
         return sse(d)
 
     async def gen():
         # with tools, each choice's text goes through a tool-call parser: content deltas for
         # text outside calls, a header delta per call, then its argument fragments
-        streams = [tool_calls.ToolCallStream(call_format, tool_names) for _ in states] if tools else None
+        streams = [tool_calls.ToolCallStream(call_format, tool_names, max_calls) for _ in states] if tools else None
         try:
             for k in range(n):
                 yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""},
@@ -562,7 +613,7 @@ async def chat_completions(request: Request):
                         ch["matched_stop"] = _matched(st.finished_reason)
                         st.sent_ids = -1
                     yield chunk([ch])
-            if include_usage:
+            if usage_mode:
                 yield chunk([], usage=True)
         except SchedulerDead as e:
             yield sse_error(str(dead_error(str(e))), code="engine_dead")

@@ -85,9 +85,9 @@ def tools_system_prompt(tools: list[dict]) -> str:
             "{\"name\": \"<function-name>\", \"arguments\": {...}}\n</tool_call>")
 
 
-def constraint_schema(tools: list[dict], choice: str) -> dict:
+def constraint_schema(tools: list[dict], choice: str, parallel: bool = True) -> dict:
     """JSON schema of the constrained output for required / named tool choice: a list of
-    calls (exactly one for a named function)."""
+    calls (exactly one for a named function, or with parallel_tool_calls false)."""
     def call(t):
         f = t["function"]
         return {"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
@@ -95,7 +95,7 @@ def constraint_schema(tools: list[dict], choice: str) -> dict:
 
     if choice == "required":
         # at most one call per tool: bounded, so sampling at high temperature still ends
-        return {"type": "array", "minItems": 1, "maxItems": len(tools),
+        return {"type": "array", "minItems": 1, "maxItems": len(tools) if parallel else 1,
                 "items": {"anyOf": [call(t) for t in tools]}}
     tool = next(t for t in tools if t["function"]["name"] == choice)
     return {"type": "array", "minItems": 1, "maxItems": 1, "items": call(tool)}
@@ -275,10 +275,11 @@ class ToolCallStream:
 
     START, END, PYTAG = "<tool_call>", "</tool_call>", "<|python_tag|>"
 
-    def __init__(self, fmt: str, tool_names):
+    def __init__(self, fmt: str, tool_names, max_calls: Optional[int] = None):
         if fmt not in PARSERS + ("constrained",):
             raise ValueError(f"unknown tool-call format {fmt!r}")
         self.fmt = fmt
+        self.max_calls = max_calls  # parallel_tool_calls false: 1 (later calls are dropped)
         self.names = set(tool_names)
         self.mode = "start" if fmt != "hermes" else "text"
         self.pending = ""  # text held back: a possible tag prefix, or a block not yet a call
@@ -311,7 +312,7 @@ class ToolCallStream:
 
     def complete(self) -> bool:
         """Every call's object was closed (none cut short)."""
-        return all(c["complete"] for c in self.calls)
+        return all(c["complete"] for c in self.calls[:self.max_calls])
 
     def message(self) -> tuple[Optional[str], list[dict]]:
         """(content, tool_calls) of everything fed so far, as a non-streamed message."""
@@ -331,6 +332,8 @@ class ToolCallStream:
         # merge adjacent content pieces and adjacent argument fragments of one call
         merged: list[dict] = []
         for d in self.out:
+            if self.max_calls is not None and "tool_calls" in d and d["tool_calls"][0]["index"] >= self.max_calls:
+                continue
             last = merged[-1] if merged else None
             if last is not None and "content" in d and "content" in last:
                 last["content"] += d["content"]
@@ -486,9 +489,10 @@ class ToolCallStream:
             self._content(raw)
 
 
-def parse(text: str, fmt: str, tool_names) -> tuple[Optional[str], list[dict], bool]:
+def parse(text: str, fmt: str, tool_names, max_calls: Optional[int] = None
+          ) -> tuple[Optional[str], list[dict], bool]:
     """(content, tool_calls, complete) of a whole output: what a stream would carry."""
-    p = ToolCallStream(fmt, tool_names)
+    p = ToolCallStream(fmt, tool_names, max_calls)
     p.feed(text)
     p.finish()
     content, calls = p.message()

@@ -76,6 +76,20 @@ CASES = [
     (GEN, {"text": "x", "sampling_params": {"n": 129}}, "n must be", "n"),
     (C, {"prompt": "x", "regex": "[^\\x00-\\U0010FFFF]"}, "matches no text", None),
     (GEN, {"text": "x", "sampling_params": {"regex": "[^\\x00-\\U0010FFFF]"}}, "matches no text", None),
+    # fields the server knows and cannot honour: refused, not silently ignored
+    (C, {"prompt": "x", "lora_path": "my-adapter"}, "LoRA", "lora_path"),
+    (CHAT, {"messages": MSG, "stop_regex": "\\d"}, "stop_regex", "stop_regex"),
+    (CHAT, {"messages": MSG, "logit_bias": {"5": 10}}, "logit_bias", "logit_bias"),
+    (GEN, {"text": "x", "image_data": "a.png"}, "image", "image_data"),
+    (GEN, {"text": "x", "lora_path": "my-adapter"}, "LoRA", "lora_path"),
+    (GEN, {"text": "x", "return_hidden_states": True}, "return_hidden_states", "return_hidden_states"),
+    (CHAT, {"messages": MSG, "continue_final_message": True}, "last message", "continue_final_message"),
+    (CHAT, {"messages": MSG + [{"role": "assistant", "content": "Sure"}], "continue_final_message": True,
+            "add_generation_prompt": True}, "cannot both", "continue_final_message"),
+    (CHAT, {"messages": MSG, "chat_template_kwargs": {"add_generation_prompt": "yes"}}, "boolean",
+     "add_generation_prompt"),
+    (C, {"prompt": ["a", "b"], "rid": ["only-one"]}, "rid must be", "rid"),
+    (C, {"prompt": "x", "response_format": {"type": "yaml"}}, "response_format.type", "response_format"),
 ]
 
 

@@ -126,6 +126,30 @@ def test_streaming_hermes_calls_among_text(oai, seed):
     assert order[0] == "content" and order[-2:] == [("call", 0), ("call", 1)]
 
 
+def test_parallel_tool_calls_false_keeps_one_call(oai):
+    """The same two-call output (a regex makes the model write two hermes calls) comes back
+    as two calls, and as one with parallel_tool_calls false, streamed or not; tool_choice
+    required then constrains the output to a single call."""
+    kw = dict(model="default", messages=MSGS, tools=[WEATHER, TIME], tool_choice="auto", max_tokens=100,
+              temperature=1.0, seed=0, extra_body={"regex": HERMES_OUT})
+    two = oai.chat.completions.create(**kw).choices[0].message.tool_calls
+    assert [c.function.name for c in two] == ["get_weather", "get_time"]
+    r = oai.chat.completions.create(parallel_tool_calls=False, **kw)
+    one = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in one] == [
+        (two[0].function.name, two[0].function.arguments)]
+    _, calls, finish, _ = _stream(oai, parallel_tool_calls=False, **kw)
+    assert finish == "tool_calls" and [c["name"] for c in calls.values()] == ["get_weather"]
+    assert "".join(calls[0]["fragments"]) == one[0].function.arguments
+    assert tool_calls.constraint_schema([WEATHER, TIME], "required", parallel=False)["maxItems"] == 1
+    for seed in range(3):
+        r = oai.chat.completions.create(model="default", messages=MSGS, tools=[WEATHER, TIME],
+                                        tool_choice="required", temperature=1.0, seed=seed,
+                                        max_tokens=200, parallel_tool_calls=False)
+        assert len(r.choices[0].message.tool_calls) == 1
+
+
 @pytest.fixture(scope="module")
 def llama3_oai(tmp_path_factory):
     openai = pytest.importorskip("openai")

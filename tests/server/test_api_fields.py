@@ -1,0 +1,99 @@
+"""Request fields SGLang and vLLM users send, honoured: checked against the tokenizer's own
+chat template and against the native API given the same tokens."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import jsonschema
+import pytest
+
+from portaserve.models.loader import load_tokenizer, resolve_model_path
+
+MSGS = [{"role": "user", "content": "Write a short poem about the sea."},
+        {"role": "assistant", "content": "The waves roll in"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(resolve_model_path(None))
+
+
+def _greedy_from_ids(server, ids, n):
+    r = server.post("/generate", json={"input_ids": ids, "sampling_params": {
+        "max_new_tokens": n, "temperature": 0, "ignore_eos": True}})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize("how", ["continue_final_message", "chat_template_kwargs"])
+def test_template_switches_render_like_transformers(server, tok, how):
+    """continue_final_message renders the last assistant message open (no end of turn, no
+    new turn); add_generation_prompt false (in chat_template_kwargs) ends the prompt after
+    the last message.  Each prompt is the tokenizer's own rendering, and the answer is the
+    native API's on those very tokens."""
+    if how == "continue_final_message":
+        extra = {"continue_final_message": True}
+        ref = tok.apply_chat_template(MSGS, tokenize=False, continue_final_message=True)
+        assert ref.rstrip().endswith("The waves roll in")
+    else:
+        extra = {"chat_template_kwargs": {"add_generation_prompt": False}}
+        ref = tok.apply_chat_template(MSGS, tokenize=False, add_generation_prompt=False)
+    opened = tok.apply_chat_template(MSGS, tokenize=False, add_generation_prompt=True)
+    assert ref != opened
+    ids = tok.encode(ref, add_special_tokens=False)
+    r = server.post("/v1/chat/completions", json={"model": "default", "messages": MSGS, "max_tokens": 8,
+                                                  "temperature": 0, "ignore_eos": True, **extra})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    assert body["choices"][0]["message"]["content"] == _greedy_from_ids(server, ids, 8)["text"]
+
+
+def test_continuous_usage_stats(server):
+    r = server.post("/v1/completions", stream=True, json={
+        "model": "default", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+        "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    chunks = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True)
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    with_choices = [c for c in chunks if c["choices"]]
+    assert with_choices and all(c["usage"] is not None for c in chunks)
+    done = [c["usage"]["completion_tokens"] for c in with_choices]
+    assert done == sorted(done) and done[-1] == 6  # the count so far, in every chunk
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+    assert all(c["usage"]["prompt_tokens"] == chunks[-1]["usage"]["prompt_tokens"] for c in chunks)
+
+
+def test_response_format_on_completions(server):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    r = server.post("/v1/completions", json={
+        "model": "default", "prompt": "A person, as JSON:", "max_tokens": 60, "temperature": 1.0, "seed": 7,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}})
+    assert r.status_code == 200, r.text
+    jsonschema.validate(json.loads(r.json()["choices"][0]["text"]), schema)
+
+
+def test_rid_on_openai_requests_reaches_abort(server):
+    rid = "oai-abort-me"
+    result = {}
+
+    def run():
+        result["r"] = server.post("/v1/chat/completions", json={
+            "model": "default", "messages": MSGS[:1], "max_tokens": 400, "ignore_eos": True,
+            "temperature": 0, "rid": rid})
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 30
+    while server.server_info()["internal_states"][0]["num_running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert server.post("/abort_request", json={"rid": rid}).status_code == 200
+    t.join(timeout=30)
+    assert not t.is_alive()
+    r = result["r"]
+    assert r.status_code == 500 and r.json()["error"]["code"] == "aborted", r.text
+    server.wait_idle()
