@@ -257,7 +257,7 @@ def build_runtime(args: ServerArgs, tp_rank: int = 0) -> Runtime:
     args.validate()
     platform = resolve_platform(args.device)
     set_current_platform(platform)
-    src = resolve_model_path(args.model_path)
+    src = resolve_model_path(args.model_path, revision=args.revision)
     hf = load_hf_config(src)
     cfg = build_config(hf)
     cfg.quant_config = quant_config_from_hf(hf, args.quantization)  # quantized GEMMs, or None
@@ -319,7 +319,8 @@ def _build_rank(args, platform, src, cfg, dtype, context_len, tp) -> Runtime:
         "dtype": dtype, "kv_dtype": kv_cache_dtype(args.kv_cache_dtype, dtype), "head_dim": cfg.head_dim,
         "heads": heads, "kv_heads": kv_heads})
     ops.use_table(table)
-    tokenizer = None if args.skip_tokenizer_init else load_tokenizer(src, args.tokenizer_path)
+    tokenizer = None if args.skip_tokenizer_init else load_tokenizer(
+        src, args.tokenizer_path, trust_remote_code=args.trust_remote_code, tokenizer_mode=args.tokenizer_mode)
     model = load_model(src, cfg, dtype, device, args.load_format, args.random_seed)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 

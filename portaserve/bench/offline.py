@@ -140,7 +140,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gsp-question-len", type=int, default=32)
     p.add_argument("--gsp-output-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model-path", default=None)
+    p.add_argument("--model-path", default=None, help="local folder or .gguf file, or a Hugging Face repo id")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hugging Face repo id")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--load-format", default="auto")
@@ -184,7 +185,7 @@ def main(argv=None, prog=None) -> int:
     ns = p.parse_args(argv)
     from portaserve import Engine
 
-    kw = dict(skip_tokenizer_init=True, model_path=ns.model_path, device=ns.device, dtype=ns.dtype, load_format=ns.load_format,
+    kw = dict(skip_tokenizer_init=True, model_path=ns.model_path, revision=ns.revision, device=ns.device, dtype=ns.dtype, load_format=ns.load_format,
               max_total_tokens=ns.max_total_tokens, chunked_prefill_size=ns.chunked_prefill_size,
               max_running_requests=ns.max_running_requests, mem_fraction_static=ns.mem_fraction_static,
               disable_cuda_graph=ns.disable_cuda_graph, tp_size=ns.tp_size,

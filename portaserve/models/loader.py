@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -34,7 +35,10 @@ class ModelSource:
         return self.path if self.kind == "hf" else self.path.parent
 
 
-def resolve_model_path(model_path: Optional[str]) -> ModelSource:
+def resolve_model_path(model_path: Optional[str], revision: Optional[str] = None) -> ModelSource:
+    """The model to load: the built-in default (None), a local Hugging Face folder or .gguf
+    file, or a Hugging Face repo id ("org/name") taken from the local Hugging Face cache or
+    downloaded into it (``revision``: branch, tag or commit of the repo)."""
     if model_path is None:
         p = default_model_path()
         return ModelSource("gguf", p, "SmolLM2-135M-Instruct")
@@ -42,23 +46,127 @@ def resolve_model_path(model_path: Optional[str]) -> ModelSource:
     if p.is_file() and p.suffix == ".gguf":
         return ModelSource("gguf", p.resolve(), p.stem)
     if p.is_dir():
-        if (p / "config.json").exists():
-            return ModelSource("hf", p.resolve(), p.name)
-        ggufs = sorted(p.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return ModelSource("gguf", ggufs[0].resolve(), ggufs[0].stem)
-        raise ModelNotFound(f"{p} has no config.json" + (
-            f" and {len(ggufs)} .gguf files (name one)" if ggufs else ""))
+        return _source_in_folder(p)
+    if _looks_like_repo_id(model_path):
+        return _source_in_folder(Path(_hub_snapshot(model_path, revision)), name=model_path,
+                                 keep_file_links=True)
     raise ModelNotFound(
-        f"model path {model_path!r} does not exist (portaserve has no network access to a "
-        "model hub: give a local Hugging Face folder or a .gguf file, or omit --model-path "
-        "for the built-in default model)")
+        f"model path {model_path!r} does not exist: give a local Hugging Face folder or .gguf "
+        "file, a Hugging Face repo id (org/name; taken from the local Hugging Face cache, else "
+        "downloaded unless HF_HUB_OFFLINE=1), or omit --model-path for the built-in default model")
+
+
+def _source_in_folder(p: Path, name: Optional[str] = None, keep_file_links: bool = False) -> ModelSource:
+    if (p / "config.json").exists():
+        return ModelSource("hf", p.resolve(), name or p.name)
+    ggufs = sorted(p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        # a hub snapshot's files are links to content-named blobs: keep the file's own name
+        path = p.resolve() / ggufs[0].name if keep_file_links else ggufs[0].resolve()
+        return ModelSource("gguf", path, name or ggufs[0].stem)
+    raise ModelNotFound(f"{p} has no config.json" + (
+        f" and {len(ggufs)} .gguf files (name one)" if ggufs else ""))
+
+
+# ---- Hugging Face repo ids --------------------------------------------------------------
+# "org/name" as the hub spells repo ids: one slash, no leading "/" or "." (those are paths)
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9_][\w.-]*")
+
+# What portaserve reads from a repo, besides one set of weights (_hub_allow_patterns): the
+# config, generation config, tokenizer and chat-template files, and the Python files a
+# tokenizer with --trust-remote-code may import. All small.
+_HUB_SMALL_FILES = ["*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.py"]
+
+
+def _looks_like_repo_id(s: str) -> bool:
+    return bool(_REPO_ID.fullmatch(s)) and ".." not in s and "--" not in s
+
+
+def _hf_hub_cache() -> str:
+    """The Hugging Face hub cache as huggingface_hub finds it (HF_HUB_CACHE, else
+    HF_HOME/hub, else ~/.cache/huggingface/hub), read from the environment now rather than
+    when huggingface_hub was first imported."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    hub = (os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+           or os.path.join(os.path.expandvars(os.path.expanduser(home)), "hub"))
+    return os.path.expandvars(os.path.expanduser(hub))
+
+
+def _hf_hub_offline() -> bool:
+    val = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return val.upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_allow_patterns(repo_files: list[str]) -> list[str]:
+    """The files of a repo worth downloading: the small ones and one copy of the weights.
+    Repos often hold the same weights several times (safetensors, pytorch_model*.bin, *.pt,
+    *.pth, *.msgpack, *.h5, ONNX, a consolidated.safetensors); take the safetensors that
+    transformers writes (model.safetensors or model-0000i-of-0000n.safetensors) where they
+    exist, else any top-level safetensors, else pytorch_model*.bin (the fallback the loader
+    reads), else the repo's .gguf if it has just one (as in a local folder)."""
+    from fnmatch import fnmatch
+
+    top = [f for f in repo_files if "/" not in f]
+    if any(fnmatch(f, "model*.safetensors") for f in top):
+        weights = ["model*.safetensors"]
+    elif any(f.endswith(".safetensors") for f in top):
+        weights = [f for f in top if f.endswith(".safetensors")]
+    elif any(fnmatch(f, "pytorch_model*.bin") for f in top):
+        weights = ["pytorch_model*.bin"]
+    else:
+        ggufs = [f for f in top if f.endswith(".gguf")]
+        weights = ggufs if len(ggufs) == 1 else []
+    return _HUB_SMALL_FILES + weights
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    msg = msg if len(msg) <= 300 else msg[:297] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _hub_snapshot(repo_id: str, revision: Optional[str]) -> str:
+    """The local snapshot folder of a Hugging Face repo: from the cache, else downloaded
+    (unless HF_HUB_OFFLINE is set). Any failure is a ModelNotFound naming the repo, the
+    cache and the error, in one line."""
+    cache = _hf_hub_cache()
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+    except ImportError as e:  # comes with transformers; a broken install
+        raise ModelNotFound(f"model path {repo_id!r} is not a local file or folder, and the Hugging "
+                            f"Face repo {repo_id}{at} cannot be looked up: {_one_line(e)}") from None
+    try:
+        # the local cache first: no network at all (the small files' patterns make
+        # huggingface_hub check that an interrupted download did not leave them half there)
+        return snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True,
+                                 allow_patterns=_HUB_SMALL_FILES)
+    except Exception as e:  # noqa: BLE001 - not cached (or not completely): download below
+        local_error = e
+    where = (f"model path {repo_id!r} is not a local file or folder, and the Hugging Face repo "
+             f"{repo_id}{at} is not in the local Hugging Face cache at {cache}")
+    if _hf_hub_offline():
+        # huggingface_hub's plain "not cached" says to pass local_files_only=False: leave it
+        # out; other reasons (a half-downloaded snapshot, an invalid repo id) say more
+        why = "" if type(local_error).__name__ == "LocalEntryNotFoundError" else f" ({_one_line(local_error)})"
+        raise ModelNotFound(f"{where}, and HF_HUB_OFFLINE is set, so it was not downloaded{why}") from None
+    logger.info("downloading %s%s from the Hugging Face hub into %s", repo_id, at, cache)
+    try:
+        files = HfApi().list_repo_files(repo_id, revision=revision)
+        return snapshot_download(repo_id, revision=revision, cache_dir=cache,
+                                 allow_patterns=_hub_allow_patterns(files))
+    except Exception as e:  # noqa: BLE001 - network, authentication, no such repo or revision
+        raise ModelNotFound(f"{where}, and downloading it failed: {_one_line(e)}") from None
 
 
 # ---- config and tokenizer ---------------------------------------------------------------
 def _gguf_cache(src: ModelSource) -> Path:
-    st = src.path.stat()
-    h = hashlib.sha1(f"{src.path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    # a hub snapshot's .gguf is a link to a content-named blob of the cache: key by the blob,
+    # which every snapshot holding it shares (other sources' paths are not links)
+    real = src.path.resolve() if src.path.is_symlink() else src.path
+    st = real.stat()
+    h = hashlib.sha1(f"{real}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     return cache_dir() / "gguf-meta" / h
 
 
@@ -82,22 +190,32 @@ def load_hf_config(src: ModelSource) -> dict:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(src: ModelSource, tokenizer_path: Optional[str] = None):
+def load_tokenizer(src: ModelSource, tokenizer_path: Optional[str] = None, *,
+                   trust_remote_code: bool = False, tokenizer_mode: str = "auto"):
+    """The model's tokenizer through transformers' AutoTokenizer (``tokenizer_path`` if
+    given). ``trust_remote_code`` lets a repo's own tokenizer code run; ``tokenizer_mode``
+    "slow" asks for the Python tokenizer (use_fast=False; transformers 5 has fast ones only
+    and ignores it)."""
     from transformers import AutoTokenizer
 
+    if tokenizer_mode not in ("auto", "slow"):
+        raise ValueError(f"--tokenizer-mode {tokenizer_mode!r}: choose from auto, slow")
+    kw = {"trust_remote_code": trust_remote_code}
+    if tokenizer_mode == "slow":
+        kw["use_fast"] = False
     if tokenizer_path:
-        return AutoTokenizer.from_pretrained(tokenizer_path)
+        return AutoTokenizer.from_pretrained(tokenizer_path, **kw)
     if src.kind == "hf":
         if not any((src.path / f).exists() for f in TOKENIZER_FILES):
             raise ValueError(f"{src.path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); a "
                              "config-only folder, as for --load-format dummy, needs --tokenizer-path, or "
                              "--skip-tokenizer-init to take token ids only")
-        return AutoTokenizer.from_pretrained(str(src.path))
+        return AutoTokenizer.from_pretrained(str(src.path), **kw)
     # Converting a GGUF vocabulary takes seconds: do it once, keep the result.
     meta = _gguf_cache(src) / "tokenizer"
     if (meta / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(str(meta))
-    tok = AutoTokenizer.from_pretrained(str(src.path.parent), gguf_file=src.path.name)
+        return AutoTokenizer.from_pretrained(str(meta), **kw)
+    tok = AutoTokenizer.from_pretrained(str(src.path.parent), gguf_file=src.path.name, **kw)
     meta.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(meta))
     return tok
