@@ -19,7 +19,7 @@ from portaserve.core.sampling_params import MAX_N
 from portaserve.server.common import (SSE_DONE, dead_error, follow, make_req, sse, sse_error,
                                       submit, wait_all)
 from portaserve.server.errors import APIError, bad_request, get, read_json_object, refuse_unsupported
-from portaserve.server import tool_calls
+from portaserve.server import reasoning, tool_calls
 from portaserve.server.manager import ReqState, SchedulerDead
 
 router = APIRouter()
@@ -508,6 +508,12 @@ async def chat_completions(request: Request):
         sp["json_schema"] = json.dumps(tool_calls.constraint_schema(tools, choice, max_calls is None))
     parser = tool_calls.detect_parser(getattr(c.tokenizer, "chat_template", None),
                                       getattr(c.args, "tool_call_parser", None))
+    # --reasoning-parser: thinking goes to reasoning_content unless the request says
+    # separate_reasoning false (SGLang's fields)
+    think_parser = getattr(c.args, "reasoning_parser", None)
+    if not get(body, "separate_reasoning", bool, True):
+        think_parser = None
+    stream_reasoning = get(body, "stream_reasoning", bool, True)
 
     def build():  # on the request-building thread: it renders the template and tokenizes
         ids = _chat_prompt_ids(c, body, tools)
@@ -534,13 +540,17 @@ async def chat_completions(request: Request):
         return "tool_calls" if calls and complete and finish in ("stop", "length") else finish
 
     def message(st):
-        """(message, finish_reason) of a finished request, tool calls parsed out."""
-        msg = {"role": "assistant", "content": st.text}
+        """(message, finish_reason) of a finished request, thinking and tool calls parsed out."""
+        text = st.text
+        msg = {"role": "assistant", "content": text}
+        if think_parser:
+            thought, text = reasoning.split(text, think_parser)
+            msg = {"role": "assistant", "content": text, "reasoning_content": thought or None}
         finish = _finish(st.finished_reason)
         if tools:
-            content, calls, complete = tool_calls.parse(st.text, call_format, tool_names, max_calls)
+            content, calls, complete = tool_calls.parse(text, call_format, tool_names, max_calls)
             if calls:
-                msg = {"role": "assistant", "content": content, "tool_calls": calls}
+                msg.update(content=content, tool_calls=calls)
                 finish = tool_finish(st, calls, complete)
         return msg, finish
 
@@ -565,9 +575,12 @@ async def chat_completions(request: Request):
         return sse(d)
 
     async def gen():
-        # with tools, each choice's text goes through a tool-call parser: content deltas for
-        # text outside calls, a header delta per call, then its argument fragments
+        # each choice's text goes through the reasoning parser (thinking -> reasoning_content
+        # deltas) and, with tools, a tool-call parser: content deltas for text outside calls,
+        # a header delta per call, then its argument fragments
         streams = [tool_calls.ToolCallStream(call_format, tool_names, max_calls) for _ in states] if tools else None
+        thinking = [reasoning.ReasoningStream(think_parser) for _ in states] if think_parser else None
+        held_reasoning = [""] * len(states)  # stream_reasoning false: sent in one piece
         try:
             for k in range(n):
                 yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""},
@@ -581,38 +594,40 @@ async def chat_completions(request: Request):
                         yield _abort_event(st.finished_reason)
                         st.sent_ids = -1
                         continue
+                    text = st.detok.pop_delta(done) if st.detok is not None else ""
+                    deltas = []
+                    if thinking:
+                        thought, text = thinking[k].feed(text)
+                        if done:
+                            more, rest = thinking[k].finish()
+                            thought, text = thought + more, text + rest
+                        if not stream_reasoning:
+                            held_reasoning[k] += thought
+                            thought = ""
+                            if held_reasoning[k] and (text or done or thinking[k].state != "think"):
+                                thought, held_reasoning[k] = held_reasoning[k], ""
+                        if thought:
+                            deltas.append({"reasoning_content": thought})
                     if tools:
-                        text = st.detok.pop_delta(done) if st.detok is not None else ""
                         ts = streams[k]
-                        deltas = ts.feed(text) + (ts.finish() if done else [])
-                        n_new = len(st.output_ids) - st.sent_ids
-                        if not deltas and (done or (want_lp and n_new)):
-                            deltas = [{}]
-                        for j, delta in enumerate(deltas):
-                            ch = {"index": k, "delta": delta, "logprobs": None, "finish_reason": None}
-                            last = j == len(deltas) - 1
-                            if last and want_lp:
-                                ch["logprobs"] = _chat_logprobs(st, texts, st.sent_ids)
-                            if last and done:
-                                calls = ts.message()[1]
-                                ch["finish_reason"] = tool_finish(st, calls, ts.complete())
-                                ch["matched_stop"] = _matched(st.finished_reason)
-                            yield chunk([ch])
-                        st.sent_ids = -1 if done else len(st.output_ids)
-                        continue
-                    delta = st.detok.pop_delta(done) if st.detok is not None else ""
+                        deltas += ts.feed(text) + (ts.finish() if done else [])
+                    elif text:
+                        deltas.append({"content": text})
                     n_new = len(st.output_ids) - st.sent_ids
-                    if not (delta or done or (want_lp and n_new)):
-                        continue
-                    ch = {"index": k, "delta": {"content": delta} if delta else {},
-                          "logprobs": _chat_logprobs(st, texts, st.sent_ids) if want_lp else None,
-                          "finish_reason": None}
-                    st.sent_ids = len(st.output_ids)
-                    if done:
-                        ch["finish_reason"] = _finish(st.finished_reason)
-                        ch["matched_stop"] = _matched(st.finished_reason)
-                        st.sent_ids = -1
-                    yield chunk([ch])
+                    if not deltas and (done or (want_lp and n_new)):
+                        deltas = [{}]
+                    for j, delta in enumerate(deltas):
+                        ch = {"index": k, "delta": delta, "logprobs": None, "finish_reason": None}
+                        last = j == len(deltas) - 1
+                        if last and want_lp:
+                            ch["logprobs"] = _chat_logprobs(st, texts, st.sent_ids)
+                        if last and done:
+                            ch["finish_reason"] = (tool_finish(st, streams[k].message()[1], streams[k].complete())
+                                                   if tools else _finish(st.finished_reason))
+                            ch["matched_stop"] = _matched(st.finished_reason)
+                        yield chunk([ch])
+                    if deltas:
+                        st.sent_ids = -1 if done else len(st.output_ids)
             if usage_mode:
                 yield chunk([], usage=True)
         except SchedulerDead as e:

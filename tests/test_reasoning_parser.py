@@ -1,0 +1,49 @@
+"""The reasoning parser: thinking split from the answer, whole and streamed in any pieces."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from portaserve.server import reasoning
+
+CASES = [
+    # (parser, text, reasoning, content)
+    ("qwen3", "<think>\nLet me see.\n</think>\n\nParis.", "\nLet me see.\n", "Paris."),
+    ("qwen3", "<think>\n\n</think>\n\nParis.", "\n\n", "Paris."),  # enable_thinking false
+    ("qwen3", "Paris, no thinking.", "", "Paris, no thinking."),
+    ("qwen3", "  <thinking is a word", "", "  <thinking is a word"),
+    ("qwen3", "<think>cut short by max_tokens", "cut short by max_tokens", ""),
+    ("qwen3", "<think>a</think>b <think>c</think>", "a", "b <think>c</think>"),  # only the first block
+    ("deepseek-r1", "Hmm, 2+2.\n</think>\n\n4", "Hmm, 2+2.\n", "4"),
+    ("deepseek-r1", "<think>Hmm.</think>4", "Hmm.", "4"),
+    ("deepseek-r1", "all thinking, never closed", "all thinking, never closed", ""),
+    ("deepseek-r1", "a </thin", "a </thin", ""),
+]
+
+
+@pytest.mark.parametrize("parser,text,want_r,want_c", CASES)
+def test_split_and_any_streaming_split(parser, text, want_r, want_c):
+    assert reasoning.split(text, parser) == (want_r, want_c)
+    rng = random.Random(hash(text) % 1000)
+    for _ in range(30):
+        s = reasoning.ReasoningStream(parser)
+        got_r, got_c, i = "", "", 0
+        while i < len(text):
+            k = rng.randint(1, 5)
+            r, c = s.feed(text[i:i + k])
+            got_r, got_c, i = got_r + r, got_c + c, i + k
+        r, c = s.finish()
+        assert (got_r + r, got_c + c) == (want_r, want_c)
+
+
+def test_nothing_of_a_tag_leaks_early():
+    s = reasoning.ReasoningStream("qwen3")
+    assert s.feed("<thi") == ("", "")  # may be the opening tag
+    assert s.feed("nk>abc</th") == ("abc", "")  # may be the closing tag
+    assert s.feed("ink>\nAnswer") == ("", "Answer")
+
+
+def test_unknown_parser():
+    with pytest.raises(ValueError, match="unknown reasoning parser"):
+        reasoning.ReasoningStream("o1")
