@@ -67,6 +67,13 @@ class _Handle:
                 "output_ids": list(self.output_ids), "meta_info": meta}
 
 
+def output_due(r: Req, sent: dict, every: int) -> bool:
+    """--stream-interval: a running request's new tokens go out `every` at a time; its
+    first message and its end go at once."""
+    return (every <= 1 or r.finished_reason is not None or r.rid not in sent
+            or len(r.output_ids) - sent[r.rid]["ids"] >= every)
+
+
 def make_output_message(r: Req, sent: dict) -> dict:
     """The delta of r since the last message (sent tracks per-rid offsets)."""
     s = sent.setdefault(r.rid, {"ids": 0, "olp": 0, "ilp": 0})
@@ -136,7 +143,8 @@ class Engine:
                     self._handle_command(item)
                 if sched.has_work():
                     for r in sched.step():
-                        self._deliver(r)
+                        if output_due(r, self._sent, self.rt.args.stream_interval):
+                            self._deliver(r)
         except BaseException as e:  # report to every waiter instead of hanging them
             logger.exception("scheduler thread died")
             self._error = e

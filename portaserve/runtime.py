@@ -361,6 +361,9 @@ def _build_rank(args, platform, src, cfg, dtype, context_len, tp) -> Runtime:
             overlap_prefill=not args.disable_overlap_prefill,
             deterministic=tp is not None,
             enable_mixed_chunk=args.enable_mixed_chunk,
+            # SGLang's --schedule-conservativeness scales both ends of the estimate
+            init_new_token_ratio=min(SchedulerConfig.init_new_token_ratio * args.schedule_conservativeness, 1.0),
+            min_new_token_ratio=min(SchedulerConfig.min_new_token_ratio * args.schedule_conservativeness, 1.0),
         ),
         model, kv, device, eos, decode_fn if tokenizer is not None else None, grammar,
         jump_forward=False, rng_device=platform.rng_device(),

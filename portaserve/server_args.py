@@ -48,6 +48,9 @@ class ServerArgs:
     enable_mixed_chunk: bool = _opt(False, "run the running requests' decode step inside each prefill batch instead of pausing them while it runs (the chunk gives up one token per running request)")
     page_size: int = _opt(1, "KV pool page size in tokens")
     schedule_policy: str = _opt("fcfs", "order of admission", choices=["fcfs", "lpm", "dfs-weight", "random"])
+    schedule_conservativeness: float = _opt(1.0, "how much of the running requests' remaining max_new_tokens admission keeps free in the KV pool (SGLang's flag: scales the estimated share, 0.7 at start, decaying to 0.1): above 1 fewer requests are admitted and fewer retracted later, below 1 more are admitted")
+    stream_interval: int = _opt(1, "stream a request's tokens to the HTTP side every N tokens (its first token and its end at once): larger values cut per-token work at high concurrency, smaller ones stream more smoothly")
+    dp_size: int = _opt(1, "data parallel replicas: only 1 (run several servers behind a load balancer for more)", aliases=["--dp"])
     disable_radix_cache: bool = _opt(False, "turn off prefix caching (RadixAttention)")
     random_seed: int = _opt(0, "seed of the engine's sampling generator")
     sampling_defaults: str = _opt("model", "defaults of the sampling parameters a request leaves out: model: the temperature, top_p, top_k, min_p and repetition_penalty of the model's generation_config.json (as SGLang and vLLM do), the rest as openai; openai: temperature 1, top_p 1, no top_k / min_p / penalty",
@@ -56,6 +59,8 @@ class ServerArgs:
     served_model_name: Optional[str] = _opt(None, "model name reported by the API (default: the model's)")
     chat_template: Optional[str] = _opt(None, "Jinja chat template file or string overriding the tokenizer's")
     enable_metrics: bool = _opt(False, "serve Prometheus metrics at /metrics")
+    log_requests: bool = _opt(False, "log each request as it arrives (id, prompt tokens, sampling parameters) and as it ends (finish reason, tokens, latency)")
+    enable_cache_report: bool = _opt(False, "accepted for SGLang command lines: usage.prompt_tokens_details.cached_tokens is always reported")
     skip_server_warmup: bool = _opt(False, "accept requests without first running one short warm-up request (which compiles and caches the kernels the first real request would otherwise wait for)")
     log_level: str = _opt("info", "logging level", choices=["debug", "info", "warning", "error"])
     kernel: list = _opt(None, "force an op provider, OP=PROVIDER (repeatable); all=native bisects numerics",
@@ -112,6 +117,13 @@ class ServerArgs:
             raise ValueError("--torch-compile-max-bs must be >= 1")
         if self.page_size < 1:
             raise ValueError("--page-size must be >= 1")
+        if not 0 < self.schedule_conservativeness <= 10:
+            raise ValueError("--schedule-conservativeness must be in (0, 10]")
+        if self.stream_interval < 1:
+            raise ValueError("--stream-interval must be >= 1")
+        if self.dp_size != 1:
+            raise ValueError(f"--dp-size {self.dp_size}: data parallelism is not supported; run "
+                             f"{self.dp_size} servers (one per device group) behind a load balancer")
         import portaserve.platforms.providers  # noqa: F401  (registers the providers)
         from portaserve.core.ops import PROVIDERS, parse_kernel_overrides
 

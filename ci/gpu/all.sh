@@ -8,7 +8,9 @@
 # as needed), or run the parts (correctness.sh, throughput.sh, serving.sh, gsp_moe.sh, tp2.sh).
 source ci/gpu/setup.sh || exit 1
 M="--model-path /tmp/llama8b --load-format dummy --dtype bfloat16"
-run() { local name=$1; shift; echo "== $name ($(date +%T))"; "$@" > "$OUT/$name.log" 2>&1; echo "   rc=$?"; }
+# ONLY="tests offline_random ..." runs just those parts (same commands; the rest show as 'not run')
+want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+run() { local name=$1; shift; want "$name" || return 0; echo "== $name ($(date +%T))"; "$@" > "$OUT/$name.log" 2>&1; echo "   rc=$?"; }
 # (the default-model tests are left out: that model is a 93 MB PyPI wheel the offline host cannot fetch)
 run tests env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider --durations=15 tests/triton tests/gpu \
   tests/test_quantization.py --deselect tests/test_quantization.py::test_fp8_against_the_float_model
@@ -21,6 +23,7 @@ run offline_gsp python3 -m portaserve.bench.offline $M --dataset generated-share
   --schedule-policy lpm --compare-cascade-off --compare-no-cache --output-file $OUT/offline_gsp.json
 run cascade python3 -m portaserve.bench.cascade --device cuda --groups 1 16 64 --members 16 --prefix-len 2048 \
   --own-len 384 --profile
+if want serving; then
 python3 -m portaserve.launch_server $M --skip-tokenizer-init --context-length 8192 --port 30000 \
   --log-level warning > $OUT/server.log 2>&1 &
 SERVER=$!
@@ -29,12 +32,13 @@ run serving python3 -m portaserve.cli bench serving --port 30000 --dataset-name 
   --random-input-len 1024 --random-output-len 256 --random-range-ratio 0.5 --request-rate 1 --seed 0 \
   --disable-tqdm --output-file $OUT/serving.jsonl
 kill $SERVER; wait $SERVER 2>/dev/null
+fi
 mkdir -p /tmp/qwen3moe && cp ci/gpu/qwen3-30b-a3b.json /tmp/qwen3moe/config.json
 run moe python3 -m portaserve.bench.one_batch --model-path /tmp/qwen3moe --load-format dummy --dtype bfloat16 \
   --context-length 4096 --batch-size 1 64 --input-len 128 --output-len 32 --cuda-graph-max-bs 64 \
   --max-running-requests 64 --mem-fraction-static 0.80 --output-file $OUT/moe.json
 run gemm python3 -m portaserve.bench.gemm --json $OUT/gemm.json
-if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && want tp2; then
   run tp_check python3 ci/gpu/tp_check.py /tmp/llama8b float32
   run one_batch_tp2 python3 -m portaserve.bench.one_batch $M --context-length 8192 --tp 2 \
     --batch-size 1 32 128 --input-len 128 --output-len 64 --output-file $OUT/one_batch_tp2.json

@@ -428,6 +428,11 @@ class Scheduler:
         return out
 
     # ---- prefill ----------------------------------------------------------------------
+    def _reserve(self, r: Req) -> int:
+        """KV slots kept free for r's expected output: its remaining max_new_tokens scaled
+        by new_token_ratio (SGLang's estimate; it decays while no request retracts)."""
+        return int(max(0, r.sampling.max_new_tokens - len(r.output_ids)) * self.new_token_ratio)
+
     def _reserved_for_running(self) -> int:
         return int(sum(max(0, r.sampling.max_new_tokens - len(r.output_ids)) for r in self.running)
                    * self.new_token_ratio)
@@ -473,10 +478,12 @@ class Scheduler:
             if self.tree is not None and req.last_node is not None:
                 self.tree.inc_lock_ref(req.last_node)  # protect the prefix from eviction
             extend = req.seq_len - prefix
-            reserve = int(max(0, req.sampling.max_new_tokens - len(req.output_ids)) * self.new_token_ratio)
+            reserve = self._reserve(req)
             need = extend + reserve
-            avail = self._available() - self._reserved_for_running() - sum(
-                r.extend_n for r in batch)
+            # room left: free slots (the batch's prompt slots are allocated already), less
+            # the running requests' and this batch's expected output (a batch admitted on
+            # free slots alone retracts soon after)
+            avail = self._available() - self._reserved_for_running() - sum(self._reserve(r) for r in batch)
             fits = need <= avail or (not batch and not self.running and extend <= avail)
             if not fits or chunk_budget <= 0 or (token_budget < extend and batch):
                 if self.tree is not None and req.last_node is not None:

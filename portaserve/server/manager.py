@@ -9,6 +9,7 @@ exit.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -25,8 +26,10 @@ import zmq.asyncio
 from portaserve.core.detokenize import IncrementalDetokenizer
 from portaserve.core.request import Req
 from portaserve.core.request_builder import Limits
+from portaserve.core.sampling_params import SamplingParams
 
 logger = logging.getLogger("portaserve.server")
+_DEFAULT_SAMPLING = SamplingParams().to_dict()  # --log-requests shows what differs
 
 
 class SchedulerDead(RuntimeError):
@@ -246,6 +249,11 @@ class SchedulerClient:
             self.num_inflight -= 1
             if self.metrics:
                 self.metrics.on_finish(st, now)
+            if self.args.log_requests:
+                ttft = "" if st.first_token_time is None else f", first token after {st.first_token_time - st.created:.3f} s"
+                logger.info("request %s finished: %s, %d prompt + %d output tokens (%d cached), %.3f s%s",
+                            st.rid, json.dumps(st.finished_reason), st.meta["prompt_tokens"], len(st.output_ids),
+                            st.meta["cached_tokens"], now - st.created, ttft)
         st.event.set()
 
     async def _watchdog(self) -> None:
@@ -304,6 +312,10 @@ class SchedulerClient:
             self.metrics.requests_in.inc(len(reqs))
         for r in reqs:
             self._send.send_pyobj(("add", r))
+            if self.args.log_requests:
+                sp = {k: v for k, v in r.sampling.to_dict().items() if v != _DEFAULT_SAMPLING.get(k)}
+                logger.info("request %s: %d prompt tokens, sampling %s", r.rid, len(r.input_ids),
+                            json.dumps(sp, default=str))
         return states
 
     def release(self, st: ReqState) -> None:

@@ -128,11 +128,12 @@ def _loop(rt, recv, send, parent_pid: int) -> None:
 def _serve(rt, recv, send, parent_pid: int) -> None:
     import zmq
 
-    from portaserve.engine import make_output_message
+    from portaserve.engine import make_output_message, output_due
     from portaserve.tp import step_commands
 
     sched = rt.scheduler
     sent: dict = {}
+    every = rt.args.stream_interval
     poller = zmq.Poller()
     poller.register(recv, zmq.POLLIN)
     last_parent_check = time.monotonic()
@@ -183,6 +184,7 @@ def _serve(rt, recv, send, parent_pid: int) -> None:
                 logger.error("unknown command %r", kind)
         if sched.has_work():
             for r in sched.step():
-                outs.append(make_output_message(r, sent))
+                if output_due(r, sent, every):
+                    outs.append(make_output_message(r, sent))
         if outs:
             send.send_pyobj(("out", outs))
