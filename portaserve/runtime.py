@@ -144,6 +144,8 @@ def _sampling_defaults(args: ServerArgs, src: ModelSource) -> dict:
             raise ValueError(f"generation_config.json: {name} is {v!r}, not a number; "
                              "--sampling-defaults openai ignores the file")
         out[name] = typ(v)
+    if out.get("top_k") == 0:  # transformers' "no top-k"; ours is -1
+        out["top_k"] = -1
     if out:
         from portaserve.core.sampling_params import InvalidRequest, SamplingParams
 

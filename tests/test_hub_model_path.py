@@ -193,3 +193,18 @@ def test_server_flags_and_the_server_tokenizer(monkeypatch, hub):
     path, kw = calls[-1]
     assert path == str(hub.snap(OTHER)) and kw["gguf_file"] == hub.gguf.name
     assert kw["use_fast"] is False and kw["trust_remote_code"] is True
+
+
+def test_a_cached_snapshot_without_weights_is_not_the_model(hub, tmp_path):
+    """A snapshot that AutoTokenizer alone filled (config and tokenizer, no weights) is not
+    taken for the model: offline it is a clear error, not a failed load later."""
+    folder = hub.cache / "models--org--tok-only"
+    snap = folder / "snapshots" / MAIN
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (snap / "tokenizer.json").write_text("{}")
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(MAIN)
+    with pytest.raises(ModelNotFound, match="holds no weights") as e:
+        resolve_model_path("org/tok-only")
+    assert "HF_HUB_OFFLINE is set" in str(e.value)

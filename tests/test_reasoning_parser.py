@@ -47,3 +47,15 @@ def test_nothing_of_a_tag_leaks_early():
 def test_unknown_parser():
     with pytest.raises(ValueError, match="unknown reasoning parser"):
         reasoning.ReasoningStream("o1")
+
+
+def test_constrained_output_is_all_answer_where_thinking_is_assumed():
+    """A grammar (a tool-call schema, response_format) holds from the first token, so the
+    output has no thinking: deepseek-r1's parser, which assumes thinking until </think>,
+    would have put the whole answer in reasoning_content."""
+    calls = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    assert reasoning.split(calls, "deepseek-r1") == (calls, "")  # what the parser alone would do
+    assert reasoning.for_request("deepseek-r1", constrained=True) is None
+    assert reasoning.for_request("deepseek-r1", constrained=False) == "deepseek-r1"
+    assert reasoning.for_request("qwen3", constrained=True) == "qwen3"  # no block: all answer anyway
+    assert reasoning.split(calls, "qwen3") == ("", calls)

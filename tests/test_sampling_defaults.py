@@ -76,3 +76,15 @@ def test_defaults_reach_build_req_only_for_missing_fields():
     assert (p.temperature, p.top_k) == (0.6, 20)
     with pytest.raises(InvalidRequest, match="top_k"):  # the request's own values are still checked
         build_req(lim, None, None, [1, 2], {"top_k": "x"})
+
+
+def test_generation_config_top_k_zero_means_no_top_k(tiny_models, tmp_path):
+    """transformers writes top_k 0 for "no top-k"; here that is -1 (0 is refused in requests)."""
+    from portaserve.models.loader import ModelSource
+    from portaserve.runtime import _sampling_defaults
+    from portaserve.server_args import ServerArgs
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_k": 0, "temperature": 0.6}))
+    src = ModelSource("hf", tmp_path, "m")
+    assert _sampling_defaults(ServerArgs(), src) == {"top_k": -1, "temperature": 0.6}
+    assert _sampling_defaults(ServerArgs(sampling_defaults="openai"), src) == {}

@@ -120,6 +120,11 @@ def _hub_allow_patterns(repo_files: list[str]) -> list[str]:
     return _HUB_SMALL_FILES + weights
 
 
+def _has_weights(folder: Path) -> bool:
+    """Any file of weights portaserve reads: safetensors, pytorch_model*.bin or a .gguf."""
+    return any(any(folder.glob(p)) for p in ("*.safetensors", "pytorch_model*.bin", "*.gguf"))
+
+
 def _one_line(e: BaseException) -> str:
     msg = " ".join(str(e).split())
     msg = msg if len(msg) <= 300 else msg[:297] + "..."
@@ -138,10 +143,13 @@ def _hub_snapshot(repo_id: str, revision: Optional[str]) -> str:
         raise ModelNotFound(f"model path {repo_id!r} is not a local file or folder, and the Hugging "
                             f"Face repo {repo_id}{at} cannot be looked up: {_one_line(e)}") from None
     try:
-        # the local cache first: no network at all (the small files' patterns make
-        # huggingface_hub check that an interrupted download did not leave them half there)
-        return snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True,
-                                 allow_patterns=_HUB_SMALL_FILES)
+        # the local cache first, no network at all; a snapshot holding no weights (a cache
+        # that AutoTokenizer or AutoConfig alone filled, an interrupted download) is not it
+        local = snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True,
+                                  allow_patterns=_HUB_SMALL_FILES)
+        if _has_weights(Path(local)):
+            return local
+        local_error = FileNotFoundError(f"the cached snapshot {local} holds no weights")
     except Exception as e:  # noqa: BLE001 - not cached (or not completely): download below
         local_error = e
     where = (f"model path {repo_id!r} is not a local file or folder, and the Hugging Face repo "

@@ -103,6 +103,7 @@ class SchedulerClient:
         self.report = ""
         self.model_type = None
         self.states: dict[str, ReqState] = {}
+        self.releasing: set[str] = set()  # ids released unfinished, their last message not yet in
         self.num_inflight = 0  # submitted, not yet finished in the scheduler
         self.pending: dict[str, asyncio.Future] = {}
         self.dead: Optional[str] = None
@@ -229,6 +230,10 @@ class SchedulerClient:
         st.fail(f"processing the output failed: {type(e).__name__}: {e}")
 
     def _on_output(self, msg: dict, now: float) -> None:
+        if msg["rid"] in self.releasing:
+            if msg["finished_reason"] is not None:
+                self.releasing.discard(msg["rid"])
+            return
         st = self.states.get(msg["rid"])
         if st is None or st.finished:
             return
@@ -296,7 +301,7 @@ class SchedulerClient:
         """Register and send reqs (all or none); they share one wake-up event."""
         self.check_capacity(len(reqs))
         rids = [r.rid for r in reqs]
-        dup = [r for r in rids if r in self.states]
+        dup = [r for r in rids if r in self.states or r in self.releasing]
         if dup or len(set(rids)) != len(rids):
             from portaserve.server.errors import bad_request
 
@@ -330,6 +335,10 @@ class SchedulerClient:
                     self.metrics.aborted.inc()
                 if self.dead is None:
                     self._send.send_pyobj(("abort", st.rid))
+                    # its last message (the abort, or a finish already on its way) is still
+                    # to come: until then the id stays taken, or a new request reusing it
+                    # (a client's retry) would receive the old one's tokens
+                    self.releasing.add(st.rid)
             else:
                 self.num_inflight -= 1
 

@@ -433,11 +433,12 @@ def _chat_prompt_ids(c, body: dict, tools=None) -> list[int]:
     kwargs = dict(get(body, "chat_template_kwargs", dict, {}))
     # vLLM's and SGLang's fields: continue the last (assistant) message instead of opening
     # a new turn; add_generation_prompt may also come in chat_template_kwargs
-    cont = get(body, "continue_final_message", bool, False)
+    cont = kwargs.pop("continue_final_message", get(body, "continue_final_message", bool, False))
     agp = get(body, "add_generation_prompt", bool)
     agp = kwargs.pop("add_generation_prompt", not cont if agp is None else agp)
-    if not isinstance(agp, bool):
-        raise bad_request("add_generation_prompt must be a boolean", "add_generation_prompt")
+    for name, v in (("continue_final_message", cont), ("add_generation_prompt", agp)):
+        if not isinstance(v, bool):
+            raise bad_request(f"{name} must be a boolean", name)
     if cont and agp:
         raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
                           "continue_final_message")
@@ -513,6 +514,7 @@ async def chat_completions(request: Request):
     think_parser = getattr(c.args, "reasoning_parser", None)
     if not get(body, "separate_reasoning", bool, True):
         think_parser = None
+    think_parser = reasoning.for_request(think_parser, any(k in sp for k in ("json_schema", "regex", "ebnf")))
     stream_reasoning = get(body, "stream_reasoning", bool, True)
 
     def build():  # on the request-building thread: it renders the template and tokenizes

@@ -13,6 +13,14 @@ from __future__ import annotations
 
 START, END = "<think>", "</think>"
 PARSERS = ("qwen3", "deepseek-r1")
+FORCED = ("deepseek-r1",)  # thinking from the first token, without an opening tag
+
+
+def for_request(parser, constrained: bool):
+    """The parser a request's output goes through: none where a grammar (json_schema,
+    regex, ebnf, a tool-call schema) holds from the first token and the parser expects
+    thinking there (deepseek-r1): that output is all answer."""
+    return None if parser in FORCED and constrained else parser
 
 
 class ReasoningStream:
@@ -22,7 +30,7 @@ class ReasoningStream:
     def __init__(self, parser: str):
         if parser not in PARSERS:
             raise ValueError(f"unknown reasoning parser {parser!r}; known: {', '.join(PARSERS)}")
-        self.forced = parser == "deepseek-r1"
+        self.forced = parser in FORCED
         # "start": before the first visible text (an opening tag may come); "think"; "answer"
         self.state = "start"
         self.held = ""

@@ -89,6 +89,8 @@ CASES = [
     (CHAT, {"messages": MSG, "chat_template_kwargs": {"add_generation_prompt": "yes"}}, "boolean",
      "add_generation_prompt"),
     (C, {"prompt": ["a", "b"], "rid": ["only-one"]}, "rid must be", "rid"),
+    (CHAT, {"messages": MSG, "chat_template_kwargs": {"continue_final_message": "yes"}}, "boolean",
+     "continue_final_message"),
     (C, {"prompt": "x", "response_format": {"type": "yaml"}}, "response_format.type", "response_format"),
 ]
 

@@ -12,6 +12,9 @@ from portaserve.core.sampling_params import SamplingParams
 from portaserve.server.manager import SchedulerClient
 
 
+ARGS = types.SimpleNamespace(max_running_requests=4, max_queued_requests=None, log_requests=False)
+
+
 class FakeRecv:
     def __init__(self, messages):
         self.messages = list(messages)
@@ -32,7 +35,7 @@ class FakeSend:
 
 def test_a_failing_output_fails_only_its_request():
     async def main():
-        c = SchedulerClient(types.SimpleNamespace(max_running_requests=4, max_queued_requests=None))
+        c = SchedulerClient(ARGS)
         c._send = FakeSend()
         bad, good, done = (Req(rid, [1, 2], SamplingParams()) for rid in ("bad", "good", "done"))
         states = {st.rid: st for st in c.submit([bad, good, done])}
@@ -126,3 +129,34 @@ def test_a_scheduler_too_busy_to_answer_is_not_called_dead():
     with pytest.raises(APIError) as e:
         asyncio.run(native_api.flush_cache(req))
     assert e.value.status == 503 and e.value.code == "scheduler_busy"
+
+
+def test_a_released_id_stays_taken_until_its_last_message():
+    """A request released unfinished (its client went away) is aborted; the scheduler's
+    messages for it may still be on their way, so a new request reusing the id (a retry)
+    is refused until the last one arrives, and never receives the old request's tokens."""
+    from portaserve.server.errors import APIError
+
+    async def main():
+        c = SchedulerClient(ARGS)
+        c._send = FakeSend()
+        old = c.submit([Req("x", [1, 2], SamplingParams())])[0]
+        c.release(old)
+        assert ("abort", "x") in c._send.sent
+        try:
+            c.submit([Req("x", [1, 2], SamplingParams())])
+            raise AssertionError("the id was reused while the old request's messages were in flight")
+        except APIError as e:
+            assert e.status == 400 and "already in use" in e.message
+        c._recv = FakeRecv([("out", [{"rid": "x", "new_ids": [5], "meta": {}, "finished_reason": None}]),
+                            ("out", [{"rid": "x", "new_ids": [], "meta": {},
+                                      "finished_reason": {"type": "abort"}}])])
+        await c._recv_loop()
+        new = c.submit([Req("x", [1, 2], SamplingParams())])[0]  # the id is free again
+        c._recv = FakeRecv([("out", [{"rid": "x", "new_ids": [9], "meta": {},
+                                      "finished_reason": {"type": "length"}}])])
+        await c._recv_loop()
+        return new
+
+    new = asyncio.run(main())
+    assert new.output_ids == [9] and new.finished_reason == {"type": "length"}
