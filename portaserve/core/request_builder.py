@@ -56,6 +56,11 @@ def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=F
         raise InvalidRequest(
             f"prompt + max_new_tokens ({len(input_ids) + params.max_new_tokens}) exceeds the KV "
             f"pool ({limits.pool_tokens} tokens)", "max_new_tokens")
+    if params.logit_bias:
+        bad = [t for t in params.logit_bias if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise InvalidRequest(f"logit_bias: token id {bad[0]} is outside the vocabulary (size "
+                                 f"{limits.vocab_size})", "logit_bias")
     for kind in ("json_schema", "regex", "ebnf"):
         value = getattr(params, kind)
         if value is None:

@@ -1,6 +1,6 @@
 """Turning a batch of logits into next tokens (and their logprobs).
 
-Order of operations per request: min_new_tokens masking, penalties, the grammar mask,
+Order of operations per request: min_new_tokens masking, penalties, logit_bias, the grammar mask,
 then either greedy argmax or temperature -> softmax -> top-k / top-p / min-p -> a draw.  Draws use Exp(1)
 noise from the request's own generator when it set ``sampling_seed`` (reproducible
 whatever else shares its batch), otherwise from the engine's generator.
@@ -57,6 +57,8 @@ class Sampler:
         logits = self._mask_min_tokens(logits, reqs, eos_ids)
         if any(r.sampling.needs_penalties for r in reqs):
             logits = self._penalise(logits, reqs)
+        if any(r.sampling.logit_bias for r in reqs):
+            logits = self._bias(logits, reqs, raw)
         if masks is None and grammar is not None:
             rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished]
             masks = grammar.fill_masks(B, rows, [reqs[i].grammar for i in rows])
@@ -100,6 +102,19 @@ class Sampler:
             idx = [t for t in banned if 0 <= t < logits.shape[1]]
             if idx:
                 logits[i, idx] = float("-inf")
+        return logits
+
+    def _bias(self, logits, reqs, raw):
+        rows, cols, vals = [], [], []
+        for i, r in enumerate(reqs):
+            for t, v in (r.sampling.logit_bias or {}).items():
+                rows.append(i)
+                cols.append(t)
+                vals.append(v)
+        if logits is raw:
+            logits = logits.clone()
+        logits.index_put_((self._h2d(rows, torch.int64), self._h2d(cols, torch.int64)),
+                          self._h2d(vals, logits.dtype), accumulate=True)
         return logits
 
     def _penalise(self, logits, reqs):

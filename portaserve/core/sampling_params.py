@@ -39,6 +39,9 @@ class SamplingParams:
     no_stop_trim: bool = False
     min_new_tokens: int = 0
     n: int = 1
+    # token id -> added to its logit before sampling (OpenAI's logit_bias: ids as strings or
+    # ints, values in [-100, 100]); normalised to {int: float} by validate()
+    logit_bias: Optional[dict] = None
     stop_strs: list = field(default_factory=list, repr=False)
 
     @classmethod
@@ -108,6 +111,22 @@ class SamplingParams:
             if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
                     isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
                 raise InvalidRequest("stop_token_ids must be a list of integers", "stop_token_ids")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise InvalidRequest("logit_bias must be an object mapping token ids to numbers", "logit_bias")
+            bias = {}
+            for k, v in self.logit_bias.items():
+                try:
+                    if isinstance(k, bool) or not isinstance(k, (int, str)):
+                        raise ValueError
+                    tid = int(k)
+                except ValueError:
+                    raise InvalidRequest(f"logit_bias: {k!r} is not a token id", "logit_bias") from None
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not -100 <= v <= 100:
+                    raise InvalidRequest(f"logit_bias[{k!r}] must be a number from -100 to 100, got {v!r}",
+                                         "logit_bias")
+                bias[tid] = float(v)
+            self.logit_bias = bias or None
         kinds = [k for k in ("json_schema", "regex", "ebnf") if getattr(self, k) is not None]
         if len(kinds) > 1:
             raise InvalidRequest(f"only one of json_schema, regex, ebnf may be set (got {', '.join(kinds)})",

@@ -92,6 +92,9 @@ def sampling_params(body: dict, chat: bool) -> tuple[dict, dict]:
         if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
             raise bad_request("stop must be a string or a list of strings", "stop")
         sp["stop"] = stop
+    lb = get(body, "logit_bias", dict)
+    if lb:
+        sp["logit_bias"] = lb
     sti = get(body, "stop_token_ids", list)
     if sti is not None:
         sp["stop_token_ids"] = sti
@@ -124,7 +127,6 @@ def sampling_params(body: dict, chat: bool) -> tuple[dict, dict]:
 # that sets one gets a 400 rather than an answer that silently ignored it (other unknown
 # fields are ignored, as vLLM and SGLang do).
 UNSUPPORTED_FIELDS = {
-    "logit_bias": "logit_bias is not supported",
     "stop_regex": "stop_regex is not supported; use stop strings, or regex to constrain the output",
     "lora_path": "LoRA adapters are not supported",
     "return_hidden_states": "return_hidden_states is not supported",

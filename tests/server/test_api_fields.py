@@ -97,3 +97,15 @@ def test_rid_on_openai_requests_reaches_abort(server):
     r = result["r"]
     assert r.status_code == 500 and r.json()["error"]["code"] == "aborted", r.text
     server.wait_idle()
+
+
+def test_logit_bias_on_the_openai_endpoints(server, tok):
+    """+100 on one token: every generated token is that one (the unbiased answer is not)."""
+    target = tok.encode(" sea", add_special_tokens=False)[0]
+    kw = {"model": "default", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    plain = server.post("/v1/completions", json={**kw, "prompt": "Tell me", "logprobs": 0}).json()
+    r = server.post("/v1/completions", json={**kw, "prompt": "Tell me", "logit_bias": {str(target): 100}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == tok.decode([target] * 5) != plain["choices"][0]["text"]
+    r = server.post("/v1/chat/completions", json={**kw, "messages": MSGS[:1], "logit_bias": {target: 100}})
+    assert r.json()["choices"][0]["message"]["content"] == tok.decode([target] * 5)

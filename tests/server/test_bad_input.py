@@ -79,7 +79,10 @@ CASES = [
     # fields the server knows and cannot honour: refused, not silently ignored
     (C, {"prompt": "x", "lora_path": "my-adapter"}, "LoRA", "lora_path"),
     (CHAT, {"messages": MSG, "stop_regex": "\\d"}, "stop_regex", "stop_regex"),
-    (CHAT, {"messages": MSG, "logit_bias": {"5": 10}}, "logit_bias", "logit_bias"),
+    (CHAT, {"messages": MSG, "logit_bias": {"five": 10}}, "not a token id", "logit_bias"),
+    (C, {"prompt": "x", "logit_bias": {"5": 101}}, "from -100 to 100", "logit_bias"),
+    (C, {"prompt": "x", "logit_bias": {"49152": 1}}, "outside the vocabulary", "logit_bias"),
+    (GEN, {"text": "x", "sampling_params": {"logit_bias": [1, 2]}}, "logit_bias must be an object", "logit_bias"),
     (GEN, {"text": "x", "image_data": "a.png"}, "image", "image_data"),
     (GEN, {"text": "x", "lora_path": "my-adapter"}, "LoRA", "lora_path"),
     (GEN, {"text": "x", "return_hidden_states": True}, "return_hidden_states", "return_hidden_states"),
