@@ -205,6 +205,53 @@ def _check_abort(states: list[ReqState]) -> None:
                            None, "aborted")
 
 
+# ---- /v1/tokenize, /v1/detokenize (SGLang's; also without /v1) --------------------------------
+def _tokenizer_or_400(c, param: str):
+    if c.tokenizer is None:
+        raise bad_request("this server was started without a tokenizer (--skip-tokenizer-init)", param)
+    return c.tokenizer
+
+
+@router.post("/v1/tokenize")
+@router.post("/tokenize")
+async def tokenize(request: Request):
+    c = _client(request)
+    body = await read_json_object(request)
+    _check_model(c, body)
+    prompt = body.get("prompt")
+    add_special = get(body, "add_special_tokens", bool, True)
+    batch = isinstance(prompt, list)
+    items = prompt if batch else [prompt]
+    if not items or not all(isinstance(p, str) for p in items):
+        raise bad_request("prompt must be a string or a non-empty list of strings", "prompt")
+    tok = _tokenizer_or_400(c, "prompt")
+    ids = await c.off_loop(lambda: [tok.encode(p, add_special_tokens=add_special) for p in items])
+    return {"tokens": ids if batch else ids[0], "count": [len(x) for x in ids] if batch else len(ids[0]),
+            "max_model_len": c.limits.context_len}
+
+
+@router.post("/v1/detokenize")
+@router.post("/detokenize")
+async def detokenize(request: Request):
+    c = _client(request)
+    body = await read_json_object(request)
+    _check_model(c, body)
+    tokens = body.get("tokens")
+    skip = get(body, "skip_special_tokens", bool, True)
+    batch = isinstance(tokens, list) and bool(tokens) and isinstance(tokens[0], list)
+    items = tokens if batch else [tokens]
+    vocab = c.limits.vocab_size
+    if not isinstance(tokens, list) or not all(
+            isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in items):
+        raise bad_request("tokens must be a list of token ids or a list of such lists", "tokens")
+    bad = [t for x in items for t in x if not 0 <= t < vocab]
+    if bad:
+        raise bad_request(f"token id {bad[0]} is outside the vocabulary (size {vocab})", "tokens")
+    tok = _tokenizer_or_400(c, "tokens")
+    texts = await c.off_loop(lambda: [tok.decode(x, skip_special_tokens=skip) for x in items])
+    return {"text": texts if batch else texts[0]}
+
+
 # ---- /v1/models ----------------------------------------------------------------------------
 @router.get("/v1/models")
 async def list_models(request: Request):

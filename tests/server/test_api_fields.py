@@ -109,3 +109,16 @@ def test_logit_bias_on_the_openai_endpoints(server, tok):
     assert r.json()["choices"][0]["text"] == tok.decode([target] * 5) != plain["choices"][0]["text"]
     r = server.post("/v1/chat/completions", json={**kw, "messages": MSGS[:1], "logit_bias": {target: 100}})
     assert r.json()["choices"][0]["message"]["content"] == tok.decode([target] * 5)
+
+
+def test_tokenize_and_detokenize_match_the_tokenizer(server, tok):
+    texts = ["Hello world", "日本語のテキスト", " spaces  and\\nlines"]
+    r = server.post("/v1/tokenize", json={"model": "default", "prompt": texts[0]}).json()
+    assert r["tokens"] == tok.encode(texts[0]) and r["count"] == len(r["tokens"]) and r["max_model_len"] > 0
+    r = server.post("/tokenize", json={"prompt": texts, "add_special_tokens": False}).json()
+    assert r["tokens"] == [tok.encode(t, add_special_tokens=False) for t in texts]
+    assert r["count"] == [len(x) for x in r["tokens"]]
+    back = server.post("/v1/detokenize", json={"tokens": r["tokens"]}).json()["text"]
+    assert back == [tok.decode(x, skip_special_tokens=True) for x in r["tokens"]] == texts
+    one = server.post("/detokenize", json={"tokens": r["tokens"][1]}).json()["text"]
+    assert one == texts[1]
