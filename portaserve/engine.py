@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Union
 
 from portaserve.core.detokenize import IncrementalDetokenizer
 from portaserve.core.request import Req
-from portaserve.core.request_builder import build_req
+from portaserve.core.request_builder import build_req, copy_params
 from portaserve.core.sampling_params import InvalidRequest
 from portaserve.runtime import Runtime, build_runtime
 from portaserve.server_args import ServerArgs
@@ -243,22 +243,37 @@ class Engine:
                  input_ids=None, return_logprob: bool = False, logprob_start_len=None,
                  top_logprobs_num=None, stream: bool = False, rid=None):
         """One prompt -> one dict; a list of prompts -> a list of dicts; stream=True ->
-        an iterator of dicts whose ``text`` is the text so far (SGLang's semantics)."""
+        an iterator of dicts whose ``text`` is the text so far (SGLang's semantics).  A
+        sampling parameter n > 1 gives n samples of each prompt, in a list (a prompt's n
+        next to each other)."""
         batch = isinstance(prompt, list) or (isinstance(input_ids, list) and input_ids
                                              and isinstance(input_ids[0], list))
         if prompt is None and input_ids is None:
             raise InvalidRequest("give prompt or input_ids", "prompt")
+        n_of = lambda sp: sp.get("n", 1) if isinstance(sp, dict) else getattr(sp, "n", 1)  # noqa: E731
+        if batch and rid is not None:
+            raise InvalidRequest("rid takes a single prompt", "rid")
+        if not batch and (n_of(sampling_params) or 1) > 1:
+            batch, prompt, input_ids = True, (None if prompt is None else [prompt]), \
+                (None if input_ids is None else [input_ids])
         if batch:
             n = len(prompt) if prompt is not None else len(input_ids)
             sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n
             if len(sps) != n:
                 raise InvalidRequest("sampling_params list length differs from the prompts", "sampling_params")
             if stream:
-                raise InvalidRequest("stream=True takes a single prompt", "stream")
-            reqs = [self._make_req(prompt[i] if prompt is not None else None,
-                                   input_ids[i] if input_ids is not None else None, sps[i],
-                                   return_logprob, logprob_start_len, top_logprobs_num)
-                    for i in range(n)]
+                raise InvalidRequest("stream=True takes a single prompt and n = 1", "stream")
+            reqs = []
+            for i in range(n):
+                first = self._make_req(prompt[i] if prompt is not None else None,
+                                       input_ids[i] if input_ids is not None else None, sps[i],
+                                       return_logprob, logprob_start_len, top_logprobs_num,
+                                       None if rid is None else f"{rid}-0")
+                reqs.append(first)  # its n - 1 copies reuse its tokens
+                reqs += [self._make_req(None, first.input_ids, copy_params(sps[i], j), return_logprob,
+                                        logprob_start_len, top_logprobs_num,
+                                        None if rid is None else f"{rid}-{j}")
+                         for j in range(1, first.sampling.n)]
             handles = [self._submit(r) for r in reqs]
             for h in handles:
                 for _ in self._wait(h):

@@ -464,3 +464,20 @@ def test_a_dead_scheduler_thread_fails_callers_instead_of_hanging(tiny_models):
             with pytest.raises(EngineDead):
                 call()
         assert time.time() - t0 < 5
+
+
+def test_n_samples_per_prompt(default_engine):
+    engine = default_engine
+    """sampling_params n: n samples of each prompt, in a list; a seeded request's samples
+    are drawn from seed, seed + 1, ...: the first is the n = 1 request, the rest differ,
+    and all n come back the same when asked again."""
+    sp = {"max_new_tokens": 8, "temperature": 1.0, "sampling_seed": 5, "ignore_eos": True}
+    outs = engine.generate("Hello", {**sp, "n": 3})
+    assert isinstance(outs, list) and len(outs) == 3
+    ids = [o["output_ids"] for o in outs]
+    assert ids[0] == engine.generate("Hello", sp)["output_ids"]
+    assert ids[1] == engine.generate("Hello", {**sp, "sampling_seed": 6})["output_ids"]
+    assert len({tuple(x) for x in ids}) == 3
+    assert [o["output_ids"] for o in engine.generate("Hello", {**sp, "n": 3})] == ids
+    batch = engine.generate(["Hello", "Bye"], {**sp, "n": 2})
+    assert len(batch) == 4 and batch[0]["output_ids"] == ids[0] and batch[1]["output_ids"] == ids[1]

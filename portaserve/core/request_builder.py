@@ -86,3 +86,16 @@ def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=F
     start = -1 if logprob_start_len is None else logprob_start_len
     return Req(rid or uuid.uuid4().hex, list(input_ids), params, bool(return_logprob), start,
                int(top_logprobs_num or 0))
+
+
+def copy_params(sp, j: int):
+    """The sampling params of the j-th of n copies of a request (n > 1): a seeded request's
+    copies draw from seeds seed, seed + 1, ... (as vLLM's), so they are n different samples
+    and the whole set is reproducible; unseeded ones are left as they are."""
+    if j == 0 or not isinstance(sp, dict) or sp.get("sampling_seed") is None:
+        return sp
+    seed = sp["sampling_seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return sp  # validation names the bad value
+    seed += j
+    return {**sp, "sampling_seed": seed - 2 ** 64 if seed >= 2 ** 64 else seed}

@@ -12,6 +12,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from portaserve.core.request_builder import copy_params
 from portaserve.core.sampling_params import MAX_N
 from portaserve.server.common import (SSE_DONE, dead_error, follow, make_req, sse, sse_error,
                                       submit, wait_all)
@@ -120,7 +121,7 @@ def _build_reqs(client, body: dict):
             raise bad_request("return_logprob must be a boolean", "return_logprob")
         prompt, ids = (items[i], None) if text is not None else (None, items[i])
         for j in range(copies):
-            r = make_req(client, prompt, ids, sp, rl, lsl, tln,
+            r = make_req(client, prompt, ids, copy_params(sp, j), rl, lsl, tln,
                          (rid if copies == 1 else f"{rid}-{j}") if rid else None,
                          prefix=f"item {i}: " if batch else "")
             prompt, ids = None, r.input_ids  # the copies reuse the first one's tokens

@@ -15,6 +15,7 @@ from typing import Optional
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from portaserve.core.request_builder import copy_params
 from portaserve.core.sampling_params import MAX_N
 from portaserve.server.common import (SSE_DONE, dead_error, follow, make_req, sse, sse_error,
                                       submit, wait_all)
@@ -345,11 +346,12 @@ async def completions(request: Request):
     def build():  # on the request-building thread: it tokenizes
         reqs, prompt_texts = [], []
         for i, (text, ids) in enumerate(prompts):
-            kw = dict(sp=sp, return_logprob=want_lp, logprob_start_len=0 if (want_lp and echo) else None,
+            kw = dict(return_logprob=want_lp, logprob_start_len=0 if (want_lp and echo) else None,
                       top_logprobs_num=logprobs or 0, rename=rename,
                       prefix=f"prompt {i}: " if len(prompts) > 1 else "")
-            first = make_req(c, text, ids, **kw)  # the n - 1 copies reuse its tokens
-            reqs += [first] + [make_req(c, None, first.input_ids, **kw) for _ in range(n - 1)]
+            first = make_req(c, text, ids, sp, **kw)  # the n - 1 copies reuse its tokens
+            reqs += [first] + [make_req(c, None, first.input_ids, copy_params(sp, j), **kw)
+                               for j in range(1, n)]
             if echo:
                 prompt_texts.append(text if text is not None else c.tokenizer.decode(ids)
                                     if c.tokenizer is not None else "")
@@ -572,7 +574,8 @@ async def chat_completions(request: Request):
             # no max_tokens: up to the context (and the KV pool), as OpenAI does
             room = min(c.limits.context_len, c.limits.pool_tokens) - len(ids)
             sp["max_new_tokens"] = max(room, 1)
-        return [make_req(c, None, ids, sp, want_lp, None, top or 0, rename=rename) for _ in range(n)]
+        return [make_req(c, None, ids, copy_params(sp, j), want_lp, None, top or 0, rename=rename)
+                for j in range(n)]
 
     reqs = await c.off_loop(build)
     _set_rids(body, reqs)

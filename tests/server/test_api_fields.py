@@ -122,3 +122,18 @@ def test_tokenize_and_detokenize_match_the_tokenizer(server, tok):
     assert back == [tok.decode(x, skip_special_tokens=True) for x in r["tokens"]] == texts
     one = server.post("/detokenize", json={"tokens": r["tokens"][1]}).json()["text"]
     assert one == texts[1]
+
+
+def test_seeded_n_choices_are_different_reproducible_samples(server):
+    """n copies of a seeded request draw from seed, seed + 1, ... (as vLLM's): n different
+    samples, choice k equal to the n = 1 request with seed + k."""
+    kw = {"model": "default", "prompt": "My favourite animal is the", "max_tokens": 8, "temperature": 1.0,
+          "ignore_eos": True}
+    texts = [c["text"] for c in server.post("/v1/completions", json={**kw, "n": 3, "seed": 1234}).json()["choices"]]
+    assert len(set(texts)) == 3
+    for k in range(3):
+        one = server.post("/v1/completions", json={**kw, "seed": 1234 + k}).json()["choices"][0]["text"]
+        assert one == texts[k]
+    gen = server.post("/generate", json={"text": kw["prompt"], "sampling_params": {
+        "max_new_tokens": 8, "temperature": 1.0, "ignore_eos": True, "sampling_seed": 1234, "n": 2}}).json()
+    assert [g["text"] for g in gen] == texts[:2]
