@@ -76,7 +76,7 @@ class ServerArgs:
     disable_overlap_schedule: bool = _opt(False, "process each decode step's tokens before launching the next (accelerators overlap them by default)")
     disable_overlap_prefill: bool = _opt(False, "with the overlap scheduler, still read the previous step's tokens before launching a prompt pass, and a pass's tokens before the decode step after it (for comparison; by default prompt passes overlap too)")
     tool_call_parser: Optional[str] = _opt(None, "how tool calls are written by the model (default: detected from the chat template)",
-                                           choices=["hermes", "llama3"])
+                                           choices=["hermes", "llama3", "mistral"])
     reasoning_parser: Optional[str] = _opt(None, "separate a reasoning model's thinking (<think>...</think>) from its answer in chat completions: reasoning_content and content (qwen3: only an explicit <think> block at the start; deepseek-r1: from the first token until </think>); a request can say separate_reasoning false",
                                            choices=["qwen3", "deepseek-r1"])
     grammar_backend: str = _opt("xgrammar", "structured output backend (json_schema / regex / ebnf)",

@@ -23,7 +23,7 @@ from typing import Optional
 
 from portaserve.server.errors import bad_request
 
-PARSERS = ("hermes", "llama3")
+PARSERS = ("hermes", "llama3", "mistral")
 
 
 def validate_tools(tools) -> list[dict]:
@@ -70,6 +70,8 @@ def detect_parser(chat_template: Optional[str], configured: Optional[str]) -> st
     t = chat_template or ""
     if "<|python_tag|>" in t or "ipython" in t:
         return "llama3"
+    if "[TOOL_CALLS]" in t or "[AVAILABLE_TOOLS]" in t:
+        return "mistral"
     return "hermes"
 
 
@@ -267,13 +269,14 @@ class ToolCallStream:
     fragment}}]}`` as the arguments are generated.
 
     fmt: ``hermes`` (``<tool_call>{...}</tool_call>`` blocks among text), ``llama3`` (the
-    whole answer is ``[<|python_tag|>]{...}[; {...}]``, else it is text) or
-    ``constrained`` (the JSON list ``[{"name", "arguments"}, ...]`` that tool_choice
-    required / named constrains the output to).  A call starts (its header is sent) once
+    whole answer is ``[<|python_tag|>]{...}[; {...}]``, else it is text), ``mistral`` (the
+    whole answer is ``[TOOL_CALLS][{...}, ...]``, the tag often dropped as a special token
+    when decoding, else it is text) or ``constrained`` (the JSON list ``[{"name",
+    "arguments"}, ...]`` that tool_choice required / named constrains the output to).  A call starts (its header is sent) once
     its name is complete and names one of the tools; a block that does not parse before
     that point stays content."""
 
-    START, END, PYTAG = "<tool_call>", "</tool_call>", "<|python_tag|>"
+    START, END, PYTAG, MISTRAL_TAG = "<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]"
 
     def __init__(self, fmt: str, tool_names, max_calls: Optional[int] = None):
         if fmt not in PARSERS + ("constrained",):
@@ -289,6 +292,7 @@ class ToolCallStream:
         self.started = False  # the current call's header went out
         self.early_args = ""  # arguments seen before the name
         self.block_raw = ""  # hermes: the text of the current block
+        self.list_raw = ""  # mistral, constrained: the text that opened the list
         self.out: list[dict] = []  # deltas not yet taken
         self.history: list[dict] = []  # every delta taken
 
@@ -410,11 +414,23 @@ class ToolCallStream:
                     self.mode = "content"
                     held, self.pending = self.pending, ""
                     self._content(held)
-            else:  # constrained: [ {...}, {...} ]
+            else:  # constrained, mistral: [ {...}, {...} ]
+                if self.fmt == "mistral":
+                    if body.startswith(self.MISTRAL_TAG):
+                        body = body[len(self.MISTRAL_TAG):].lstrip(" \t\r\n")
+                    elif self.MISTRAL_TAG.startswith(body):
+                        return  # maybe the tag, in pieces
                 if not body:
                     return
-                if body[0] == "[":
+                rest = body[1:].lstrip(" \t\r\n")
+                if body[0] == "[" and self.fmt == "mistral" and not rest:
+                    return  # "[": a list of calls if an object follows
+                if body[0] == "[" and (self.fmt != "mistral" or rest[0] == "{"):
+                    # text before the first call: content again if that call does not parse
+                    self.list_raw = self.pending[:len(self.pending) - len(rest)]
                     self.mode, self.pending = "list", ""
+                    for c in rest:  # what followed a held-back tag prefix
+                        self._char(c)
                 else:
                     self.mode = "content"
                     held, self.pending = self.pending, ""
@@ -486,6 +502,8 @@ class ToolCallStream:
             self._content(raw)
         else:
             raw, self.pending, self.mode = self.pending, "", "content"
+            if not self.calls:  # the list's opening is text too
+                raw, self.list_raw = self.list_raw + raw, ""
             self._content(raw)
 
 

@@ -180,6 +180,12 @@ def test_stream_parser_any_split():
         ('<tool_call>{"name": "unknown", "arguments": {}}</tool_call>', "hermes"),
         ('{"name": "get_time", "parameters": {"tz": "UTC"}}; {"name": "get_weather", "parameters": {}}', "llama3"),
         ('[{"name": "get_weather", "arguments": {"city": "Par', "constrained"),
+        ('[TOOL_CALLS] [{"name": "get_time", "arguments": {"tz": "UTC"}}, '
+         '{"name": "get_weather", "arguments": {"city": "Oslo"}}]', "mistral"),
+        ('[{"name": "get_time", "arguments": {"tz": "CET"}}]', "mistral"),  # the tag decoded away
+        ('[TOOL_CALLS is not a call', "mistral"),
+        ('[1, 2] is a list, not calls', "mistral"),
+        ('[TOOL_CALLS] [{"nom": "x"}] no name', "mistral"),
     ]:
         content, calls, complete = tool_calls.parse(text, fmt, names)
         for _ in range(20):
@@ -208,6 +214,14 @@ def test_stream_parser_any_split():
             assert [c["function"]["name"] for c in calls] == ["get_time", "get_weather"] and complete
         if fmt == "constrained":
             assert not complete and calls[0]["function"]["arguments"] == '{"city": "Par'
+        if fmt == "mistral" and "Oslo" in text:
+            assert content is None and complete
+            assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+                ("get_time", {"tz": "UTC"}), ("get_weather", {"city": "Oslo"})]
+        if fmt == "mistral" and "CET" in text:
+            assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"tz": "CET"}
+        if fmt == "mistral" and ("not a call" in text or "not calls" in text or "no name" in text):
+            assert calls == [] and content == text
 
 
 def test_auto_and_none(oai):
@@ -248,3 +262,4 @@ def test_parsers():
     assert content == "Just text." and calls == []
     assert tool_calls.detect_parser("{{ '<|python_tag|>' }}", None) == "llama3"
     assert tool_calls.detect_parser("<tool_call>", None) == "hermes"
+    assert tool_calls.detect_parser("{{ '[AVAILABLE_TOOLS]' }} ... [TOOL_CALLS]", None) == "mistral"
