@@ -72,6 +72,23 @@ class ServerProc:
         r.raise_for_status()
         return r.json()
 
+    def abort_while_running(self, post, rid: str, timeout: float = 30.0):
+        """Run post() (a request with id rid) on a thread, abort rid once the scheduler runs
+        it, and return what post() returned."""
+        import threading
+
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault("r", post()))
+        t.start()
+        deadline = time.monotonic() + timeout
+        while self.server_info()["internal_states"][0]["num_running"] == 0:
+            assert time.monotonic() < deadline, "the request never started running"
+            time.sleep(0.1)
+        assert self.post("/abort_request", json={"rid": rid}).status_code == 200
+        t.join(timeout=timeout)
+        assert not t.is_alive(), "the aborted request got no answer"
+        return result["r"]
+
     def wait_idle(self, timeout: float = 30.0) -> dict:
         """Wait until nothing runs or waits in the scheduler; returns /server_info."""
         deadline = time.monotonic() + timeout

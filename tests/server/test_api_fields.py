@@ -3,8 +3,6 @@ chat template and against the native API given the same tokens."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import jsonschema
 import pytest
@@ -77,24 +75,9 @@ def test_response_format_on_completions(server):
 
 
 def test_rid_on_openai_requests_reaches_abort(server):
-    rid = "oai-abort-me"
-    result = {}
-
-    def run():
-        result["r"] = server.post("/v1/chat/completions", json={
-            "model": "default", "messages": MSGS[:1], "max_tokens": 400, "ignore_eos": True,
-            "temperature": 0, "rid": rid})
-
-    t = threading.Thread(target=run)
-    t.start()
-    deadline = time.monotonic() + 30
-    while server.server_info()["internal_states"][0]["num_running"] == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert server.post("/abort_request", json={"rid": rid}).status_code == 200
-    t.join(timeout=30)
-    assert not t.is_alive()
-    r = result["r"]
+    r = server.abort_while_running(lambda: server.post("/v1/chat/completions", json={
+        "model": "default", "messages": MSGS[:1], "max_tokens": 400, "ignore_eos": True,
+        "temperature": 0, "rid": "oai-abort-me"}), "oai-abort-me")
     assert r.status_code == 500 and r.json()["error"]["code"] == "aborted", r.text
     server.wait_idle()
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
 
@@ -123,23 +121,10 @@ def test_metrics(server):
 
 def test_abort_request(server):
     rid = "abort-me-1"
-    result = {}
-
-    def run():
-        result["r"] = server.post("/generate", json={
-            "text": "Count: 1, 2, 3,", "rid": rid,
-            "sampling_params": {"max_new_tokens": 400, "ignore_eos": True, "temperature": 0}}).json()
-
-    t = threading.Thread(target=run)
-    t.start()
-    deadline = time.monotonic() + 30
-    while server.server_info()["internal_states"][0]["num_running"] == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert server.post("/abort_request", json={"rid": rid}).status_code == 200
-    t.join(timeout=30)
-    assert not t.is_alive()
-    m = result["r"]["meta_info"]
+    r = server.abort_while_running(lambda: server.post("/generate", json={
+        "text": "Count: 1, 2, 3,", "rid": rid,
+        "sampling_params": {"max_new_tokens": 400, "ignore_eos": True, "temperature": 0}}).json(), rid)
+    m = r["meta_info"]
     assert m["finish_reason"]["type"] == "abort" and m["completion_tokens"] < 400
     server.wait_idle()
 
