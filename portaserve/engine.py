@@ -253,7 +253,8 @@ class Engine:
         n_of = lambda sp: sp.get("n", 1) if isinstance(sp, dict) else getattr(sp, "n", 1)  # noqa: E731
         if batch and rid is not None:
             raise InvalidRequest("rid takes a single prompt", "rid")
-        if not batch and (n_of(sampling_params) or 1) > 1:
+        n1 = n_of(sampling_params)
+        if not batch and isinstance(n1, int) and not isinstance(n1, bool) and n1 > 1:
             batch, prompt, input_ids = True, (None if prompt is None else [prompt]), \
                 (None if input_ids is None else [input_ids])
         if batch:

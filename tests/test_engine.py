@@ -481,3 +481,20 @@ def test_n_samples_per_prompt(default_engine):
     assert [o["output_ids"] for o in engine.generate("Hello", {**sp, "n": 3})] == ids
     batch = engine.generate(["Hello", "Bye"], {**sp, "n": 2})
     assert len(batch) == 4 and batch[0]["output_ids"] == ids[0] and batch[1]["output_ids"] == ids[1]
+
+
+def test_sampling_params_objects_are_checked_and_copied_like_dicts(default_engine):
+    from portaserve.core.sampling_params import InvalidRequest, SamplingParams
+
+    sp = SamplingParams(max_new_tokens=6, temperature=1.0, sampling_seed=5, n=3, ignore_eos=True)
+    outs = default_engine.generate("Hello", sp)
+    as_dict = default_engine.generate("Hello", {"max_new_tokens": 6, "temperature": 1.0, "sampling_seed": 5,
+                                                "n": 3, "ignore_eos": True})
+    assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in as_dict]
+    assert len({tuple(o["output_ids"]) for o in outs}) == 3
+    for bad, param in ((SamplingParams(logit_bias={"5": float("nan")}), "logit_bias"),
+                       (SamplingParams(temperature=-1.0), "temperature"), ({"n": "3"}, "n"),
+                       ({"logit_bias": {" 5": 1.0}}, "logit_bias")):
+        with pytest.raises(InvalidRequest) as e:
+            default_engine.generate("Hello", bad)
+        assert e.value.param == param

@@ -3,7 +3,7 @@ both refuse the same bad input with the same messages."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from portaserve.core.request import Req
@@ -92,10 +92,9 @@ def copy_params(sp, j: int):
     """The sampling params of the j-th of n copies of a request (n > 1): a seeded request's
     copies draw from seeds seed, seed + 1, ... (as vLLM's), so they are n different samples
     and the whole set is reproducible; unseeded ones are left as they are."""
-    if j == 0 or not isinstance(sp, dict) or sp.get("sampling_seed") is None:
-        return sp
-    seed = sp["sampling_seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        return sp  # validation names the bad value
+    seed = sp.get("sampling_seed") if isinstance(sp, dict) else getattr(sp, "sampling_seed", None)
+    if j == 0 or seed is None or isinstance(seed, bool) or not isinstance(seed, int):
+        return sp  # (validation names a bad value)
     seed += j
-    return {**sp, "sampling_seed": seed - 2 ** 64 if seed >= 2 ** 64 else seed}
+    seed = seed - 2 ** 64 if seed >= 2 ** 64 else seed
+    return {**sp, "sampling_seed": seed} if isinstance(sp, dict) else replace(sp, sampling_seed=seed)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Union
 
 
@@ -48,8 +49,10 @@ class SamplingParams:
     def from_dict(cls, d: Optional[dict]) -> "SamplingParams":
         if d is None:
             return cls()
-        if isinstance(d, SamplingParams):
-            return d
+        if isinstance(d, SamplingParams):  # checked (and normalised) like a dict's values
+            p = replace(d)
+            p.validate()
+            return p
         if not isinstance(d, dict):
             raise InvalidRequest("sampling_params must be an object", "sampling_params")
         known = {f.name for f in fields(cls)} - {"stop_strs"}
@@ -116,12 +119,10 @@ class SamplingParams:
                 raise InvalidRequest("logit_bias must be an object mapping token ids to numbers", "logit_bias")
             bias = {}
             for k, v in self.logit_bias.items():
-                try:
-                    if isinstance(k, bool) or not isinstance(k, (int, str)):
-                        raise ValueError
-                    tid = int(k)
-                except ValueError:
-                    raise InvalidRequest(f"logit_bias: {k!r} is not a token id", "logit_bias") from None
+                if not ((isinstance(k, int) and not isinstance(k, bool))
+                        or (isinstance(k, str) and re.fullmatch(r"-?[0-9]+", k))):
+                    raise InvalidRequest(f"logit_bias: {k!r} is not a token id", "logit_bias")
+                tid = int(k)
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not -100 <= v <= 100:
                     raise InvalidRequest(f"logit_bias[{k!r}] must be a number from -100 to 100, got {v!r}",
                                          "logit_bias")

@@ -103,7 +103,9 @@ def constraint_schema(tools: list[dict], choice: str, parallel: bool = True) -> 
     return {"type": "array", "minItems": 1, "maxItems": 1, "items": call(tool)}
 
 
-def _new_id() -> str:
+def _new_id(fmt: str = "") -> str:
+    if fmt == "mistral":  # Mistral's chat templates refuse ids other than 9 letters or digits
+        return uuid.uuid4().hex[:9]
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
@@ -429,7 +431,7 @@ class ToolCallStream:
                     # text before the first call: content again if that call does not parse
                     self.list_raw = self.pending[:len(self.pending) - len(rest)]
                     self.mode, self.pending = "list", ""
-                    for c in rest:  # what followed a held-back tag prefix
+                    for c in rest:  # what followed a held-back tag prefix: "{"
                         self._char(c)
                 else:
                     self.mode = "content"
@@ -450,7 +452,9 @@ class ToolCallStream:
             else:  # text after the calls
                 self.mode = "content"
                 self._content(ch)
-        # "done": the constrained list is closed; nothing more is expected
+        elif m == "done" and self.fmt == "mistral":  # text after the list of calls
+            self._content(ch)
+        # "done", constrained: the list is closed; the grammar allows nothing more
 
     def _call_char(self, ch: str) -> None:
         events: list = []
@@ -460,7 +464,7 @@ class ToolCallStream:
                 if val not in self.names and self.fmt != "constrained":
                     return self._abandon()
                 idx = len(self.calls)
-                self.calls.append({"id": _new_id(), "name": val, "complete": False})
+                self.calls.append({"id": _new_id(self.fmt), "name": val, "complete": False})
                 self.started = True
                 self.ws = ""  # whitespace before a call is not content
                 self.out.append({"tool_calls": [{"index": idx, "id": self.calls[-1]["id"], "type": "function",
