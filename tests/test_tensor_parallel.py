@@ -130,7 +130,9 @@ def _collective_worker(rank, addr, q):
     x = torch.arange(6.0).reshape(2, 3) * (rank + 1)
     red = ops.all_reduce(x.clone())
     gat = ops.all_gather(x, -1)
-    q.put((rank, red, gat))
+    # plain lists: a tensor crosses the queue as a shared-memory handle that the parent
+    # fetches from this process, which may have exited by then (connection reset in CI)
+    q.put((rank, red.tolist(), gat.tolist()))
     dist.destroy_process_group()
 
 
@@ -150,7 +152,7 @@ def test_collective_ops_on_two_ranks():
         p.join(30)
     x0 = torch.arange(6.0).reshape(2, 3)
     for r in range(2):
-        red, gat = got[r]
+        red, gat = (torch.tensor(v) for v in got[r])
         assert torch.equal(red, x0 * 3)  # 1x + 2x
         assert torch.equal(gat, torch.cat([x0, x0 * 2], dim=-1))
 
