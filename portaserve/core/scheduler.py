@@ -434,8 +434,7 @@ class Scheduler:
         return int(max(0, r.sampling.max_new_tokens - len(r.output_ids)) * self.new_token_ratio)
 
     def _reserved_for_running(self) -> int:
-        return int(sum(max(0, r.sampling.max_new_tokens - len(r.output_ids)) for r in self.running)
-                   * self.new_token_ratio)
+        return sum(self._reserve(r) for r in self.running)
 
     def _schedule_prefill(self) -> list[Req]:
         if not self.waiting and self.chunked is None:
