@@ -343,11 +343,17 @@ class SchedulerClient:
                 self.num_inflight -= 1
 
     def abort(self, rid: str) -> bool:
-        """Abort by id (the /abort_request endpoint); the waiter sees finish_reason abort."""
+        """Abort by id (the /abort_request endpoint); the waiter sees finish_reason abort.
+        A request given rid R with several choices or prompts runs as R-0, R-1, ...: naming
+        R aborts them all (SGLang matches ids by prefix; only R-<number> counts here, so
+        aborting "1" leaves "12" alone)."""
         if self.dead is not None:
             return False
-        self._send.send_pyobj(("abort", rid))
-        return rid in self.states
+        copies = [s for s in self.states
+                  if s.startswith(rid + "-") and s[len(rid) + 1:].isdigit()]
+        for r in [rid, *copies]:
+            self._send.send_pyobj(("abort", r))
+        return rid in self.states or bool(copies)
 
     async def call(self, cmd: str, *args, timeout: float = 30.0):
         if self.dead is not None:

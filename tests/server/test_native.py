@@ -129,6 +129,30 @@ def test_abort_request(server):
     server.wait_idle()
 
 
+def test_abort_request_names_all_copies(server):
+    """A request with rid R and n = 2 runs as R-0 and R-1: aborting R aborts both (as
+    SGLang's prefix match does), and leaves a request named R + "2" alone."""
+    import threading
+
+    other = {}
+    t = threading.Thread(target=lambda: other.setdefault("r", server.post("/generate", json={
+        "text": "Count: 1, 2, 3,", "rid": "grp2",
+        "sampling_params": {"max_new_tokens": 24, "ignore_eos": True, "temperature": 0}}).json()))
+    t.start()
+    r = server.abort_while_running(lambda: server.post("/generate", json={
+        "text": "Count: 1, 2, 3,", "rid": "grp",
+        "sampling_params": {"n": 2, "max_new_tokens": 400, "ignore_eos": True, "temperature": 0}}).json(),
+        "grp")
+    t.join(timeout=120)
+    assert [x["meta_info"]["id"] for x in r] == ["grp-0", "grp-1"]
+    for x in r:
+        assert x["meta_info"]["finish_reason"]["type"] == "abort", x["meta_info"]
+        assert x["meta_info"]["completion_tokens"] < 400
+    m = other["r"]["meta_info"]
+    assert m["finish_reason"]["type"] == "length" and m["completion_tokens"] == 24
+    server.wait_idle()
+
+
 def test_start_stop_profile(server, tmp_path):
     """/start_profile and /stop_profile (SGLang's): bad input is a 400 naming the problem,
     and a profiled request's steps land in the trace and the per-kind summary."""
