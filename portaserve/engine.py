@@ -50,14 +50,12 @@ class _Handle:
     def absorb(self, msg: dict) -> None:
         self.output_ids.extend(msg["new_ids"])
         if self.detok is not None:
-            self.detok.add(msg["new_ids"])
+            self.detok.feed(msg["new_ids"], msg["finished_reason"])
         for k in self.logprobs:
             self.logprobs[k].extend(msg.get(k, []))
         self.meta.update(msg["meta"])
         if msg["finished_reason"] is not None:
             self.finished_reason = msg["finished_reason"]
-            if self.detok is not None:
-                self.detok.finish(self.finished_reason)
 
     def result(self) -> dict:
         meta = {"id": self.req.rid, **self.meta, "finish_reason": self.finished_reason}

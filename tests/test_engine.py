@@ -108,6 +108,11 @@ def test_stop_conditions(default_engine):
     out = e.generate("1, 2, 3, 4, 5,", {**base, "stop_token_ids": [tid]})
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": tid}
     assert out["output_ids"] == ref["output_ids"][: ref["output_ids"].index(tid) + 1]
+    # the stop token's text is left out, as in SGLang (trim_matched_stop); no_stop_trim keeps it
+    tok = e.tokenizer
+    assert out["text"] == tok.decode(out["output_ids"][:-1], skip_special_tokens=True)
+    kept = e.generate("1, 2, 3, 4, 5,", {**base, "stop_token_ids": [tid], "no_stop_trim": True})
+    assert kept["text"] == tok.decode(out["output_ids"], skip_special_tokens=True)
     # max_new_tokens
     out = e.generate("1, 2, 3, 4, 5,", {**base, "max_new_tokens": 3})
     assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 3}
@@ -118,6 +123,11 @@ def test_stop_conditions(default_engine):
     out = e.generate(chat, {"max_new_tokens": 64, "temperature": 0})
     assert out["meta_info"]["finish_reason"]["type"] == "stop"
     assert out["output_ids"][-1] in e.rt.eos_ids and "Paris" in out["text"]
+    # with special tokens kept, the EOS that ended the answer is still not part of its text
+    raw = e.generate(chat, {"max_new_tokens": 64, "temperature": 0, "skip_special_tokens": False})
+    assert raw["output_ids"] == out["output_ids"]
+    assert raw["text"] == tok.decode(out["output_ids"][:-1], skip_special_tokens=False)
+    assert tok.decode(out["output_ids"][-1:]) not in raw["text"]
     out2 = e.generate(chat, {"max_new_tokens": 20, "temperature": 0, "ignore_eos": True})
     assert len(out2["output_ids"]) == 20
 

@@ -25,6 +25,19 @@ class IncrementalDetokenizer:
         except TypeError:  # tokenizers without spaces_between_special_tokens
             return self.tok.decode(ids, skip_special_tokens=self.kw["skip_special_tokens"])
 
+    def feed(self, new_ids, finished_reason=None) -> None:
+        """One output message: its new tokens, then, if it ended the request, finish().
+        The stop token that ended a request is not part of its text (as in SGLang and
+        vLLM; it would show with skip_special_tokens false), unless no_stop_trim."""
+        matched = (finished_reason or {}).get("matched")
+        if (type(matched) is int and not self.no_stop_trim and new_ids
+                and new_ids[-1] == matched):
+            new_ids = new_ids[:-1]
+        if new_ids:
+            self.add(new_ids)
+        if finished_reason is not None:
+            self.finish(finished_reason)
+
     def add(self, new_ids) -> None:
         self.ids.extend(new_ids)
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])

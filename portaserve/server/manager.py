@@ -77,16 +77,14 @@ class ReqState:
 
     def absorb(self, msg: dict) -> None:
         self.output_ids.extend(msg["new_ids"])
-        if self.detok is not None and msg["new_ids"]:
-            self.detok.add(msg["new_ids"])
+        if self.detok is not None:
+            self.detok.feed(msg["new_ids"], msg["finished_reason"])
         for k in self.logprobs:
             if k in msg:
                 self.logprobs[k].extend(msg[k])
         self.meta.update(msg["meta"])
         if msg["finished_reason"] is not None:
             self.finished_reason = msg["finished_reason"]
-            if self.detok is not None:
-                self.detok.finish(self.finished_reason)
 
     def fail(self, message: str) -> None:
         self.error = message
