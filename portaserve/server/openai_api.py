@@ -560,6 +560,10 @@ async def chat_completions(request: Request):
         sp["json_schema"] = json.dumps(tool_calls.constraint_schema(tools, choice, max_calls is None))
     parser = tool_calls.detect_parser(getattr(c.tokenizer, "chat_template", None),
                                       getattr(c.args, "tool_call_parser", None))
+    if tools and choice == "auto" and parser == "mistral":
+        # [TOOL_CALLS], [CALL_ID] and [ARGS] are special tokens: without them a v11 call
+        # "name[CALL_ID]id[ARGS]{...}" cannot be parsed (vLLM keeps them too)
+        sp.setdefault("skip_special_tokens", False)
     # --reasoning-parser: thinking goes to reasoning_content unless the request says
     # separate_reasoning false (SGLang's fields)
     think_parser = getattr(c.args, "reasoning_parser", None)

@@ -109,6 +109,44 @@ def _new_id(fmt: str = "") -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+_NAME_CHARS = re.compile(r"[A-Za-z0-9_.\-]*")
+_ID_CHARS = re.compile(r"[A-Za-z0-9]*")
+
+
+def _named_head(buf: str, tag: str):
+    """The head of one call in Mistral's newer format (tokenizer v11+: Mistral Small 3.2,
+    Devstral, Magistral): ``[TOOL_CALLS]name[ARGS]{`` or, v11 with ids,
+    ``[TOOL_CALLS]name[CALL_ID]id[ARGS]{``; the tags are special tokens, and without them
+    (decoded away) ``name{``.  buf ends at the ``{`` that opens the arguments once the
+    head is complete.  Returns "more" (a prefix of a head), "no", or (name, call_id)."""
+    s = buf.lstrip(" \t\r\n")
+    if s.startswith(tag):
+        s = s[len(tag):]
+    elif tag.startswith(s):
+        return "more"
+    name = _NAME_CHARS.match(s).group()
+    s = s[len(name):]
+    if not s:
+        return "more"
+    if not name:
+        return "no"
+    call_id = None
+    if s.startswith("[CALL_ID]"):
+        call_id = _ID_CHARS.match(s, 9).group()
+        s = s[9 + len(call_id):]
+        if "[ARGS]".startswith(s):
+            return "more"
+        if not s.startswith("[ARGS]"):
+            return "no"
+    elif "[CALL_ID]".startswith(s) or "[ARGS]".startswith(s):
+        return "more"
+    if s.startswith("[ARGS]"):
+        s = s[6:]
+        if not s:
+            return "more"
+    return (name, call_id) if s == "{" else "no"
+
+
 # ---- parsing, incremental ------------------------------------------------------------------
 # One parser serves streaming and non-streaming answers: a non-streamed message is the sum
 # of the deltas a stream of the same text would carry, so the two always agree.  Each
@@ -273,7 +311,8 @@ class ToolCallStream:
     fmt: ``hermes`` (``<tool_call>{...}</tool_call>`` blocks among text), ``llama3`` (the
     whole answer is ``[<|python_tag|>]{...}[; {...}]``, else it is text), ``mistral`` (the
     whole answer is ``[TOOL_CALLS][{...}, ...]``, the tag often dropped as a special token
-    when decoding, else it is text) or ``constrained`` (the JSON list ``[{"name",
+    when decoding, or, tokenizer v11+, ``[TOOL_CALLS]name[ARGS]{...}`` per call, else it
+    is text) or ``constrained`` (the JSON list ``[{"name",
     "arguments"}, ...]`` that tool_choice required / named constrains the output to).  A call starts (its header is sent) once
     its name is complete and names one of the tools; a block that does not parse before
     that point stays content."""
@@ -308,7 +347,7 @@ class ToolCallStream:
         """The deltas left when the output is complete (held-back text)."""
         if self.call is not None and not self.started:
             self._abandon()  # an unfinished block that never became a call: text
-        if self.pending and self.mode in ("text", "start", "content"):
+        if self.pending and self.mode in ("text", "start", "content", "named"):
             self._content(self.pending)
             self.pending = ""
         if not self.calls:
@@ -424,6 +463,9 @@ class ToolCallStream:
                         return  # maybe the tag, in pieces
                 if not body:
                     return
+                if self.fmt == "mistral" and body[0] != "[":  # the newer format, or text
+                    self.mode = "named"
+                    return self._named_char("")
                 rest = body[1:].lstrip(" \t\r\n")
                 if body[0] == "[" and self.fmt == "mistral" and not rest:
                     return  # "[": a list of calls if an object follows
@@ -452,9 +494,38 @@ class ToolCallStream:
             else:  # text after the calls
                 self.mode = "content"
                 self._content(ch)
+        elif m == "named":  # mistral v11+: a call's head (or text)
+            self._named_char(ch)
+        elif m == "named_args":
+            if self.call is None:  # the call ended in error: what follows is looked at anew
+                self.mode = "named"
+                return self._named_char(ch)
+            self._call_char(ch)
+            if self.call is not None and self.call.state == "after_value":
+                self._call_char("}")  # the arguments object closed the call
+                self.mode = "named"
         elif m == "done" and self.fmt == "mistral":  # text after the list of calls
             self._content(ch)
         # "done", constrained: the list is closed; the grammar allows nothing more
+
+    def _named_char(self, ch: str) -> None:
+        self.pending += ch
+        head = _named_head(self.pending, self.MISTRAL_TAG)
+        if head == "more":
+            return
+        if head == "no" or head[0] not in self.names:
+            # text: before any call, the whole answer is text; after calls, the rest is
+            held, self.pending, self.mode = self.pending, "", "content"
+            return self._content(held)
+        name, call_id = head
+        self._begin_call()
+        self.pending = ""
+        for c in '{"name": ' + json.dumps(name) + ', "arguments": ':
+            self._call_char(c)
+        if call_id and re.fullmatch(r"[A-Za-z0-9]{9}", call_id):
+            self.calls[-1]["id"] = self.out[-1]["tool_calls"][0]["id"] = call_id  # the model's own
+        self.mode = "named_args"
+        self._call_char("{")
 
     def _call_char(self, ch: str) -> None:
         events: list = []

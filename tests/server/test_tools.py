@@ -168,6 +168,11 @@ def test_streaming_llama3_calls(llama3_oai):
     assert content == ""
 
 
+V11_CALLS = ('[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ[ARGS]{"city": "Paris"}'
+             '[TOOL_CALLS]get_weather[CALL_ID]def456UVW[ARGS]{"city": "Rome"}')
+V13_CALLS = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}'
+
+
 def test_stream_parser_any_split():
     """Whatever the pieces the text arrives in, the deltas add up to the whole-text parse."""
     import random
@@ -187,6 +192,15 @@ def test_stream_parser_any_split():
         ('[1, 2] is a list, not calls', "mistral"),
         ('[TOOL_CALLS] [{"nom": "x"}] no name', "mistral"),
         ('[{"name": "get_time", "arguments": {"tz": "CET"}}] and some words after', "mistral"),
+        # Mistral tokenizer v11+ (one head per call), as mistral_common 1.12's own v11 and v13
+        # chat templates (build_chat_template) render an assistant turn with two calls
+        (V11_CALLS, "mistral"),
+        (V13_CALLS, "mistral"),
+        ('get_time{"tz": "EST"}', "mistral"),  # v13, the special tokens decoded away
+        ('[TOOL_CALLS]get_time[ARGS]{"tz": "CET"} and some words after', "mistral"),
+        ('[TOOL_CALLS]unknown[ARGS]{"tz": "XYZ"}', "mistral"),
+        ('get_time is not a call', "mistral"),
+        ('[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ[ARGS]{"city": "Par', "mistral"),
     ]:
         content, calls, complete = tool_calls.parse(text, fmt, names)
         for _ in range(20):
@@ -224,8 +238,19 @@ def test_stream_parser_any_split():
         if fmt == "mistral" and "CET" in text:
             assert json.loads(calls[0]["function"]["arguments"]) == {"tz": "CET"}
             assert content == (" and some words after" if "after" in text else None)
-        if fmt == "mistral" and ("not a call" in text or "not calls" in text or "no name" in text):
+        if fmt == "mistral" and ("not a call" in text or "not calls" in text or "no name" in text
+                                 or "unknown" in text):
             assert calls == [] and content == text
+        if text in (V11_CALLS, V13_CALLS):
+            assert content is None and complete
+            assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+                ("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
+            if text == V11_CALLS:  # the model's own ids (which the template takes back)
+                assert [c["id"] for c in calls] == ["abc123XYZ", "def456UVW"]
+        if "EST" in text:
+            assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"tz": "EST"}
+        if "Par" in text and "CALL_ID" in text and "Rome" not in text:  # cut short
+            assert not complete and calls[0]["function"]["arguments"] == '{"city": "Par'
 
 
 def test_auto_and_none(oai):
@@ -267,3 +292,33 @@ def test_parsers():
     assert tool_calls.detect_parser("{{ '<|python_tag|>' }}", None) == "llama3"
     assert tool_calls.detect_parser("<tool_call>", None) == "hermes"
     assert tool_calls.detect_parser("{{ '[AVAILABLE_TOOLS]' }} ... [TOOL_CALLS]", None) == "mistral"
+
+
+MISTRAL_OUT = (r'\[TOOL_CALLS\]get_weather\[ARGS\]\{' + CITY
+               + r'\}\[TOOL_CALLS\]get_time\[ARGS\]\{"tz": "[A-Z]{3}"\}')
+
+
+@pytest.fixture(scope="module")
+def mistral_oai(tmp_path_factory):
+    openai = pytest.importorskip("openai")
+    s = ServerProc(["--max-total-tokens", "4096", "--tool-call-parser", "mistral"],
+                   tmp_path_factory.mktemp("mistral") / "server.log")
+    try:
+        yield openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    finally:
+        s.stop()
+
+
+def test_streaming_mistral_v13_calls(mistral_oai):
+    """Mistral's newer call format end to end (a regex makes the model write it): two calls,
+    streamed as unstreamed; the answer's special tokens are kept for the parser, and the
+    end-of-sequence token that ended it is not left in the text."""
+    content, _ = _same_as_unstreamed(
+        mistral_oai, 2, model="default", messages=MSGS, tools=[WEATHER, TIME], tool_choice="auto",
+        max_tokens=100, temperature=1.0, seed=3, extra_body={"regex": MISTRAL_OUT})
+    assert content == ""
+    r = mistral_oai.chat.completions.create(model="default", messages=MSGS, tools=[WEATHER, TIME],
+                                            tool_choice="auto", max_tokens=100, temperature=1.0, seed=3,
+                                            extra_body={"regex": MISTRAL_OUT})
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_weather", "get_time"]
