@@ -155,6 +155,14 @@ def test_jump_forward_saves_decode_steps_and_stays_valid():
     ({"regex": "([a-z"}, "regex", "Unclosed"),
     ({"ebnf": "root ::= undefined_rule"}, "ebnf", "not defined"),
     ({"regex": "a+", "json_schema": "{}"}, "regex", "only one of"),
+    # valid, but traps for jump-forward: no finite match, or a forced text too long
+    ({"json_schema": json.dumps({"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]})},
+     "json_schema", "matches no finite text"),
+    ({"json_schema": {"type": "array", "items": {"$ref": "#"}, "minItems": 1}}, "json_schema",
+     "matches no finite text"),
+    ({"ebnf": 'root ::= "b" | "a" x\nx ::= "x" x'}, "ebnf", "rule x can never finish"),
+    ({"regex": "a{20000000}"}, "regex", "20000000 characters"),
+    ({"regex": "(ab{1000}){1000}"}, "regex", "1001000 characters"),
 ])
 def test_invalid_constraints_are_refused(default_engine, sp, param, msg):
     with pytest.raises(InvalidRequest) as ei:
@@ -306,3 +314,58 @@ def test_whole_batch_jump_forward_waits_for_the_whole_batch(default_engine, monk
                                    [sp, {"max_new_tokens": 200, "temperature": 0, "ignore_eos": True}])
     assert sched.counters.jump_forward_tokens == before  # the free request outlives the JSON one
     jsonschema.validate(json.loads(outs[0]["text"]), PERSON_SCHEMA)
+
+
+def _brute_shortest(kind: str, text: str, alphabet: str, depth: int):
+    """Length of the shortest text the constraint accepts, by breadth-first search over
+    one-character tokens with xgrammar's own matcher (None if none up to depth)."""
+    import xgrammar as xgr
+
+    vocab = list(alphabet) + ["</s>"]
+    info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW, stop_token_ids=[len(vocab) - 1])
+    comp = xgr.GrammarCompiler(info)
+    compiled = (comp.compile_regex(text) if kind == "regex" else comp.compile_grammar(text))
+    frontier = [xgr.GrammarMatcher(compiled)]
+    for n in range(depth + 1):
+        nxt = []
+        for m in frontier:
+            end = m.fork()
+            if end.accept_token(len(vocab) - 1):
+                return n
+            for t in range(len(alphabet)):
+                f = m.fork()
+                if f.accept_token(t):
+                    nxt.append(f)
+        frontier = nxt[:2000]
+    return None
+
+
+@pytest.mark.parametrize("kind,text", [
+    ("regex", "ab{3}(c|dd)*e?"), ("regex", "(ab|c){2,4}d+"), ("regex", "a?b?"),
+    ("ebnf", 'root ::= "a" root "b" | "cd"'), ("ebnf", 'root ::= x x\nx ::= "a" x | y\ny ::= "b"{2}'),
+    ("ebnf", 'root ::= ("a" | "bb")+ [c-d]{3,5}'),
+])
+def test_grammar_shortest_text_matches_a_brute_force_search(kind, text):
+    """The bound the refusal uses (grammar_bounds.shortest, read from xgrammar's printed
+    grammar) equals the shortest text xgrammar's matcher accepts, found by search."""
+    import xgrammar as xgr
+
+    from portaserve.core import grammar_bounds
+
+    g = xgr.Grammar.from_regex(text) if kind == "regex" else xgr.Grammar.from_ebnf(text)
+    rules = grammar_bounds.parse(str(g))
+    assert rules is not None, str(g)
+    assert grammar_bounds.shortest(rules)["root"] == _brute_shortest(kind, text, "abcde", 12)
+
+
+def test_min_new_tokens_gives_way_to_a_finished_grammar(default_engine):
+    """min_new_tokens bars the end of the answer, but not where the grammar allows only the
+    end: the request stops there (it was aborted with 'grammar rejected token 0').  Before
+    the grammar is done, the minimum still holds (the model is kept from stopping)."""
+    e = default_engine
+    out = e.generate("Say a:", {"regex": "a", "min_new_tokens": 5, "max_new_tokens": 8, "temperature": 0})
+    assert out["text"] == "a" and out["meta_info"]["finish_reason"]["type"] == "stop", out["meta_info"]
+    out = e.generate("Name:", {"regex": "[a-z]{1,20}", "min_new_tokens": 6, "max_new_tokens": 40,
+                               "temperature": 0})
+    assert re.fullmatch("[a-z]{1,20}", out["text"]) and out["meta_info"]["finish_reason"]["type"] == "stop"
+    assert len(out["output_ids"]) >= 6 or len(out["text"]) == 20  # the minimum, or the grammar's end

@@ -26,11 +26,15 @@ from typing import Optional
 
 import torch
 
+from portaserve.core import grammar_bounds
 from portaserve.core.hostcopy import to_device
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("json_schema", "regex", "ebnf")
+# The longest text a constraint may force (on any path through it).  xgrammar builds a
+# forced continuation whole, ~0.4 us a character, on the scheduler's thread: 100k is ~40 ms.
+MAX_FORCED_CHARS = 100_000
 
 
 class GrammarError(ValueError):
@@ -62,17 +66,20 @@ def validate_constraint(kind: str, text: str) -> None:
                 json.loads(text)
             except json.JSONDecodeError as e:
                 raise GrammarError(f"json_schema is not valid JSON: {e}") from None
-            xgr.Grammar.from_json_schema(text)
+            g = xgr.Grammar.from_json_schema(text, any_whitespace=False)
         elif kind == "regex":
-            xgr.Grammar.from_regex(text)
+            g = xgr.Grammar.from_regex(text)
         elif kind == "ebnf":
-            xgr.Grammar.from_ebnf(text)
+            g = xgr.Grammar.from_ebnf(text)
         else:
             raise GrammarError(f"unknown constraint kind {kind!r}")
     except GrammarError:
         raise
     except Exception as e:
         raise GrammarError(f"invalid {kind}: {_clean(str(e))}") from None
+    why = grammar_bounds.problem(str(g), MAX_FORCED_CHARS)
+    if why:
+        raise GrammarError(f"the {kind} is refused: {why}")
 
 
 @dataclass
@@ -190,10 +197,18 @@ class GrammarBackend:
         """Tokens of the unique continuation the grammar forces now (may be empty), at
         most max_tokens.  Every token is checked against the matcher, which is advanced
         past exactly the tokens returned."""
-        s = matcher.find_jump_forward_string()
+        try:
+            s = matcher.find_jump_forward_string()
+        except Exception:  # noqa: BLE001 - an optimisation: decoding goes on without it
+            logger.exception("jump-forward failed; the request decodes on")
+            return []
         if not s or max_tokens <= 0:
             return []
-        ids = self.tokenizer.encode(s, add_special_tokens=False)[:max_tokens]
+        if len(s) > 64 * max_tokens:  # more than the room left: encode only a prefix,
+            s = s[:64 * max_tokens]  # less its last token (the cut may split a merge)
+            ids = self.tokenizer.encode(s, add_special_tokens=False)[:-1][:max_tokens]
+        else:
+            ids = self.tokenizer.encode(s, add_special_tokens=False)[:max_tokens]
         taken = []
         for t in ids:
             if not matcher.accept_token(t):

@@ -54,14 +54,14 @@ class Sampler:
         pad = B - len(reqs)  # padded batches (XLA): rows past the requests sample greedily, unused
         raw = logits
         logprobs = torch.log_softmax(raw, dim=-1) if any(r.return_logprob for r in reqs) else None
-        logits = self._mask_min_tokens(logits, reqs, eos_ids)
+        if masks is None and grammar is not None:
+            rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished]
+            masks = grammar.fill_masks(B, rows, [reqs[i].grammar for i in rows])
+        logits = self._mask_min_tokens(logits, reqs, eos_ids, masks)
         if any(r.sampling.needs_penalties for r in reqs):
             logits = self._penalise(logits, reqs)
         if any(r.sampling.logit_bias for r in reqs):
             logits = self._bias(logits, reqs, raw)
-        if masks is None and grammar is not None:
-            rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished]
-            masks = grammar.fill_masks(B, rows, [reqs[i].grammar for i in rows])
         if masks is not None:
             if logits is raw:
                 logits = logits.clone()
@@ -92,17 +92,22 @@ class Sampler:
             sampled = torch.where(self._h2d(greedy, torch.bool), logits.argmax(dim=-1), sampled)
         return sampled, logprobs
 
-    def _mask_min_tokens(self, logits, reqs, eos_ids):
+    def _mask_min_tokens(self, logits, reqs, eos_ids, masks=None):
+        """Bar the end (EOS, stop_token_ids) until min_new_tokens are out, except where a
+        grammar allows nothing else: a finished constraint ends the request early."""
         rows = [i for i, r in enumerate(reqs) if len(r.output_ids) < r.sampling.min_new_tokens]
         if not rows:
             return logits
-        logits = logits.clone()
+        out = logits
         for i in rows:
             banned = set(eos_ids) | set(reqs[i].sampling.stop_token_ids or [])
             idx = [t for t in banned if 0 <= t < logits.shape[1]]
-            if idx:
-                logits[i, idx] = float("-inf")
-        return logits
+            if not idx or (masks is not None and i in masks.rows and not _allows_other(masks.bitmask[i], idx)):
+                continue
+            if out is logits:
+                out = logits.clone()
+            out[i, idx] = float("-inf")
+        return out
 
     def _bias(self, logits, reqs, raw):
         rows, cols, vals = [], [], []
@@ -136,3 +141,14 @@ class Sampler:
         rp = torch.tensor([r.sampling.repetition_penalty for r in reqs] + [1.0] * pad, device=dev,
                           dtype=logits.dtype)
         return ops.apply_penalties(logits, counts, seen, f, p, rp)
+
+
+def _allows_other(bitmask_row: torch.Tensor, tokens: list[int]) -> bool:
+    """Whether a grammar bitmask row (int32 words, bit t of word t // 32 allows token t)
+    allows some token other than `tokens`."""
+    row = bitmask_row.clone()
+    for t in tokens:
+        w = t // 32
+        if w < row.numel():
+            row[w] = int(row[w]) & ~(1 << (t % 32)) if t % 32 != 31 else int(row[w]) & 0x7FFFFFFF
+    return bool(row.any())

@@ -10,6 +10,12 @@ from typing import Optional, Union
 MAX_N = 128  # completions per request (OpenAI's limit for n)
 
 
+def _show(v) -> str:
+    """A value for an error message, cut short (a JSON number may have any length)."""
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
 class InvalidRequest(ValueError):
     """A request the engine refuses; ``param`` names the offending field."""
 
@@ -68,25 +74,30 @@ class SamplingParams:
         def num(name, lo=None, hi=None, lo_open=False, integer=False):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
-                raise InvalidRequest(f"{name} must be a{'n integer' if integer else ' number'}, got {v!r}", name)
+                raise InvalidRequest(f"{name} must be a{'n integer' if integer else ' number'}, got {_show(v)}", name)
             if isinstance(v, float) and math.isnan(v):
                 raise InvalidRequest(f"{name} must not be NaN", name)
+            if isinstance(v, int) and not -2 ** 63 <= v < 2 ** 63:  # a JSON integer of any size
+                raise InvalidRequest(f"{name} is out of range: {_show(v)}", name)
             if lo is not None and (v <= lo if lo_open else v < lo):
-                raise InvalidRequest(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}", name)
+                raise InvalidRequest(f"{name} must be {'>' if lo_open else '>='} {lo}, got {_show(v)}", name)
             if hi is not None and v > hi:
-                raise InvalidRequest(f"{name} must be <= {hi}, got {v}", name)
+                raise InvalidRequest(f"{name} must be <= {hi}, got {_show(v)}", name)
 
         num("max_new_tokens", 0, integer=True)
         num("min_new_tokens", 0, integer=True)
+        if self.min_new_tokens > self.max_new_tokens:  # as SGLang and vLLM
+            raise InvalidRequest(f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens "
+                                 f"({self.max_new_tokens})", "min_new_tokens")
         num("temperature", 0.0)
         if math.isinf(self.temperature):
             raise InvalidRequest("temperature must be finite", "temperature")
         num("top_p", 0.0, 1.0, lo_open=True)
+        if type(self.top_k) is int and self.top_k >= 2 ** 31:  # more than any vocabulary:
+            self.top_k = -1  # no limit, as -1 (and fits an int32)
         num("top_k", integer=True)
         if self.top_k == 0 or self.top_k < -1:
-            raise InvalidRequest(f"top_k must be -1 (off) or >= 1, got {self.top_k}", "top_k")
-        if self.top_k >= 2 ** 31:  # more than any vocabulary: no limit, as -1 (and fits an int32)
-            self.top_k = -1
+            raise InvalidRequest(f"top_k must be -1 (off) or >= 1, got {_show(self.top_k)}", "top_k")
         num("min_p", 0.0, 1.0)
         num("frequency_penalty", -2.0, 2.0)
         num("presence_penalty", -2.0, 2.0)
@@ -96,7 +107,7 @@ class SamplingParams:
                                                or not isinstance(self.sampling_seed, int)):
             raise InvalidRequest("sampling_seed must be an integer", "sampling_seed")
         if self.sampling_seed is not None and not -2 ** 63 <= self.sampling_seed < 2 ** 64:
-            raise InvalidRequest(f"sampling_seed must be in [-2**63, 2**64), got {self.sampling_seed}",
+            raise InvalidRequest(f"sampling_seed must be in [-2**63, 2**64), got {_show(self.sampling_seed)}",
                                  "sampling_seed")
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
             if not isinstance(getattr(self, name), bool):
@@ -121,10 +132,10 @@ class SamplingParams:
             for k, v in self.logit_bias.items():
                 if not ((isinstance(k, int) and not isinstance(k, bool))
                         or (isinstance(k, str) and re.fullmatch(r"-?[0-9]+", k))):
-                    raise InvalidRequest(f"logit_bias: {k!r} is not a token id", "logit_bias")
+                    raise InvalidRequest(f"logit_bias: {_show(k)} is not a token id", "logit_bias")
                 tid = int(k)
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not -100 <= v <= 100:
-                    raise InvalidRequest(f"logit_bias[{k!r}] must be a number from -100 to 100, got {v!r}",
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:  # NaN too
+                    raise InvalidRequest(f"logit_bias[{_show(k)}] must be a number from -100 to 100, got {_show(v)}",
                                          "logit_bias")
                 bias[tid] = float(v)
             self.logit_bias = bias or None

@@ -102,6 +102,8 @@ def _build_reqs(client, body: dict):
     rids = body.get("rid")
     if rids is not None and not isinstance(rids, (str, list)):
         raise bad_request("rid must be a string (or a list of strings)", "rid")
+    if batch and isinstance(rids, str):  # as SGLang: one id per prompt
+        raise bad_request(f"rid must be a list of {n} ids for a batch of {n} prompts", "rid")
     reqs = []
     for i in range(n):
         sp = _per_item(sps, i, n, "sampling_params") or {}

@@ -98,6 +98,24 @@ CASES = [
     (CHAT, {"messages": MSG, "chat_template_kwargs": {"continue_final_message": "yes"}}, "boolean",
      "continue_final_message"),
     (C, {"prompt": "x", "response_format": {"type": "yaml"}}, "response_format.type", "response_format"),
+    # found by probing (session 12): 500s, a dead scheduler, or a stalled one
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1' + b"0" * 400 + b"}",
+     "out of range", "temperature"),
+    (C, b'{"prompt": "hi", "logit_bias": {"1": 1' + b"0" * 400 + b"}}", "from -100 to 100", "logit_bias"),
+    (GEN, b'{"text": "x", "sampling_params": {"temperature": 1' + b"0" * 400 + b"}}", "out of range",
+     "temperature"),
+    (C, {"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "must not exceed max_tokens", "min_tokens"),
+    (CHAT, {"messages": MSG, "max_tokens": 8, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}}}},
+     "matches no finite text", None),
+    (CHAT, {"messages": MSG, "tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}}}]},
+     "matches no finite text", None),
+    (GEN, {"text": "x", "sampling_params": {"json_schema": '{"type": "array", "items": {"$ref": "#"}, '
+                                                           '"minItems": 1}'}}, "matches no finite text", None),
+    (C, {"prompt": "x", "max_tokens": 4, "regex": "a{20000000}"}, "characters long", "regex"),
+    (GEN, {"text": "x", "sampling_params": {"ebnf": 'root ::= "a" root'}}, "can never finish", None),
+    (GEN, {"text": ["a", "b"], "rid": "same"}, "list of 2 ids", "rid"),
 ]
 
 
