@@ -145,8 +145,11 @@ async def generate(request: Request):
         for st in states:  # refused in the scheduler for its input (a grammar that matches nothing)
             if (st.finished_reason or {}).get("status_code") == 400:
                 raise bad_request(st.finished_reason.get("message", ""))
-        out = [native_result(st, texts, with_text) for st in states]
-        return JSONResponse(out if batch else out[0])
+        def render():  # off the event loop: with many top logprobs a response runs to megabytes
+            out = [native_result(st, texts, with_text) for st in states]
+            return JSONResponse(out if batch else out[0])
+
+        return await client.off_loop(render)
 
     async def gen():
         try:
