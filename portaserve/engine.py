@@ -31,6 +31,9 @@ class EngineDead(RuntimeError):
     pass
 
 
+_SHUT_DOWN = object()  # put in every waiter's queue when the scheduler thread ends
+
+
 class _Handle:
     """Consumer-side state of one request: its queue and detokenizer."""
 
@@ -108,6 +111,7 @@ class Engine:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._error: Optional[BaseException] = None
+        self._closed = False  # the scheduler thread has ended: no request is taken
         self._thread = threading.Thread(target=self._loop, name="portaserve-scheduler", daemon=True)
         self._thread.start()
         if self.rt.tp is not None:
@@ -146,10 +150,13 @@ class Engine:
         except BaseException as e:  # report to every waiter instead of hanging them
             logger.exception("scheduler thread died")
             self._error = e
-            with self._lock:
-                for h in self._handles.values():
-                    h.q.put(e)
         finally:
+            # no request gets an answer after this: wake every waiter (a stream still being
+            # read when shutdown() was called, too), and take no new request
+            with self._lock:
+                self._closed = True
+                for h in self._handles.values():
+                    h.q.put(self._error or _SHUT_DOWN)
             if tp is not None:
                 tp.shutdown()
 
@@ -193,8 +200,7 @@ class Engine:
         """Send item(reply queue) to the scheduler thread and return its answer; raises
         what it answered with, or EngineDead if the thread has stopped (it would never
         answer)."""
-        if self._error is not None or not self._thread.is_alive():
-            raise EngineDead(f"the engine's scheduler has stopped: {self._error!r}")
+        self._check_alive()
         done: queue.SimpleQueue = queue.SimpleQueue()
         self._inbox.put(item(done))
         while True:
@@ -203,7 +209,7 @@ class Engine:
                 break
             except queue.Empty:
                 if not self._thread.is_alive():
-                    raise EngineDead(f"the engine's scheduler has stopped: {self._error!r}") from None
+                    self._check_alive()
         if isinstance(res, Exception):
             raise res
         return res
@@ -213,19 +219,33 @@ class Engine:
         return build_req(self.rt.limits(), self.tokenizer, prompt, input_ids, sp, return_logprob,
                          logprob_start_len, top_logprobs_num, rid)
 
-    def _submit(self, req: Req) -> _Handle:
-        if self._error is not None or not self._thread.is_alive():
-            raise EngineDead(f"the engine's scheduler has stopped: {self._error!r}")
-        h = _Handle(req, self.tokenizer)
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise EngineDead(f"the engine's scheduler died: {self._error!r}")
+        if self._closed or not self._thread.is_alive():
+            raise EngineDead("the engine has been shut down")
+
+    def _submit(self, reqs: list[Req]) -> list[_Handle]:
+        """Register and send reqs, all or none (an id already in use refuses them all)."""
+        handles = [_Handle(r, self.tokenizer) for r in reqs]
         with self._lock:
-            self._handles[req.rid] = h
-        self._inbox.put(("add", req))
-        return h
+            self._check_alive()
+            rids = [r.rid for r in reqs]
+            dup = [x for x in rids if x in self._handles] or [x for x in rids if rids.count(x) > 1]
+            if dup:
+                raise InvalidRequest(f"request id {dup[0]!r} is already in use", "rid")
+            for h in handles:
+                self._handles[h.req.rid] = h
+        for r in reqs:
+            self._inbox.put(("add", r))
+        return handles
 
     def _wait(self, h: _Handle) -> Iterator[dict]:
         try:
             while h.finished_reason is None:
                 msg = h.q.get()
+                if msg is _SHUT_DOWN:
+                    raise EngineDead("the engine was shut down while this request ran")
                 if isinstance(msg, BaseException):
                     raise EngineDead(f"the engine's scheduler died: {msg!r}") from msg
                 h.absorb(msg)
@@ -248,6 +268,8 @@ class Engine:
                                              and isinstance(input_ids[0], list))
         if prompt is None and input_ids is None:
             raise InvalidRequest("give prompt or input_ids", "prompt")
+        if prompt is not None and input_ids is not None:
+            raise InvalidRequest("give prompt or input_ids, not both", "prompt")
         n_of = lambda sp: sp.get("n", 1) if isinstance(sp, dict) else getattr(sp, "n", 1)  # noqa: E731
         if batch and rid is not None:
             raise InvalidRequest("rid takes a single prompt", "rid")
@@ -273,21 +295,22 @@ class Engine:
                                         logprob_start_len, top_logprobs_num,
                                         None if rid is None else f"{rid}-{j}")
                          for j in range(1, first.sampling.n)]
-            handles = [self._submit(r) for r in reqs]
+            handles = self._submit(reqs)
             for h in handles:
                 for _ in self._wait(h):
                     pass
             return [h.result() for h in handles]
         req = self._make_req(prompt, input_ids, sampling_params, return_logprob,
                              logprob_start_len, top_logprobs_num, rid)
-        h = self._submit(req)
-        if stream:
-            return self._stream(h)
+        if stream:  # sent when the iteration starts: an iterator never read holds nothing
+            return self._stream(req)
+        h, = self._submit([req])
         for _ in self._wait(h):
             pass
         return h.result()
 
-    def _stream(self, h: _Handle) -> Iterator[dict]:
+    def _stream(self, req: Req) -> Iterator[dict]:
+        h, = self._submit([req])
         for _ in self._wait(h):
             out = h.result()
             if h.detok is not None:
@@ -297,7 +320,12 @@ class Engine:
             yield out
 
     def abort_request(self, rid: str) -> None:
-        self._inbox.put(("abort", rid))
+        """Abort by id; a request given rid R with n > 1 runs as R-0, R-1, ...: R aborts
+        them all (as on the HTTP side)."""
+        with self._lock:
+            copies = [x for x in self._handles if x.startswith(rid + "-") and x[len(rid) + 1:].isdigit()]
+        for x in [rid, *copies]:
+            self._inbox.put(("abort", x))
 
     def flush_cache(self) -> bool:
         return self._command(lambda done: ("flush_cache", done))
@@ -321,6 +349,7 @@ class Engine:
         return self._command(lambda done: (cmd[0], done, *cmd[1:]))
 
     def get_server_info(self) -> dict:
+        self._check_alive()
         info = self.rt.info()
         info["kv"] = self._call(self.rt.scheduler.kv_stats)
         info["counters"] = dict(vars(self._call(lambda: self.rt.scheduler.counters)))

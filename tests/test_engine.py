@@ -476,6 +476,70 @@ def test_a_dead_scheduler_thread_fails_callers_instead_of_hanging(tiny_models):
         assert time.time() - t0 < 5
 
 
+def test_engine_lifecycle_never_leaves_a_caller_waiting(tiny_models):
+    """Found by probing: a stream read across shutdown() waited forever, so did the second
+    of two requests with one rid, and get_server_info() after shutdown failed with an
+    AttributeError.  Also: a stream never iterated holds nothing, and aborting rid R aborts
+    its n copies R-0, R-1 (as /abort_request does)."""
+    import threading
+
+    from portaserve import Engine
+    from portaserve.engine import EngineDead
+
+    path = tiny_models("llama3")
+    long = {"max_new_tokens": 1000, "ignore_eos": True, "temperature": 0}
+    e = Engine(str(path), skip_tokenizer_init=True, max_total_tokens=4000)
+    try:
+        never_read = e.generate(input_ids=[5, 6, 7], sampling_params=long, stream=True)
+        assert e._handles == {}  # not sent until read
+        del never_read
+
+        # one rid twice at once: the second is refused, the first still answers
+        it = e.generate(input_ids=[5, 6, 7], sampling_params=long, stream=True, rid="dup")
+        next(it)
+        with pytest.raises(InvalidRequest, match="already in use"):
+            e.generate(input_ids=[5, 6], sampling_params={"max_new_tokens": 2}, rid="dup")
+        e.abort_request("dup")
+        assert list(it)[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+
+        # abort by the base id of n copies
+        res = {}
+        t = threading.Thread(target=lambda: res.setdefault("r", e.generate(
+            input_ids=[5, 6, 7], sampling_params={**long, "n": 2}, rid="grp")))
+        t.start()
+        deadline = time.time() + 30
+        while len(e._handles) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        e.abort_request("grp")
+        t.join(timeout=30)
+        assert [o["meta_info"]["finish_reason"]["type"] for o in res["r"]] == ["abort", "abort"]
+
+        # shutdown while a stream is being read (on another thread): it ends with EngineDead
+        it = e.generate(input_ids=[5, 6, 7], sampling_params=long, stream=True)
+        next(it)
+        got = {}
+
+        def read():
+            try:
+                for _ in it:
+                    pass
+                got["end"] = "finished"
+            except EngineDead as ex:
+                got["end"] = str(ex)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        e.shutdown()
+        reader.join(timeout=30)
+        assert not reader.is_alive() and "shut down" in got["end"]
+        for call in (e.get_server_info, e.flush_cache,
+                     lambda: e.generate(input_ids=[5, 6], sampling_params={"max_new_tokens": 1})):
+            with pytest.raises(EngineDead, match="shut down"):
+                call()
+    finally:
+        e.shutdown()
+
+
 def test_n_samples_per_prompt(default_engine):
     engine = default_engine
     """sampling_params n: n samples of each prompt, in a list; a seeded request's samples

@@ -29,7 +29,8 @@ class StreamExecutor:
         self.error: Optional[LangError] = None
         self.new_vars: set = set()      # set since this state was forked (for join)
         self._roles: list = []          # open roles: (role, start offset, suffix)
-        self._var_ready: dict[str, threading.Event] = {}
+        self._var_pending: dict[str, int] = {}  # queued assignments not yet done, by name
+        self.fork_start = 0             # len(text) when this state was forked (for join)
         self._events: list = []         # (var name or None, text piece) for text_iter
         self._cond = threading.Condition()
         self._ended = False
@@ -44,9 +45,11 @@ class StreamExecutor:
         if self._ended:
             raise RuntimeError("this program state has finished; it can be read, not extended")
         expr = to_expr(expr)
-        for name in _names(expr):
-            self._var_ready.setdefault(name, threading.Event()).clear()
-        self._queue.put(expr)
+        names = _names(expr)  # the variables it sets, counted until it has run
+        with self._cond:
+            for name in names:
+                self._var_pending[name] = self._var_pending.get(name, 0) + 1
+        self._queue.put((expr, names))
 
     def sync(self) -> None:
         self._queue.join()
@@ -55,7 +58,7 @@ class StreamExecutor:
         if self._ended:
             return
         self._ended = True
-        self._queue.put(_END)
+        self._queue.put((_END, []))
         for k in self._children:  # forks never joined still end (and free their thread)
             k.end()
 
@@ -63,10 +66,12 @@ class StreamExecutor:
         self._done.wait()
 
     def get_var(self, name: str):
-        ev = self._var_ready.get(name)
-        if ev is not None:
-            ev.wait()
-        else:
+        """The variable's value once every assignment queued to it so far is done."""
+        with self._cond:
+            known = name in self._var_pending
+            while self._var_pending.get(name, 0) > 0:
+                self._cond.wait()
+        if not known:
             self.sync()
         if name in self.variables:
             return self.variables[name]
@@ -92,6 +97,7 @@ class StreamExecutor:
             k.text, k.messages = self.text, list(self.messages)
             k.variables, k.meta_info = dict(self.variables), dict(self.meta_info)
             k._roles = list(self._roles)
+            k.fork_start = len(self.text)
             kids.append(k)
         self._children.extend(kids)
         return kids
@@ -114,7 +120,7 @@ class StreamExecutor:
     # ---- the executor's thread ----------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            expr = self._queue.get()
+            expr, names = self._queue.get()
             try:
                 if expr is _END:
                     return
@@ -127,13 +133,13 @@ class StreamExecutor:
                         self.error = LangError(f"{type(e).__name__}: {e}")
                         self.error.__cause__ = e
             finally:
-                if expr is not _END:
-                    for name in _names(expr):
-                        self._var_ready[name].set()
-                else:
-                    with self._cond:
+                with self._cond:
+                    if expr is not _END:
+                        for name in names:
+                            self._var_pending[name] -= 1
+                    else:
                         self._done.set()
-                        self._cond.notify_all()
+                    self._cond.notify_all()
                 self._queue.task_done()
 
     def _append(self, piece: str, var: Optional[str] = None) -> None:
@@ -197,25 +203,38 @@ class StreamExecutor:
         self._set_var(g.name, value, out["meta_info"] if out else {})
 
     def _select(self, s: Select) -> None:
-        """Score each choice by the logprob of its tokens after the current text (one
-        max_new_tokens=0 request per choice, logprobs from the prompt boundary on) and
-        append the best one.  The boundary is the prompt's own token count: where the
-        tokenizer would merge the prompt's last token with the choice's first, the score
-        covers the tokens past that count (SGLang's "token healing" case; not corrected)."""
+        """Score each choice by the logprobs of its tokens after the current text and append
+        the best one.  The tokenizer may merge the prompt's last token with a choice's
+        first (" " + "yes" is one token " yes"), so the prompt's own last tokens are scored
+        beside the choices' (from two tokens before the prompt's end, as SGLang does), and
+        every choice is scored from the first position where any choice's tokens part from
+        the prompt's: all choices then cover the same text before them."""
         prompt = self.text
-        # prefill the prompt once: its length, and a radix-cache hit for every choice
-        n_prompt = 0
-        if prompt:
+        n_prompt, start = 0, 0
+        if prompt:  # prefill the prompt once: its length, and a radix-cache hit for each choice
             fill = self.backend.generate(prompt, {"max_new_tokens": 0})
             n_prompt = fill["meta_info"]["prompt_tokens"]
-        outs = self.backend.generate([prompt + c for c in s.choices], {"max_new_tokens": 0},
-                                     return_logprob=True, logprob_start_len=n_prompt)
+            start = max(n_prompt - 2, 0)
+        texts = ([prompt] if prompt else []) + [prompt + c for c in s.choices]
+        outs = self.backend.generate(texts, {"max_new_tokens": 0}, return_logprob=True,
+                                     logprob_start_len=start)
+        entries = [o["meta_info"]["input_token_logprobs"] for o in outs]
+        own = [e[1] for e in entries.pop(0)] if prompt else []  # the prompt's last tokens
+        outs = outs[1:] if prompt else outs
+
+        def parts_at(ids):
+            return next((j for j, (a, b) in enumerate(zip(own, ids)) if a != b), min(len(own), len(ids)))
+
+        first = min(parts_at([e[1] for e in es]) for es in entries)
         sums, norms, tokens = [], [], []
-        for o in outs:
-            lps = [e[0] for e in o["meta_info"]["input_token_logprobs"] if e[0] is not None]
+        for c, es in zip(s.choices, entries):
+            lps = [e[0] for e in es[first:] if e[0] is not None]
+            if not lps:
+                raise LangError(f"select: choice {c!r} cannot be scored (no token of it has a "
+                                "logprob: an empty prompt, on a model without a BOS token?)")
             sums.append(sum(lps))
-            norms.append(sum(lps) / max(len(lps), 1))
-            tokens.append([e[2] if len(e) > 2 else e[1] for e in o["meta_info"]["input_token_logprobs"]])
+            norms.append(sum(lps) / len(lps))
+            tokens.append([e[2] if len(e) > 2 and e[2] is not None else e[1] for e in es[first:]])
         scores = norms if s.method == "normalized" else sums
         best = max(range(len(scores)), key=lambda i: scores[i])
         self._append(s.choices[best], s.name)
@@ -238,9 +257,8 @@ class StreamExecutor:
             for n in sorted(names):
                 self._set_var(n, [k.variables.get(n) for k in j.children],
                               [k.meta_info.get(n) for k in j.children])
-        elif j.mode == "concate_and_append":
-            base = len(self.text)
-            self._append("".join(k.text[base:] for k in j.children))
+        elif j.mode == "concate_and_append":  # what each fork added after forking
+            self._append("".join(k.text[k.fork_start:] for k in j.children))
         else:
             raise LangError(f"join mode must be 'gather_variable' or 'concate_and_append', "
                             f"got {j.mode!r}")
@@ -252,7 +270,7 @@ def _names(expr) -> list:
     if isinstance(expr, Seq):
         return [n for e in expr.items for n in _names(e)]
     if isinstance(expr, Join):
-        return sorted({n for k in expr.children for n in k.new_vars | set(k._var_ready)})
+        return sorted({n for k in expr.children for n in k.new_vars | set(k._var_pending)})
     return []
 
 

@@ -94,6 +94,71 @@ def test_select_picks_the_best_by_independently_computed_scores(backend, server_
     assert isinstance(pl.gen("x", choices=["a", "b"]), type(pl.select("x", ["a", "b"])))
 
 
+def test_select_scores_choices_that_merge_with_the_prompt(backend, server_url):
+    """A prompt ending in a space: " " + "yes" tokenizes as one token " yes", so a choice's
+    tokens start inside the prompt.  Each choice is scored from the first position where
+    any choice's tokens part from the prompt's (it used to score nothing there: 0.0, which
+    beat every real score, so the first choice always won).  Reference: the tokenizer's
+    own ids and raw /generate logprobs from position 0."""
+    from portaserve.models.loader import load_tokenizer, resolve_model_path
+
+    prompt = "Q: Is the sky blue? Answer yes or no.\nA: "
+    choices = ["no", "yes"]
+
+    @pl.function
+    def yn(s):
+        s += prompt
+        s += pl.select("a", choices=choices, method="sum")
+
+    st = yn.run(backend=backend)
+    meta = st.get_meta_info("a")
+    tok = load_tokenizer(resolve_model_path(backend.model_info["model_path"]))
+    own = tok.encode(prompt)
+    ids = [tok.encode(prompt + c) for c in choices]
+    assert any(x[len(own) - 1] != own[-1] for x in ids)  # the case under test: a merge
+    first = min(next(j for j, (a, b) in enumerate(zip(own, x)) if a != b) for x in ids)
+    sums = []
+    for c, x in zip(choices, ids):
+        lps = raw_generate(server_url, text=prompt + c, sampling_params={"max_new_tokens": 0},
+                           return_logprob=True, logprob_start_len=0)["meta_info"]["input_token_logprobs"]
+        assert [e[1] for e in lps] == x
+        sums.append(sum(e[0] for e in lps[first:]))
+    for got, want in zip(meta["logprobs"], sums):
+        assert math.isclose(got, want, abs_tol=5e-2), (meta["logprobs"], sums)
+    assert all(v < 0 for v in meta["logprobs"])
+    assert st["a"] == choices[max(range(2), key=sums.__getitem__)]
+
+
+def test_fork_join_and_variables_read_what_was_queued(backend):
+    """concate_and_append appends what each fork added after forking, even if the parent
+    grew since (it used to cut at the parent's length at join time, losing the forks'
+    text); and reading a variable waits for its last queued assignment (it returned the
+    first of two)."""
+    @pl.function
+    def prog(s):
+        s += "Colors:"
+        forks = s.fork(2)
+        s += " PARENT"
+        forks[0] += " red"
+        forks[1] += " blue"
+        forks.join("concate_and_append")
+
+    assert prog.run(backend=backend).text() == "Colors: PARENT red blue"
+
+    seen = {}
+
+    @pl.function
+    def twice(s):
+        s += "1, 2, 3,"
+        s += pl.gen("a", max_tokens=2, **GREEDY)
+        s += " then"
+        s += pl.gen("a", max_tokens=6, **GREEDY)
+        seen["a"] = s["a"]  # read while both gens are queued
+
+    st = twice.run(backend=backend)
+    assert seen["a"] == st["a"] and st.text().endswith("then" + st["a"])
+
+
 @pl.function
 def branches(s):
     s += pl.system("You are a creative assistant. " * 4)
