@@ -73,9 +73,14 @@ def cmd_env(ns) -> int:
 
 def cmd_generate(ns, args) -> int:
     from portaserve.engine import Engine
-    from portaserve.core.sampling_params import InvalidRequest
+    from portaserve.core.sampling_params import InvalidRequest, SamplingParams
 
     sp = {"max_new_tokens": ns.max_new_tokens, "temperature": ns.temperature}
+    try:  # before the model loads
+        SamplingParams.from_dict(sp)
+    except InvalidRequest as e:
+        print(f"portaserve: error: {e}", file=sys.stderr)
+        return 2
     with Engine(server_args=args) as engine:
         prompt = ns.prompt
         if ns.chat and engine.tokenizer is not None and engine.tokenizer.chat_template:
@@ -166,7 +171,7 @@ def main(argv=None) -> int:
     if ns.cmd == "generate":
         try:
             return cmd_generate(ns, args)
-        except (ValueError, RuntimeError) as e:
+        except (ValueError, RuntimeError, OSError) as e:  # OSError: a path or repo that is not there
             print(f"portaserve: error: {e}", file=sys.stderr)
             return 2
     if ns.cmd == "serve":

@@ -322,7 +322,8 @@ def _build_rank(args, platform, src, cfg, dtype, context_len, tp) -> Runtime:
         "heads": heads, "kv_heads": kv_heads})
     ops.use_table(table)
     tokenizer = None if args.skip_tokenizer_init else load_tokenizer(
-        src, args.tokenizer_path, trust_remote_code=args.trust_remote_code, tokenizer_mode=args.tokenizer_mode)
+        src, args.tokenizer_path, trust_remote_code=args.trust_remote_code, tokenizer_mode=args.tokenizer_mode,
+        chat_template=args.chat_template)
     model = load_model(src, cfg, dtype, device, args.load_format, args.random_seed)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 

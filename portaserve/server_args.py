@@ -121,6 +121,14 @@ class ServerArgs:
             raise ValueError("--schedule-conservativeness must be in (0, 10]")
         if self.stream_interval < 1:
             raise ValueError("--stream-interval must be >= 1")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port {self.port} is not a TCP port (0-65535)")
+        for name in ("context_length", "max_prefill_tokens", "cuda_graph_max_bs", "dist_timeout"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ValueError(f"--max-queued-requests must be >= 0, got {self.max_queued_requests}")
         if self.dp_size != 1:
             raise ValueError(f"--dp-size {self.dp_size}: data parallelism is not supported; run "
                              f"{self.dp_size} servers (one per device group) behind a load balancer")

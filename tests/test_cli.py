@@ -81,3 +81,31 @@ def test_bench_offline_and_one_batch_commands(tiny_models, tmp_path):
     assert [x["batch_size"] for x in rows] == [1, 2] and all(x["decode_median_ms"] > 0 for x in rows)
     r = run("bench", "one-batch", "--help")
     assert r.returncode == 0 and r.stdout.startswith("usage: portaserve bench one-batch")
+
+
+def test_bad_flags_are_one_line_errors_before_the_model_loads():
+    """Found by probing: each of these was a traceback (some after the model had loaded),
+    or was accepted and broke every request later."""
+    for args, words in [(("serve", "--port", "70000"), "not a TCP port"),
+                        (("serve", "--context-length", "0"), "--context-length must be >= 1"),
+                        (("serve", "--max-prefill-tokens", "-1"), "--max-prefill-tokens must be >= 1"),
+                        (("generate", "hi", "--temperature", "nan"), "temperature"),
+                        (("generate", "hi", "--max-new-tokens", "-1"), "max_new_tokens"),
+                        (("bench", "one-batch", "--batch-size", "-1"), "--batch-size values must be >= 1")]:
+        r = run(*args)
+        assert r.returncode == 2, (args, r.returncode, r.stderr[-1000:])
+        assert words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1000:])
+        assert "KV pool" not in r.stderr  # refused before loading anything
+
+
+def test_generate_takes_chat_template_and_reports_a_missing_tokenizer_path():
+    r = run("generate", "Hi", "--max-new-tokens", "1", "--max-total-tokens", "2048",
+            "--chat-template", "{% for m in messages %}QQQ {{ m.content }}{% endfor %}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    default = run("generate", "Hi", "--max-new-tokens", "1", "--max-total-tokens", "2048")
+    n = [int(x.stderr.rsplit("[", 1)[1].split()[0]) for x in (r, default)]  # "[N prompt tokens, ..."
+    assert n[0] < 6 < n[1], n  # "QQQ Hi", not the model's own template (which was used regardless)
+    r = run("generate", "Hi", "--chat-template", "/nonexistent.jinja")
+    assert r.returncode == 2 and "neither a file nor a Jinja template" in r.stderr and "Traceback" not in r.stderr
+    r = run("generate", "Hi", "--tokenizer-path", "/nonexistent/tokenizer")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "/nonexistent/tokenizer" in r.stderr

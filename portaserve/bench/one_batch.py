@@ -86,6 +86,12 @@ def main(argv=None, prog=None) -> int:
                    help="then time transformers generate on the same config and batch shapes")
     ServerArgs.add_cli_args(p)
     ns = p.parse_args(argv)
+    for name in ("batch_size", "input_len"):
+        if min(getattr(ns, name)) < 1:
+            p.error(f"--{name.replace('_', '-')} values must be >= 1")
+    if ns.output_len < 2 or ns.shared_prefix_len < 0 or ns.warmup < 0:
+        p.error("--output-len must be >= 2 (a decode step after the prefill), --shared-prefix-len "
+                "and --warmup >= 0")
     args = ServerArgs.from_cli(ns)
     args.skip_tokenizer_init = True
     args.max_running_requests = max(args.max_running_requests, max(ns.batch_size))

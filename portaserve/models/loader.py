@@ -199,11 +199,25 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def load_tokenizer(src: ModelSource, tokenizer_path: Optional[str] = None, *,
-                   trust_remote_code: bool = False, tokenizer_mode: str = "auto"):
+                   trust_remote_code: bool = False, tokenizer_mode: str = "auto",
+                   chat_template: Optional[str] = None):
     """The model's tokenizer through transformers' AutoTokenizer (``tokenizer_path`` if
     given). ``trust_remote_code`` lets a repo's own tokenizer code run; ``tokenizer_mode``
     "slow" asks for the Python tokenizer (use_fast=False; transformers 5 has fast ones only
-    and ignores it)."""
+    and ignores it); ``chat_template`` (--chat-template: a file holding a Jinja template,
+    or the template itself) replaces the model's."""
+    tok = _load_tokenizer(src, tokenizer_path, trust_remote_code, tokenizer_mode)
+    if chat_template:
+        if os.path.isfile(chat_template):
+            with open(chat_template, encoding="utf-8") as f:
+                chat_template = f.read()
+        elif "{%" not in chat_template and "{{" not in chat_template:
+            raise ValueError(f"--chat-template {chat_template!r} is neither a file nor a Jinja template")
+        tok.chat_template = chat_template
+    return tok
+
+
+def _load_tokenizer(src: ModelSource, tokenizer_path, trust_remote_code: bool, tokenizer_mode: str):
     from transformers import AutoTokenizer
 
     if tokenizer_mode not in ("auto", "slow"):

@@ -169,15 +169,8 @@ class SchedulerClient:
 
         a = self.args
         tok = load_tokenizer(resolve_model_path(a.model_path, revision=a.revision), a.tokenizer_path,
-                             trust_remote_code=a.trust_remote_code, tokenizer_mode=a.tokenizer_mode)
-        tmpl = self.args.chat_template
-        if tmpl:
-            if os.path.isfile(tmpl):
-                with open(tmpl, encoding="utf-8") as f:
-                    tmpl = f.read()
-            elif "{%" not in tmpl and "{{" not in tmpl:
-                raise ValueError(f"--chat-template {tmpl!r} is neither a file nor a Jinja template")
-            tok.chat_template = tmpl
+                             trust_remote_code=a.trust_remote_code, tokenizer_mode=a.tokenizer_mode,
+                             chat_template=a.chat_template)
         # transformers clears a truncation or padding setting of the tokenizer file on the
         # first encode, a mutation of the Rust tokenizer that must not race a decode on the
         # event loop while the request-building thread encodes: do it now

@@ -46,8 +46,8 @@ class Runtime(Backend):
     def chat_template(self) -> ct.ChatTemplate:
         with self._lock:
             if self._template is None:
-                spec = self._template_spec or getattr(self.engine.args, "chat_template", None)
-                self._template = ct.resolve(spec, lambda: ct.ChatTemplate.from_tokenizer(
+                # the engine's tokenizer carries its --chat-template already
+                self._template = ct.resolve(self._template_spec, lambda: ct.ChatTemplate.from_tokenizer(
                     self.engine.tokenizer) if self.engine.tokenizer is not None else ct.plain())
             return self._template
 
