@@ -179,6 +179,12 @@ def main(argv=None) -> int:
             from portaserve.tp import run_node
 
             return run_node(args)
+        import socket
+
+        try:  # before the model loads: a host that cannot be bound fails at once
+            socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as e:
+            parser.error(f"--host {args.host!r} cannot be resolved: {e}")
         from portaserve.server.app import serve
 
         return serve(args)

@@ -91,7 +91,8 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads():
                         (("serve", "--max-prefill-tokens", "-1"), "--max-prefill-tokens must be >= 1"),
                         (("generate", "hi", "--temperature", "nan"), "temperature"),
                         (("generate", "hi", "--max-new-tokens", "-1"), "max_new_tokens"),
-                        (("bench", "one-batch", "--batch-size", "-1"), "--batch-size values must be >= 1")]:
+                        (("bench", "one-batch", "--batch-size", "-1"), "--batch-size values must be >= 1"),
+                        (("serve", "--host", "bogus.invalid"), "cannot be resolved")]:
         r = run(*args)
         assert r.returncode == 2, (args, r.returncode, r.stderr[-1000:])
         assert words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1000:])

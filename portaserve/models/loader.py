@@ -50,8 +50,9 @@ def resolve_model_path(model_path: Optional[str], revision: Optional[str] = None
     if _looks_like_repo_id(model_path):
         return _source_in_folder(Path(_hub_snapshot(model_path, revision)), name=model_path,
                                  keep_file_links=True)
+    what = "is not a .gguf file or a model folder" if p.exists() else "does not exist"
     raise ModelNotFound(
-        f"model path {model_path!r} does not exist: give a local Hugging Face folder or .gguf "
+        f"model path {model_path!r} {what}: give a local Hugging Face folder or .gguf "
         "file, a Hugging Face repo id (org/name; taken from the local Hugging Face cache, else "
         "downloaded unless HF_HUB_OFFLINE=1), or omit --model-path for the built-in default model")
 
