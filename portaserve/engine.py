@@ -112,6 +112,9 @@ class Engine:
         self._stop = threading.Event()
         self._error: Optional[BaseException] = None
         self._closed = False  # the scheduler thread has ended: no request is taken
+        # ids of requests dropped unfinished, until the scheduler has handled their abort:
+        # a new request reusing one before then would receive the old one's messages
+        self._releasing: set = set()
         self._thread = threading.Thread(target=self._loop, name="portaserve-scheduler", daemon=True)
         self._thread.start()
         if self.rt.tp is not None:
@@ -176,6 +179,8 @@ class Engine:
             r = sched.abort(payload)
             if r is not None:
                 self._deliver(r)
+            with self._lock:  # nothing more comes for this id
+                self._releasing.discard(payload)
         elif kind == "flush_cache":
             payload.put(sched.flush_cache())
         elif kind == "call":  # read-only queries, answered on this thread
@@ -231,7 +236,8 @@ class Engine:
         with self._lock:
             self._check_alive()
             rids = [r.rid for r in reqs]
-            dup = [x for x in rids if x in self._handles] or [x for x in rids if rids.count(x) > 1]
+            dup = ([x for x in rids if x in self._handles or x in self._releasing]
+                   or [x for x in rids if rids.count(x) > 1])
             if dup:
                 raise InvalidRequest(f"request id {dup[0]!r} is already in use", "rid")
             for h in handles:
@@ -251,9 +257,16 @@ class Engine:
                 h.absorb(msg)
                 yield msg
         finally:
-            with self._lock:
-                self._handles.pop(h.req.rid, None)
-            if h.finished_reason is None:  # consumer went away: free its KV
+            self._drop(h)
+
+    def _drop(self, h: _Handle) -> None:
+        """The caller is done with h; an unfinished request is aborted (its KV freed)."""
+        with self._lock:
+            if self._handles.get(h.req.rid) is not h:
+                return
+            del self._handles[h.req.rid]
+            if h.finished_reason is None and not self._closed:
+                self._releasing.add(h.req.rid)
                 self._inbox.put(("abort", h.req.rid))
 
     # ---- public API -------------------------------------------------------------------
@@ -296,9 +309,13 @@ class Engine:
                                         None if rid is None else f"{rid}-{j}")
                          for j in range(1, first.sampling.n)]
             handles = self._submit(reqs)
-            for h in handles:
-                for _ in self._wait(h):
-                    pass
+            try:
+                for h in handles:
+                    for _ in self._wait(h):
+                        pass
+            finally:  # interrupted: the rest are dropped (aborted), not left registered
+                for h in handles:
+                    self._drop(h)
             return [h.result() for h in handles]
         req = self._make_req(prompt, input_ids, sampling_params, return_logprob,
                              logprob_start_len, top_logprobs_num, rid)

@@ -502,6 +502,19 @@ def test_engine_lifecycle_never_leaves_a_caller_waiting(tiny_models):
         e.abort_request("dup")
         assert list(it)[-1]["meta_info"]["finish_reason"]["type"] == "abort"
 
+        # a stream dropped unread, its id reused at once: the new request gets its own answer
+        it = e.generate(input_ids=[5, 6, 7], sampling_params=long, stream=True, rid="again")
+        next(it)
+        it.close()
+        for _ in range(100):
+            try:
+                out = e.generate(input_ids=[9, 8], sampling_params={"max_new_tokens": 3, "ignore_eos": True},
+                                 rid="again")
+                break
+            except InvalidRequest:  # the old one is still being aborted
+                time.sleep(0.01)
+        assert out["meta_info"]["finish_reason"]["type"] == "length" and len(out["output_ids"]) == 3
+
         # abort by the base id of n copies
         res = {}
         t = threading.Thread(target=lambda: res.setdefault("r", e.generate(

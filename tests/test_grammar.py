@@ -160,9 +160,12 @@ def test_jump_forward_saves_decode_steps_and_stays_valid():
      "json_schema", "matches no finite text"),
     ({"json_schema": {"type": "array", "items": {"$ref": "#"}, "minItems": 1}}, "json_schema",
      "matches no finite text"),
-    ({"ebnf": 'root ::= "b" | "a" x\nx ::= "x" x'}, "ebnf", "rule x can never finish"),
+    ({"ebnf": 'root ::= "b" | "a" x\nx ::= "x" x'}, "ebnf", "rule x recurses without a way out"),
     ({"regex": "a{20000000}"}, "regex", "20000000 characters"),
     ({"regex": "(ab{1000}){1000}"}, "regex", "1001000 characters"),
+    ({"regex": "a{200000,200005}b"}, "regex", "forces a text of 200000 characters"),
+    ({"json_schema": {"const": "x" * 150000}}, "json_schema", "forces a text of 150002"),
+    ({"json_schema": {"enum": ["x" * (1 << 20)]}}, "json_schema", "more than the 1048576 allowed"),
 ])
 def test_invalid_constraints_are_refused(default_engine, sp, param, msg):
     with pytest.raises(InvalidRequest) as ei:
@@ -369,3 +372,40 @@ def test_min_new_tokens_gives_way_to_a_finished_grammar(default_engine):
                                "temperature": 0})
     assert re.fullmatch("[a-z]{1,20}", out["text"]) and out["meta_info"]["finish_reason"]["type"] == "stop"
     assert len(out["output_ids"]) >= 6 or len(out["text"]) == 20  # the minimum, or the grammar's end
+
+
+@pytest.mark.parametrize("kind,value", [
+    # long but free (nothing forced), or short with a long optional branch: accepted
+    ("regex", "[a-z]{100001}"), ("regex", ".{100001}"),
+    ("json_schema", {"type": "string", "minLength": 100001}),
+    ("json_schema", {"type": "array", "items": {"type": "integer"}, "minItems": 50001}),
+    ("json_schema", {"type": "object", "properties": {"a": {"anyOf": [
+        {"type": "null"}, {"type": "string", "minLength": 200000}]}}}),
+    ("json_schema", {"type": "object", "properties": {"a": {"$ref": "#"}}}),  # recursion with a way out
+    ("ebnf", 'root ::= "a" root | "b"'),
+])
+def test_long_or_recursive_constraints_that_force_nothing_are_accepted(kind, value):
+    from portaserve.core.grammar import validate_constraint
+
+    validate_constraint(kind, value if isinstance(value, str) else json.dumps(value))
+
+
+def test_a_chain_of_thousands_of_refs_is_checked_without_crashing():
+    """xgrammar converts a $ref chain recursively in C++: 4,000 links overflowed an 8 MB
+    thread stack (a segfault that took the server down).  The check and the compile run on
+    threads with deep stacks; the check itself is linear (a worklist, not rounds)."""
+    import subprocess
+    import sys
+
+    code = """
+import json
+from portaserve.core.grammar import validate_constraint
+n = 8000
+defs = {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i+1}"}}, "required": ["x"]}
+        for i in range(n)}
+defs[f"d{n}"] = {"type": "integer"}
+validate_constraint("json_schema", json.dumps({"$defs": defs, "$ref": "#/$defs/d0"}))
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
@@ -56,8 +57,42 @@ def normalise(kind: str, value) -> str:
     return value
 
 
+# xgrammar converts schemas and grammars recursively in C++, a level per $ref or nesting
+# (2-4 KB of stack each): a few thousand levels overflow an 8 MB thread stack, a segfault
+# that takes the process down.  So that work runs on threads with 256 MB stacks (address
+# space, touched only as deep as used), and a constraint may be 1 MiB long at most (a
+# chain of ~10k $refs; ~0.5 s to convert).
+DEEP_STACK = 256 << 20
+MAX_CONSTRAINT_CHARS = 1 << 20
+_validator: Optional[ThreadPoolExecutor] = None
+_validator_lock = threading.Lock()
+
+
+def deep_stack_pool(name: str) -> ThreadPoolExecutor:
+    """A one-thread pool whose thread has a DEEP_STACK stack."""
+    old = threading.stack_size()
+    try:
+        threading.stack_size(DEEP_STACK)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        pool.submit(lambda: None).result()  # its thread starts now, with that stack
+    finally:
+        threading.stack_size(old)
+    return pool
+
+
 def validate_constraint(kind: str, text: str) -> None:
     """Raise GrammarError naming the problem if the constraint cannot be compiled."""
+    global _validator
+    if len(text) > MAX_CONSTRAINT_CHARS:
+        raise GrammarError(f"the {kind} is {len(text)} characters long, more than the "
+                           f"{MAX_CONSTRAINT_CHARS} allowed")
+    with _validator_lock:
+        if _validator is None:
+            _validator = deep_stack_pool("grammar-check")
+    return _validator.submit(_validate, kind, text).result()
+
+
+def _validate(kind: str, text: str) -> None:
     import xgrammar as xgr
 
     try:
@@ -66,6 +101,8 @@ def validate_constraint(kind: str, text: str) -> None:
                 json.loads(text)
             except json.JSONDecodeError as e:
                 raise GrammarError(f"json_schema is not valid JSON: {e}") from None
+            except RecursionError:
+                raise GrammarError("json_schema is nested too deeply") from None
             g = xgr.Grammar.from_json_schema(text, any_whitespace=False)
         elif kind == "regex":
             g = xgr.Grammar.from_regex(text)
@@ -109,7 +146,7 @@ class GrammarBackend:
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                        stop_token_ids=list(eos_ids) or None)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=threads)
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
+        self.pool = deep_stack_pool("grammar")  # compiling recurses as deep as checking
         # masks of a batch are filled in parallel (one 128k-vocabulary mask is ~0.1-0.5 ms
         # of CPU; sixteen in a row outlast a decode forward on a GPU); half the cores, so
         # the scheduler thread and the tokenizer keep theirs

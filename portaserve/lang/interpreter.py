@@ -177,9 +177,10 @@ class StreamExecutor:
 
     def _set_var(self, name: Optional[str], value, meta: dict) -> None:
         if name is not None:
-            self.variables[name] = value
-            self.meta_info[name] = meta
-            self.new_vars.add(name)
+            with self._cond:  # new_vars is read from the program's thread (a join's names)
+                self.variables[name] = value
+                self.meta_info[name] = meta
+                self.new_vars.add(name)
 
     def _gen(self, g: Gen) -> None:
         sp = {**self.default_sampling, **g.sampling}
@@ -270,7 +271,11 @@ def _names(expr) -> list:
     if isinstance(expr, Seq):
         return [n for e in expr.items for n in _names(e)]
     if isinstance(expr, Join):
-        return sorted({n for k in expr.children for n in k.new_vars | set(k._var_pending)})
+        names = set()
+        for k in expr.children:
+            with k._cond:
+                names |= k.new_vars | set(k._var_pending)
+        return sorted(names)
     return []
 
 

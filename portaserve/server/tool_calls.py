@@ -121,11 +121,16 @@ def _named_head(buf: str, tag: str):
     head is complete.  Returns "more" (a prefix of a head), "no", or (name, call_id)."""
     s = buf.lstrip(" \t\r\n")
     if s.startswith(tag):
-        s = s[len(tag):]
+        s = s[len(tag):].lstrip(" ")  # (a space after each tag: spaces_between_special_tokens)
     elif tag.startswith(s):
         return "more"
     name = _NAME_CHARS.match(s).group()
     s = s[len(name):]
+    if s.startswith(" "):  # a space before a tag or the arguments, not before words
+        rest = s.lstrip(" ")
+        if rest and rest[0] not in "[{":
+            return "no"
+        s = rest
     if not s:
         return "more"
     if not name:
@@ -133,7 +138,7 @@ def _named_head(buf: str, tag: str):
     call_id = None
     if s.startswith("[CALL_ID]"):
         call_id = _ID_CHARS.match(s, 9).group()
-        s = s[9 + len(call_id):]
+        s = s[9 + len(call_id):].lstrip(" ")
         if "[ARGS]".startswith(s):
             return "more"
         if not s.startswith("[ARGS]"):
@@ -141,7 +146,7 @@ def _named_head(buf: str, tag: str):
     elif "[CALL_ID]".startswith(s) or "[ARGS]".startswith(s):
         return "more"
     if s.startswith("[ARGS]"):
-        s = s[6:]
+        s = s[6:].lstrip(" ")
         if not s:
             return "more"
     return (name, call_id) if s == "{" else "no"

@@ -113,8 +113,8 @@ CASES = [
      "matches no finite text", None),
     (GEN, {"text": "x", "sampling_params": {"json_schema": '{"type": "array", "items": {"$ref": "#"}, '
                                                            '"minItems": 1}'}}, "matches no finite text", None),
-    (C, {"prompt": "x", "max_tokens": 4, "regex": "a{20000000}"}, "characters long", "regex"),
-    (GEN, {"text": "x", "sampling_params": {"ebnf": 'root ::= "a" root'}}, "can never finish", None),
+    (C, {"prompt": "x", "max_tokens": 4, "regex": "a{20000000}"}, "forces a text of 20000000", "regex"),
+    (GEN, {"text": "x", "sampling_params": {"ebnf": 'root ::= "a" root'}}, "matches no finite text", None),
     (GEN, {"text": ["a", "b"], "rid": "same"}, "list of 2 ids", "rid"),
 ]
 

@@ -200,6 +200,7 @@ def test_stream_parser_any_split():
         ('[TOOL_CALLS]get_time[ARGS]{"tz": "CET"} and some words after', "mistral"),
         ('[TOOL_CALLS]unknown[ARGS]{"tz": "XYZ"}', "mistral"),
         ('get_time is not a call', "mistral"),
+        ('[TOOL_CALLS] get_time [ARGS] {"tz": "CET"}', "mistral"),  # spaces between special tokens
         ('[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ[ARGS]{"city": "Par', "mistral"),
     ]:
         content, calls, complete = tool_calls.parse(text, fmt, names)
