@@ -150,15 +150,20 @@ def test_parallel_tool_calls_false_keeps_one_call(oai):
         assert len(r.choices[0].message.tool_calls) == 1
 
 
-@pytest.fixture(scope="module")
-def llama3_oai(tmp_path_factory):
+def _parser_client(tmp_path_factory, parser):
+    """An OpenAI client of a server started with --tool-call-parser parser (a generator)."""
     openai = pytest.importorskip("openai")
-    s = ServerProc(["--max-total-tokens", "4096", "--tool-call-parser", "llama3"],
-                   tmp_path_factory.mktemp("llama3") / "server.log")
+    s = ServerProc(["--max-total-tokens", "4096", "--tool-call-parser", parser],
+                   tmp_path_factory.mktemp(parser) / "server.log")
     try:
         yield openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def llama3_oai(tmp_path_factory):
+    yield from _parser_client(tmp_path_factory, "llama3")
 
 
 def test_streaming_llama3_calls(llama3_oai):
@@ -301,13 +306,7 @@ MISTRAL_OUT = (r'\[TOOL_CALLS\]get_weather\[ARGS\]\{' + CITY
 
 @pytest.fixture(scope="module")
 def mistral_oai(tmp_path_factory):
-    openai = pytest.importorskip("openai")
-    s = ServerProc(["--max-total-tokens", "4096", "--tool-call-parser", "mistral"],
-                   tmp_path_factory.mktemp("mistral") / "server.log")
-    try:
-        yield openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    finally:
-        s.stop()
+    yield from _parser_client(tmp_path_factory, "mistral")
 
 
 def test_streaming_mistral_v13_calls(mistral_oai):
