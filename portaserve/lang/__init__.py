@@ -17,6 +17,8 @@ from portaserve.lang.api import (Program, assistant, assistant_begin, assistant_
                                  user_begin, user_end)
 from portaserve.lang.backends import Backend, Runtime, RuntimeEndpoint
 from portaserve.lang.chat_template import ChatTemplate
+from portaserve.lang.choices import (greedy_token_selection, token_length_normalized,
+                                     unconditional_likelihood_normalized)
 from portaserve.lang.errors import LangError
 from portaserve.lang.state import ForkGroup, ProgramState
 
@@ -24,4 +26,5 @@ __all__ = ["function", "gen", "gen_int", "gen_float", "select", "system", "user"
            "system_begin", "system_end", "user_begin", "user_end", "assistant_begin",
            "assistant_end", "set_default_backend", "get_default_backend", "Program",
            "Backend", "Runtime", "RuntimeEndpoint", "ChatTemplate", "LangError", "ProgramState",
-           "ForkGroup"]
+           "ForkGroup", "token_length_normalized", "greedy_token_selection",
+           "unconditional_likelihood_normalized"]

@@ -6,6 +6,7 @@ import functools
 import inspect
 from typing import Callable, Optional
 
+from portaserve.lang import choices as _choices
 from portaserve.lang.ir import (SAMPLING_KEYS, Expr, Gen, RoleBegin, RoleEnd, Select, Seq, Text,
                                 sampling_dict, to_expr)
 
@@ -24,15 +25,28 @@ def get_default_backend():
 def gen(name: Optional[str] = None, max_tokens: Optional[int] = None, stop=None,
         temperature: Optional[float] = None, top_p: Optional[float] = None,
         top_k: Optional[int] = None, regex: Optional[str] = None, json_schema=None,
-        choices: Optional[list] = None, dtype=None, **sampling) -> Expr:
+        choices: Optional[list] = None, dtype=None, choices_method=None,
+        return_logprob: Optional[bool] = None, top_logprobs_num: Optional[int] = None,
+        logprob_start_len: Optional[int] = None, **sampling) -> Expr:
     """Generate text into variable ``name``.  Unset parameters take the server's defaults.
-    ``choices=[...]`` makes it a ``select``; ``dtype=int|float`` constrains the output by a
-    regex and stores the converted number; ``json_schema`` may be a dict or a string."""
+    ``choices=[...]`` makes it a ``select`` (``choices_method`` picks how); ``dtype=int|float``
+    constrains the output by a regex and stores the converted number; ``json_schema`` may
+    be a dict or a string.  ``return_logprob=True`` (with ``top_logprobs_num``,
+    ``logprob_start_len``) puts the logprobs in ``state.get_meta_info(name)``."""
     if choices is not None:
-        return select(name, choices)
+        return select(name, choices, temperature=temperature or 0.0,
+                      choices_method=choices_method)
+    if choices_method is not None:
+        raise ValueError("choices_method goes with choices=[...]")
     sp = sampling_dict(max_tokens, stop, temperature, top_p, top_k, regex, json_schema, dtype,
                        **sampling)
-    return Gen(name, sp, dtype if dtype in (int, float) else None)
+    logprob = {}
+    if return_logprob:
+        logprob = {"return_logprob": True, "top_logprobs_num": top_logprobs_num,
+                   "logprob_start_len": logprob_start_len}
+    elif top_logprobs_num is not None or logprob_start_len is not None:
+        raise ValueError("top_logprobs_num and logprob_start_len need return_logprob=True")
+    return Gen(name, sp, dtype if dtype in (int, float) else None, logprob)
 
 
 def gen_int(name: Optional[str] = None, **kw) -> Expr:
@@ -44,14 +58,21 @@ def gen_float(name: Optional[str] = None, **kw) -> Expr:
 
 
 def select(name: Optional[str] = None, choices: Optional[list] = None,
-           method: str = "normalized") -> Expr:
+           temperature: float = 0.0, choices_method=None, method=None) -> Expr:
     """Append the choice the model finds most likely after the current text.
-    method="normalized" ranks by mean token logprob (SGLang's default), "sum" by total."""
+    ``choices_method`` is SGLang's: ``token_length_normalized`` (the default: mean token
+    logprob), ``greedy_token_selection`` or ``unconditional_likelihood_normalized``
+    (portaserve.lang.choices); ``"sum"`` ranks by total logprob.  ``method=`` is the
+    same argument under portaserve's older name ("normalized" or "sum")."""
     if not choices or not all(isinstance(c, str) and c for c in choices):
         raise ValueError("select needs a non-empty list of non-empty strings")
-    if method not in ("normalized", "sum"):
-        raise ValueError(f"method must be 'normalized' or 'sum', got {method!r}")
-    return Select(name, list(choices), method)
+    if temperature not in (0, None):
+        raise ValueError("select is deterministic: it picks by logprob; only temperature=0 "
+                         f"is supported, got {temperature!r}")
+    if method is not None and choices_method is not None:
+        raise ValueError("give choices_method or method, not both")
+    picked = choices_method if choices_method is not None else method
+    return Select(name, list(choices), _choices.resolve(picked if picked is not None else "normalized"))
 
 
 def _role(role: str, content=None) -> Expr:
@@ -107,10 +128,15 @@ class Program:
         self.arg_names = params[1:]
         functools.update_wrapper(self, fn)
 
-    def _split(self, kwargs: dict) -> tuple[dict, dict]:
-        """Keyword arguments that are sampling defaults (and not the program's own)."""
+    def _split(self, kwargs: dict, strict: bool = False) -> tuple[dict, dict]:
+        """Keyword arguments that are sampling defaults (and not the program's own);
+        ``strict``: anything else is an error (run_batch passes no program arguments)."""
         sampling = {k: kwargs.pop(k) for k in list(kwargs)
                     if k in SAMPLING_KEYS + ("max_tokens",) and k not in self.arg_names}
+        if strict and kwargs:
+            raise TypeError(f"run_batch() got unknown keyword arguments {sorted(kwargs)}; "
+                            f"it takes sampling parameters ({', '.join(SAMPLING_KEYS)}, "
+                            "max_tokens), backend, num_threads and progress_bar")
         if "max_tokens" in sampling:
             sampling["max_new_tokens"] = sampling.pop("max_tokens")
         return kwargs, sampling
@@ -125,7 +151,7 @@ class Program:
                   progress_bar: bool = False, **sampling):
         from portaserve.lang.interpreter import run_batch
 
-        _, sampling = self._split(sampling)
+        _, sampling = self._split(dict(sampling), strict=True)
         return run_batch(self, _backend(backend), batch_kwargs, sampling, num_threads, progress_bar)
 
     def __call__(self, *args, **kwargs):

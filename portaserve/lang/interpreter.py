@@ -11,6 +11,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+from portaserve.lang.choices import greedy_pick
 from portaserve.lang.errors import LangError
 from portaserve.lang.ir import Expr, Gen, Join, RoleBegin, RoleEnd, Select, Seq, Text, to_expr
 
@@ -186,11 +187,11 @@ class StreamExecutor:
         sp = {**self.default_sampling, **g.sampling}
         if self.stream:
             out, sent = None, 0
-            for out in self.backend.generate(self.text, sp, stream=True):
+            for out in self.backend.generate(self.text, sp, stream=True, **g.logprob):
                 self._append(out["text"][sent:], g.name)
                 sent = len(out["text"])
         else:
-            out = self.backend.generate(self.text, sp)
+            out = self.backend.generate(self.text, sp, **g.logprob)
             self._append(out["text"], g.name)
         text = out["text"] if out else ""
         value = text
@@ -227,22 +228,39 @@ class StreamExecutor:
             return next((j for j, (a, b) in enumerate(zip(own, ids)) if a != b), min(len(own), len(ids)))
 
         first = min(parts_at([e[1] for e in es]) for es in entries)
-        sums, norms, tokens = [], [], []
+        rows, tokens = [], []  # per choice: the logprobs and the tokens scored
         for c, es in zip(s.choices, entries):
-            lps = [e[0] for e in es[first:] if e[0] is not None]
-            if not lps:
+            scored = [e for e in es[first:] if e[0] is not None]
+            if not scored:
                 raise LangError(f"select: choice {c!r} cannot be scored (no token of it has a "
                                 "logprob: an empty prompt, on a model without a BOS token?)")
-            sums.append(sum(lps))
-            norms.append(sum(lps) / len(lps))
-            tokens.append([e[2] if len(e) > 2 and e[2] is not None else e[1] for e in es[first:]])
-        scores = norms if s.method == "normalized" else sums
-        best = max(range(len(scores)), key=lambda i: scores[i])
+            rows.append([e[0] for e in scored])
+            tokens.append([e[1] for e in scored])
+        sums = [sum(r) for r in rows]
+        norms = [sum(r) / len(r) for r in rows]
+        meta = {}
+        if s.method == "greedy":
+            best = greedy_pick(rows, tokens)
+            scores = rows
+        elif s.method == "unconditional":
+            # the same tokens with no context before them; the first has no logprob there
+            # and counts as 0, so it keeps its logprob in context
+            alone = self.backend.generate(None, {"max_new_tokens": 0}, input_ids=tokens,
+                                          return_logprob=True, logprob_start_len=0)
+            uncond = [[e[0] or 0.0 for e in o["meta_info"]["input_token_logprobs"]] for o in alone]
+            scores = [sum(a - b for a, b in zip(r, u)) / len(r) for r, u in zip(rows, uncond)]
+            best = max(range(len(scores)), key=lambda i: scores[i])
+            meta["unconditional_logprobs"] = uncond
+        else:
+            scores = norms if s.method == "normalized" else sums
+            best = max(range(len(scores)), key=lambda i: scores[i])
         self._append(s.choices[best], s.name)
         self._set_var(s.name, s.choices[best], {
             "choices": list(s.choices), "method": s.method, "scores": scores,
-            "normalized_logprobs": norms, "logprobs": sums, "choice_tokens": tokens,
-            "prompt_tokens": n_prompt,
+            "normalized_logprobs": norms, "logprobs": sums, "token_logprobs": rows,
+            "choice_tokens": [[e[2] if len(e) > 2 and e[2] is not None else e[1]
+                               for e in es[first:]] for es in entries],
+            "prompt_tokens": n_prompt, **meta,
             "cached_tokens": [o["meta_info"]["cached_tokens"] for o in outs]})
 
     def _join(self, j: Join) -> None:

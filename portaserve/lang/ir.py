@@ -62,13 +62,14 @@ class Gen(Expr):
     name: Optional[str]
     sampling: dict = field(default_factory=dict)  # only what the caller set
     dtype: Any = None                             # int, float, str or None
+    logprob: dict = field(default_factory=dict)   # return_logprob and its options, if asked
 
 
 @dataclass
 class Select(Expr):
     name: Optional[str]
     choices: list
-    method: str = "normalized"  # "normalized" (mean token logprob) or "sum"
+    method: str = "normalized"  # "normalized", "sum", "greedy", "unconditional" (choices.py)
 
 
 @dataclass

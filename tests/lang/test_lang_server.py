@@ -129,6 +129,94 @@ def test_select_scores_choices_that_merge_with_the_prompt(backend, server_url):
     assert st["a"] == choices[max(range(2), key=sums.__getitem__)]
 
 
+def choice_rows(url, prompt, choices):
+    """Each choice's token ids and logprobs from raw /generate (whole text scored from
+    position 0), from the first position where any choice's tokens part from the prompt's."""
+    own = [e[1] for e in raw_generate(url, text=prompt, sampling_params={"max_new_tokens": 0},
+                                      return_logprob=True, logprob_start_len=0)
+           ["meta_info"]["input_token_logprobs"]]
+    full = [raw_generate(url, text=prompt + c, sampling_params={"max_new_tokens": 0},
+                         return_logprob=True, logprob_start_len=0)["meta_info"]["input_token_logprobs"]
+            for c in choices]
+    first = min(next((j for j, (a, b) in enumerate(zip(own, [e[1] for e in f])) if a != b),
+                     min(len(own), len(f))) for f in full)
+    return [[e[1] for e in f[first:]] for f in full], [[e[0] for e in f[first:]] for f in full]
+
+
+@pl.function
+def pick_by(s, choices, how):
+    s += pl.user("What is the capital of France? Answer with the city.")
+    s += pl.assistant_begin()
+    s += pl.gen("city", choices=choices, choices_method=how)
+
+
+def test_select_choices_methods_against_raw_logprobs(backend, server_url):
+    """SGLang's greedy_token_selection and unconditional_likelihood_normalized, each
+    checked against its definition applied to raw /generate logprobs."""
+    choices = ["Paris", "The capital is Paris", "Paris, France", "London"]
+    st = pick_by.run(choices=choices, how=pl.greedy_token_selection, backend=backend)
+    prompt = st.text()[:-len(st["city"])]
+    toks, rows = choice_rows(server_url, prompt, choices)
+    assert toks[0] == toks[2][:len(toks[0])]  # "Paris" is a token prefix of "Paris, France"
+    meta = st.get_meta_info("city")
+    assert meta["method"] == "greedy"
+    for got, want in zip(meta["token_logprobs"], rows):
+        assert len(got) == len(want) and all(math.isclose(a, b, abs_tol=2e-2) for a, b in zip(got, want))
+    # the definition: compare position by position, a choice that ends continuing with
+    # its own mean; a token prefix shared with another choice is a tie there
+    width = max(map(len, rows))
+    padded = [r + [sum(r) / len(r)] * (width - len(r)) for r in rows]
+    alive = list(range(len(choices)))
+    for j in range(width):
+        if len({tuple(toks[i][:j + 1]) for i in alive}) == 1 and all(j < len(toks[i]) for i in alive):
+            continue  # all alive share this token: tied
+        best = max(padded[i][j] for i in alive)
+        alive = [i for i in alive if math.isclose(padded[i][j], best, abs_tol=1e-9)]
+        if len(alive) == 1:
+            break
+    assert st["city"] == choices[alive[0]]
+    # on this model the three rules pick three different choices, so the test tells them apart
+    means = [sum(r) / len(r) for r in rows]
+    assert len({alive[0], means.index(max(means)), [sum(r) for r in rows].index(max(map(sum, rows)))}) == 3
+
+    st = pick_by.run(choices=choices, how=pl.unconditional_likelihood_normalized, backend=backend)
+    meta = st.get_meta_info("city")
+    want = []
+    for t, r in zip(toks, rows):
+        alone = raw_generate(server_url, input_ids=t, sampling_params={"max_new_tokens": 0},
+                             return_logprob=True, logprob_start_len=0)["meta_info"]["input_token_logprobs"]
+        assert [e[1] for e in alone] == t and alone[0][0] is None
+        want.append(sum(a - (e[0] or 0.0) for a, e in zip(r, alone)) / len(r))
+    for got, w in zip(meta["scores"], want):
+        assert math.isclose(got, w, abs_tol=3e-2), (meta["scores"], want)
+    assert st["city"] == choices[max(range(len(choices)), key=want.__getitem__)]
+    assert meta["method"] == "unconditional"
+
+
+def test_gen_return_logprob_matches_generate(backend, server_url):
+    @pl.function
+    def ask(s):
+        s += pl.user("Name a colour.")
+        s += pl.assistant(pl.gen("c", max_tokens=5, return_logprob=True, top_logprobs_num=3, **GREEDY))
+
+    st = ask.run(backend=backend)
+    meta = st.get_meta_info("c")
+    prompt = st.text()[:st.text().rindex(st["c"])]
+    ref = raw_generate(server_url, text=prompt, sampling_params={"max_new_tokens": 5, **GREEDY},
+                       return_logprob=True, top_logprobs_num=3)["meta_info"]
+    assert [e[1] for e in meta["output_token_logprobs"]] == [e[1] for e in ref["output_token_logprobs"]]
+    for a, b in zip(meta["output_token_logprobs"], ref["output_token_logprobs"]):
+        assert math.isclose(a[0], b[0], abs_tol=2e-2)
+    assert [[e[1] for e in pos] for pos in meta["output_top_logprobs"]] == \
+        [[e[1] for e in pos] for pos in ref["output_top_logprobs"]]
+    assert all(len(pos) == 3 for pos in meta["output_top_logprobs"])
+    # streamed, the last piece carries the whole answer's logprobs
+    streamed = ask.run(backend=backend, stream=True)
+    "".join(streamed.text_iter())
+    assert [e[1] for e in streamed.get_meta_info("c")["output_token_logprobs"]] == \
+        [e[1] for e in ref["output_token_logprobs"]]
+
+
 def test_fork_join_and_variables_read_what_was_queued(backend):
     """concate_and_append appends what each fork added after forking, even if the parent
     grew since (it used to cut at the parent's length at join time, losing the forks'
@@ -299,6 +387,13 @@ def test_in_process_runtime_backend_matches_the_server(backend):
         for a, b in zip(p_local.get_meta_info("city")["normalized_logprobs"],
                         p_remote.get_meta_info("city")["normalized_logprobs"]):
             assert math.isclose(a, b, abs_tol=2e-2)
+        for how in (pl.greedy_token_selection, pl.unconditional_likelihood_normalized):
+            a = pick_by.run(choices=CHOICES, how=how, backend=rt)
+            b = pick_by.run(choices=CHOICES, how=how, backend=backend)
+            assert a["city"] == b["city"]
+            for x, y in zip(a.get_meta_info("city")["normalized_logprobs"],
+                            b.get_meta_info("city")["normalized_logprobs"]):
+                assert math.isclose(x, y, abs_tol=2e-2)
         with pytest.raises(pl.LangError, match="top_p"):
             pl.function(lambda s: s.__iadd__("Hi" + pl.gen("x", top_p=3.0))).run(backend=rt)
     finally:

@@ -47,6 +47,50 @@ def test_plain_template_and_gen_arguments():
         pl.gen("x", dtype=list)
 
 
+def test_select_arguments_and_run_batch_refuse_what_they_cannot_honour():
+    assert pl.select("x", ["a"], choices_method=pl.greedy_token_selection).method == "greedy"
+    assert pl.select("x", ["a"], choices_method="unconditional_likelihood_normalized").method == "unconditional"
+    assert pl.select("x", ["a"], method="sum").method == "sum"
+    assert pl.gen("x", choices=["a"], choices_method=pl.greedy_token_selection).method == "greedy"
+    assert repr(pl.token_length_normalized) == "token_length_normalized"
+    with pytest.raises(ValueError, match="unknown choices method"):
+        pl.select("x", ["a"], choices_method="best")
+    with pytest.raises(ValueError, match="temperature"):
+        pl.select("x", ["a"], temperature=0.5)
+    with pytest.raises(ValueError, match="choices_method goes with choices"):
+        pl.gen("x", choices_method=pl.greedy_token_selection)
+    with pytest.raises(ValueError, match="return_logprob"):
+        pl.gen("x", top_logprobs_num=2)
+    assert pl.gen("x", return_logprob=True, top_logprobs_num=2).logprob["top_logprobs_num"] == 2
+
+    @pl.function
+    def prog(s):
+        s += "x"
+
+    with pytest.raises(TypeError, match="unknown keyword arguments \\['temprature'\\]"):
+        prog.run_batch([{}], backend=EchoBackend(0), temprature=0.5)
+
+
+def test_greedy_pick_is_the_position_by_position_maximum():
+    """Against the definition written out another way: the lexicographic maximum of the
+    rows padded with their means (no shared tokens, so no ties)."""
+    import random
+
+    from portaserve.lang.choices import greedy_pick
+
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(1, 5)
+        rows = [[-rng.choice([0.5, 1.0, 1.5, 2.0]) for _ in range(rng.randint(1, 4))] for _ in range(n)]
+        toks = [[100 * i + j for j in range(len(r))] for i, r in enumerate(rows)]
+        width = max(map(len, rows))
+        padded = [r + [sum(r) / len(r)] * (width - len(r)) for r in rows]
+        assert greedy_pick(rows, toks) == max(range(n), key=lambda i: padded[i])
+    # a shared first token is a tie even when its two logprobs differ in the last bits:
+    # the second token decides
+    assert greedy_pick([[-1.0, -3.0], [-1.0 + 1e-7, -5.0], [-2.0]], [[5, 6], [5, 7], [8]]) == 0
+
+
 class EchoBackend(Backend):
     """Generates "<n>" where n counts calls; slow, to show forks run concurrently."""
 

@@ -47,12 +47,15 @@ class RuntimeEndpoint(Backend):
         return r
 
     def generate(self, text, sampling_params, *, return_logprob=False, logprob_start_len=None,
-                 stream=False):
-        body = {"text": text, "sampling_params": sampling_params}
+                 top_logprobs_num=None, stream=False, input_ids=None):
+        body = {"sampling_params": sampling_params}
+        body.update({"text": text} if input_ids is None else {"input_ids": input_ids})
         if return_logprob:
             body.update(return_logprob=True, return_text_in_logprobs=True)
             if logprob_start_len is not None:
                 body["logprob_start_len"] = logprob_start_len
+            if top_logprobs_num:
+                body["top_logprobs_num"] = top_logprobs_num
         if not stream:
             return self._request("POST", "/generate", json=body).json()
         body["stream"] = True

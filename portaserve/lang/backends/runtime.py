@@ -26,10 +26,12 @@ class Runtime(Backend):
         self._lock = threading.Lock()
 
     def generate(self, text, sampling_params, *, return_logprob=False, logprob_start_len=None,
-                 stream=False):
+                 top_logprobs_num=None, stream=False, input_ids=None):
         try:
-            out = self.engine.generate(text, dict(sampling_params), return_logprob=return_logprob,
-                                       logprob_start_len=logprob_start_len, stream=stream)
+            out = self.engine.generate(text, dict(sampling_params), input_ids=input_ids,
+                                       return_logprob=return_logprob,
+                                       logprob_start_len=logprob_start_len,
+                                       top_logprobs_num=top_logprobs_num, stream=stream)
         except Exception as e:  # noqa: BLE001 - InvalidRequest, EngineDead, ...
             raise LangError(str(e)) from e
         if stream:
