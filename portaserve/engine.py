@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from typing import Iterator, Optional, Union
 
 from portaserve.core.detokenize import IncrementalDetokenizer
@@ -68,6 +69,11 @@ class _Handle:
                 "output_ids": list(self.output_ids), "meta_info": meta}
 
 
+class _Unsent:
+    """A stream not read yet; abort_request sets ``aborted``."""
+    aborted = False
+
+
 def output_due(r: Req, sent: dict, every: int) -> bool:
     """--stream-interval: a running request's new tokens go out `every` at a time; its
     first message and its end go at once."""
@@ -115,13 +121,15 @@ class Engine:
         # ids of requests dropped unfinished, until the scheduler has handled their abort:
         # a new request reusing one before then would receive the old one's messages
         self._releasing: set = set()
+        # streams made but not read yet (sent on their first read): an abort_request meanwhile
+        # is kept here; an iterator dropped unread takes its entry with it
+        self._unsent: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._thread = threading.Thread(target=self._loop, name="portaserve-scheduler", daemon=True)
         self._thread.start()
         if self.rt.tp is not None:
             # the other ranks are child processes that multiprocessing joins at exit: stop
             # them first, even when the caller never calls shutdown()
             import atexit
-            import weakref
 
             ref = weakref.ref(self)
             atexit.register(lambda: ref() is not None and ref().shutdown())
@@ -320,13 +328,25 @@ class Engine:
         req = self._make_req(prompt, input_ids, sampling_params, return_logprob,
                              logprob_start_len, top_logprobs_num, rid)
         if stream:  # sent when the iteration starts: an iterator never read holds nothing
-            return self._stream(req)
+            pending = _Unsent()
+            with self._lock:
+                if req.rid in self._unsent:
+                    raise InvalidRequest(f"request id {req.rid!r} is already in use", "rid")
+                self._unsent[req.rid] = pending
+            return self._stream(req, pending)
         h, = self._submit([req])
         for _ in self._wait(h):
             pass
         return h.result()
 
-    def _stream(self, req: Req) -> Iterator[dict]:
+    def _stream(self, req: Req, pending: "_Unsent") -> Iterator[dict]:
+        with self._lock:
+            self._unsent.pop(req.rid, None)
+        if pending.aborted:  # aborted before its first read: never sent
+            yield {"text": "", "output_ids": [], "meta_info": {
+                "id": req.rid, "prompt_tokens": len(req.input_ids), "completion_tokens": 0,
+                "cached_tokens": 0, "finish_reason": {"type": "abort", "message": "aborted by request"}}}
+            return
         h, = self._submit([req])
         for _ in self._wait(h):
             out = h.result()
@@ -339,8 +359,14 @@ class Engine:
     def abort_request(self, rid: str) -> None:
         """Abort by id; a request given rid R with n > 1 runs as R-0, R-1, ...: R aborts
         them all (as on the HTTP side)."""
+        def copy_of(x):
+            return x.startswith(rid + "-") and x[len(rid) + 1:].isdigit()
+
         with self._lock:
-            copies = [x for x in self._handles if x.startswith(rid + "-") and x[len(rid) + 1:].isdigit()]
+            copies = [x for x in self._handles if copy_of(x)]
+            for x, pending in list(self._unsent.items()):
+                if x == rid or copy_of(x):
+                    pending.aborted = True
         for x in [rid, *copies]:
             self._inbox.put(("abort", x))
 

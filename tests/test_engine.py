@@ -493,6 +493,16 @@ def test_engine_lifecycle_never_leaves_a_caller_waiting(tiny_models):
         never_read = e.generate(input_ids=[5, 6, 7], sampling_params=long, stream=True)
         assert e._handles == {}  # not sent until read
         del never_read
+        assert len(e._unsent) == 0
+
+        # aborted before its first read: it ends at once, aborted, and is never run
+        before = e.get_server_info()["counters"]["prompt_tokens"]
+        it = e.generate(input_ids=[5, 6, 7], sampling_params=long, stream=True, rid="early")
+        e.abort_request("early")
+        outs = list(it)
+        assert len(outs) == 1 and outs[0]["output_ids"] == []
+        assert outs[0]["meta_info"]["finish_reason"]["type"] == "abort"
+        assert e.get_server_info()["counters"]["prompt_tokens"] == before
 
         # one rid twice at once: the second is refused, the first still answers
         it = e.generate(input_ids=[5, 6, 7], sampling_params=long, stream=True, rid="dup")
