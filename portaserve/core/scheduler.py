@@ -160,7 +160,8 @@ class Scheduler:
         c = req.constraint()
         if c is not None:
             if self.grammar is None:
-                req.finished_reason = {"type": "abort", "message": "structured output is off on this server"}
+                req.finished_reason = {"type": "abort", "message": "structured output is off on this server",
+                                       "status_code": 400}
                 self._finished_early.append(req)
                 return
             req.grammar_future = self.grammar.compile(*c)
@@ -215,9 +216,9 @@ class Scheduler:
             r.grammar_future = None
             err = fut.exception()
             if err is not None:
-                r.finished_reason = {"type": "abort", "message": str(err)}
-                if isinstance(err, GrammarError):  # cannot be compiled or matches nothing: the client's input
-                    r.finished_reason["status_code"] = 400
+                # cannot be compiled or matches nothing: the client's input; else a server fault
+                r.finished_reason = {"type": "abort", "message": str(err),
+                                     "status_code": 400 if isinstance(err, GrammarError) else 500}
                 self._finished_early.append(r)
             else:
                 r.grammar = self.grammar.matcher(fut.result(), r.constraint()[0])
@@ -795,7 +796,7 @@ class Scheduler:
                 # One request alone cannot grow: admission guarantees this never happens
                 # (prompt + max_new_tokens <= pool), so fail loudly rather than loop.
                 r = self.running.pop()
-                r.finished_reason = {"type": "abort", "message": "out of KV cache memory"}
+                r.finished_reason = {"type": "abort", "message": "out of KV cache memory", "status_code": 500}
                 self._release(r)
                 logger.error("request %s aborted: KV pool exhausted", r.rid)
                 return retracted
@@ -1007,7 +1008,8 @@ class Scheduler:
 
     def _advance_grammar(self, r: Req, tok: int) -> bool:
         if not r.grammar.accept_token(tok):
-            r.finished_reason = {"type": "abort", "message": f"grammar rejected token {tok}"}
+            r.finished_reason = {"type": "abort", "message": f"grammar rejected token {tok}",
+                                  "status_code": 500}
             logger.error("request %s: sampled token %d rejected by its grammar", r.rid, tok)
             return False
         if r.grammar.is_terminated():

@@ -190,6 +190,13 @@ def _usage(states: list[ReqState], n: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+def _failed(fr: Optional[dict]) -> bool:
+    """An abort with a status is a failure (400: refused for its input, found in the
+    scheduler; 500: a server fault).  One without (an /abort_request) ends the answer like
+    any finish, with finish_reason "abort" and the text so far, as in SGLang."""
+    return fr is not None and fr.get("type") == "abort" and fr.get("status_code") is not None
+
+
 def _abort_event(fr: dict) -> bytes:
     if fr.get("status_code") == 400:
         return sse_error(fr.get("message", ""), "invalid_request_error")
@@ -199,8 +206,8 @@ def _abort_event(fr: dict) -> bytes:
 def _check_abort(states: list[ReqState]) -> None:
     for st in states:
         fr = st.finished_reason
-        if fr is not None and fr.get("type") == "abort":
-            if fr.get("status_code") == 400:  # refused in the scheduler for its input (a grammar)
+        if _failed(fr):
+            if fr.get("status_code") == 400:
                 raise APIError(400, fr.get("message", ""), "invalid_request_error")
             raise APIError(500, f"the request was aborted: {fr.get('message', '')}", "server_error",
                            None, "aborted")
@@ -388,7 +395,7 @@ async def completions(request: Request):
                     if st.sent_ids < 0:
                         continue
                     done = st.finished_reason is not None
-                    if done and st.finished_reason.get("type") == "abort":
+                    if done and _failed(st.finished_reason):
                         yield _abort_event(st.finished_reason)
                         st.sent_ids = -1
                         continue
@@ -648,7 +655,7 @@ async def chat_completions(request: Request):
                     if st.sent_ids < 0:
                         continue
                     done = st.finished_reason is not None
-                    if done and st.finished_reason.get("type") == "abort":
+                    if done and _failed(st.finished_reason):
                         yield _abort_event(st.finished_reason)
                         st.sent_ids = -1
                         continue

@@ -75,10 +75,32 @@ def test_response_format_on_completions(server):
 
 
 def test_rid_on_openai_requests_reaches_abort(server):
+    """An /abort_request ends an OpenAI answer like any finish, with finish_reason "abort"
+    and the text so far (SGLang's behaviour: only an abort with a status is an error)."""
+    body = {"model": "default", "messages": MSGS[:1], "max_tokens": 400, "ignore_eos": True,
+            "temperature": 0}
     r = server.abort_while_running(lambda: server.post("/v1/chat/completions", json={
-        "model": "default", "messages": MSGS[:1], "max_tokens": 400, "ignore_eos": True,
-        "temperature": 0, "rid": "oai-abort-me"}), "oai-abort-me")
-    assert r.status_code == 500 and r.json()["error"]["code"] == "aborted", r.text
+        **body, "rid": "oai-abort-me"}), "oai-abort-me")
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["choices"][0]["finish_reason"] == "abort"
+    n = out["usage"]["completion_tokens"]
+    assert 0 < n < 400
+    # the text so far is the first n tokens of the same greedy answer
+    full = server.post("/v1/chat/completions", json={**body, "max_tokens": n}).json()
+    assert out["choices"][0]["message"]["content"] == full["choices"][0]["message"]["content"]
+
+    def streamed():
+        resp = server.post("/v1/completions", json={
+            "model": "default", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True,
+            "stream": True, "rid": "oai-abort-stream"}, stream=True)
+        return resp, [x for x in resp.iter_lines(decode_unicode=True) if x]
+
+    resp, lines = server.abort_while_running(streamed, "oai-abort-stream")
+    assert resp.status_code == 200
+    chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: ") and x != "data: [DONE]"]
+    assert lines[-1] == "data: [DONE]" and not any("error" in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "abort"
     server.wait_idle()
 
 
