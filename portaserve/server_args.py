@@ -117,6 +117,9 @@ class ServerArgs:
             raise ValueError("--torch-compile-max-bs must be >= 1")
         if self.page_size < 1:
             raise ValueError("--page-size must be >= 1")
+        if 0 < self.chunked_prefill_size < self.page_size:  # a chunk is whole pages
+            raise ValueError(f"--chunked-prefill-size {self.chunked_prefill_size} is smaller than "
+                             f"--page-size {self.page_size}")
         if not 0 < self.schedule_conservativeness <= 10:
             raise ValueError("--schedule-conservativeness must be in (0, 10]")
         if self.stream_interval < 1:

@@ -409,3 +409,50 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+
+
+def test_stop_strings_inside_forced_text_and_after_min_new_tokens(default_engine):
+    """Found by review: jump-forward appended forced tokens without the stop checks, so a
+    stop string inside a forced text was missed; and with min_new_tokens, the text was
+    cut at the first occurrence of the stop string (one before min_new_tokens, which does
+    not count), so streamed and whole answers differed."""
+    e = default_engine
+    # the regex forces the whole sentence: the stop string must end it where it appears
+    out = e.generate("Q:", {"regex": "The answer is written after this sentence, yes", "stop": ["answer"],
+                            "temperature": 0, "max_new_tokens": 40})
+    assert out["text"] == "The " and out["meta_info"]["finish_reason"]["matched"] == "answer", out
+
+    # reference: the same greedy tokens without stop strings, cut by the rule written out
+    tok = e.tokenizer
+    for mn in (6, 12):  # 6: a newline right before min_new_tokens is in the stop check's window
+        _check_min_new_tokens_stop(e, tok, "List:\n1. apples\n2.", mn)
+
+
+def _check_min_new_tokens_stop(e, tok, prompt, mn):
+    # (min_new_tokens bars the end-of-sequence token until then, so the reference has it too)
+    ref = e.generate(prompt, {"temperature": 0, "max_new_tokens": 40, "ignore_eos": True,
+                              "min_new_tokens": mn})["output_ids"]
+    texts = [tok.decode(ref[:k], skip_special_tokens=True) for k in range(len(ref) + 1)]
+    k = next(k for k in range(mn + 1, len(ref) + 1) if "\n" in texts[k][max(0, len(texts[k - 1])):])
+    want = texts[k][:texts[k].index("\n", len(texts[k - 1]))]
+    assert "\n" in want  # an earlier newline (before min_new_tokens) stays: the case under test
+    sp = {"temperature": 0, "max_new_tokens": 40, "ignore_eos": True, "stop": ["\n"], "min_new_tokens": mn}
+    whole = e.generate(prompt, sp)
+    assert whole["text"] == want and len(whole["output_ids"]) == k, (whole["text"], want)
+    streamed = list(e.generate(prompt, sp, stream=True))
+    assert streamed[-1]["text"] == want
+
+
+def test_compiled_constraint_cache_is_bounded(default_engine, monkeypatch):
+    """Found by review: every distinct schema stayed compiled for good (a server taking a
+    schema per request grew without end).  The most recently used are kept."""
+    g = default_engine.rt.scheduler.grammar
+    monkeypatch.setattr(type(g), "CACHE_ENTRIES", 4)
+    first = g.compile("regex", "a{1,1}")
+    for i in range(2, 12):
+        g.compile("regex", f"a{{1,{i}}}").result()
+        g.compile("regex", "a{1,1}")  # used again: stays
+        assert len(g.cache) <= 4
+    assert g.compile("regex", "a{1,1}") is first and ("regex", "a{1,2}") not in g.cache
+    out = default_engine.generate("x", {"regex": "b{1,3}", "max_new_tokens": 5, "temperature": 0})
+    assert out["text"] in ("b", "bb", "bbb")

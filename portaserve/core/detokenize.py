@@ -56,7 +56,12 @@ class IncrementalDetokenizer:
             self.read_offset = len(self.ids)
         matched = (finished_reason or {}).get("matched")
         if isinstance(matched, str) and not self.no_stop_trim:
-            i = self.text.find(matched)
+            # the occurrence the last token completed (earlier ones came before
+            # min_new_tokens and stay)
+            before = len(self._decode(self.ids[:-1])) if len(self.ids) > 1 else 0
+            i = self.text.find(matched, max(0, before - len(matched) + 1))
+            if i < 0:
+                i = self.text.rfind(matched)
             if i >= 0:
                 self.text = self.text[:i]
         self.holdback = 0

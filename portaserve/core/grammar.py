@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
@@ -145,7 +146,8 @@ class GrammarBackend:
         self.tokenizer = tokenizer
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                        stop_token_ids=list(eos_ids) or None)
-        self.compiler = xgr.GrammarCompiler(self.info, max_threads=threads)
+        # xgrammar's own cache (of what our futures hold) is unbounded by default
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=threads, cache_limit_bytes=256 << 20)
         self.pool = deep_stack_pool("grammar")  # compiling recurses as deep as checking
         # masks of a batch are filled in parallel (one 128k-vocabulary mask is ~0.1-0.5 ms
         # of CPU; sixteen in a row outlast a decode forward on a GPU); half the cores, so
@@ -153,7 +155,11 @@ class GrammarBackend:
         self.mask_threads = max(1, min(8, (os.cpu_count() or 2) // 2))
         self._batch_matcher = None
         self._no_ctrl = None
-        self.cache: dict[tuple[str, str], Future] = {}
+        # compiled constraints, the most recently used kept: a server taking a new schema
+        # per request would otherwise grow without end
+        self.cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
+
+    CACHE_ENTRIES = 1024
 
     def compile(self, kind: str, text: str) -> Future:
         key = (kind, text)
@@ -161,6 +167,10 @@ class GrammarBackend:
         if fut is None:
             fut = self.pool.submit(self._compile, kind, text)
             self.cache[key] = fut
+            while len(self.cache) > self.CACHE_ENTRIES:
+                self.cache.popitem(last=False)  # a request holding its future keeps it
+        else:
+            self.cache.move_to_end(key)
         return fut
 
     def _compile(self, kind: str, text: str):

@@ -441,7 +441,9 @@ class Scheduler:
         if not self.waiting and self.chunked is None:
             return []
         self._order_waiting()
-        chunk_budget = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else 1 << 62
+        # a chunk is whole pages: at least one (a smaller chunk would round down to none)
+        chunk_budget = (max(self.cfg.chunked_prefill_size, self.page_size)
+                        if self.cfg.chunked_prefill_size > 0 else 1 << 62)
         if self._mixing() and self.running:
             # the running requests' decode tokens ride along; the prompt part keeps at least
             # half the chunk (and a page), so many running requests cannot starve admission
@@ -622,7 +624,10 @@ class Scheduler:
             lp_from = req.input_logprob_start()
             want = []
             if req.return_logprob and lp_from < len(req.input_ids) and not req.input_lp_done:
-                want = range(max(start, lp_from - 1, 0), min(end, len(req.input_ids) - 1))
+                # from the first position not recorded yet: a prompt retracted part-way
+                # resumes from a page-aligned prefix and recomputes a few it has
+                done_to = max(lp_from - 1, 0) + len(req.input_token_logprobs)
+                want = range(max(start, lp_from - 1, 0, done_to), min(end, len(req.input_ids) - 1))
             for p in want:
                 sel.append(row + (p - start))
                 sel_owner.append((req, p, completes and p == end - 1))
@@ -792,12 +797,26 @@ class Scheduler:
             need = sum(self.allocator.pages_needed(1, r.kv_len) for r in self.running) * self.page_size
             if need <= self._available():
                 return retracted
+            c = self.chunked
+            if len(self.running) == 1 and c is not None and self.inflight is None:
+                # a prompt part-way through its chunks holds the room (the running requests
+                # rode along in its chunks with --enable-mixed-chunk): it goes back to the
+                # queue, its prefilled part into the radix cache, to resume from there
+                self.chunked = None
+                self._release(c)
+                c.retractions += 1
+                self.waiting.insert(0, c)
+                retracted += 1
+                self.counters.retractions += 1
+                continue
             if len(self.running) == 1:
                 # One request alone cannot grow: admission guarantees this never happens
-                # (prompt + max_new_tokens <= pool), so fail loudly rather than loop.
+                # (prompt + max_new_tokens <= pool), so fail loudly rather than loop; the
+                # caller is told (the next step reports it)
                 r = self.running.pop()
                 r.finished_reason = {"type": "abort", "message": "out of KV cache memory", "status_code": 500}
                 self._release(r)
+                self._finished_early.append(r)
                 logger.error("request %s aborted: KV pool exhausted", r.rid)
                 return retracted
             # retract the request with the least output (and longest prompt) first
@@ -1024,11 +1043,16 @@ class Scheduler:
         toks = self.grammar.jump_forward(r.grammar, room - 1)
         if not toks:
             return False
-        r.output_ids.extend(toks)
+        for k, tok in enumerate(toks):  # the stop checks see every forced token, as if sampled
+            r.output_ids.append(tok)
+            self._check_finished(r)
+            if r.finished:
+                toks = toks[:k + 1]
+                break
         r.jump_forward_tokens += len(toks)
         self.counters.jump_forward_tokens += len(toks)
         self.counters.generated_tokens += len(toks)
-        if r.grammar.is_terminated():
+        if not r.finished and r.grammar.is_terminated():
             r.finished_reason = {"type": "stop", "matched": toks[-1]}
         return True
 
@@ -1043,10 +1067,14 @@ class Scheduler:
                 r.finished_reason = {"type": "stop", "matched": tok}
                 return
             if sp.stop_strs and self.decode_fn is not None:
+                # a stop string that this token completes: one that ended earlier was
+                # seen then, or came before min_new_tokens and does not count
                 longest = max(len(s) for s in sp.stop_strs)
-                tail = self.decode_fn(r.output_ids[-(longest + 2):])
+                window = r.output_ids[-(longest + 2):]
+                tail = self.decode_fn(window)
+                before = len(self.decode_fn(window[:-1])) if len(window) > 1 else 0
                 for s in sp.stop_strs:
-                    if s in tail:
+                    if tail.find(s, max(0, before - len(s) + 1)) >= 0:
                         r.finished_reason = {"type": "stop", "matched": s}
                         return
         if len(r.output_ids) >= sp.max_new_tokens:
