@@ -232,7 +232,7 @@ def test_concurrent_callers(default_engine, reference_outputs):
     ({"temperature": float("nan")}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
-    ({"top_k": 0}, "top_k"),
+    ({"top_k": -5}, "top_k"),
     ({"max_new_tokens": -1}, "max_new_tokens"),
     ({"max_new_tokens": 10 ** 6}, "max_new_tokens"),
     ({"stop": 5}, "stop"),

@@ -45,13 +45,19 @@ def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=F
                 sp[k] = v
     params = SamplingParams.from_dict(sp)
     ctx = limits.context_len
+    # OpenAI's wording and code: clients look for "maximum context length" to shorten
+    # the conversation and retry
     if len(input_ids) >= ctx:
         raise InvalidRequest(
-            f"the prompt has {len(input_ids)} tokens; this model's context length is {ctx}", "prompt")
+            f"This model's maximum context length is {ctx} tokens. However, the prompt has "
+            f"{len(input_ids)} tokens. Please reduce the length of the prompt.", "prompt",
+            "context_length_exceeded")
     if len(input_ids) + params.max_new_tokens > ctx:
         raise InvalidRequest(
-            f"prompt ({len(input_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-            f"exceeds the context length {ctx}", "max_new_tokens")
+            f"This model's maximum context length is {ctx} tokens. However, you requested "
+            f"{len(input_ids) + params.max_new_tokens} tokens ({len(input_ids)} in the prompt, "
+            f"{params.max_new_tokens} in max_new_tokens). Please reduce the length of the prompt "
+            "or max_new_tokens.", "max_new_tokens", "context_length_exceeded")
     if len(input_ids) + params.max_new_tokens > limits.pool_tokens:
         raise InvalidRequest(
             f"prompt + max_new_tokens ({len(input_ids) + params.max_new_tokens}) exceeds the KV "

@@ -19,9 +19,10 @@ def _show(v) -> str:
 class InvalidRequest(ValueError):
     """A request the engine refuses; ``param`` names the offending field."""
 
-    def __init__(self, message: str, param: Optional[str] = None):
+    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None):
         super().__init__(message)
         self.param = param
+        self.code = code  # OpenAI's error code where it has one (context_length_exceeded)
 
 
 @dataclass
@@ -96,8 +97,10 @@ class SamplingParams:
         if type(self.top_k) is int and self.top_k >= 2 ** 31:  # more than any vocabulary:
             self.top_k = -1  # no limit, as -1 (and fits an int32)
         num("top_k", integer=True)
-        if self.top_k == 0 or self.top_k < -1:
-            raise InvalidRequest(f"top_k must be -1 (off) or >= 1, got {_show(self.top_k)}", "top_k")
+        if self.top_k == 0:  # off, as in vLLM and transformers (SGLang takes only -1)
+            self.top_k = -1
+        if self.top_k < -1:
+            raise InvalidRequest(f"top_k must be -1 or 0 (off) or >= 1, got {_show(self.top_k)}", "top_k")
         num("min_p", 0.0, 1.0)
         num("frequency_penalty", -2.0, 2.0)
         num("presence_penalty", -2.0, 2.0)

@@ -12,6 +12,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -76,6 +77,10 @@ def create_app(client: SchedulerClient) -> FastAPI:
                                   headers={"WWW-Authenticate": "Bearer"})
             return await call_next(request)
 
+    # browsers may call the API from any page, as SGLang and vLLM allow by default; added
+    # last, so it is the outermost layer and answers preflights before the API key check
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True,
+                       allow_methods=["*"], allow_headers=["*"])
     app.include_router(native_api.router)
     app.include_router(openai_api.router)
 

@@ -24,9 +24,9 @@ def dead_error(message: str) -> APIError:
 
 def make_req(client: SchedulerClient, prompt, input_ids, sp: dict, return_logprob=False,
              logprob_start_len=None, top_logprobs_num=None, rid=None, rename=None,
-             prefix: str = "") -> Req:
+             prefix: str = "", param_rename=None) -> Req:
     """build_req with the engine's limits; InvalidRequest -> 400 (names renamed for the
-    API at hand, e.g. max_new_tokens -> max_tokens)."""
+    API at hand, e.g. max_new_tokens -> max_tokens; param_rename: only the param)."""
     try:
         return build_req(client.limits, client.tokenizer, prompt, input_ids, sp, return_logprob,
                          logprob_start_len, top_logprobs_num, rid)
@@ -36,6 +36,7 @@ def make_req(client: SchedulerClient, prompt, input_ids, sp: dict, return_logpro
             err.message = err.message.replace(old, new)
             if err.param == old:
                 err.param = new
+        err.param = (param_rename or {}).get(err.param, err.param)
         raise err
 
 

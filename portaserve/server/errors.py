@@ -43,7 +43,8 @@ def bad_request(message: str, param: Optional[str] = None, code: Optional[str] =
 
 
 def from_invalid(e: InvalidRequest, prefix: str = "") -> APIError:
-    return APIError(400, prefix + str(e), "invalid_request_error", getattr(e, "param", None))
+    return APIError(400, prefix + str(e), "invalid_request_error", getattr(e, "param", None),
+                    getattr(e, "code", None))
 
 
 async def read_json_object(request) -> dict:
@@ -117,6 +118,12 @@ def get(body: dict, name: str, typ, default: Any = None, *, nullable: bool = Tru
             ok = True
         elif t not in (int, float) and isinstance(v, t):
             ok = True
+    # as lax as pydantic, which SGLang and vLLM validate with: 16.0 is an integer, 0 and 1
+    # are booleans
+    if not ok and int in types and isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        v, ok = int(v), True
+    elif not ok and bool in types and type(v) is int and v in (0, 1):
+        v, ok = bool(v), True
     if not ok:
         want = " or ".join(_NAMES.get(t, t.__name__) for t in types)
         raise bad_request(f"{name} must be {want}, got {json.dumps(v)[:60]}", name)

@@ -65,7 +65,7 @@ def sampling_params(body: dict, chat: bool) -> tuple[dict, dict]:
     mt_name = "max_tokens"
     max_tokens = get(body, "max_tokens", int)
     if chat and get(body, "max_completion_tokens", int) is not None:
-        max_tokens = body["max_completion_tokens"]
+        max_tokens = get(body, "max_completion_tokens", int)
         mt_name = "max_completion_tokens"
     rename["max_new_tokens"] = mt_name
     if max_tokens is not None:
@@ -459,13 +459,16 @@ def _messages(body: dict) -> list[dict]:
                     raise bad_request(f"messages[{i}].content: only text parts are supported, got "
                                       f"{kind!r}", "messages")
                 parts.append(p["text"])
-            content = "".join(parts)
+            content = "\n".join(parts)  # as vLLM joins them
         if not isinstance(content, str):
             raise bad_request(f"messages[{i}].content must be a string or a list of text parts",
                               "messages")
         msg = {"role": "system" if role == "developer" else role, "content": content}
         for key in ("tool_calls", "tool_call_id", "name"):
-            if key in m:  # assistant calls and tool results go to the template as given
+            # assistant calls and tool results go to the template as given; a null is left
+            # out (the openai client's message.model_dump() sends tool_calls: null, and
+            # templates test `'tool_calls' in message`)
+            if m.get(key) is not None:
                 msg[key] = m[key]
         if "tool_calls" in msg and isinstance(msg["tool_calls"], list):
             for tc in msg["tool_calls"]:  # templates expect arguments as an object
@@ -585,7 +588,8 @@ async def chat_completions(request: Request):
             # no max_tokens: up to the context (and the KV pool), as OpenAI does
             room = min(c.limits.context_len, c.limits.pool_tokens) - len(ids)
             sp["max_new_tokens"] = max(room, 1)
-        return [make_req(c, None, ids, copy_params(sp, j), want_lp, None, top or 0, rename=rename)
+        return [make_req(c, None, ids, copy_params(sp, j), want_lp, None, top or 0, rename=rename,
+                         param_rename={"prompt": "messages"})
                 for j in range(n)]
 
     reqs = await c.off_loop(build)
@@ -600,8 +604,11 @@ async def chat_completions(request: Request):
     call_format = parser if choice == "auto" else "constrained"
 
     def tool_finish(st, calls, complete: bool) -> Optional[str]:
-        """tool_calls when the answer made calls and none was cut short."""
+        """tool_calls when the answer made calls and none was cut short; a named
+        tool_choice ends with stop, as in OpenAI's API and vLLM."""
         finish = _finish(st.finished_reason)
+        if choice not in ("auto", "required"):
+            return finish
         return "tool_calls" if calls and complete and finish in ("stop", "length") else finish
 
     def message(st):
@@ -613,7 +620,7 @@ async def chat_completions(request: Request):
             msg = {"role": "assistant", "content": text, "reasoning_content": thought or None}
         finish = _finish(st.finished_reason)
         if tools:
-            content, calls, complete = tool_calls.parse(text, call_format, tool_names, max_calls)
+            content, calls, complete = tool_calls.parse(text, call_format, tool_names, max_calls, parser)
             if calls:
                 msg.update(content=content, tool_calls=calls)
                 finish = tool_finish(st, calls, complete)
@@ -643,7 +650,8 @@ async def chat_completions(request: Request):
         # each choice's text goes through the reasoning parser (thinking -> reasoning_content
         # deltas) and, with tools, a tool-call parser: content deltas for text outside calls,
         # a header delta per call, then its argument fragments
-        streams = [tool_calls.ToolCallStream(call_format, tool_names, max_calls) for _ in states] if tools else None
+        streams = ([tool_calls.ToolCallStream(call_format, tool_names, max_calls, parser) for _ in states]
+                   if tools else None)
         thinking = [reasoning.ReasoningStream(think_parser) for _ in states] if think_parser else None
         held_reasoning = [""] * len(states)  # stream_reasoning false: sent in one piece
         try:

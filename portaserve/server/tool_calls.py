@@ -324,10 +324,12 @@ class ToolCallStream:
 
     START, END, PYTAG, MISTRAL_TAG = "<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]"
 
-    def __init__(self, fmt: str, tool_names, max_calls: Optional[int] = None):
+    def __init__(self, fmt: str, tool_names, max_calls: Optional[int] = None,
+                 id_style: Optional[str] = None):
         if fmt not in PARSERS + ("constrained",):
             raise ValueError(f"unknown tool-call format {fmt!r}")
         self.fmt = fmt
+        self.id_style = id_style or fmt  # the model's parser: Mistral's ids are 9 characters
         self.max_calls = max_calls  # parallel_tool_calls false: 1 (later calls are dropped)
         self.names = set(tool_names)
         self.mode = "start" if fmt != "hermes" else "text"
@@ -540,7 +542,7 @@ class ToolCallStream:
                 if val not in self.names and self.fmt != "constrained":
                     return self._abandon()
                 idx = len(self.calls)
-                self.calls.append({"id": _new_id(self.fmt), "name": val, "complete": False})
+                self.calls.append({"id": _new_id(self.id_style), "name": val, "complete": False})
                 self.started = True
                 self.ws = ""  # whitespace before a call is not content
                 self.out.append({"tool_calls": [{"index": idx, "id": self.calls[-1]["id"], "type": "function",
@@ -556,6 +558,8 @@ class ToolCallStream:
             elif kind == "end":
                 if not self.started:
                     return self._abandon()  # an object without a known name
+                if not self.calls[-1].get("has_args"):  # a call without arguments: {} (as
+                    self._args("{}")                      # SGLang), never "", which is not JSON
                 self.calls[-1]["complete"] = True
                 self._end_call()
             elif kind == "error":
@@ -564,6 +568,7 @@ class ToolCallStream:
                 self._end_call()  # the call stays as far as it went
 
     def _args(self, frag: str) -> None:
+        self.calls[-1]["has_args"] = True
         self.out.append({"tool_calls": [{"index": len(self.calls) - 1, "function": {"arguments": frag}}]})
 
     def _end_call(self) -> None:
@@ -587,10 +592,10 @@ class ToolCallStream:
             self._content(raw)
 
 
-def parse(text: str, fmt: str, tool_names, max_calls: Optional[int] = None
-          ) -> tuple[Optional[str], list[dict], bool]:
+def parse(text: str, fmt: str, tool_names, max_calls: Optional[int] = None,
+          id_style: Optional[str] = None) -> tuple[Optional[str], list[dict], bool]:
     """(content, tool_calls, complete) of a whole output: what a stream would carry."""
-    p = ToolCallStream(fmt, tool_names, max_calls)
+    p = ToolCallStream(fmt, tool_names, max_calls, id_style)
     p.feed(text)
     p.finish()
     content, calls = p.message()

@@ -142,3 +142,31 @@ def test_seeded_n_choices_are_different_reproducible_samples(server):
     gen = server.post("/generate", json={"text": kw["prompt"], "sampling_params": {
         "max_new_tokens": 8, "temperature": 1.0, "ignore_eos": True, "sampling_seed": 1234, "n": 2}}).json()
     assert [g["text"] for g in gen] == texts[:2]
+
+
+def test_messages_as_clients_send_them(server, tok):
+    """The openai client's message.model_dump() sends tool_calls, name, ... as null: they
+    are left out, as SGLang and vLLM do (templates test `'tool_calls' in message`).  Text
+    parts are joined with a newline, as vLLM does.  Reference: the tokenizer's own template
+    on the messages as they should reach it."""
+    def prompt_tokens(messages):
+        r = server.post("/v1/chat/completions", json={"model": "default", "messages": messages,
+                                                      "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    def want(messages):
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return len(tok.encode(text, add_special_tokens=False))
+
+    dumped = [MSGS[0], {**MSGS[1], "tool_calls": None, "name": None, "function_call": None,
+                        "refusal": None, "audio": None}, {"role": "user", "content": "More."}]
+    plain = [MSGS[0], MSGS[1], {"role": "user", "content": "More."}]
+    assert prompt_tokens(dumped) == want(plain)
+    from portaserve.server.openai_api import _messages
+
+    assert _messages({"messages": dumped}) == plain  # what the template gets (Llama 3.1's
+    # `'tool_calls' in message` then `message.tool_calls|length` failed on a null)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "World"}]}]
+    assert prompt_tokens(parts) == want([{"role": "user", "content": "Hello\nWorld"}])
+    assert want([{"role": "user", "content": "Hello\nWorld"}]) != want([{"role": "user", "content": "HelloWorld"}])

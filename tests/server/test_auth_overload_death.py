@@ -61,6 +61,19 @@ def test_api_key(small):
         bad.models.list()
     good = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
     assert good.completions.create(model="default", prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
+    # a browser page on another origin: its preflight is answered without the key (a
+    # browser never sends one there), and the real request still needs the key
+    origin = {"Origin": "http://localhost:8080"}
+    r = requests.options(url + "/v1/chat/completions", headers={
+        **origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-origin"] in ("*", origin["Origin"])
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = requests.get(url + "/v1/models", headers=origin)
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] in ("*", origin["Origin"])
+    r = requests.get(url + "/v1/models", headers={**origin, **small.headers()})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] in ("*", origin["Origin"])
 
 
 def test_served_model_name_and_chat_template(small):

@@ -38,7 +38,7 @@ CASES = [
     (C, {"prompt": "x", "logprobs": 50}, "logprobs", "logprobs"),
     (C, {"prompt": "x", "stream": "yes"}, "stream must be a boolean", "stream"),
     (C, {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", "stream_options"),
-    (C, {"prompt": "x", "top_k": 0}, "top_k", "top_k"),
+    (C, {"prompt": "x", "top_k": -2}, "top_k", "top_k"),
     (C, {"prompt": [1, 2, 99999999]}, "vocabulary", "input_ids"),
     (C, {"prompt": "x", "regex": "[unclosed"}, "regex", "regex"),
     (C, {"prompt": "x", "json_schema": "{not json"}, "json_schema", "json_schema"),
@@ -116,6 +116,9 @@ CASES = [
     (C, {"prompt": "x", "max_tokens": 4, "regex": "a{20000000}"}, "forces a text of 20000000", "regex"),
     (GEN, {"text": "x", "sampling_params": {"ebnf": 'root ::= "a" root'}}, "matches no finite text", None),
     (GEN, {"text": ["a", "b"], "rid": "same"}, "list of 2 ids", "rid"),
+    # pydantic's lax types, as SGLang and vLLM take them, but no further
+    (C, {"prompt": "x", "max_tokens": 2.5}, "max_tokens must be an integer", "max_tokens"),
+    (CHAT, {"messages": MSG, "logprobs": 2}, "logprobs must be a boolean", "logprobs"),
 ]
 
 
@@ -163,3 +166,33 @@ def test_streamed_grammar_that_matches_nothing_is_an_invalid_request_event(serve
 def test_unknown_route_is_openai_shaped_404(server):
     r = server.get("/v1/nope")
     assert r.status_code == 404 and "message" in r.json()["error"]
+
+
+def test_context_overflow_is_openais_context_length_exceeded(server):
+    """Clients (agent loops, crewAI, ...) look for OpenAI's code and wording to shorten a
+    conversation and retry."""
+    long = [{"role": "user", "content": "hello " * 9000}]
+    for path, body, param in ((CHAT, {"messages": long, "max_tokens": 1}, "messages"),
+                              (C, {"prompt": "x", "max_tokens": 100000}, "max_tokens"),
+                              (CHAT, {"messages": MSG, "max_completion_tokens": 100000}, "max_completion_tokens")):
+        r = requests.post(server.url + path, json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "context_length_exceeded" and err["param"] == param, err
+        assert err["message"].startswith("This model's maximum context length is 8192 tokens."), err
+
+
+def test_lax_json_types_as_pydantic_takes_them(server):
+    """16.0 is an integer and 0/1 are booleans to pydantic, which SGLang and vLLM validate
+    with; clients written against them send such values."""
+    r = requests.post(server.url + C, json={"prompt": "Hello", "max_tokens": 3.0, "ignore_eos": 1,
+                                            "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3
+    r = requests.post(server.url + CHAT, json={"messages": MSG, "max_tokens": 2, "logprobs": 1,
+                                               "top_logprobs": 2.0}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+    r = requests.post(server.url + C, json={"prompt": "Hello", "max_tokens": 3, "top_k": 0,
+                                            "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text  # 0 is "off", as in vLLM
