@@ -63,6 +63,7 @@ class Runtime:
         d = {
             **self.platform.describe(),
             "model_path": str(self.source.path),
+            "model_path_arg": self.args.model_path,  # as given (a relative path, a repo id)
             "served_model_name": self.model_name,
             "architecture": self.model_config.architecture,
             "dtype": str(self.dtype).replace("torch.", ""),

@@ -33,7 +33,10 @@ def _client(request: Request):
 
 
 def model_names(client) -> list[str]:
-    names = [client.info.get("served_model_name"), client.info.get("model_path")]
+    """Names a request may give: the served name, the --model-path as given (SGLang and
+    vLLM serve under it) and as resolved."""
+    names = [client.info.get("served_model_name"), client.info.get("model_path_arg"),
+             client.info.get("model_path")]
     return [n for n in names if n]
 
 
@@ -42,6 +45,8 @@ def _check_model(client, body: dict) -> str:
     served = client.info.get("served_model_name")
     if model is None or model in ("default", "") or model in model_names(client):
         return served
+    if "/" not in served and model.rstrip("/").rsplit("/", 1)[-1] == served:
+        return served  # a Hugging Face id (org/name) or a path ending in the served name
     raise APIError(400, f"the model {model!r} does not exist; this server serves {served!r}",
                    "invalid_request_error", "model", "model_not_found")
 

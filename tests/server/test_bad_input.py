@@ -196,3 +196,14 @@ def test_lax_json_types_as_pydantic_takes_them(server):
     r = requests.post(server.url + C, json={"prompt": "Hello", "max_tokens": 3, "top_k": 0,
                                             "temperature": 0}, timeout=60)
     assert r.status_code == 200, r.text  # 0 is "off", as in vLLM
+
+
+def test_model_names_a_client_may_use(server):
+    """The served name, and the same model named as a Hugging Face id or a path ending in
+    it (SGLang and vLLM serve under the --model-path as given); another model is a 400."""
+    served = requests.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    for name in (served, f"HuggingFaceTB/{served}", f"./models/{served}/", "default"):
+        r = requests.post(server.url + C, json={"prompt": "x", "max_tokens": 1, "model": name}, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == served, (name, r.text)
+    r = requests.post(server.url + C, json={"prompt": "x", "max_tokens": 1, "model": f"{served}-v2"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_found"
