@@ -238,10 +238,16 @@ class Engine:
         if self._closed or not self._thread.is_alive():
             raise EngineDead("the engine has been shut down")
 
-    def _submit(self, reqs: list[Req]) -> list[_Handle]:
-        """Register and send reqs, all or none (an id already in use refuses them all)."""
+    def _submit(self, reqs: list[Req], pending: Optional["_Unsent"] = None) -> Optional[list[_Handle]]:
+        """Register and send reqs, all or none (an id already in use refuses them all).
+        Under the lock abort_request takes, so an abort is either seen here (``pending``:
+        a stream aborted before its first read; returns None) or queued after the add."""
         handles = [_Handle(r, self.tokenizer) for r in reqs]
         with self._lock:
+            if pending is not None:
+                self._unsent.pop(reqs[0].rid, None)
+                if pending.aborted:
+                    return None
             self._check_alive()
             rids = [r.rid for r in reqs]
             dup = ([x for x in rids if x in self._handles or x in self._releasing]
@@ -250,8 +256,8 @@ class Engine:
                 raise InvalidRequest(f"request id {dup[0]!r} is already in use", "rid")
             for h in handles:
                 self._handles[h.req.rid] = h
-        for r in reqs:
-            self._inbox.put(("add", r))
+            for r in reqs:
+                self._inbox.put(("add", r))
         return handles
 
     def _wait(self, h: _Handle) -> Iterator[dict]:
@@ -340,14 +346,14 @@ class Engine:
         return h.result()
 
     def _stream(self, req: Req, pending: "_Unsent") -> Iterator[dict]:
-        with self._lock:
-            self._unsent.pop(req.rid, None)
-        if pending.aborted:  # aborted before its first read: never sent
-            yield {"text": "", "output_ids": [], "meta_info": {
-                "id": req.rid, "prompt_tokens": len(req.input_ids), "completion_tokens": 0,
-                "cached_tokens": 0, "finish_reason": {"type": "abort", "message": "aborted by request"}}}
+        handles = self._submit([req], pending)
+        if handles is None:  # aborted before its first read: never sent
+            h = _Handle(req, self.tokenizer)
+            h.meta = {"prompt_tokens": len(req.input_ids), "completion_tokens": 0, "cached_tokens": 0}
+            h.finished_reason = {"type": "abort", "message": "aborted by request"}
+            yield h.result()
             return
-        h, = self._submit([req])
+        h, = handles
         for _ in self._wait(h):
             out = h.result()
             if h.detok is not None:
@@ -362,13 +368,13 @@ class Engine:
         def copy_of(x):
             return x.startswith(rid + "-") and x[len(rid) + 1:].isdigit()
 
-        with self._lock:
+        with self._lock:  # see _submit
             copies = [x for x in self._handles if copy_of(x)]
             for x, pending in list(self._unsent.items()):
                 if x == rid or copy_of(x):
                     pending.aborted = True
-        for x in [rid, *copies]:
-            self._inbox.put(("abort", x))
+            for x in [rid, *copies]:
+                self._inbox.put(("abort", x))
 
     def flush_cache(self) -> bool:
         return self._command(lambda done: ("flush_cache", done))

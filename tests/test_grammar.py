@@ -421,6 +421,17 @@ def test_stop_strings_inside_forced_text_and_after_min_new_tokens(default_engine
     out = e.generate("Q:", {"regex": "The answer is written after this sentence, yes", "stop": ["answer"],
                             "temperature": 0, "max_new_tokens": 40})
     assert out["text"] == "The " and out["meta_info"]["finish_reason"]["matched"] == "answer", out
+    # a stop string ending in a character split over several tokens (the emoji is three
+    # byte tokens here): without its last token, the character decodes as U+FFFD
+    assert len(e.tokenizer.encode("🎉", add_special_tokens=False)) > 1
+    for jf in (True, False):
+        e.rt.scheduler.jump_forward = jf
+        try:
+            out = e.generate("Q:", {"regex": "Party 🎉 time and more text here", "stop": ["🎉"],
+                                    "temperature": 0, "max_new_tokens": 40})
+        finally:
+            e.rt.scheduler.jump_forward = True
+        assert out["text"] == "Party " and out["meta_info"]["finish_reason"]["matched"] == "🎉", (jf, out)
 
     # reference: the same greedy tokens without stop strings, cut by the rule written out
     tok = e.tokenizer

@@ -45,16 +45,22 @@ def test_a_chunked_prompt_that_runs_out_of_room_goes_back_to_the_queue(tiny_mode
     s = rt.scheduler
     s.new_token_ratio = s.cfg.min_new_token_ratio = 0.05  # a long-serving scheduler's reserve
     a_ids = list(range(10, 20))
+    room = s._available() - 11 - 1
+    c_ids = [7 + (i % 400) for i in range(room - 12)]
+    # the same prompt, cached by an earlier request: the retracted prompt must not take
+    # this longer prefix on resuming (its input logprobs there are not recorded yet)
+    D = _req(rt, c_ids, {"max_new_tokens": 1, **GREEDY}, "D")
+    s.add_request(D)
+    _drain(s)
     A = _req(rt, a_ids, {"max_new_tokens": 100, **GREEDY}, "A")
     s.add_request(A)
     for _ in range(5):
         s.step()
-    room = s._available() - s._reserved_for_running() - 1
-    c_ids = [7 + (i % 400) for i in range(room)]
+    assert len(c_ids) < s._available() - s._reserved_for_running()
     C = _req(rt, c_ids, {"max_new_tokens": 1, **GREEDY}, "C", return_logprob=True, logprob_start_len=0)
     s.add_request(C)
     reported = _drain(s)
-    assert set(reported) == {"A", "C"}
+    assert set(reported) == {"A", "C"} and C.cached_tokens == 0
     assert A.finished_reason["type"] == "length" and C.finished_reason["type"] == "length"
     assert s.counters.retractions >= 1  # the case under test happened
 
@@ -91,3 +97,18 @@ def test_chunk_smaller_than_a_page(tiny_models):
     ref.scheduler.add_request(r2)
     _drain(ref.scheduler)
     assert r.output_ids == r2.output_ids and len(r.output_ids) == 4
+
+
+def test_a_resumed_prompt_does_not_skip_unrecorded_logprobs(tiny_models):
+    """A prompt retracted part-way (admitted once, some input logprobs recorded) must not
+    match a longer cached prefix on resuming: the logprobs there were never recorded."""
+    rt = _runtime(tiny_models("llama3"), max_total_tokens=2000)
+    s = rt.scheduler
+    ids = list(range(5, 105))
+    s.add_request(_req(rt, ids, {"max_new_tokens": 1, **GREEDY}, "D"))  # caches the prompt
+    _drain(s)
+    C = _req(rt, ids, {"max_new_tokens": 1, **GREEDY}, "C", return_logprob=True, logprob_start_len=0)
+    C.admitted_once = True
+    C.input_token_logprobs = [(-1.0, t, None) for t in ids[1:41]]  # positions 0..39 recorded
+    s._match(C)
+    assert len(C.prefix_indices) == 40  # resumes at the first unrecorded position

@@ -3,6 +3,8 @@ whole sequence, across multi-byte UTF-8 characters split over tokens and tokens 
 merge with their neighbours.  Stop strings are trimmed and never streamed early."""
 from __future__ import annotations
 
+import os
+
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True,
@@ -58,7 +60,8 @@ class IncrementalDetokenizer:
         if isinstance(matched, str) and not self.no_stop_trim:
             # the occurrence the last token completed (earlier ones came before
             # min_new_tokens and stay)
-            before = len(self._decode(self.ids[:-1])) if len(self.ids) > 1 else 0
+            before = (len(os.path.commonprefix([self._decode(self.ids[:-1]), self.text]))
+                      if len(self.ids) > 1 else 0)
             i = self.text.find(matched, max(0, before - len(matched) + 1))
             if i < 0:
                 i = self.text.rfind(matched)

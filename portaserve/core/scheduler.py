@@ -19,6 +19,7 @@ a thread, the server from its own process.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -82,6 +83,10 @@ class StepStats:
     batch_size: int = 0
     num_tokens: int = 0
     retracted: int = 0
+
+
+def common_prefix_len(a: str, b: str) -> int:
+    return len(os.path.commonprefix([a, b]))
 
 
 @dataclass
@@ -325,8 +330,11 @@ class Scheduler:
         positions whose input logprobs are wanted are computed)."""
         fill = req.fill_ids
         limit = len(fill) - 1
-        if req.return_logprob and req.input_logprob_start() < len(req.input_ids) and not req.admitted_once:
-            limit = min(limit, max(req.input_logprob_start() - 1, 0))
+        if req.return_logprob and req.input_logprob_start() < len(req.input_ids) and not req.input_lp_done:
+            # from the first position whose logprob is not recorded yet (a prompt retracted
+            # part-way has some; a cache hit beyond them would skip the rest)
+            start = max(req.input_logprob_start() - 1, 0)
+            limit = min(limit, start + len(req.input_token_logprobs))
         if self.tree is None or limit <= 0:
             req.prefix_indices = torch.empty(0, dtype=torch.int64)
             req.last_node = None
@@ -1072,11 +1080,15 @@ class Scheduler:
                 longest = max(len(s) for s in sp.stop_strs)
                 window = r.output_ids[-(longest + 2):]
                 tail = self.decode_fn(window)
-                before = len(self.decode_fn(window[:-1])) if len(window) > 1 else 0
-                for s in sp.stop_strs:
-                    if tail.find(s, max(0, before - len(s) + 1)) >= 0:
-                        r.finished_reason = {"type": "stop", "matched": s}
-                        return
+                hits = [s for s in sp.stop_strs if s in tail]
+                if hits:
+                    # the text before this token: the part both decodes share (without the
+                    # token, a character it completes decodes as U+FFFD)
+                    before = common_prefix_len(self.decode_fn(window[:-1]), tail) if len(window) > 1 else 0
+                    for s in hits:
+                        if tail.find(s, max(0, before - len(s) + 1)) >= 0:
+                            r.finished_reason = {"type": "stop", "matched": s}
+                            return
         if len(r.output_ids) >= sp.max_new_tokens:
             r.finished_reason = {"type": "length", "length": sp.max_new_tokens}
         elif len(r.input_ids) + len(r.output_ids) >= self.cfg.context_len:

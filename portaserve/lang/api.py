@@ -66,6 +66,9 @@ def select(name: Optional[str] = None, choices: Optional[list] = None,
     same argument under portaserve's older name ("normalized" or "sum")."""
     if not choices or not all(isinstance(c, str) and c for c in choices):
         raise ValueError("select needs a non-empty list of non-empty strings")
+    if isinstance(temperature, str):  # select(name, choices, "sum"): the old third argument
+        raise ValueError(f"select's third argument is temperature, as in SGLang; pass the "
+                         f"method as choices_method={temperature!r}")
     if temperature not in (0, None):
         raise ValueError("select is deterministic: it picks by logprob; only temperature=0 "
                          f"is supported, got {temperature!r}")
@@ -132,7 +135,7 @@ class Program:
         """Keyword arguments that are sampling defaults (and not the program's own);
         ``strict``: anything else is an error (run_batch passes no program arguments)."""
         sampling = {k: kwargs.pop(k) for k in list(kwargs)
-                    if k in SAMPLING_KEYS + ("max_tokens",) and k not in self.arg_names}
+                    if k in SAMPLING_KEYS + ("max_tokens",) and (strict or k not in self.arg_names)}
         if strict and kwargs:
             raise TypeError(f"run_batch() got unknown keyword arguments {sorted(kwargs)}; "
                             f"it takes sampling parameters ({', '.join(SAMPLING_KEYS)}, "

@@ -40,13 +40,19 @@ def model_names(client) -> list[str]:
     return [n for n in names if n]
 
 
+def serves(client, model: str) -> bool:
+    """Whether ``model`` names this server's model: one of model_names, or a Hugging Face
+    id (org/name) or a path ending in the served name."""
+    served = client.info.get("served_model_name")
+    return (model in model_names(client)
+            or ("/" not in served and model.rstrip("/").rsplit("/", 1)[-1] == served))
+
+
 def _check_model(client, body: dict) -> str:
     model = get(body, "model", str)
     served = client.info.get("served_model_name")
-    if model is None or model in ("default", "") or model in model_names(client):
+    if model is None or model in ("default", "") or serves(client, model):
         return served
-    if "/" not in served and model.rstrip("/").rsplit("/", 1)[-1] == served:
-        return served  # a Hugging Face id (org/name) or a path ending in the served name
     raise APIError(400, f"the model {model!r} does not exist; this server serves {served!r}",
                    "invalid_request_error", "model", "model_not_found")
 
@@ -275,7 +281,7 @@ async def list_models(request: Request):
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request):
     c = _client(request)
-    if model not in model_names(c):
+    if not serves(c, model):
         raise APIError(404, f"the model {model!r} does not exist", "invalid_request_error", "model",
                        "model_not_found")
     return _model_card(c)

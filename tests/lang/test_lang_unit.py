@@ -57,6 +57,8 @@ def test_select_arguments_and_run_batch_refuse_what_they_cannot_honour():
         pl.select("x", ["a"], choices_method="best")
     with pytest.raises(ValueError, match="temperature"):
         pl.select("x", ["a"], temperature=0.5)
+    with pytest.raises(ValueError, match="choices_method='sum'"):  # the old positional method
+        pl.select("x", ["a"], "sum")
     with pytest.raises(ValueError, match="choices_method goes with choices"):
         pl.gen("x", choices_method=pl.greedy_token_selection)
     with pytest.raises(ValueError, match="return_logprob"):
@@ -69,6 +71,13 @@ def test_select_arguments_and_run_batch_refuse_what_they_cannot_honour():
 
     with pytest.raises(TypeError, match="unknown keyword arguments \\['temprature'\\]"):
         prog.run_batch([{}], backend=EchoBackend(0), temprature=0.5)
+
+    @pl.function
+    def takes_stop(s, stop):  # a program argument named like a sampling parameter
+        s += stop
+
+    states = takes_stop.run_batch([{"stop": "!"}], backend=EchoBackend(0), stop=["\n"])
+    assert states[0].text() == "!"
 
 
 def test_greedy_pick_is_the_position_by_position_maximum():

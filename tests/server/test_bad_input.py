@@ -205,5 +205,7 @@ def test_model_names_a_client_may_use(server):
     for name in (served, f"HuggingFaceTB/{served}", f"./models/{served}/", "default"):
         r = requests.post(server.url + C, json={"prompt": "x", "max_tokens": 1, "model": name}, timeout=60)
         assert r.status_code == 200 and r.json()["model"] == served, (name, r.text)
+        if name != "default":  # GET /v1/models/{name} agrees
+            assert requests.get(f"{server.url}/v1/models/{name.strip('./')}", timeout=30).status_code == 200
     r = requests.post(server.url + C, json={"prompt": "x", "max_tokens": 1, "model": f"{served}-v2"}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_found"
