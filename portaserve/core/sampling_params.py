@@ -74,6 +74,9 @@ class SamplingParams:
     def validate(self) -> None:
         def num(name, lo=None, hi=None, lo_open=False, integer=False):
             v = getattr(self, name)
+            if integer and type(v) is float and math.isfinite(v) and v.is_integer():
+                v = int(v)  # 16.0 is an integer, as pydantic (the OpenAI endpoints) takes it
+                setattr(self, name, v)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
                 raise InvalidRequest(f"{name} must be a{'n integer' if integer else ' number'}, got {_show(v)}", name)
             if isinstance(v, float) and math.isnan(v):
@@ -106,6 +109,9 @@ class SamplingParams:
         num("presence_penalty", -2.0, 2.0)
         num("repetition_penalty", 0.0, 2.0, lo_open=True)
         num("n", 1, MAX_N, integer=True)
+        if type(self.sampling_seed) is float and math.isfinite(self.sampling_seed) \
+                and self.sampling_seed.is_integer():
+            self.sampling_seed = int(self.sampling_seed)
         if self.sampling_seed is not None and (isinstance(self.sampling_seed, bool)
                                                or not isinstance(self.sampling_seed, int)):
             raise InvalidRequest("sampling_seed must be an integer", "sampling_seed")
@@ -113,6 +119,8 @@ class SamplingParams:
             raise InvalidRequest(f"sampling_seed must be in [-2**63, 2**64), got {_show(self.sampling_seed)}",
                                  "sampling_seed")
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
+            if type(getattr(self, name)) is int and getattr(self, name) in (0, 1):
+                setattr(self, name, bool(getattr(self, name)))  # as pydantic: 0 and 1 are booleans
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequest(f"{name} must be a boolean, got {getattr(self, name)!r}", name)
         stop = self.stop

@@ -96,6 +96,29 @@ async def follow(client: SchedulerClient, states: list[ReqState]) -> AsyncIterat
             client.release(st)
 
 
+def failed(fr: Optional[dict]) -> bool:
+    """An abort with a status is a failure (400: refused for its input, found in the
+    scheduler; 500: a server fault).  One without (an /abort_request) ends the answer like
+    any finish, with finish_reason "abort" and the text so far, as in SGLang."""
+    return fr is not None and fr.get("type") == "abort" and fr.get("status_code") is not None
+
+
+def abort_event(fr: dict) -> bytes:
+    if fr.get("status_code") == 400:
+        return sse_error(fr.get("message", ""), "invalid_request_error")
+    return sse_error(f"the request was aborted: {fr.get('message', '')}", code="aborted")
+
+
+def check_abort(states: list[ReqState]) -> None:
+    for st in states:
+        fr = st.finished_reason
+        if failed(fr):
+            if fr.get("status_code") == 400:
+                raise APIError(400, fr.get("message", ""), "invalid_request_error")
+            raise APIError(500, f"the request was aborted: {fr.get('message', '')}", "server_error",
+                           None, "aborted")
+
+
 def sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
 

@@ -9,6 +9,7 @@ exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -102,6 +103,10 @@ class SchedulerClient:
         self.model_type = None
         self.states: dict[str, ReqState] = {}
         self.releasing: set[str] = set()  # ids released unfinished, their last message not yet in
+        # ids of requests being built (see building_request), and those of them that an
+        # /abort_request named meanwhile
+        self.building: dict[str, int] = {}
+        self.early_aborts: set[str] = set()
         self.num_inflight = 0  # submitted, not yet finished in the scheduler
         self.pending: dict[str, asyncio.Future] = {}
         self.dead: Optional[str] = None
@@ -308,6 +313,8 @@ class SchedulerClient:
             self.metrics.requests_in.inc(len(reqs))
         for r in reqs:
             self._send.send_pyobj(("add", r))
+            if self.early_aborts and self._aborted_early(r.rid):
+                self._send.send_pyobj(("abort", r.rid))  # ends it "abort", as if sent now
             if self.args.log_requests:
                 sp = {k: v for k, v in r.sampling.to_dict().items() if v != _DEFAULT_SAMPLING.get(k)}
                 logger.info("request %s: %d prompt tokens, sampling %s", r.rid, len(r.input_ids),
@@ -344,7 +351,32 @@ class SchedulerClient:
                   if s.startswith(rid + "-") and s[len(rid) + 1:].isdigit()]
         for r in [rid, *copies]:
             self._send.send_pyobj(("abort", r))
+        if rid in self.building:  # its request is still being built: submit aborts it
+            self.early_aborts.add(rid)
         return rid in self.states or bool(copies)
+
+    @contextlib.contextmanager
+    def building_request(self, rid):
+        """Around building and submitting a request whose body names rid (a string, a list
+        of them, or None): an /abort_request for it meanwhile (tokenizing a long prompt
+        takes seconds) is kept and applied at submit, not lost."""
+        names = [rid] if isinstance(rid, str) else [x for x in rid if isinstance(x, str)] \
+            if isinstance(rid, list) else []
+        for x in names:
+            self.building[x] = self.building.get(x, 0) + 1
+        try:
+            yield
+        finally:
+            for x in names:
+                self.building[x] -= 1
+                if not self.building[x]:
+                    del self.building[x]
+                    self.early_aborts.discard(x)
+
+    def _aborted_early(self, rid: str) -> bool:
+        """Whether /abort_request named rid (or R, for copy R-<k>) while it was being built."""
+        base, _, k = rid.rpartition("-")
+        return rid in self.early_aborts or (k.isdigit() and base in self.early_aborts)
 
     async def call(self, cmd: str, *args, timeout: float = 30.0):
         if self.dead is not None:

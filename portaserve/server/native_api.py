@@ -14,8 +14,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from portaserve.core.request_builder import copy_params
 from portaserve.core.sampling_params import MAX_N
-from portaserve.server.common import (SSE_DONE, dead_error, follow, make_req, sse, sse_error,
-                                      submit, wait_all)
+from portaserve.server.common import (SSE_DONE, check_abort, dead_error, follow, make_req, sse,
+                                      sse_error, submit, wait_all)
 from portaserve.server.errors import APIError, bad_request, get, read_json_object, refuse_unsupported
 from portaserve.server.manager import ReqState, SchedulerDead
 
@@ -137,14 +137,15 @@ async def generate(request: Request):
     body = await read_json_object(request)
     stream = get(body, "stream", bool, False)
     with_text = get(body, "return_text_in_logprobs", bool, False)
-    reqs, batch = await client.off_loop(_build_reqs, client, body)
-    states = submit(client, reqs)
+    with client.building_request(body.get("rid")):  # an /abort_request meanwhile is kept
+        reqs, batch = await client.off_loop(_build_reqs, client, body)
+        states = submit(client, reqs)
     texts = request.app.state.token_texts
     if not stream:
         await wait_all(client, states, request)
-        for st in states:  # refused in the scheduler for its input (a grammar that matches nothing)
-            if (st.finished_reason or {}).get("status_code") == 400:
-                raise bad_request(st.finished_reason.get("message", ""))
+        # refused in the scheduler for its input (400: a grammar that matches nothing) or
+        # failed there (500: out of KV memory), as SGLang raises for such aborts
+        check_abort(states)
         def render():  # off the event loop: with many top logprobs a response runs to megabytes
             out = [native_result(st, texts, with_text) for st in states]
             return JSONResponse(out if batch else out[0])

@@ -13,12 +13,12 @@ import uuid
 from typing import Optional
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from portaserve.core.request_builder import copy_params
 from portaserve.core.sampling_params import MAX_N
-from portaserve.server.common import (SSE_DONE, dead_error, follow, make_req, sse, sse_error,
-                                      submit, wait_all)
+from portaserve.server.common import (SSE_DONE, abort_event, check_abort, dead_error, failed,
+                                      follow, make_req, sse, sse_error, submit, wait_all)
 from portaserve.server.errors import APIError, bad_request, get, read_json_object, refuse_unsupported
 from portaserve.server import reasoning, tool_calls
 from portaserve.server.manager import ReqState, SchedulerDead
@@ -201,29 +201,6 @@ def _usage(states: list[ReqState], n: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def _failed(fr: Optional[dict]) -> bool:
-    """An abort with a status is a failure (400: refused for its input, found in the
-    scheduler; 500: a server fault).  One without (an /abort_request) ends the answer like
-    any finish, with finish_reason "abort" and the text so far, as in SGLang."""
-    return fr is not None and fr.get("type") == "abort" and fr.get("status_code") is not None
-
-
-def _abort_event(fr: dict) -> bytes:
-    if fr.get("status_code") == 400:
-        return sse_error(fr.get("message", ""), "invalid_request_error")
-    return sse_error(f"the request was aborted: {fr.get('message', '')}", code="aborted")
-
-
-def _check_abort(states: list[ReqState]) -> None:
-    for st in states:
-        fr = st.finished_reason
-        if _failed(fr):
-            if fr.get("status_code") == 400:
-                raise APIError(400, fr.get("message", ""), "invalid_request_error")
-            raise APIError(500, f"the request was aborted: {fr.get('message', '')}", "server_error",
-                           None, "aborted")
-
-
 # ---- /v1/tokenize, /v1/detokenize (SGLang's; also without /v1) --------------------------------
 def _tokenizer_or_400(c, param: str):
     if c.tokenizer is None:
@@ -375,16 +352,17 @@ async def completions(request: Request):
                                     if c.tokenizer is not None else "")
         return reqs, prompt_texts
 
-    reqs, prompt_texts = await c.off_loop(build)
-    _set_rids(body, reqs)
+    with c.building_request(body.get("rid")):  # an /abort_request meanwhile is kept
+        reqs, prompt_texts = await c.off_loop(build)
+        _set_rids(body, reqs)
+        states = submit(c, reqs)
     texts = request.app.state.token_texts
-    states = submit(c, reqs)
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
     if not stream:
         await wait_all(c, states, request)
-        _check_abort(states)
+        check_abort(states)
         choices = []
         for k, st in enumerate(states):
             prefix = prompt_texts[k // n] if echo else ""
@@ -406,8 +384,8 @@ async def completions(request: Request):
                     if st.sent_ids < 0:
                         continue
                     done = st.finished_reason is not None
-                    if done and _failed(st.finished_reason):
-                        yield _abort_event(st.finished_reason)
+                    if done and failed(st.finished_reason):
+                        yield abort_event(st.finished_reason)
                         st.sent_ids = -1
                         continue
                     delta = st.detok.pop_delta(done) if st.detok is not None else ""
@@ -564,11 +542,11 @@ async def chat_completions(request: Request):
                               "top_logprobs")
         if top and not want_lp:
             raise bad_request("top_logprobs requires logprobs: true", "top_logprobs")
-    tools, choice = None, "none"
+    tools, choice, named = None, "none", None
     max_calls = None if get(body, "parallel_tool_calls", bool, True) else 1
     if body.get("tools") is not None:
         tools = tool_calls.validate_tools(body["tools"])
-        choice = tool_calls.parse_tool_choice(body.get("tool_choice"), tools)
+        choice, named = tool_calls.parse_tool_choice(body.get("tool_choice"), tools)
         if choice == "none":
             tools = None
     elif body.get("tool_choice") not in (None, "none"):
@@ -578,7 +556,7 @@ async def chat_completions(request: Request):
             raise bad_request("tool_choice required/named cannot be combined with another output "
                               "constraint", "tool_choice")
         # arguments constrained to the functions' schemas: they always parse
-        sp["json_schema"] = json.dumps(tool_calls.constraint_schema(tools, choice, max_calls is None))
+        sp["json_schema"] = json.dumps(tool_calls.constraint_schema(tools, choice, max_calls is None, named))
     parser = tool_calls.detect_parser(getattr(c.tokenizer, "chat_template", None),
                                       getattr(c.args, "tool_call_parser", None))
     if tools and choice == "auto" and parser == "mistral":
@@ -603,10 +581,11 @@ async def chat_completions(request: Request):
                          param_rename={"prompt": "messages"})
                 for j in range(n)]
 
-    reqs = await c.off_loop(build)
-    _set_rids(body, reqs)
+    with c.building_request(body.get("rid")):  # an /abort_request meanwhile is kept
+        reqs = await c.off_loop(build)
+        _set_rids(body, reqs)
+        states = submit(c, reqs)
     texts = request.app.state.token_texts
-    states = submit(c, reqs)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
@@ -639,7 +618,7 @@ async def chat_completions(request: Request):
 
     if not stream:
         await wait_all(c, states, request)
-        _check_abort(states)
+        check_abort(states)
         choices = []
         for k, st in enumerate(states):
             msg, finish = message(st)
@@ -674,8 +653,8 @@ async def chat_completions(request: Request):
                     if st.sent_ids < 0:
                         continue
                     done = st.finished_reason is not None
-                    if done and _failed(st.finished_reason):
-                        yield _abort_event(st.finished_reason)
+                    if done and failed(st.finished_reason):
+                        yield abort_event(st.finished_reason)
                         st.sent_ids = -1
                         continue
                     text = st.detok.pop_delta(done) if st.detok is not None else ""

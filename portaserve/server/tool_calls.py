@@ -49,17 +49,18 @@ def validate_tools(tools) -> list[dict]:
     return out
 
 
-def parse_tool_choice(choice, tools: list[dict]):
-    """-> "none" | "auto" | "required" | a function name."""
+def parse_tool_choice(choice, tools: list[dict]) -> tuple[str, Optional[str]]:
+    """-> (mode, function name): ("none" | "auto" | "required", None) or ("function", name).
+    Apart, so that a function may be named "auto"."""
     if choice is None:
-        return "auto"
+        return "auto", None
     if choice in ("none", "auto", "required"):
-        return choice
+        return choice, None
     if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
         if name not in {t["function"]["name"] for t in tools}:
             raise bad_request(f"tool_choice names {name!r}, which is not in tools", "tool_choice")
-        return name
+        return "function", name
     raise bad_request("tool_choice must be none, auto, required or {\"type\": \"function\", "
                       "\"function\": {\"name\": ...}}", "tool_choice")
 
@@ -87,7 +88,8 @@ def tools_system_prompt(tools: list[dict]) -> str:
             "{\"name\": \"<function-name>\", \"arguments\": {...}}\n</tool_call>")
 
 
-def constraint_schema(tools: list[dict], choice: str, parallel: bool = True) -> dict:
+def constraint_schema(tools: list[dict], choice: str, parallel: bool = True,
+                      name: Optional[str] = None) -> dict:
     """JSON schema of the constrained output for required / named tool choice: a list of
     calls (exactly one for a named function, or with parallel_tool_calls false)."""
     def call(t):
@@ -99,7 +101,7 @@ def constraint_schema(tools: list[dict], choice: str, parallel: bool = True) -> 
         # at most one call per tool: bounded, so sampling at high temperature still ends
         return {"type": "array", "minItems": 1, "maxItems": len(tools) if parallel else 1,
                 "items": {"anyOf": [call(t) for t in tools]}}
-    tool = next(t for t in tools if t["function"]["name"] == choice)
+    tool = next(t for t in tools if t["function"]["name"] == name)
     return {"type": "array", "minItems": 1, "maxItems": 1, "items": call(tool)}
 
 

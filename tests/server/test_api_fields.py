@@ -101,6 +101,22 @@ def test_rid_on_openai_requests_reaches_abort(server):
     chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: ") and x != "data: [DONE]"]
     assert lines[-1] == "data: [DONE]" and not any("error" in c for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "abort"
+
+    def streamed_chat():
+        resp = server.post("/v1/chat/completions", json={**body, "stream": True, "rid": "chat-abort-stream"},
+                           stream=True)
+        return resp, [x for x in resp.iter_lines(decode_unicode=True) if x]
+
+    resp, lines = server.abort_while_running(streamed_chat, "chat-abort-stream")
+    assert resp.status_code == 200
+    chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: ") and x != "data: [DONE]"]
+    assert lines[-1] == "data: [DONE]" and not any("error" in c for c in chunks)
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finishes[-1] == "abort" and finishes.count("abort") == 1
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    greedy = full["choices"][0]["message"]["content"]  # the same greedy answer, cut elsewhere
+    m = min(len(text), len(greedy))
+    assert text and text[:m] == greedy[:m]
     server.wait_idle()
 
 

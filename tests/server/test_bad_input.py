@@ -119,6 +119,9 @@ CASES = [
     # pydantic's lax types, as SGLang and vLLM take them, but no further
     (C, {"prompt": "x", "max_tokens": 2.5}, "max_tokens must be an integer", "max_tokens"),
     (CHAT, {"messages": MSG, "logprobs": 2}, "logprobs must be a boolean", "logprobs"),
+    (GEN, {"text": "x", "sampling_params": {"max_new_tokens": 2.5}}, "max_new_tokens must be an integer",
+     "max_new_tokens"),
+    (GEN, {"text": "x", "sampling_params": {"ignore_eos": 2}}, "ignore_eos must be a boolean", "ignore_eos"),
 ]
 
 
@@ -196,6 +199,11 @@ def test_lax_json_types_as_pydantic_takes_them(server):
     r = requests.post(server.url + C, json={"prompt": "Hello", "max_tokens": 3, "top_k": 0,
                                             "temperature": 0}, timeout=60)
     assert r.status_code == 200, r.text  # 0 is "off", as in vLLM
+    # the native API and the Engine take the same (one validation of sampling params)
+    r = requests.post(server.url + GEN, json={"text": "Hello", "sampling_params": {
+        "max_new_tokens": 3.0, "ignore_eos": 1, "temperature": 0, "sampling_seed": 5.0}}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["meta_info"]["completion_tokens"] == 3
 
 
 def test_model_names_a_client_may_use(server):

@@ -50,6 +50,22 @@ def test_named_function(oai):
     _check_calls(calls, {"get_time"})
 
 
+def test_a_function_may_be_named_like_a_tool_choice_keyword(oai):
+    """tool_choice {"function": {"name": "auto"}} names the function "auto": the answer is
+    constrained to one call of it (it was taken for tool_choice "auto", free text)."""
+    fn = {"type": "function", "function": {**TIME["function"], "name": "auto"}}
+    for name in ("auto", "none", "required"):
+        tool = {"type": "function", "function": {**TIME["function"], "name": name}}
+        r = oai.chat.completions.create(model="default", messages=MSGS, tools=[WEATHER, tool],
+                                        tool_choice={"type": "function", "function": {"name": name}},
+                                        max_tokens=60, temperature=0)
+        calls = r.choices[0].message.tool_calls
+        assert calls and len(calls) == 1 and calls[0].function.name == name, r
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(calls[0].function.arguments), SCHEMAS["get_time"])
+    assert tool_calls.parse_tool_choice("auto", [fn]) == ("auto", None)
+
+
 def _stream(client, **kw):
     """Reassemble a streamed chat answer as a client would; also checks the delta shapes:
     a call's first delta carries id, type, name and empty arguments, the later ones only

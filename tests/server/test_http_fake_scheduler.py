@@ -1,0 +1,157 @@
+"""The HTTP layer over a scripted scheduler (no model, no process): how each kind of
+abort the scheduler reports reaches the client on every endpoint, and an /abort_request
+that arrives while its request is still being built.
+
+The scheduler's side is played by FakeScheduler: it answers each "add" with the finish
+the test scripts, through the client's real output path (SchedulerClient._on_output)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import httpx
+import pytest
+
+from portaserve.core.request_builder import Limits
+from portaserve.server.app import create_app
+from portaserve.server.manager import SchedulerClient
+from portaserve.server_args import ServerArgs
+
+OOM = {"type": "abort", "message": "out of KV cache memory", "status_code": 500}
+REFUSED = {"type": "abort", "message": "the grammar matches nothing", "status_code": 400}
+ABORTED = {"type": "abort", "message": "aborted by /abort_request"}  # no status: a plain abort
+
+
+class FakeScheduler:
+    """Stands in for the ZMQ socket to the scheduler: "add" answers (on the event loop)
+    with two tokens and the scripted finish; "abort" of a request not yet answered
+    finishes it as aborted, as the scheduler does for a waiting request."""
+
+    def __init__(self, client: SchedulerClient, finish: dict):
+        self.client, self.finish, self.sent = client, finish, []
+        self.loop = asyncio.get_event_loop()
+        self.open: set[str] = set()
+
+    def send_pyobj(self, obj):
+        self.sent.append(obj)
+        if obj[0] == "add":
+            self.open.add(obj[1].rid)
+            self.loop.call_soon(self._answer, obj[1].rid, self.finish)
+        elif obj[0] == "abort" and obj[1] in self.open:
+            self._answer(obj[1], ABORTED, tokens=[])
+
+    def _answer(self, rid, finish, tokens=(5, 6)):
+        if rid not in self.open:
+            return
+        self.open.discard(rid)
+        self.client._on_output({"rid": rid, "new_ids": list(tokens), "meta": {"completion_tokens": len(tokens)},
+                                "finished_reason": finish}, 0.0)
+
+
+def _client(finish: dict) -> tuple[SchedulerClient, FakeScheduler]:
+    c = SchedulerClient(ServerArgs())
+    c.limits = Limits(context_len=512, vocab_size=100, pool_tokens=4096)
+    c.info = {"served_model_name": "fake"}
+    c._send = FakeScheduler(c, finish)
+    return c, c._send
+
+
+def _run(finish: dict, fn):
+    async def main():
+        c, fake = _client(finish)
+        transport = httpx.ASGITransport(app=create_app(c))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return await fn(http, c, fake)
+    return asyncio.run(main())
+
+
+GEN = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4}}
+CMPL = {"model": "fake", "prompt": [1, 2, 3], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("finish,status", [(OOM, 500), (REFUSED, 400), (ABORTED, 200)])
+def test_each_abort_kind_answers_the_same_status_on_every_endpoint(finish, status):
+    """A scheduler fault (status 500) is an HTTP 500 with an error body, a refusal for the
+    input (400) a 400, and a plain abort (no status: /abort_request) a 200 whose finish is
+    "abort" with the tokens so far -- on /generate as on /v1/completions, as SGLang's
+    tokenizer manager raises for aborts that carry a status."""
+    async def fn(http, c, fake):
+        return await http.post("/generate", json=GEN), await http.post("/v1/completions", json=CMPL)
+
+    native, oai = _run(finish, fn)
+    assert native.status_code == status and oai.status_code == status, (native.text, oai.text)
+    if status != 200:
+        for r in (native, oai):
+            err = r.json()["error"]
+            assert finish["message"] in err["message"]
+            assert err["type"] == ("server_error" if status == 500 else "invalid_request_error")
+    else:
+        assert native.json()["meta_info"]["finish_reason"]["type"] == "abort"
+        assert native.json()["output_ids"] == [5, 6]
+        assert oai.json()["choices"][0]["finish_reason"] == "abort"
+
+
+def test_a_streamed_fault_ends_with_the_finish_it_carries():
+    """Streamed, /generate's last chunk carries the abort with its status and message
+    (the stream had begun 200); /v1/completions sends an error event, then [DONE]."""
+    async def fn(http, c, fake):
+        native = await http.post("/generate", json={**GEN, "stream": True})
+        oai = await http.post("/v1/completions", json={**CMPL, "stream": True})
+        return native, oai
+
+    native, oai = _run(OOM, fn)
+    events = [ln[6:] for ln in native.text.splitlines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["meta_info"]["finish_reason"] == OOM
+    events = [ln[6:] for ln in oai.text.splitlines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert OOM["message"] in json.loads(events[-2])["error"]["message"]
+
+
+def test_abort_request_while_the_request_is_being_built_is_not_lost():
+    """/abort_request naming a request whose body is still being built (its long prompt
+    tokenizing on the builder thread) used to find no such request and do nothing: the
+    request then ran to the end.  Now submit sends the abort right after the add."""
+    async def fn(http, c, fake):
+        gate, entered = threading.Event(), threading.Event()
+        real = c.off_loop
+
+        async def slow_off_loop(f, *args):  # hold the build until the abort has been sent
+            def held():
+                entered.set()
+                gate.wait(10)
+                return f(*args)
+            return await real(held)
+
+        c.off_loop = slow_off_loop
+        fake.finish = {"type": "length"}
+        fake.loop = asyncio.get_running_loop()
+        # the fake answers an add on the next loop turn; the abort it meets first wins
+        gen = asyncio.create_task(http.post("/generate", json={**GEN, "rid": "r1"}))
+        cmpl = asyncio.create_task(http.post("/v1/completions", json={**CMPL, "rid": "r2", "n": 2}))
+        other = asyncio.create_task(http.post("/generate", json={**GEN, "rid": "r3"}))
+        while not (entered.is_set() and all(r in c.building for r in ("r1", "r2", "r3"))):
+            await asyncio.sleep(0.01)
+        for rid in ("r1", "r2"):
+            assert (await http.post("/abort_request", json={"rid": rid})).status_code == 200
+        gate.set()
+        return await gen, await cmpl, await other, c
+
+    gen, cmpl, other, c = _run(ABORTED, fn)
+    assert gen.json()["meta_info"]["finish_reason"]["type"] == "abort", gen.json()
+    assert [ch["finish_reason"] for ch in cmpl.json()["choices"]] == ["abort", "abort"]
+    assert other.json()["meta_info"]["finish_reason"] == {"type": "length"}  # not named: runs
+    assert not c.building and not c.early_aborts  # nothing kept after the requests
+
+
+def test_an_abort_for_an_unknown_id_is_not_kept():
+    """An id no request is being built under (one that finished, or a typo) leaves no
+    trace: a later request reusing the id runs normally."""
+    async def fn(http, c, fake):
+        fake.finish = {"type": "length"}
+        await http.post("/abort_request", json={"rid": "done-before"})
+        return await http.post("/generate", json={**GEN, "rid": "done-before"})
+
+    r = _run(ABORTED, fn)
+    assert r.json()["meta_info"]["finish_reason"] == {"type": "length"}
