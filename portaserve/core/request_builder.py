@@ -2,6 +2,7 @@
 both refuse the same bad input with the same messages."""
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -82,6 +83,7 @@ def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=F
         except GrammarError as e:
             raise InvalidRequest(str(e), kind) from None
         setattr(params, kind, text)
+    top_logprobs_num, logprob_start_len = lax_int(top_logprobs_num), lax_int(logprob_start_len)
     if (isinstance(top_logprobs_num, bool) or not isinstance(top_logprobs_num or 0, int)
             or not 0 <= (top_logprobs_num or 0) <= limits.vocab_size):
         raise InvalidRequest(f"top_logprobs_num must be an integer from 0 to the vocabulary size "
@@ -90,8 +92,16 @@ def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=F
                                           or not isinstance(logprob_start_len, int)):
         raise InvalidRequest("logprob_start_len must be an integer", "logprob_start_len")
     start = -1 if logprob_start_len is None else logprob_start_len
+    if return_logprob and not -1 <= start < len(input_ids):  # -1: the output's only (SGLang's default)
+        raise InvalidRequest(f"logprob_start_len ({start}) must be -1 (output tokens only) or a "
+                             f"position in the prompt, below its {len(input_ids)} tokens", "logprob_start_len")
     return Req(rid or uuid.uuid4().hex, list(input_ids), params, bool(return_logprob), start,
                int(top_logprobs_num or 0))
+
+
+def lax_int(v):
+    """16.0 is an integer, as pydantic (SGLang's and vLLM's validation) takes it."""
+    return int(v) if type(v) is float and math.isfinite(v) and v.is_integer() else v
 
 
 def copy_params(sp, j: int):

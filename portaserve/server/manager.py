@@ -92,6 +92,15 @@ class ReqState:
         self.event.set()
 
 
+def _is_copy(rid: str, name: str) -> bool:
+    """rid is name, or one of the requests a request named name runs as: choice k
+    "<name>-<k>", prompt i of a batch "<name>-<i>", its choice k "<name>-<i>-<k>"."""
+    if rid == name:
+        return True
+    rest = rid[len(name) + 1:].split("-") if rid.startswith(name + "-") else [""]
+    return all(p.isdigit() for p in rest)
+
+
 class SchedulerClient:
     def __init__(self, args, metrics=None):
         self.args = args
@@ -342,13 +351,12 @@ class SchedulerClient:
 
     def abort(self, rid: str) -> bool:
         """Abort by id (the /abort_request endpoint); the waiter sees finish_reason abort.
-        A request given rid R with several choices or prompts runs as R-0, R-1, ...: naming
-        R aborts them all (SGLang matches ids by prefix; only R-<number> counts here, so
-        aborting "1" leaves "12" alone)."""
+        A request given rid R with several choices or prompts runs as R-0, R-1, ... (R-i-k
+        for choice k of prompt i): naming R aborts them all (SGLang matches ids by prefix;
+        only R-<number>... counts here, so aborting "1" leaves "12" alone)."""
         if self.dead is not None:
             return False
-        copies = [s for s in self.states
-                  if s.startswith(rid + "-") and s[len(rid) + 1:].isdigit()]
+        copies = [s for s in self.states if s != rid and _is_copy(s, rid)]
         for r in [rid, *copies]:
             self._send.send_pyobj(("abort", r))
         if rid in self.building:  # its request is still being built: submit aborts it
@@ -375,8 +383,7 @@ class SchedulerClient:
 
     def _aborted_early(self, rid: str) -> bool:
         """Whether /abort_request named rid (or R, for copy R-<k>) while it was being built."""
-        base, _, k = rid.rpartition("-")
-        return rid in self.early_aborts or (k.isdigit() and base in self.early_aborts)
+        return any(_is_copy(rid, name) for name in self.early_aborts)
 
     async def call(self, cmd: str, *args, timeout: float = 30.0):
         if self.dead is not None:

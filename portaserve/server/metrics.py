@@ -28,8 +28,9 @@ class Metrics:
             return Histogram(f"portaserve:{name}", doc, lab, buckets=buckets, registry=r).labels(model_name)
 
         self.requests_in = c("num_requests", "requests received (each of n choices counts)")
-        self.finished = c("num_finished_requests", "requests finished")
-        self.aborted = c("num_aborted_requests", "requests aborted (client went away or /abort_request)")
+        self.finished = c("num_finished_requests", "requests finished in the scheduler (aborted ones too)")
+        self.aborted = c("num_aborted_requests",
+                         "requests aborted (client went away, /abort_request, refused or failed in the scheduler)")
         self.prompt_tokens = c("prompt_tokens", "prompt tokens of finished requests")
         self.generation_tokens = c("generation_tokens", "generated tokens of finished requests")
         self.cached_tokens = c("cached_tokens", "prompt tokens served from the prefix cache")
@@ -49,6 +50,8 @@ class Metrics:
 
     def on_finish(self, st, now: float) -> None:
         self.finished.inc()
+        if (st.finished_reason or {}).get("type") == "abort":
+            self.aborted.inc()
         m = st.meta
         self.prompt_tokens.inc(m.get("prompt_tokens", 0))
         self.generation_tokens.inc(m.get("completion_tokens", 0))

@@ -12,7 +12,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from portaserve.core.request_builder import copy_params
+from portaserve.core.request_builder import lax_int, copy_params
 from portaserve.core.sampling_params import MAX_N
 from portaserve.server.common import (SSE_DONE, check_abort, dead_error, follow, make_req, sse,
                                       sse_error, submit, wait_all)
@@ -102,15 +102,15 @@ def _build_reqs(client, body: dict):
     rids = body.get("rid")
     if rids is not None and not isinstance(rids, (str, list)):
         raise bad_request("rid must be a string (or a list of strings)", "rid")
-    if batch and isinstance(rids, str):  # as SGLang: one id per prompt
-        raise bad_request(f"rid must be a list of {n} ids for a batch of {n} prompts", "rid")
+    if batch and isinstance(rids, str):  # prompt i runs as "<rid>-i" (SGLang 0.5: "<rid>_i"),
+        rids = [f"{rids}-{i}" for i in range(n)]  # so that /abort_request <rid> names them all
     reqs = []
     for i in range(n):
         sp = _per_item(sps, i, n, "sampling_params") or {}
         if not isinstance(sp, dict):
             raise bad_request("sampling_params must be an object", "sampling_params")
         sp = dict(sp)
-        copies = sp.pop("n", 1)
+        copies = lax_int(sp.pop("n", 1))
         if isinstance(copies, bool) or not isinstance(copies, int) or not 1 <= copies <= MAX_N:
             raise bad_request(f"n must be an integer from 1 to {MAX_N}, got {copies!r}", "n")
         rl = _per_item(body.get("return_logprob") or False, i, n, "return_logprob")
@@ -119,6 +119,8 @@ def _build_reqs(client, body: dict):
         rid = _per_item(rids, i, n, "rid")
         if rid is not None and not isinstance(rid, str):
             raise bad_request("rid must be a string", "rid")
+        if type(rl) is int and rl in (0, 1):  # as pydantic takes a boolean
+            rl = bool(rl)
         if not isinstance(rl, bool):
             raise bad_request("return_logprob must be a boolean", "return_logprob")
         prompt, ids = (items[i], None) if text is not None else (None, items[i])

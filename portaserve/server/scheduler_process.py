@@ -59,7 +59,7 @@ def run_scheduler_process(args, in_addr: str, out_addr: str, parent_pid: int) ->
 
     limits = dataclasses.asdict(rt.limits())
     send.send_pyobj({"ready": {"info": rt.info(), "limits": limits, "report": rt.startup_report(),
-                               "model_type": rt.model_config.architecture}})
+                               "model_type": rt.model_config.model_type}})
     try:
         _loop(rt, recv, send, parent_pid)
     except BaseException as e:

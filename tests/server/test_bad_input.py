@@ -115,7 +115,11 @@ CASES = [
                                                            '"minItems": 1}'}}, "matches no finite text", None),
     (C, {"prompt": "x", "max_tokens": 4, "regex": "a{20000000}"}, "forces a text of 20000000", "regex"),
     (GEN, {"text": "x", "sampling_params": {"ebnf": 'root ::= "a" root'}}, "matches no finite text", None),
-    (GEN, {"text": ["a", "b"], "rid": "same"}, "list of 2 ids", "rid"),
+    (GEN, {"text": ["a", "b"], "rid": ["same"]}, "rid", "rid"),
+    (GEN, {"text": "x", "return_logprob": True, "logprob_start_len": 100}, "logprob_start_len (100)",
+     "logprob_start_len"),
+    (GEN, {"text": "x", "return_logprob": True, "logprob_start_len": -2}, "logprob_start_len (-2)",
+     "logprob_start_len"),
     # pydantic's lax types, as SGLang and vLLM take them, but no further
     (C, {"prompt": "x", "max_tokens": 2.5}, "max_tokens must be an integer", "max_tokens"),
     (CHAT, {"messages": MSG, "logprobs": 2}, "logprobs must be a boolean", "logprobs"),
@@ -204,6 +208,11 @@ def test_lax_json_types_as_pydantic_takes_them(server):
         "max_new_tokens": 3.0, "ignore_eos": 1, "temperature": 0, "sampling_seed": 5.0}}, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["meta_info"]["completion_tokens"] == 3
+    r = requests.post(server.url + GEN, json={"text": "Hello", "return_logprob": 1, "top_logprobs_num": 2.0,
+                                              "logprob_start_len": 0.0, "sampling_params": {
+                                                  "max_new_tokens": 2, "n": 2.0}}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()) == 2 and len(r.json()[0]["meta_info"]["output_top_logprobs"][0]) == 2
 
 
 def test_model_names_a_client_may_use(server):

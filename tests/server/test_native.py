@@ -96,6 +96,8 @@ def test_info_endpoints(server):
     info = server.get("/get_model_info").json()
     assert info["is_generation"] is True and info["model_path"].endswith(".gguf")
     assert "tokenizer_path" in info
+    # Hugging Face's model_type (clients detect the model family by it), as SGLang
+    assert info["model_type"] == "llama" and info["architectures"] == ["LlamaForCausalLM"]
     si = server.get("/get_server_info").json()
     assert set(server.get("/server_info").json()) == set(si)  # both routes
     assert si["platform"] == "cpu" and si["max_total_num_tokens"] == 20000
@@ -119,14 +121,23 @@ def test_metrics(server):
         assert name in body, name
 
 
+def _counter(server, name: str) -> float:
+    for line in server.get("/metrics").text.splitlines():
+        if line.startswith(f"portaserve:{name}_total{{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no metric {name}")
+
+
 def test_abort_request(server):
     rid = "abort-me-1"
+    before = _counter(server, "num_aborted_requests")
     r = server.abort_while_running(lambda: server.post("/generate", json={
         "text": "Count: 1, 2, 3,", "rid": rid,
         "sampling_params": {"max_new_tokens": 400, "ignore_eos": True, "temperature": 0}}).json(), rid)
     m = r["meta_info"]
     assert m["finish_reason"]["type"] == "abort" and m["completion_tokens"] < 400
     server.wait_idle()
+    assert _counter(server, "num_aborted_requests") == before + 1  # the metric counts it
 
 
 def test_abort_request_names_all_copies(server):
@@ -150,6 +161,13 @@ def test_abort_request_names_all_copies(server):
         assert x["meta_info"]["completion_tokens"] < 400
     m = other["r"]["meta_info"]
     assert m["finish_reason"]["type"] == "length" and m["completion_tokens"] == 24
+    # a batch under one string rid runs as R-<i> (choice k: R-<i>-<k>); R names them all
+    r = server.abort_while_running(lambda: server.post("/generate", json={
+        "text": ["Count: 1, 2, 3,", "Count: 4, 5,"], "rid": "bat",
+        "sampling_params": {"n": 2, "max_new_tokens": 400, "ignore_eos": True, "temperature": 0}}).json(),
+        "bat")
+    assert [x["meta_info"]["id"] for x in r] == ["bat-0-0", "bat-0-1", "bat-1-0", "bat-1-1"]
+    assert all(x["meta_info"]["finish_reason"]["type"] == "abort" for x in r), r
     server.wait_idle()
 
 
