@@ -41,6 +41,9 @@ def validate_tools(tools) -> list[dict]:
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
             raise bad_request(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
+        if params.get("type", "object") != "object":  # arguments are a JSON object (OpenAI refuses this too)
+            raise bad_request(f"tools[{i}].function.parameters must be a JSON schema of type \"object\", "
+                              f"got type {json.dumps(params.get('type'))}", "tools")
         out.append({"type": "function", "function": {"name": name, "description": fn.get("description", ""),
                                                       "parameters": params}})
     names = [t["function"]["name"] for t in out]
@@ -92,17 +95,63 @@ def constraint_schema(tools: list[dict], choice: str, parallel: bool = True,
                       name: Optional[str] = None) -> dict:
     """JSON schema of the constrained output for required / named tool choice: a list of
     calls (exactly one for a named function, or with parallel_tool_calls false)."""
-    def call(t):
+    defs: dict = {}
+
+    def call(i, t):
         f = t["function"]
-        return {"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+        args = _arguments_schema(f["parameters"], f"tool{i}_", defs)
+        return {"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": args},
                 "required": ["name", "arguments"], "additionalProperties": False}
 
     if choice == "required":
         # at most one call per tool: bounded, so sampling at high temperature still ends
-        return {"type": "array", "minItems": 1, "maxItems": len(tools) if parallel else 1,
-                "items": {"anyOf": [call(t) for t in tools]}}
-    tool = next(t for t in tools if t["function"]["name"] == name)
-    return {"type": "array", "minItems": 1, "maxItems": 1, "items": call(tool)}
+        schema = {"type": "array", "minItems": 1, "maxItems": len(tools) if parallel else 1,
+                  "items": {"anyOf": [call(i, t) for i, t in enumerate(tools)]}}
+    else:
+        i = next(i for i, t in enumerate(tools) if t["function"]["name"] == name)
+        schema = {"type": "array", "minItems": 1, "maxItems": 1, "items": call(i, tools[i])}
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+def _arguments_schema(params: dict, prefix: str, defs: dict) -> dict:
+    """A tool's parameters as the schema of its call's "arguments", nested in the schema
+    of the list of calls.  {} is an object with any properties.  Local $refs ("#",
+    "#/$defs/X", "#/definitions/X", "#/properties/...") would point into the list's
+    schema there: the parameters move to defs[prefix + "root"], their $defs beside it
+    (prefixed, so two tools' definitions cannot clash), and every local $ref is rewritten
+    to match, as SGLang and vLLM hoist $defs."""
+    params = {"type": "object", **params}
+    if '"$ref"' not in json.dumps(params):
+        return params
+    root = prefix + "root"
+
+    def move(ref: str) -> str:
+        if not ref.startswith("#"):
+            return ref  # remote: left to the compiler (which refuses it)
+        for key in ("/$defs/", "/definitions/"):
+            if ref.startswith("#" + key):
+                return "#/$defs/" + prefix + ref[len(key) + 1:]
+        return "#/$defs/" + root + ref[1:]
+
+    def rewrite(node):
+        if isinstance(node, dict):
+            return {k: (move(v) if k == "$ref" and isinstance(v, str) else rewrite(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    own = {}
+    for key in ("definitions", "$defs"):
+        d = params.pop(key, None) or {}
+        if not isinstance(d, dict):
+            raise bad_request(f"a tool's parameters.{key} must be an object", "tools")
+        own.update(d)
+    for k, v in own.items():
+        defs[prefix + k] = rewrite(v)
+    defs[root] = rewrite(params)
+    return {"$ref": "#/$defs/" + root}
 
 
 def _new_id(fmt: str = "") -> str:

@@ -297,12 +297,51 @@ def test_auto_and_none(oai):
     assert r.choices[0].message.tool_calls is None
 
 
+ADDR = {"$defs": {"Addr": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                           "required": ["city"], "additionalProperties": False}},
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/Addr"}}, "required": ["to"],
+        "additionalProperties": False}
+TREE = {"type": "object", "properties": {"v": {"type": "integer", "minimum": 0, "maximum": 9},
+                                         "child": {"$ref": "#"}},
+        "required": ["v"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("choice", ["required", "send", "tree", "free"])
+def test_constrained_calls_follow_schemas_with_refs(oai, choice):
+    """Parameters using $defs / $ref (pydantic's schemas always do) under tool_choice
+    required or named: they were nested in the list-of-calls schema unchanged, so
+    "#/$defs/Addr" was not found (a 400) and "#" meant the whole list (the model had to
+    write calls inside the arguments).  Each call's arguments validate against the
+    tool's own schema; parameters {} give an object."""
+    tools = [{"type": "function", "function": {"name": "send", "parameters": ADDR}},
+             {"type": "function", "function": {"name": "tree", "parameters": TREE}},
+             {"type": "function", "function": {"name": "free", "parameters": {}}}]
+    schemas = {"send": ADDR, "tree": TREE, "free": {"type": "object"}}
+    tc = choice if choice == "required" else {"type": "function", "function": {"name": choice}}
+    whole = 0
+    for seed in range(3):
+        r = oai.chat.completions.create(model="default", messages=MSGS, tools=tools, tool_choice=tc,
+                                        temperature=1.0, seed=seed, max_tokens=300)
+        ch = r.choices[0]
+        if ch.finish_reason == "length":
+            continue  # cut short: not a whole call
+        whole += 1
+        assert ch.message.tool_calls, ch
+        for call in ch.message.tool_calls:
+            assert choice == "required" or call.function.name == choice
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    assert whole >= 2
+
+
 def test_bad_tools_are_400(server):
     for body, param in [({"tools": "x"}, "tools"),
                         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
                         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
                          "tool_choice"),
-                        ({"tool_choice": "required"}, "tool_choice")]:
+                        ({"tool_choice": "required"}, "tool_choice"),
+                        # arguments are an object: OpenAI refuses other parameter types too
+                        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                            "type": "string"}}}]}, "tools")]:
         r = server.post("/v1/chat/completions", json={"model": "default", "messages": MSGS, **body})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == param
