@@ -232,6 +232,16 @@ class GrammarBackend:
             bitmask[json_rows] &= self._no_control_bits()
         return GrammarMasks(bitmask, list(rows))
 
+    def allows_nothing(self, matcher) -> bool:
+        """Whether no token (not even the end) may come next: a dead end of the constraint,
+        which the check before compiling cannot see past the first position ("a[^\\s\\S]")."""
+        masks = self.fill_masks(1, [0], [matcher])
+        words = masks.bitmask[0]
+        full, rest = divmod(self.vocab_size, 32)
+        if bool(words[:full].any()):
+            return False
+        return not (rest and int(words[full]) & ((1 << rest) - 1))
+
     def apply_masks(self, logits: torch.Tensor, masks: "GrammarMasks") -> None:
         """Mask logits[masks.rows] in place (-inf where the bitmask bars a token)."""
         bitmask = masks.bitmask

@@ -1035,6 +1035,12 @@ class Scheduler:
 
     def _advance_grammar(self, r: Req, tok: int) -> bool:
         if not r.grammar.accept_token(tok):
+            if self.grammar.allows_nothing(r.grammar):  # the constraint's fault: a 400
+                kind = r.constraint()[0]
+                r.finished_reason = {"type": "abort", "status_code": 400, "param": kind, "message": (
+                    f"the {kind} constraint matches no complete text: after the text generated "
+                    "so far it allows no continuation and no end")}
+                return False
             r.finished_reason = {"type": "abort", "message": f"grammar rejected token {tok}",
                                   "status_code": 500}
             logger.error("request %s: sampled token %d rejected by its grammar", r.rid, tok)

@@ -114,7 +114,7 @@ def check_abort(states: list[ReqState]) -> None:
         fr = st.finished_reason
         if failed(fr):
             if fr.get("status_code") == 400:
-                raise APIError(400, fr.get("message", ""), "invalid_request_error")
+                raise APIError(400, fr.get("message", ""), "invalid_request_error", fr.get("param"))
             raise APIError(500, f"the request was aborted: {fr.get('message', '')}", "server_error",
                            None, "aborted")
 

@@ -116,6 +116,13 @@ CASES = [
     (C, {"prompt": "x", "max_tokens": 4, "regex": "a{20000000}"}, "forces a text of 20000000", "regex"),
     (GEN, {"text": "x", "sampling_params": {"ebnf": 'root ::= "a" root'}}, "matches no finite text", None),
     (GEN, {"text": ["a", "b"], "rid": ["same"]}, "rid", "rid"),
+    # a dead end after the first characters, found while generating (it was a 500)
+    (C, {"prompt": "x", "max_tokens": 4, "regex": "a[^\\s\\S]"}, "matches no complete text", "regex"),
+    (CHAT, {"messages": MSG, "max_tokens": 8, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": "^x[^\\s\\S]$"}}}}, "matches no complete text",
+     "json_schema"),
+    (GEN, {"text": "x", "sampling_params": {"ebnf": 'root ::= "a" x\nx ::= [^\\x00-\\U0010FFFF]'}},
+     "matches no complete text", "ebnf"),
     (GEN, {"text": "x", "return_logprob": True, "logprob_start_len": 100}, "logprob_start_len (100)",
      "logprob_start_len"),
     (GEN, {"text": "x", "return_logprob": True, "logprob_start_len": -2}, "logprob_start_len (-2)",
