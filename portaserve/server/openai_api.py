@@ -116,6 +116,9 @@ def sampling_params(body: dict, chat: bool) -> tuple[dict, dict]:
     rf = get(body, "response_format", dict)  # chat and (as SGLang) completions
     if rf is not None:
         kind = rf.get("type")
+        if kind in ("json_schema", "json_object") and js is not None:  # one constraint, as for regex
+            raise bad_request("only one of json_schema, regex, ebnf may be set (got json_schema and "
+                              f"response_format {kind})", "response_format")
         if kind == "json_schema":
             spec = rf.get("json_schema")
             if not isinstance(spec, dict):

@@ -116,6 +116,8 @@ CASES = [
     (C, {"prompt": "x", "max_tokens": 4, "regex": "a{20000000}"}, "forces a text of 20000000", "regex"),
     (GEN, {"text": "x", "sampling_params": {"ebnf": 'root ::= "a" root'}}, "matches no finite text", None),
     (GEN, {"text": ["a", "b"], "rid": ["same"]}, "rid", "rid"),
+    (C, {"prompt": "x", "max_tokens": 4, "json_schema": {"type": "string"},
+         "response_format": {"type": "json_object"}}, "only one of", "response_format"),
     # a dead end after the first characters, found while generating (it was a 500)
     (C, {"prompt": "x", "max_tokens": 4, "regex": "a[^\\s\\S]"}, "matches no complete text", "regex"),
     (CHAT, {"messages": MSG, "max_tokens": 8, "response_format": {"type": "json_schema", "json_schema": {
