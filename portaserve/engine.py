@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Union
 
 from portaserve.core.detokenize import IncrementalDetokenizer
 from portaserve.core.request import Req
-from portaserve.core.request_builder import build_req, copy_params
+from portaserve.core.request_builder import build_req, copy_params, lax_int
 from portaserve.core.sampling_params import InvalidRequest
 from portaserve.runtime import Runtime, build_runtime
 from portaserve.server_args import ServerArgs
@@ -300,7 +300,7 @@ class Engine:
         n_of = lambda sp: sp.get("n", 1) if isinstance(sp, dict) else getattr(sp, "n", 1)  # noqa: E731
         if batch and rid is not None:
             raise InvalidRequest("rid takes a single prompt", "rid")
-        n1 = n_of(sampling_params)
+        n1 = lax_int(n_of(sampling_params))
         if not batch and isinstance(n1, int) and not isinstance(n1, bool) and n1 > 1:
             batch, prompt, input_ids = True, (None if prompt is None else [prompt]), \
                 (None if input_ids is None else [input_ids])

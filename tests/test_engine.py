@@ -578,6 +578,10 @@ def test_n_samples_per_prompt(default_engine):
     assert [o["output_ids"] for o in engine.generate("Hello", {**sp, "n": 3})] == ids
     batch = engine.generate(["Hello", "Bye"], {**sp, "n": 2})
     assert len(batch) == 4 and batch[0]["output_ids"] == ids[0] and batch[1]["output_ids"] == ids[1]
+    # integral floats, as pydantic takes them (found by review: n = 3.0 gave one sample, and
+    # seed 5.0 gave three copies of the same one)
+    lax = engine.generate("Hello", {**sp, "n": 3.0, "sampling_seed": 5.0})
+    assert [o["output_ids"] for o in lax] == ids
 
 
 def test_sampling_params_objects_are_checked_and_copied_like_dicts(default_engine):

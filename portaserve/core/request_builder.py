@@ -108,7 +108,7 @@ def copy_params(sp, j: int):
     """The sampling params of the j-th of n copies of a request (n > 1): a seeded request's
     copies draw from seeds seed, seed + 1, ... (as vLLM's), so they are n different samples
     and the whole set is reproducible; unseeded ones are left as they are."""
-    seed = sp.get("sampling_seed") if isinstance(sp, dict) else getattr(sp, "sampling_seed", None)
+    seed = lax_int(sp.get("sampling_seed") if isinstance(sp, dict) else getattr(sp, "sampling_seed", None))
     if j == 0 or seed is None or isinstance(seed, bool) or not isinstance(seed, int):
         return sp  # (validation names a bad value)
     seed += j

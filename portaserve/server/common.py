@@ -40,9 +40,9 @@ def make_req(client: SchedulerClient, prompt, input_ids, sp: dict, return_logpro
         raise err
 
 
-def submit(client: SchedulerClient, reqs: list[Req]) -> list[ReqState]:
+def submit(client: SchedulerClient, reqs: list[Req], aborted: Optional[set] = None) -> list[ReqState]:
     try:
-        return client.submit(reqs)
+        return client.submit(reqs, aborted=aborted)
     except Overloaded as e:
         raise overloaded_error(e)
     except SchedulerDead as e:

@@ -98,7 +98,7 @@ def _is_copy(rid: str, name: str) -> bool:
     if rid == name:
         return True
     rest = rid[len(name) + 1:].split("-") if rid.startswith(name + "-") else [""]
-    return all(p.isdigit() for p in rest)
+    return len(rest) <= 2 and all(p.isdigit() for p in rest)
 
 
 class SchedulerClient:
@@ -112,10 +112,9 @@ class SchedulerClient:
         self.model_type = None
         self.states: dict[str, ReqState] = {}
         self.releasing: set[str] = set()  # ids released unfinished, their last message not yet in
-        # ids of requests being built (see building_request), and those of them that an
-        # /abort_request named meanwhile
-        self.building: dict[str, int] = {}
-        self.early_aborts: set[str] = set()
+        # requests being built (see building_request): the ids each body names, and the
+        # ids /abort_request named for it meanwhile
+        self.building: list[tuple[list[str], set[str]]] = []
         self.num_inflight = 0  # submitted, not yet finished in the scheduler
         self.pending: dict[str, asyncio.Future] = {}
         self.dead: Optional[str] = None
@@ -302,8 +301,10 @@ class SchedulerClient:
             raise Overloaded(f"the server is overloaded: {self.num_queued} requests are queued "
                              f"(--max-queued-requests {mq}); retry later")
 
-    def submit(self, reqs: list[Req], event: Optional[asyncio.Event] = None) -> list[ReqState]:
-        """Register and send reqs (all or none); they share one wake-up event."""
+    def submit(self, reqs: list[Req], event: Optional[asyncio.Event] = None,
+               aborted: Optional[set] = None) -> list[ReqState]:
+        """Register and send reqs (all or none); they share one wake-up event.  aborted:
+        the ids an /abort_request named while they were being built (building_request)."""
         self.check_capacity(len(reqs))
         rids = [r.rid for r in reqs]
         dup = [r for r in rids if r in self.states or r in self.releasing]
@@ -322,7 +323,7 @@ class SchedulerClient:
             self.metrics.requests_in.inc(len(reqs))
         for r in reqs:
             self._send.send_pyobj(("add", r))
-            if self.early_aborts and self._aborted_early(r.rid):
+            if aborted and any(_is_copy(r.rid, a) for a in aborted):
                 self._send.send_pyobj(("abort", r.rid))  # ends it "abort", as if sent now
             if self.args.log_requests:
                 sp = {k: v for k, v in r.sampling.to_dict().items() if v != _DEFAULT_SAMPLING.get(k)}
@@ -359,31 +360,26 @@ class SchedulerClient:
         copies = [s for s in self.states if s != rid and _is_copy(s, rid)]
         for r in [rid, *copies]:
             self._send.send_pyobj(("abort", r))
-        if rid in self.building:  # its request is still being built: submit aborts it
-            self.early_aborts.add(rid)
+        for names, aborted in self.building:  # still being built: submit aborts it (or the copy named)
+            if any(_is_copy(x, rid) or _is_copy(rid, x) for x in names):
+                aborted.add(rid)
         return rid in self.states or bool(copies)
 
     @contextlib.contextmanager
     def building_request(self, rid):
         """Around building and submitting a request whose body names rid (a string, a list
-        of them, or None): an /abort_request for it meanwhile (tokenizing a long prompt
-        takes seconds) is kept and applied at submit, not lost."""
+        of them, or None): yields the set of ids an /abort_request names for it meanwhile
+        (tokenizing a long prompt takes seconds), for submit(aborted=) to apply."""
         names = [rid] if isinstance(rid, str) else [x for x in rid if isinstance(x, str)] \
             if isinstance(rid, list) else []
-        for x in names:
-            self.building[x] = self.building.get(x, 0) + 1
+        entry = (names, set())
+        if names:
+            self.building.append(entry)
         try:
-            yield
+            yield entry[1]
         finally:
-            for x in names:
-                self.building[x] -= 1
-                if not self.building[x]:
-                    del self.building[x]
-                    self.early_aborts.discard(x)
-
-    def _aborted_early(self, rid: str) -> bool:
-        """Whether /abort_request named rid (or R, for copy R-<k>) while it was being built."""
-        return any(_is_copy(rid, name) for name in self.early_aborts)
+            if names:
+                self.building = [e for e in self.building if e is not entry]
 
     async def call(self, cmd: str, *args, timeout: float = 30.0):
         if self.dead is not None:

@@ -139,9 +139,9 @@ async def generate(request: Request):
     body = await read_json_object(request)
     stream = get(body, "stream", bool, False)
     with_text = get(body, "return_text_in_logprobs", bool, False)
-    with client.building_request(body.get("rid")):  # an /abort_request meanwhile is kept
+    with client.building_request(body.get("rid")) as aborted:  # an /abort_request meanwhile
         reqs, batch = await client.off_loop(_build_reqs, client, body)
-        states = submit(client, reqs)
+        states = submit(client, reqs, aborted)
     texts = request.app.state.token_texts
     if not stream:
         await wait_all(client, states, request)

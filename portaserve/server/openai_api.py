@@ -355,10 +355,10 @@ async def completions(request: Request):
                                     if c.tokenizer is not None else "")
         return reqs, prompt_texts
 
-    with c.building_request(body.get("rid")):  # an /abort_request meanwhile is kept
+    with c.building_request(body.get("rid")) as aborted:  # an /abort_request meanwhile
         reqs, prompt_texts = await c.off_loop(build)
         _set_rids(body, reqs)
-        states = submit(c, reqs)
+        states = submit(c, reqs, aborted)
     texts = request.app.state.token_texts
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -584,10 +584,10 @@ async def chat_completions(request: Request):
                          param_rename={"prompt": "messages"})
                 for j in range(n)]
 
-    with c.building_request(body.get("rid")):  # an /abort_request meanwhile is kept
+    with c.building_request(body.get("rid")) as aborted:  # an /abort_request meanwhile
         reqs = await c.off_loop(build)
         _set_rids(body, reqs)
-        states = submit(c, reqs)
+        states = submit(c, reqs, aborted)
     texts = request.app.state.token_texts
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())

@@ -41,7 +41,9 @@ def validate_tools(tools) -> list[dict]:
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
             raise bad_request(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
-        if params.get("type", "object") != "object":  # arguments are a JSON object (OpenAI refuses this too)
+        ptype = params.get("type", "object")
+        if ptype != "object" and not (isinstance(ptype, list) and "object" in ptype):
+            # arguments are a JSON object (OpenAI refuses this too)
             raise bad_request(f"tools[{i}].function.parameters must be a JSON schema of type \"object\", "
                               f"got type {json.dumps(params.get('type'))}", "tools")
         out.append({"type": "function", "function": {"name": name, "description": fn.get("description", ""),
@@ -115,6 +117,9 @@ def constraint_schema(tools: list[dict], choice: str, parallel: bool = True,
     return schema
 
 
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")  # values, not schemas: no $ref in them
+
+
 def _arguments_schema(params: dict, prefix: str, defs: dict) -> dict:
     """A tool's parameters as the schema of its call's "arguments", nested in the schema
     of the list of calls.  {} is an object with any properties.  Local $refs ("#",
@@ -127,29 +132,30 @@ def _arguments_schema(params: dict, prefix: str, defs: dict) -> dict:
         return params
     root = prefix + "root"
 
+    spaces = {"$defs": prefix + "defs_", "definitions": prefix + "definitions_"}  # apart from root
+
     def move(ref: str) -> str:
         if not ref.startswith("#"):
             return ref  # remote: left to the compiler (which refuses it)
-        for key in ("/$defs/", "/definitions/"):
-            if ref.startswith("#" + key):
-                return "#/$defs/" + prefix + ref[len(key) + 1:]
+        for key, to in spaces.items():
+            if ref.startswith(f"#/{key}/"):
+                return "#/$defs/" + to + ref[len(key) + 3:]
         return "#/$defs/" + root + ref[1:]
 
     def rewrite(node):
         if isinstance(node, dict):
-            return {k: (move(v) if k == "$ref" and isinstance(v, str) else rewrite(v)) for k, v in node.items()}
+            return {k: (move(v) if k == "$ref" and isinstance(v, str)
+                        else v if k in _DATA_KEYWORDS else rewrite(v)) for k, v in node.items()}
         if isinstance(node, list):
             return [rewrite(v) for v in node]
         return node
 
-    own = {}
-    for key in ("definitions", "$defs"):
+    for key, to in spaces.items():
         d = params.pop(key, None) or {}
         if not isinstance(d, dict):
             raise bad_request(f"a tool's parameters.{key} must be an object", "tools")
-        own.update(d)
-    for k, v in own.items():
-        defs[prefix + k] = rewrite(v)
+        for k, v in d.items():
+            defs[to + k] = rewrite(v)
     defs[root] = rewrite(params)
     return {"$ref": "#/$defs/" + root}
 

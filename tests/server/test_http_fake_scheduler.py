@@ -131,7 +131,7 @@ def test_abort_request_while_the_request_is_being_built_is_not_lost():
         gen = asyncio.create_task(http.post("/generate", json={**GEN, "rid": "r1"}))
         cmpl = asyncio.create_task(http.post("/v1/completions", json={**CMPL, "rid": "r2", "n": 2}))
         other = asyncio.create_task(http.post("/generate", json={**GEN, "rid": "r3"}))
-        while not (entered.is_set() and all(r in c.building for r in ("r1", "r2", "r3"))):
+        while not (entered.is_set() and {"r1", "r2", "r3"} <= {x for names, _ in c.building for x in names}):
             await asyncio.sleep(0.01)
         for rid in ("r1", "r2"):
             assert (await http.post("/abort_request", json={"rid": rid})).status_code == 200
@@ -142,7 +142,32 @@ def test_abort_request_while_the_request_is_being_built_is_not_lost():
     assert gen.json()["meta_info"]["finish_reason"]["type"] == "abort", gen.json()
     assert [ch["finish_reason"] for ch in cmpl.json()["choices"]] == ["abort", "abort"]
     assert other.json()["meta_info"]["finish_reason"] == {"type": "length"}  # not named: runs
-    assert not c.building and not c.early_aborts  # nothing kept after the requests
+    assert not c.building  # nothing kept after the requests
+
+
+def test_an_early_abort_is_scoped_to_the_request_being_built():
+    """An abort named while a request is built applies to that request's ids only: not to
+    another request submitted meanwhile whose id looks like a copy of the name, and one
+    choice named ("b-1") aborts that choice only (found by review)."""
+    async def main():
+        c, fake = _client({"type": "length"})
+        from portaserve.core.request import Req
+        from portaserve.core.sampling_params import SamplingParams
+
+        with c.building_request("a") as aborted_a:
+            c.abort("a")
+            c.submit([Req("a-7", [1, 2], SamplingParams())])  # another request, not built under "a"
+            c.submit([Req("a", [1, 2], SamplingParams())], aborted=aborted_a)
+        with c.building_request("b") as aborted_b:
+            c.abort("b-1")
+            c.submit([Req("b-0", [1, 2], SamplingParams()), Req("b-1", [1, 2], SamplingParams())],
+                     aborted=aborted_b)
+        return [m[1] for m in fake.sent if m[0] == "abort"], c
+
+    aborts, c = asyncio.run(main())
+    assert "a-7" not in aborts and "a" in aborts
+    assert "b-1" in aborts and "b-0" not in aborts
+    assert not c.building
 
 
 def test_an_abort_for_an_unknown_id_is_not_kept():

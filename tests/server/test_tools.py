@@ -333,6 +333,25 @@ def test_constrained_calls_follow_schemas_with_refs(oai, choice):
     assert whole >= 2
 
 
+def test_hoisted_parameters_keep_their_meaning():
+    """The rewrite of $refs (offline, against jsonschema): a definition named "root", the
+    same name under $defs and definitions, and a $ref-shaped value inside const are each
+    kept apart (found by review)."""
+    params = {"type": "object", "properties": {
+        "r": {"$ref": "#/$defs/root"}, "d": {"$ref": "#/definitions/X"}, "x": {"$ref": "#/$defs/X"},
+        "c": {"const": {"$ref": "#/x"}}},
+        "required": ["r", "d", "x", "c"],
+        "$defs": {"root": {"type": "integer"}, "X": {"type": "string"}}, "definitions": {"X": {"type": "boolean"}}}
+    schema = tool_calls.constraint_schema([{"type": "function", "function": {"name": "f", "parameters": params}}],
+                                          "function", name="f")
+    good = {"r": 5, "d": True, "x": "s", "c": {"$ref": "#/x"}}
+    jsonschema.validate(good, params)  # the reference itself
+    jsonschema.validate([{"name": "f", "arguments": good}], schema)
+    for bad in ({**good, "r": {"r": 5}}, {**good, "d": "s"}, {**good, "x": True}, {**good, "c": {"$ref": "#/$defs/x"}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate([{"name": "f", "arguments": bad}], schema)
+
+
 def test_bad_tools_are_400(server):
     for body, param in [({"tools": "x"}, "tools"),
                         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
