@@ -19,8 +19,8 @@ from typing import Iterator, Optional, Union
 
 from portaserve.core.detokenize import IncrementalDetokenizer
 from portaserve.core.request import Req
-from portaserve.core.request_builder import build_req, copy_params, lax_int
-from portaserve.core.sampling_params import InvalidRequest
+from portaserve.core.request_builder import build_req, copy_params
+from portaserve.core.sampling_params import InvalidRequest, lax_int
 from portaserve.runtime import Runtime, build_runtime
 from portaserve.server_args import ServerArgs
 from portaserve.tp import step_commands

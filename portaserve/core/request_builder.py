@@ -2,13 +2,12 @@
 both refuse the same bad input with the same messages."""
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from portaserve.core.request import Req
-from portaserve.core.sampling_params import InvalidRequest, SamplingParams
+from portaserve.core.sampling_params import InvalidRequest, SamplingParams, lax_int
 
 
 @dataclass(frozen=True)
@@ -97,11 +96,6 @@ def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=F
                              f"position in the prompt, below its {len(input_ids)} tokens", "logprob_start_len")
     return Req(rid or uuid.uuid4().hex, list(input_ids), params, bool(return_logprob), start,
                int(top_logprobs_num or 0))
-
-
-def lax_int(v):
-    """16.0 is an integer, as pydantic (SGLang's and vLLM's validation) takes it."""
-    return int(v) if type(v) is float and math.isfinite(v) and v.is_integer() else v
 
 
 def copy_params(sp, j: int):

@@ -10,6 +10,11 @@ from typing import Optional, Union
 MAX_N = 128  # completions per request (OpenAI's limit for n)
 
 
+def lax_int(v):
+    """16.0 is an integer, as pydantic (SGLang's and vLLM's validation) takes it."""
+    return int(v) if type(v) is float and math.isfinite(v) and v.is_integer() else v
+
+
 def _show(v) -> str:
     """A value for an error message, cut short (a JSON number may have any length)."""
     r = repr(v)
@@ -74,8 +79,8 @@ class SamplingParams:
     def validate(self) -> None:
         def num(name, lo=None, hi=None, lo_open=False, integer=False):
             v = getattr(self, name)
-            if integer and type(v) is float and math.isfinite(v) and v.is_integer():
-                v = int(v)  # 16.0 is an integer, as pydantic (the OpenAI endpoints) takes it
+            if integer:
+                v = lax_int(v)
                 setattr(self, name, v)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
                 raise InvalidRequest(f"{name} must be a{'n integer' if integer else ' number'}, got {_show(v)}", name)
@@ -109,9 +114,7 @@ class SamplingParams:
         num("presence_penalty", -2.0, 2.0)
         num("repetition_penalty", 0.0, 2.0, lo_open=True)
         num("n", 1, MAX_N, integer=True)
-        if type(self.sampling_seed) is float and math.isfinite(self.sampling_seed) \
-                and self.sampling_seed.is_integer():
-            self.sampling_seed = int(self.sampling_seed)
+        self.sampling_seed = lax_int(self.sampling_seed)
         if self.sampling_seed is not None and (isinstance(self.sampling_seed, bool)
                                                or not isinstance(self.sampling_seed, int)):
             raise InvalidRequest("sampling_seed must be an integer", "sampling_seed")

@@ -12,8 +12,8 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from portaserve.core.request_builder import lax_int, copy_params
-from portaserve.core.sampling_params import MAX_N
+from portaserve.core.request_builder import copy_params
+from portaserve.core.sampling_params import MAX_N, lax_int
 from portaserve.server.common import (SSE_DONE, check_abort, dead_error, follow, make_req, sse,
                                       sse_error, submit, wait_all)
 from portaserve.server.errors import APIError, bad_request, get, read_json_object, refuse_unsupported
