@@ -76,7 +76,7 @@ def test_scheduler_process_exits_after_its_loop_crashes(tmp_path, monkeypatch):
 
     rt = types.SimpleNamespace(limits=lambda: Limits(context_len=8, vocab_size=8, pool_tokens=8),
                                info=lambda: {}, startup_report=lambda: "",
-                               model_config=types.SimpleNamespace(architecture="x"))
+                               model_config=types.SimpleNamespace(architecture="x", model_type="x"))
 
     def crash(*a):
         raise RuntimeError("simulated crash in the loop")
