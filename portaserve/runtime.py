@@ -53,6 +53,7 @@ class Runtime:
 
         return Limits(self.context_len, self.model_config.vocab_size, self.scheduler.allocator.size,
                       grammar=self.scheduler.grammar is not None,
+                      max_top_logprobs=self.args.max_top_logprobs_num,
                       sampling_defaults=dict(self.sampling_defaults))
 
     @property

@@ -56,6 +56,7 @@ class ServerArgs:
     sampling_defaults: str = _opt("model", "defaults of the sampling parameters a request leaves out: model: the temperature, top_p, top_k, min_p and repetition_penalty of the model's generation_config.json (as SGLang and vLLM do), the rest as openai; openai: temperature 1, top_p 1, no top_k / min_p / penalty",
                                   choices=["model", "openai"])
     api_key: Optional[str] = _opt(None, "require Authorization: Bearer KEY on every endpoint but /health")
+    max_request_body_mb: int = _opt(64, "HTTP request bodies larger than this many MiB get HTTP 413 (0: no limit)")
     served_model_name: Optional[str] = _opt(None, "model name reported by the API (default: the model's)")
     chat_template: Optional[str] = _opt(None, "Jinja chat template file or string overriding the tokenizer's")
     enable_metrics: bool = _opt(False, "serve Prometheus metrics at /metrics")
@@ -66,6 +67,7 @@ class ServerArgs:
     kernel: list = _opt(None, "force an op provider, OP=PROVIDER (repeatable); all=native bisects numerics",
                         action="append")
     attention_backend: Optional[str] = _opt(None, "attention kernels (SGLang's flag): flashinfer, triton, native, or a platform's own (sdpa on CPU, aiter, ipex, pallas); default: the platform's choice (CUDA: flashinfer for prefill where installed and the model fits, triton for decode). --kernel entries override it op by op")
+    max_top_logprobs_num: int = _opt(20, "most top logprobs a request may ask for per token (top_logprobs_num, OpenAI's logprobs / top_logprobs), as vLLM's --max-logprobs: each one is returned for every output token, and with logprob_start_len for every prompt token")
     skip_tokenizer_init: bool = _opt(False, "accept and return token ids only")
     disable_cuda_graph: bool = _opt(False, "run decode eagerly instead of replaying captured CUDA/HIP graphs")
     cuda_graph_max_bs: Optional[int] = _opt(None, "largest decode batch captured in a graph (default: min(max-running-requests, 256))")
@@ -122,6 +124,10 @@ class ServerArgs:
                              f"--page-size {self.page_size}")
         if not 0 < self.schedule_conservativeness <= 10:
             raise ValueError("--schedule-conservativeness must be in (0, 10]")
+        if self.max_request_body_mb < 0:
+            raise ValueError(f"--max-request-body-mb must be >= 0, got {self.max_request_body_mb}")
+        if self.max_top_logprobs_num < 0:
+            raise ValueError(f"--max-top-logprobs-num must be >= 0, got {self.max_top_logprobs_num}")
         if self.stream_interval < 1:
             raise ValueError("--stream-interval must be >= 1")
         if not 0 <= self.port <= 65535:

@@ -257,6 +257,27 @@ def test_invalid_prompts(default_engine):
     assert e.generate("Hi", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
 
 
+def test_top_logprobs_num_is_capped_by_the_server_limit(tiny_models):
+    """Each top logprob comes back for every token (prompt ones too, with
+    logprob_start_len): the count is capped, as vLLM's --max-logprobs (49,152 of them over
+    a 300-token prompt held 3 GB in the scheduler)."""
+    from portaserve import Engine
+
+    with Engine(str(tiny_models("llama3")), skip_tokenizer_init=True, max_total_tokens=2000,
+                max_top_logprobs_num=3) as e:
+        out = e.generate(input_ids=[5, 6, 7, 8], sampling_params={"max_new_tokens": 2, "temperature": 0},
+                         return_logprob=True, logprob_start_len=0, top_logprobs_num=3)
+        meta = out["meta_info"]
+        assert [len(t) for t in meta["output_top_logprobs"]] == [3, 3]
+        assert all(t is None or len(t) == 3 for t in meta["input_top_logprobs"])
+        with pytest.raises(InvalidRequest, match="--max-top-logprobs-num") as ei:
+            e.generate(input_ids=[5, 6], sampling_params={"max_new_tokens": 1}, return_logprob=True,
+                       top_logprobs_num=4)
+        assert ei.value.param == "top_logprobs_num"
+    with pytest.raises(ValueError, match="max-top-logprobs-num"):
+        Engine(str(tiny_models("llama3")), skip_tokenizer_init=True, max_top_logprobs_num=-1)
+
+
 def test_overlap_schedule_logic_same_tokens(tiny_models):
     """The overlapped decode loop (launch N+1 before reading N) gives the same tokens; on
     the CPU it runs synchronously, which still exercises its bookkeeping: requests that

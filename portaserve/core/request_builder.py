@@ -16,6 +16,7 @@ class Limits:
     vocab_size: int
     pool_tokens: int
     grammar: bool = False  # structured output available
+    max_top_logprobs: int = 20  # --max-top-logprobs-num
     # what a request's sampling params default to before SamplingParams' own defaults
     # (--sampling-defaults model: the model's generation_config.json)
     sampling_defaults: dict = field(default_factory=dict)
@@ -87,6 +88,9 @@ def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=F
             or not 0 <= (top_logprobs_num or 0) <= limits.vocab_size):
         raise InvalidRequest(f"top_logprobs_num must be an integer from 0 to the vocabulary size "
                              f"({limits.vocab_size}), got {top_logprobs_num!r}", "top_logprobs_num")
+    if (top_logprobs_num or 0) > limits.max_top_logprobs:  # each is returned for every token
+        raise InvalidRequest(f"top_logprobs_num ({top_logprobs_num}) is above this server's limit of "
+                             f"{limits.max_top_logprobs} (--max-top-logprobs-num)", "top_logprobs_num")
     if logprob_start_len is not None and (isinstance(logprob_start_len, bool)
                                           or not isinstance(logprob_start_len, int)):
         raise InvalidRequest("logprob_start_len must be an integer", "logprob_start_len")

@@ -30,6 +30,37 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
     return APIError(status, message, type_, param, code, headers).response()
 
 
+class BodyLimit:
+    """413 for a request body over the limit (--max-request-body-mb), read no further: at
+    once from its Content-Length, else (chunked) when the bytes received pass it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def _error(self) -> APIError:
+        return APIError(413, f"the request body is larger than this server's limit of "
+                        f"{self.limit >> 20} MiB (--max-request-body-mb)", "invalid_request_error",
+                        None, "request_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._error().response()(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # raised inside the handler's body read: the APIError handler answers
+                raise self._error()
+            return message
+
+        return await self.app(scope, counted, send)
+
+
 def create_app(client: SchedulerClient) -> FastAPI:
     from portaserve import __version__
     from portaserve.server import native_api, openai_api
@@ -77,6 +108,8 @@ def create_app(client: SchedulerClient) -> FastAPI:
                                   headers={"WWW-Authenticate": "Bearer"})
             return await call_next(request)
 
+    if args.max_request_body_mb:
+        app.add_middleware(BodyLimit, limit=args.max_request_body_mb << 20)
     # browsers may call the API from any page, as SGLang and vLLM allow by default; added
     # last, so it is the outermost layer and answers preflights before the API key check
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True,

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from fastapi.responses import JSONResponse
 
-from portaserve.core.sampling_params import InvalidRequest
+from portaserve.core.sampling_params import InvalidRequest, lax_int
 
 
 class APIError(Exception):
@@ -120,8 +120,8 @@ def get(body: dict, name: str, typ, default: Any = None, *, nullable: bool = Tru
             ok = True
     # as lax as pydantic, which SGLang and vLLM validate with: 16.0 is an integer, 0 and 1
     # are booleans
-    if not ok and int in types and isinstance(v, float) and math.isfinite(v) and v.is_integer():
-        v, ok = int(v), True
+    if not ok and int in types and type(lax_int(v)) is int:
+        v, ok = lax_int(v), True
     elif not ok and bool in types and type(v) is int and v in (0, 1):
         v, ok = bool(v), True
     if not ok:

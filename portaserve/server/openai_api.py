@@ -28,6 +28,14 @@ router = APIRouter()
 MAX_TOP_LOGPROBS = 20
 
 
+def _check_top(c, top: int, name: str) -> None:
+    """OpenAI's range (0-20), narrowed by --max-top-logprobs-num."""
+    cap = min(MAX_TOP_LOGPROBS, c.limits.max_top_logprobs)
+    if not 0 <= top <= cap:
+        why = "" if cap == MAX_TOP_LOGPROBS else " (this server's --max-top-logprobs-num)"
+        raise bad_request(f"{name} must be between 0 and {cap}{why}, got {top}", name)
+
+
 def _client(request: Request):
     return request.app.state.client
 
@@ -334,9 +342,8 @@ async def completions(request: Request):
     sp, rename = sampling_params(body, chat=False)
     echo = get(body, "echo", bool, False)
     logprobs = get(body, "logprobs", int)
-    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
-        raise bad_request(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {logprobs}",
-                          "logprobs")
+    if logprobs is not None:
+        _check_top(c, logprobs, "logprobs")
     if get(body, "suffix", str):
         raise bad_request("suffix is not supported", "suffix")
     want_lp = logprobs is not None
@@ -540,9 +547,7 @@ async def chat_completions(request: Request):
     want_lp = get(body, "logprobs", bool, False)
     top = get(body, "top_logprobs", int)
     if top is not None:
-        if not 0 <= top <= MAX_TOP_LOGPROBS:
-            raise bad_request(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top}",
-                              "top_logprobs")
+        _check_top(c, top, "top_logprobs")
         if top and not want_lp:
             raise bad_request("top_logprobs requires logprobs: true", "top_logprobs")
     tools, choice, named = None, "none", None

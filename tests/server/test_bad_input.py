@@ -61,6 +61,10 @@ CASES = [
     (GEN, {"text": "x", "top_logprobs_num": -1, "return_logprob": True}, "top_logprobs_num", "top_logprobs_num"),
     # each of these once crashed the scheduler (the server went down) or wedged the HTTP side
     (GEN, {"text": "x", "top_logprobs_num": 49153, "return_logprob": True}, "vocabulary size", "top_logprobs_num"),
+    # each top logprob is returned for every prompt and output token: 49152 of them over
+    # a 300-token prompt held 3 GB in the scheduler, a few thousand tokens would exhaust RAM
+    (GEN, {"text": "x", "top_logprobs_num": 21, "return_logprob": True}, "--max-top-logprobs-num",
+     "top_logprobs_num"),
     (C, {"prompt": "x", "seed": 2 ** 64}, "seed must be in", "seed"),
     (GEN, {"text": "x", "sampling_params": {"sampling_seed": -2 ** 63 - 1}}, "seed must be in", "sampling_seed"),
     (GEN, {"text": "x", "sampling_params": {"skip_special_tokens": "no"}}, "must be a boolean", "skip_special_tokens"),

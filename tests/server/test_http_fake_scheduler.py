@@ -180,3 +180,46 @@ def test_an_abort_for_an_unknown_id_is_not_kept():
 
     r = _run(ABORTED, fn)
     assert r.json()["meta_info"]["finish_reason"] == {"type": "length"}
+
+
+def test_top_logprobs_are_capped_by_the_server_limit():
+    """--max-top-logprobs-num narrows OpenAI's 0-20 on /v1/completions and bounds
+    /generate's top_logprobs_num; within it the request runs."""
+    async def fn(http, c, fake):
+        c.limits = Limits(context_len=512, vocab_size=100, pool_tokens=4096, max_top_logprobs=2)
+        over = await http.post("/v1/completions", json={**CMPL, "logprobs": 3})
+        gen_over = await http.post("/generate", json={**GEN, "return_logprob": True, "top_logprobs_num": 3})
+        ok = await http.post("/generate", json={**GEN, "return_logprob": True, "top_logprobs_num": 2})
+        return over, gen_over, ok, len(fake.sent)
+
+    over, gen_over, ok, sent = _run(ABORTED, fn)
+    assert over.status_code == 400 and over.json()["error"]["param"] == "logprobs"
+    assert "between 0 and 2" in over.json()["error"]["message"]
+    assert "--max-top-logprobs-num" in over.json()["error"]["message"]
+    assert gen_over.status_code == 400 and gen_over.json()["error"]["param"] == "top_logprobs_num"
+    assert ok.status_code == 200 and sent == 1  # only the request within the limit was sent
+
+
+def test_a_body_over_the_size_limit_is_a_413_whether_or_not_its_length_is_declared():
+    async def main():
+        c, fake = _client(ABORTED)
+        c.args = ServerArgs(max_request_body_mb=1)
+        big = json.dumps({**GEN, "text": "x" * (1 << 20)}).encode()
+
+        async def chunks():  # no Content-Length: chunked transfer
+            for i in range(0, len(big), 65536):
+                yield big[i:i + 65536]
+
+        transport = httpx.ASGITransport(app=create_app(c))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            declared = await http.post("/generate", content=big, headers={"content-type": "application/json"})
+            chunked = await http.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+            small = await http.post("/generate", json=GEN)
+        return declared, chunked, small, len(fake.sent)
+
+    declared, chunked, small, sent = asyncio.run(main())
+    for r in (declared, chunked):
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["code"] == "request_too_large" and "--max-request-body-mb" in err["message"]
+    assert small.status_code == 200 and sent == 1
