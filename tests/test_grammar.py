@@ -467,3 +467,80 @@ def test_compiled_constraint_cache_is_bounded(default_engine, monkeypatch):
     assert g.compile("regex", "a{1,1}") is first and ("regex", "a{1,2}") not in g.cache
     out = default_engine.generate("x", {"regex": "b{1,3}", "max_new_tokens": 5, "temperature": 0})
     assert out["text"] in ("b", "bb", "bbb")
+
+
+# (schema, an instance that breaks it, the words the refusal names)
+UNENFORCED = [
+    ({"not": {"type": "string"}}, "s", "'not'"),
+    ({"if": {"type": "integer"}, "then": {"minimum": 5}}, 1, "'if'"),
+    ({"allOf": [{"type": "integer"}, {"minimum": 5}]}, 1, "'allOf' with more than one"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}, {"a": 1},
+     "'required' names 'b'"),
+    ({"type": "object", "properties": {"a": {}, "b": {}}, "dependentRequired": {"a": ["b"]}}, {"a": 1},
+     "'dependentRequired'"),
+    ({"type": "object", "properties": {"a": {}, "b": {}}, "dependentSchemas": {"a": {"required": ["b"]}}},
+     {"a": 1}, "'dependentSchemas'"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, [1, 1], "'uniqueItems'"),
+    ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 3}}, [1], "'contains'"),
+    ({"type": "number", "multipleOf": 0.5}, 0.3, "'multipleOf'"),
+    ({"type": "number", "multipleOf": 3}, 4, "'multipleOf'"),
+    ({"type": "string", "pattern": "^a*$", "maxLength": 2}, "aaa", "'pattern' together with 'maxLength'"),
+    ({"type": "string", "format": "date", "pattern": "^2"}, "1999-01-01", "'format' 'date' together"),
+    ({"type": "string", "pattern": "^(?!a)[ab]$"}, "a", "lookahead"),
+    ({"type": "object", "properties": {"x": {"type": "array", "items": {"not": {"const": 0}}}}},
+     {"x": [0]}, "at /properties/x/items"),
+]
+
+
+@pytest.mark.parametrize("schema,bad,words", UNENFORCED)
+def test_schema_features_the_backend_would_not_enforce_are_refused(schema, bad, words):
+    """Each refused feature is one xgrammar compiles and then does not enforce: its own
+    grammar accepts an instance that jsonschema (the reference validator) says breaks the
+    schema.  If an xgrammar upgrade starts enforcing one, this fails: drop it from
+    core/schema_check.py."""
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from portaserve.core.grammar import GrammarError, validate_constraint
+
+    text = json.dumps(schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema, format_checker=jsonschema.FormatChecker())
+    g = xgr.Grammar.from_json_schema(text, any_whitespace=False)
+    assert _is_grammar_accept_string(g, json.dumps(bad)), "xgrammar enforces this now"
+    with pytest.raises(GrammarError, match="cannot be enforced") as ei:
+        validate_constraint("json_schema", text)
+    assert words in str(ei.value)
+
+
+@pytest.mark.parametrize("schema,bad", [
+    ({"type": "string", "maxLength": 2}, "aaa"),
+    ({"type": "string", "pattern": "^a+$"}, "b"),
+    ({"type": "string", "format": "date"}, "1999-13-45x"),
+    ({"type": "integer", "multipleOf": 3}, 4),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 2}, [1]),
+    ({"allOf": [{"type": "integer"}]}, "s"),
+    ({"oneOf": [{"type": "integer"}, {"type": "string"}]}, None),
+    ({"$defs": {"x": {"type": "integer"}}, "$ref": "#/$defs/x"}, "s"),
+    ({"type": "object", "properties": {"not": {"type": "integer"}, "if": {"type": "integer"}},
+      "required": ["not"], "default": {"not": 1}}, {"not": "s"}),  # property names and data, not keywords
+])
+def test_schema_features_the_backend_enforces_are_accepted(schema, bad):
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from portaserve.core.grammar import validate_constraint
+
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema, format_checker=jsonschema.FormatChecker())
+    validate_constraint("json_schema", json.dumps(schema))
+    g = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    assert not _is_grammar_accept_string(g, json.dumps(bad))
+
+
+def test_lookahead_detection():
+    from portaserve.core.schema_check import has_lookahead
+
+    assert has_lookahead("a(?=b)") and has_lookahead("(?!x)y") and has_lookahead("[a](?=b)")
+    assert not has_lookahead(r"\(?=b") and not has_lookahead("[(?=]b") and not has_lookahead("(?:a)b")
+    assert not has_lookahead(r"[\]](?:=)")

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from portaserve.core import grammar_bounds
+from portaserve.core import grammar_bounds, schema_check
 from portaserve.core.hostcopy import to_device
 
 logger = logging.getLogger(__name__)
@@ -99,12 +99,15 @@ def _validate(kind: str, text: str) -> None:
     try:
         if kind == "json_schema":
             try:
-                json.loads(text)
+                schema = json.loads(text)
             except json.JSONDecodeError as e:
                 raise GrammarError(f"json_schema is not valid JSON: {e}") from None
             except RecursionError:
                 raise GrammarError("json_schema is nested too deeply") from None
             g = xgr.Grammar.from_json_schema(text, any_whitespace=False)
+            found = schema_check.unenforced(schema)
+            if found:
+                raise GrammarError(f"json_schema at {found[1]}: {schema_check.REFUSAL.format(found[0])}")
         elif kind == "regex":
             g = xgr.Grammar.from_regex(text)
         elif kind == "ebnf":

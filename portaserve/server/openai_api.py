@@ -137,6 +137,7 @@ def sampling_params(body: dict, chat: bool) -> tuple[dict, dict]:
                 raise bad_request("response_format.json_schema.schema must be an object",
                                   "response_format")
             sp["json_schema"] = json.dumps(schema)
+            rename["json_schema"] = "response_format"  # its errors name the field the client set
         elif kind == "json_object":
             sp["json_schema"] = json.dumps({"type": "object"})
         elif kind != "text":
@@ -564,6 +565,7 @@ async def chat_completions(request: Request):
             raise bad_request("tool_choice required/named cannot be combined with another output "
                               "constraint", "tool_choice")
         # arguments constrained to the functions' schemas: they always parse
+        tool_calls.check_enforceable(tools, named)
         sp["json_schema"] = json.dumps(tool_calls.constraint_schema(tools, choice, max_calls is None, named))
     parser = tool_calls.detect_parser(getattr(c.tokenizer, "chat_template", None),
                                       getattr(c.args, "tool_call_parser", None))

@@ -70,6 +70,20 @@ def parse_tool_choice(choice, tools: list[dict]) -> tuple[str, Optional[str]]:
                       "\"function\": {\"name\": ...}}", "tool_choice")
 
 
+def check_enforceable(tools: list[dict], name: Optional[str] = None) -> None:
+    """400 naming the tool whose parameters (the named one's, else every tool's) use a
+    schema feature that constraining the calls would not enforce."""
+    from portaserve.core import schema_check
+
+    for i, t in enumerate(tools):
+        if name is not None and t["function"]["name"] != name:
+            continue
+        found = schema_check.unenforced(t["function"]["parameters"])
+        if found:
+            raise bad_request(f"tools[{i}].function.parameters at {found[1]}: "
+                              f"{schema_check.REFUSAL.format(found[0])}", "tools")
+
+
 def detect_parser(chat_template: Optional[str], configured: Optional[str]) -> str:
     if configured:
         return configured
@@ -259,6 +273,131 @@ class _Value:
         return True
 
 
+class _JSONObject:
+    """Checks, a character at a time, that the text so far begins one JSON object (RFC
+    8259: strings with their escapes, numbers, true/false/null, nesting): feed() is False
+    at the first character that cannot continue it, so a call's arguments are streamed
+    only as far as they are JSON, and never past their end (``done``)."""
+
+    _ESCAPES = '"\\/bfnrtu'
+    _NUMBER_END = {"int0", "int", "frac", "exp"}  # states in which a number may end
+
+    def __init__(self):
+        self.stack: list[str] = []  # "{" / "[" of each open container
+        self.state = "start"
+        self.key = False  # the open string is an object key
+        self.hex = 0  # \u digits still due
+        self.literal = ""  # the rest of true / false / null still due
+        self.done = False
+
+    def feed(self, ch: str) -> bool:
+        if self.done:
+            return False
+        st = self.state
+        if st == "string":
+            return self._string(ch)
+        if st == "literal":
+            if not self.literal.startswith(ch):
+                return False
+            self.literal = self.literal[1:]
+            if not self.literal:
+                self.state = "after_value"
+            return True
+        if st.startswith("num_"):
+            nxt = self._number(st[4:], ch)
+            if nxt is not None:
+                self.state = "num_" + nxt
+                return True
+            if st[4:] not in self._NUMBER_END:
+                return False
+            self.state = st = "after_value"  # the number ended before ch
+        if ch in " \t\r\n":
+            return st != "start"
+        if st == "start":
+            return self._open(ch) if ch == "{" else False
+        if st in ("key_or_end", "key"):
+            if ch == '"':
+                self.state, self.key = "string", True
+                return True
+            return st == "key_or_end" and self._close(ch, "{")
+        if st == "colon":
+            if ch != ":":
+                return False
+            self.state = "value"
+            return True
+        if st in ("value", "value_or_end"):
+            if st == "value_or_end" and ch == "]":
+                return self._close(ch, "[")
+            return self._value(ch)
+        # after_value
+        if ch == ",":
+            self.state = "key" if self.stack[-1] == "{" else "value"
+            return True
+        return self._close(ch, self.stack[-1])
+
+    def _value(self, ch: str) -> bool:
+        if ch in "{[":
+            return self._open(ch)
+        if ch == '"':
+            self.state, self.key = "string", False
+        elif ch == "-":
+            self.state = "num_sign"
+        elif ch.isdigit() and ch.isascii():
+            self.state = "num_int0" if ch == "0" else "num_int"
+        elif ch in "tfn":
+            self.state, self.literal = "literal", {"t": "rue", "f": "alse", "n": "ull"}[ch]
+        else:
+            return False
+        return True
+
+    @staticmethod
+    def _number(st: str, ch: str):
+        """The number's next state after ch, or None if ch is not part of it."""
+        digit = ch.isdigit() and ch.isascii()
+        if st == "sign":
+            return ("int0" if ch == "0" else "int") if digit else None
+        if st in ("int0", "int") and ch == ".":
+            return "dot"
+        if st in ("int0", "int", "frac") and ch in "eE":
+            return "e"
+        if st == "e" and ch in "+-":
+            return "esign"
+        if not digit or st == "int0":
+            return None
+        return {"int": "int", "dot": "frac", "frac": "frac", "e": "exp", "esign": "exp", "exp": "exp"}[st]
+
+    def _string(self, ch: str) -> bool:
+        if self.hex:
+            if ch not in "0123456789abcdefABCDEF":
+                return False
+            self.hex -= 1
+        elif self.literal == "\\":  # after a backslash
+            if ch not in self._ESCAPES:
+                return False
+            self.literal = ""
+            self.hex = 4 if ch == "u" else 0
+        elif ch == "\\":
+            self.literal = "\\"
+        elif ch == '"':
+            self.state = "colon" if self.key else "after_value"
+        elif ord(ch) < 0x20:  # control characters must be escaped
+            return False
+        return True
+
+    def _open(self, ch: str) -> bool:
+        self.stack.append(ch)
+        self.state = "key_or_end" if ch == "{" else "value_or_end"
+        return True
+
+    def _close(self, ch: str, top: str) -> bool:
+        if ch != {"{": "}", "[": "]"}[top]:
+            return False
+        self.stack.pop()
+        self.state = "after_value"
+        self.done = not self.stack
+        return True
+
+
 class _CallObject:
     """One ``{"name": ..., "arguments"|"parameters": {...}}`` object, fed a character at a
     time.  Events: ("name", str), ("args", fragment), ("end", None), ("error", reason)."""
@@ -300,7 +439,13 @@ class _CallObject:
         elif st == "colon":
             self._expect(ch == ":", "value_start", events)
         elif st == "value_start":
-            self.state, self.value, self.raw = "value", _Value(), ""
+            if self.key in self.ARG_KEYS:
+                if self.args_kind is not None:
+                    return self._error("the call has a second arguments object", events)
+                if ch not in '{"':  # an object, or one written as a JSON string
+                    return self._error("the call's arguments are not a JSON object", events)
+            self.state, self.raw = "value", ""
+            self.value = _JSONObject() if self.key in self.ARG_KEYS and ch == "{" else _Value()
             self._value_char(ch, events)
         elif st == "value":
             self._value_char(ch, events)
@@ -314,16 +459,20 @@ class _CallObject:
 
     def _value_char(self, ch: str, events: list) -> None:
         v = self.value
+        if isinstance(v, _JSONObject):  # the arguments, sent as far as they are JSON
+            if not v.feed(ch):
+                return self._error("the call's arguments are not valid JSON", events)
+            self.args_kind = "text"
+            events.append(("args", ch))
+            if v.done:
+                self.state = "after_value"
+            return
         if not v.feed(ch):  # a scalar ended before ch
             self._value_done(events)
             self.feed(ch, events)
             return
-        if self.key in self.ARG_KEYS:
-            if v.kind == "container":
-                self.args_kind = "text"
-                events.append(("args", ch))
-            else:  # e.g. arguments written as a JSON string: sent whole, decoded
-                self.raw += ch
+        if self.key in self.ARG_KEYS:  # arguments written as a JSON string: sent whole, decoded
+            self.raw += ch
         elif self.key == "name":
             self.raw += ch
         if v.done:
@@ -343,10 +492,12 @@ class _CallObject:
         elif self.key in self.ARG_KEYS and self.args_kind is None:
             try:
                 val = json.loads(self.raw)
-            except json.JSONDecodeError:
-                val = self.raw
+                if not isinstance(json.loads(val), dict):
+                    raise ValueError
+            except (ValueError, TypeError):
+                return self._error("the call's arguments are not a JSON object", events)
             self.args_kind = "text"
-            events.append(("args", val if isinstance(val, str) else json.dumps(val)))
+            events.append(("args", val))
 
     def _expect(self, ok: bool, nxt: str, events: list) -> None:
         if ok:

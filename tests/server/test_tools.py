@@ -360,10 +360,31 @@ def test_bad_tools_are_400(server):
                         ({"tool_choice": "required"}, "tool_choice"),
                         # arguments are an object: OpenAI refuses other parameter types too
                         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
-                            "type": "string"}}}]}, "tools")]:
+                            "type": "string"}}}]}, "tools"),
+                        # constrained calls could break a schema feature the grammar does not
+                        # enforce (core/schema_check.py): refused, naming the tool
+                        ({"tools": [WEATHER, UNIQUE], "tool_choice": "required"}, "tools"),
+                        ({"tools": [WEATHER, UNIQUE], "tool_choice": {"type": "function",
+                                                                      "function": {"name": "tag"}}}, "tools"),
+                        ({"response_format": {"type": "json_schema", "json_schema": {
+                            "name": "x", "schema": {"type": "object", "properties": {"a": {"not": {}}}}}}},
+                         "response_format")]:
         r = server.post("/v1/chat/completions", json={"model": "default", "messages": MSGS, **body})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == param
+    r = server.post("/v1/chat/completions", json={"model": "default", "messages": MSGS,
+                                                  "tools": [WEATHER, UNIQUE], "tool_choice": "required"})
+    assert "tools[1].function.parameters at /properties/tags: 'uniqueItems'" in r.json()["error"]["message"]
+    # only the constrained tool's schema matters: naming the other one, or auto, is served
+    for choice in ({"type": "function", "function": {"name": "get_weather"}}, "auto"):
+        r = server.post("/v1/chat/completions", json={"model": "default", "messages": MSGS, "max_tokens": 8,
+                                                      "tools": [WEATHER, UNIQUE], "tool_choice": choice})
+        assert r.status_code == 200, r.text
+
+
+UNIQUE = {"type": "function", "function": {"name": "tag", "parameters": {
+    "type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}},
+    "required": ["tags"]}}}
 
 
 def test_parsers():
@@ -410,3 +431,101 @@ def test_streaming_mistral_v13_calls(mistral_oai):
                                             extra_body={"regex": MISTRAL_OUT})
     assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
     assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_weather", "get_time"]
+
+
+def _random_json(rng, depth=0):
+    kind = rng.choice(["obj", "arr", "str", "int", "float", "lit"] if depth < 3 else ["str", "int", "float", "lit"])
+    if kind == "obj":
+        return {rng.choice(["a", "b\"c", "é\n", "k\\", "\u2028"]) + str(i): _random_json(rng, depth + 1)
+                for i in range(rng.randint(0, 3))}
+    if kind == "arr":
+        return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    if kind == "str":
+        return "".join(rng.choice(['x', '"', '\\', '\t', '/', 'ü', '\x01', '😀', ' ']) for _ in range(rng.randint(0, 4)))
+    if kind == "int":
+        return rng.choice([0, -1, 7, 12345678901234567890, -0])
+    if kind == "float":
+        return rng.choice([0.5, -2.25e-7, 1e300, 3.0])
+    return rng.choice([True, False, None])
+
+
+def _checked(text: str):
+    """(every character accepted, the object closed at the last one)."""
+    v = tool_calls._JSONObject()
+    for i, ch in enumerate(text):
+        if not v.feed(ch):
+            return False, False
+        if v.done and i != len(text) - 1:
+            return False, False
+    return True, v.done
+
+
+def test_arguments_json_check_agrees_with_the_json_module():
+    """The incremental check a call's arguments pass through (streamed only as far as they
+    are JSON) against json.loads: every serialised object passes whole and closes at its
+    last character; of mutated texts, those that pass and close are objects json.loads
+    reads, and every text json.loads reads as an object passes."""
+    import random
+
+    rng = random.Random(0)
+    passed = failed = 0
+    for _ in range(3000):
+        obj = {"k": _random_json(rng)} if rng.random() < 0.5 else {
+            f"p{i}": _random_json(rng) for i in range(rng.randint(0, 3))}
+        text = json.dumps(obj, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 1]),
+                          separators=rng.choice([None, (",", ":")]))
+        assert _checked(text) == (True, True), text
+        for _ in range(3):
+            t = list(text)
+            i = rng.randrange(len(t))
+            op = rng.choice(["del", "ins", "rep"])
+            c = rng.choice(list('{}[]",:\\ 0-1.eE+tnaxu\n'))
+            if op == "del":
+                del t[i]
+            elif op == "ins":
+                t.insert(i, c)
+            else:
+                t[i] = c
+            m = "".join(t)
+            try:
+                ref = json.loads(m)
+                ok = isinstance(ref, dict) and m == m.strip() and not any(
+                    w in m for w in ("NaN", "Infinity"))
+            except ValueError:
+                ok = False
+            accepted, done = _checked(m)
+            assert (accepted and done) == ok, m
+            passed += ok
+            failed += not ok
+    assert passed > 100 and failed > 1000  # both sides were exercised
+
+
+def test_calls_with_arguments_that_are_not_json_are_cut_where_they_stop_being_json():
+    """A model's malformed arguments are streamed only as far as they are JSON: the call
+    ends there, incomplete (finish_reason stays stop, not tool_calls), never concatenated
+    into text no client can parse; stream and whole-text parse agree."""
+    names = {"get_weather"}
+    cases = [
+        ('<tool_call>{"name": "get_weather", "arguments": {"city": Paris}}</tool_call> ok', "hermes",
+         '{"city": ', " ok"),
+        ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}, "arguments": {"x": 1}}'
+         '</tool_call>', "hermes", '{"city": "Paris"}', None),
+        ('<tool_call>{"name": "get_weather", "arguments": "Paris"}</tool_call>', "hermes", "", None),
+        ('<tool_call>{"name": "get_weather", "arguments": [1]}</tool_call>', "hermes", "", None),
+        ('<tool_call>{"name": "get_weather", "arguments": {"n": 01}}</tool_call>', "hermes", '{"n": 0', None),
+        ('{"name": "get_weather", "parameters": {"city": \'Oslo\'}}', "llama3", '{"city": ', None),
+    ]
+    for text, fmt, args, content in cases:
+        got_content, calls, complete = tool_calls.parse(text, fmt, names)
+        assert [c["function"]["name"] for c in calls] == ["get_weather"], text
+        assert calls[0]["function"]["arguments"] == args and not complete, text
+        if content is not None:
+            assert got_content == content
+        p = tool_calls.ToolCallStream(fmt, names)
+        deltas = [d for ch in text for d in p.feed(ch)] + p.finish()
+        streamed = "".join(tc["function"]["arguments"] for d in deltas for tc in d.get("tool_calls", []))
+        assert streamed == args
+    # a well-formed call written as a JSON string is still read
+    _, calls, complete = tool_calls.parse(
+        '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}</tool_call>', "hermes", names)
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"} and complete
