@@ -1,7 +1,7 @@
 """OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models.
 
-Choices: an unknown ``model`` is a 400 (``code: model_not_found``, as SGLang answers; OpenAI
-itself uses 404).  Unknown body fields are ignored (as vLLM and SGLang do); known fields
+Choices: an unknown ``model`` is a 404 (``code: model_not_found``, as OpenAI and vLLM
+answer).  Unknown body fields are ignored (as vLLM and SGLang do); known fields
 are type-checked.  ``n`` fans out into n engine requests.  ``usage.prompt_tokens`` counts
 each prompt once (not once per choice), ``completion_tokens`` sums every choice.
 """
@@ -61,7 +61,8 @@ def _check_model(client, body: dict) -> str:
     served = client.info.get("served_model_name")
     if model is None or model in ("default", "") or serves(client, model):
         return served
-    raise APIError(400, f"the model {model!r} does not exist; this server serves {served!r}",
+    # 404 with code model_not_found, as OpenAI and vLLM answer (the openai client raises NotFoundError)
+    raise APIError(404, f"the model {model!r} does not exist; this server serves {served!r}",
                    "invalid_request_error", "model", "model_not_found")
 
 

@@ -89,7 +89,7 @@ def test_served_model_name_and_chat_template(small):
                                         "logprob_start_len": 0,
                                         "sampling_params": {"max_new_tokens": 0}}).json()
     assert ids["meta_info"]["prompt_tokens"] == r.usage.prompt_tokens
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="SmolLM2-135M-Instruct-typo", messages=[{"role": "user", "content": "x"}])
 
 
