@@ -132,6 +132,59 @@ def test_stop_conditions(default_engine):
     assert len(out2["output_ids"]) == 20
 
 
+def _first_regex_stop(tok, ids, pattern, min_new=0):
+    """Brute force with the stdlib's re: the fewest output tokens k after which a match of
+    pattern ends in the text token k added (k > min_new_tokens), or None."""
+    import re
+
+    rx = re.compile(pattern)
+    for k in range(1, len(ids) + 1):
+        text, before = tok.decode(ids[:k]), tok.decode(ids[:k - 1])
+        if k <= min_new and min_new:
+            continue
+        if any((m := rx.match(text, i)) and m.end() > len(before) for i in range(len(text) + 1)):
+            return k
+    return None
+
+
+@pytest.mark.parametrize("pattern,min_new", [
+    (r"\d+, \d+,", 0), (r"1[0-9]", 0), (r"[5-9],", 0), (r"(?i)NINE|9", 0), (r"zzz|8", 0),
+    (r"\d", 4),  # a match before min_new_tokens does not count; the next one does
+    (r"^ 4,", 0), (r"\n", 0),  # anchored at the output's start; no match at all
+])
+def test_stop_regex_against_brute_force(default_engine, pattern, min_new):
+    """stop_regex (SGLang's): the output stops at the first token after which a match
+    ends in the text it added, found here by brute force over the greedy output's
+    prefixes; the matched text stays (as in SGLang), and the stream agrees."""
+    e = default_engine
+    base = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
+    ref = e.generate("Count: 1, 2, 3,", base)["output_ids"]
+    k = _first_regex_stop(e.tokenizer, ref, pattern, min_new)
+    sp = {**base, "stop_regex": [pattern], "min_new_tokens": min_new}
+    out = e.generate("Count: 1, 2, 3,", sp)
+    streamed = list(e.generate("Count: 1, 2, 3,", sp, stream=True))[-1]
+    if k is None:
+        assert out["output_ids"] == ref and out["meta_info"]["finish_reason"]["type"] == "length"
+    else:
+        assert out["output_ids"] == ref[:k], (pattern, e.tokenizer.decode(ref))
+        assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": pattern}
+        assert out["text"] == e.tokenizer.decode(ref[:k])
+    assert streamed["text"] == out["text"] and streamed["meta_info"]["finish_reason"] == out["meta_info"]["finish_reason"]
+
+
+def test_stop_regex_that_backtracks_catastrophically_ends_its_own_request(default_engine):
+    """Searching runs with a time limit on the scheduler's thread: a pattern that blows
+    up ends its request with a 400-status abort; the engine serves on."""
+    e = default_engine
+    out = e.generate("Count: 1, 2, 3,", {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True,
+                                         "stop_regex": r"(?:.|..)+,\d\d\d"})
+    fr = out["meta_info"]["finish_reason"]
+    assert fr["type"] == "abort" and fr["status_code"] == 400 and fr["param"] == "stop_regex", fr
+    assert e.generate("Hi", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+    with pytest.raises(InvalidRequest, match="not a valid regular expression"):
+        e.generate("Hi", {"stop_regex": "(unclosed"})
+
+
 def test_streaming_equals_final(default_engine):
     e = default_engine
     sp = {"max_new_tokens": 40, "temperature": 0, "stop": [" the "]}
@@ -274,6 +327,11 @@ def test_top_logprobs_num_is_capped_by_the_server_limit(tiny_models):
             e.generate(input_ids=[5, 6], sampling_params={"max_new_tokens": 1}, return_logprob=True,
                        top_logprobs_num=4)
         assert ei.value.param == "top_logprobs_num"
+        # stop texts are found in decoded text: without a tokenizer they are refused, not ignored
+        for name in ("stop", "stop_regex"):
+            with pytest.raises(InvalidRequest, match="needs a tokenizer") as ei:
+                e.generate(input_ids=[5, 6], sampling_params={"max_new_tokens": 1, name: "x"})
+            assert ei.value.param == name
     with pytest.raises(ValueError, match="max-top-logprobs-num"):
         Engine(str(tiny_models("llama3")), skip_tokenizer_init=True, max_top_logprobs_num=-1)
 

@@ -57,7 +57,7 @@ class IncrementalDetokenizer:
             self.text += new_text[len(prefix_text):]
             self.read_offset = len(self.ids)
         matched = (finished_reason or {}).get("matched")
-        if isinstance(matched, str) and not self.no_stop_trim:
+        if isinstance(matched, str) and matched in self.stop_strs and not self.no_stop_trim:  # (not a stop_regex)
             # the occurrence the last token completed (earlier ones came before
             # min_new_tokens and stay)
             before = (len(os.path.commonprefix([self._decode(self.ids[:-1]), self.text]))

@@ -45,6 +45,11 @@ def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=F
             if sp.get(k) is None:  # left out, or null
                 sp[k] = v
     params = SamplingParams.from_dict(sp)
+    if tokenizer is None:  # stop texts are found in decoded text (SGLang refuses them here too)
+        for name in ("stop", "stop_regex"):
+            if getattr(params, name + "_strs"):
+                raise InvalidRequest(f"{name} needs a tokenizer, and this engine runs without one "
+                                     "(--skip-tokenizer-init): use stop_token_ids", name)
     ctx = limits.context_len
     # OpenAI's wording and code: clients look for "maximum context length" to shorten
     # the conversation and retry

@@ -30,6 +30,9 @@ class InvalidRequest(ValueError):
         self.code = code  # OpenAI's error code where it has one (context_length_exceeded)
 
 
+_DERIVED = {"stop_strs", "stop_regex_strs"}  # set by validate(), not by callers
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
@@ -55,7 +58,11 @@ class SamplingParams:
     # token id -> added to its logit before sampling (OpenAI's logit_bias: ids as strings or
     # ints, values in [-100, 100]); normalised to {int: float} by validate()
     logit_bias: Optional[dict] = None
+    # SGLang's: the request stops once a match of one of these patterns ends in the output
+    # (core/stop_regex.py); the matched text stays in it
+    stop_regex: Union[str, list, None] = None
     stop_strs: list = field(default_factory=list, repr=False)
+    stop_regex_strs: list = field(default_factory=list, repr=False)
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "SamplingParams":
@@ -67,7 +74,7 @@ class SamplingParams:
             return p
         if not isinstance(d, dict):
             raise InvalidRequest("sampling_params must be an object", "sampling_params")
-        known = {f.name for f in fields(cls)} - {"stop_strs"}
+        known = {f.name for f in fields(cls)} - _DERIVED
         unknown = set(d) - known
         if unknown:
             raise InvalidRequest(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}",
@@ -135,6 +142,16 @@ class SamplingParams:
             self.stop_strs = [s for s in stop if s]
         else:
             raise InvalidRequest("stop must be a string or a list of strings", "stop")
+        sr = [self.stop_regex] if isinstance(self.stop_regex, str) else self.stop_regex
+        if sr is not None and not (isinstance(sr, (list, tuple)) and all(isinstance(s, str) for s in sr)):
+            raise InvalidRequest("stop_regex must be a string or a list of strings", "stop_regex")
+        self.stop_regex_strs = [s for s in sr or [] if s]
+        from portaserve.core import stop_regex
+
+        for pattern in self.stop_regex_strs:
+            why = stop_regex.problem(pattern)
+            if why:
+                raise InvalidRequest(f"stop_regex {_show(pattern)}: {why}", "stop_regex")
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
                     isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
@@ -168,4 +185,4 @@ class SamplingParams:
                 or self.repetition_penalty != 1.0)
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stop_strs"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _DERIVED}

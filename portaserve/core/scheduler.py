@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from portaserve.core import ops, shared_prefix
+from portaserve.core import ops, shared_prefix, stop_regex
 from portaserve.core.forward_batch import ForwardBatch
 from portaserve.core.grammar import GrammarError
 from portaserve.core.hostcopy import to_device
@@ -1070,6 +1070,26 @@ class Scheduler:
             r.finished_reason = {"type": "stop", "matched": toks[-1]}
         return True
 
+    def _stop_regex_hit(self, r: Req) -> bool:
+        """A stop regex whose match ends in the text the last token added: the request
+        stops (matched: the pattern).  A search past its time limit ends it with a 400."""
+        pats = r.sampling.stop_regex_strs
+        window = r.output_ids[-max(stop_regex.window(p) for p in pats):]
+        tail = self.decode_fn(window)
+        before = common_prefix_len(self.decode_fn(window[:-1]), tail) if len(window) > 1 else 0
+        for p in pats:
+            try:
+                hit = stop_regex.search(p, tail, before)
+            except stop_regex.StopRegexTimeout:
+                r.finished_reason = {"type": "abort", "status_code": 400, "param": "stop_regex", "message": (
+                    f"stop_regex {p[:60]!r} took longer than {stop_regex.TIME_LIMIT_S * 1e3:.0f} ms to search "
+                    "the output (a pattern that backtracks catastrophically, such as (a|aa)+)")}
+                return True
+            if hit:
+                r.finished_reason = {"type": "stop", "matched": p}
+                return True
+        return False
+
     def _check_finished(self, r: Req) -> None:
         tok = r.output_ids[-1]
         sp = r.sampling
@@ -1095,6 +1115,8 @@ class Scheduler:
                         if tail.find(s, max(0, before - len(s) + 1)) >= 0:
                             r.finished_reason = {"type": "stop", "matched": s}
                             return
+            if sp.stop_regex_strs and self.decode_fn is not None and self._stop_regex_hit(r):
+                return
         if len(r.output_ids) >= sp.max_new_tokens:
             r.finished_reason = {"type": "length", "length": sp.max_new_tokens}
         elif len(r.input_ids) + len(r.output_ids) >= self.cfg.context_len:

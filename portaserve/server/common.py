@@ -77,6 +77,44 @@ async def wait_all(client: SchedulerClient, states: list[ReqState], request=None
             client.release(st)
 
 
+HOLD_HEADERS_S = 10.0
+
+
+async def start_stream(client: SchedulerClient, states: list[ReqState], request) -> bool:
+    """Hold a constrained stream's headers until its first token or its end, for up to
+    HOLD_HEADERS_S: its constraint compiles in the scheduler, and one that fails to (or
+    matches nothing) then gets a 400 with an error body, as unstreamed, not a 200 whose
+    stream carries the error.  Other streams start at once (their headers tell a client
+    it is queued), as do constrained ones still waiting after the hold; a failure after
+    that ends the stream with an error event.  False if the client went away meanwhile
+    (the requests are aborted)."""
+    if not any(st.req.constraint() for st in states):
+        return True
+    event = states[0].event
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + HOLD_HEADERS_S
+    while not any(st.output_ids or st.finished for st in states) and loop.time() < deadline:
+        event.clear()  # (set again by the next output; follow() then starts from it)
+        try:
+            await asyncio.wait_for(event.wait(), timeout=min(1.0, max(deadline - loop.time(), 0.0)))
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                for st in states:
+                    client.release(st)
+                return False
+    if any(st.error is not None or failed(st.finished_reason) for st in states):
+        try:
+            for st in states:
+                if st.error is not None:
+                    raise dead_error(st.error) if client.dead is not None else APIError(
+                        500, st.error, "server_error", None, "internal_error")
+            check_abort(states)
+        finally:
+            for st in states:
+                client.release(st)
+    return True
+
+
 async def follow(client: SchedulerClient, states: list[ReqState]) -> AsyncIterator[None]:
     """Yield each time any of states progressed; the caller reads the states.  Stops
     after all finished.  Leaving early (client disconnect) aborts the unfinished ones."""

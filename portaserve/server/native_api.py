@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from portaserve.core.request_builder import copy_params
 from portaserve.core.sampling_params import MAX_N, lax_int
 from portaserve.server.common import (SSE_DONE, check_abort, dead_error, follow, make_req, sse,
-                                      sse_error, submit, wait_all)
+                                      sse_error, start_stream, submit, wait_all)
 from portaserve.server.errors import APIError, bad_request, get, read_json_object, refuse_unsupported
 from portaserve.server.manager import ReqState, SchedulerDead
 
@@ -175,6 +175,8 @@ async def generate(request: Request):
             yield sse_error(str(dead_error(str(e))), code="engine_dead")
         yield SSE_DONE
 
+    if not await start_stream(client, states, request):
+        return Response(status_code=499)  # the client left before the first token
     return StreamingResponse(gen(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

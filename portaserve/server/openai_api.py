@@ -13,12 +13,12 @@ import uuid
 from typing import Optional
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from portaserve.core.request_builder import copy_params
 from portaserve.core.sampling_params import MAX_N
 from portaserve.server.common import (SSE_DONE, abort_event, check_abort, dead_error, failed,
-                                      follow, make_req, sse, sse_error, submit, wait_all)
+                                      follow, make_req, sse, sse_error, start_stream, submit, wait_all)
 from portaserve.server.errors import APIError, bad_request, get, read_json_object, refuse_unsupported
 from portaserve.server import reasoning, tool_calls
 from portaserve.server.manager import ReqState, SchedulerDead
@@ -108,11 +108,12 @@ def sampling_params(body: dict, chat: bool) -> tuple[dict, dict]:
         v = get(body, name, typ)
         if v is not None:
             sp[key] = v
-    stop = get(body, "stop", (str, list))
-    if stop is not None:
-        if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
-            raise bad_request("stop must be a string or a list of strings", "stop")
-        sp["stop"] = stop
+    for name in ("stop", "stop_regex"):  # stop_regex: SGLang's extra
+        stop = get(body, name, (str, list))
+        if stop is not None:
+            if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
+                raise bad_request(f"{name} must be a string or a list of strings", name)
+            sp[name] = stop
     lb = get(body, "logit_bias", dict)
     if lb:
         sp["logit_bias"] = lb
@@ -152,7 +153,6 @@ def sampling_params(body: dict, chat: bool) -> tuple[dict, dict]:
 # that sets one gets a 400 rather than an answer that silently ignored it (other unknown
 # fields are ignored, as vLLM and SGLang do).
 UNSUPPORTED_FIELDS = {
-    "stop_regex": "stop_regex is not supported; use stop strings, or regex to constrain the output",
     "lora_path": "LoRA adapters are not supported",
     "return_hidden_states": "return_hidden_states is not supported",
     "custom_logit_processor": "custom logit processors are not supported",
@@ -430,6 +430,8 @@ async def completions(request: Request):
             yield sse_error(str(dead_error(str(e))), code="engine_dead")
         yield SSE_DONE
 
+    if not await start_stream(c, states, request):
+        return Response(status_code=499)  # the client left before the first token
     return StreamingResponse(gen(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -708,5 +710,7 @@ async def chat_completions(request: Request):
             yield sse_error(str(dead_error(str(e))), code="engine_dead")
         yield SSE_DONE
 
+    if not await start_stream(c, states, request):
+        return Response(status_code=499)  # the client left before the first token
     return StreamingResponse(gen(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

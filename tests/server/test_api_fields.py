@@ -3,6 +3,7 @@ chat template and against the native API given the same tokens."""
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
@@ -130,6 +131,21 @@ def test_logit_bias_on_the_openai_endpoints(server, tok):
     assert r.json()["choices"][0]["text"] == tok.decode([target] * 5) != plain["choices"][0]["text"]
     r = server.post("/v1/chat/completions", json={**kw, "messages": MSGS[:1], "logit_bias": {target: 100}})
     assert r.json()["choices"][0]["message"]["content"] == tok.decode([target] * 5)
+
+
+def test_stop_regex_on_the_openai_endpoints(server):
+    """SGLang's stop_regex extra: the answer ends at the first match, which stays in the
+    text; finish_reason stop, matched_stop the pattern; streamed the same."""
+    kw = {"model": "default", "max_tokens": 24, "temperature": 0, "ignore_eos": True, "prompt": "Count: 1, 2, 3,"}
+    full = server.post("/v1/completions", json=kw).json()["choices"][0]["text"]
+    m = re.search(r"[6-9],", full)
+    assert m, full
+    r = server.post("/v1/completions", json={**kw, "stop_regex": [r"[6-9],"]}).json()["choices"][0]
+    assert r["text"] == full[:m.end()] and r["finish_reason"] == "stop" and r["matched_stop"] == "[6-9],"
+    events = server.post("/v1/completions", json={**kw, "stop_regex": r"[6-9],", "stream": True}).text
+    chunks = [json.loads(ln[6:]) for ln in events.splitlines() if ln.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == r["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
 def test_tokenize_and_detokenize_match_the_tokenizer(server, tok):

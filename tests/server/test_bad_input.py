@@ -80,7 +80,8 @@ CASES = [
     (GEN, {"text": "x", "sampling_params": {"regex": "[^\\x00-\\U0010FFFF]"}}, "matches no text", None),
     # fields the server knows and cannot honour: refused, not silently ignored
     (C, {"prompt": "x", "lora_path": "my-adapter"}, "LoRA", "lora_path"),
-    (CHAT, {"messages": MSG, "stop_regex": "\\d"}, "stop_regex", "stop_regex"),
+    (CHAT, {"messages": MSG, "stop_regex": "(unclosed"}, "not a valid regular expression", "stop_regex"),
+    (GEN, {"text": "x", "sampling_params": {"stop_regex": ["a", 5]}}, "stop_regex must be", "stop_regex"),
     (CHAT, {"messages": MSG, "logit_bias": {"five": 10}}, "not a token id", "logit_bias"),
     (C, {"prompt": "x", "logit_bias": {"5": 101}}, "from -100 to 100", "logit_bias"),
     (C, {"prompt": "x", "logit_bias": {"49152": 1}}, "outside the vocabulary", "logit_bias"),
@@ -174,11 +175,19 @@ def test_top_k_beyond_any_vocabulary_means_no_limit(server):
     assert r.status_code == 200 and r.json()["output_ids"] == want
 
 
-def test_streamed_grammar_that_matches_nothing_is_an_invalid_request_event(server):
-    r = server.post(C, json={"prompt": "x", "max_tokens": 4, "stream": True, "regex": "[^\\x00-\\U0010FFFF]"})
-    events = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")]
-    assert events and events[-1]["error"]["type"] == "invalid_request_error"
-    assert "matches no text" in events[-1]["error"]["message"]
+def test_streamed_grammar_that_matches_nothing_is_a_400_before_the_stream_starts(server):
+    """Refused in the scheduler (its grammar matches no text) before any token: the
+    stream's headers are held until its first token, so the answer is a 400 with an error
+    body, as for the same request unstreamed -- on every streaming endpoint."""
+    regex = "[^\\x00-\\U0010FFFF]"
+    for path, body in ((C, {"prompt": "x", "max_tokens": 4, "regex": regex}),
+                       (CHAT, {"messages": MSG, "max_tokens": 4, "regex": regex}),
+                       (GEN, {"text": "x", "sampling_params": {"max_new_tokens": 4, "regex": regex}})):
+        r = server.post(path, json={**body, "stream": True})
+        assert r.status_code == 400, (path, r.text)
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and "matches no text" in err["message"], err
+    assert server.post(GEN, json={"text": "x", "sampling_params": {"max_new_tokens": 2}}).status_code == 200
 
 
 def test_unknown_route_is_openai_shaped_404(server):

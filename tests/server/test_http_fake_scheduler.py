@@ -28,8 +28,9 @@ class FakeScheduler:
     with two tokens and the scripted finish; "abort" of a request not yet answered
     finishes it as aborted, as the scheduler does for a waiting request."""
 
-    def __init__(self, client: SchedulerClient, finish: dict):
+    def __init__(self, client: SchedulerClient, finish: dict, split: bool = False):
         self.client, self.finish, self.sent = client, finish, []
+        self.split = split  # the tokens in one message, the finish in the next
         self.loop = asyncio.get_event_loop()
         self.open: set[str] = set()
 
@@ -37,29 +38,35 @@ class FakeScheduler:
         self.sent.append(obj)
         if obj[0] == "add":
             self.open.add(obj[1].rid)
-            self.loop.call_soon(self._answer, obj[1].rid, self.finish)
+            if self.finish is not None:  # None: the request stays queued
+                self.loop.call_soon(self._answer, obj[1].rid, self.finish)
         elif obj[0] == "abort" and obj[1] in self.open:
             self._answer(obj[1], ABORTED, tokens=[])
 
     def _answer(self, rid, finish, tokens=(5, 6)):
         if rid not in self.open:
             return
+        if self.split and tokens:
+            self.client._on_output({"rid": rid, "new_ids": list(tokens), "meta": {"completion_tokens": len(tokens)},
+                                    "finished_reason": None}, 0.0)
+            self.loop.call_later(0.05, self._answer, rid, finish, ())
+            return
         self.open.discard(rid)
         self.client._on_output({"rid": rid, "new_ids": list(tokens), "meta": {"completion_tokens": len(tokens)},
                                 "finished_reason": finish}, 0.0)
 
 
-def _client(finish: dict) -> tuple[SchedulerClient, FakeScheduler]:
+def _client(finish: dict, split: bool = False) -> tuple[SchedulerClient, FakeScheduler]:
     c = SchedulerClient(ServerArgs())
     c.limits = Limits(context_len=512, vocab_size=100, pool_tokens=4096)
     c.info = {"served_model_name": "fake"}
-    c._send = FakeScheduler(c, finish)
+    c._send = FakeScheduler(c, finish, split)
     return c, c._send
 
 
-def _run(finish: dict, fn):
+def _run(finish: dict, fn, split: bool = False):
     async def main():
-        c, fake = _client(finish)
+        c, fake = _client(finish, split)
         transport = httpx.ASGITransport(app=create_app(c))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
             return await fn(http, c, fake)
@@ -92,15 +99,42 @@ def test_each_abort_kind_answers_the_same_status_on_every_endpoint(finish, statu
         assert oai.json()["choices"][0]["finish_reason"] == "abort"
 
 
+CONSTRAINED_GEN = {**GEN, "sampling_params": {**GEN["sampling_params"], "regex": "[ab]+"}}
+CONSTRAINED_CMPL = {**CMPL, "regex": "[ab]+"}
+
+
+@pytest.mark.parametrize("finish,status", [(OOM, 500), (REFUSED, 400)])
+def test_a_constrained_stream_that_fails_before_its_first_token_gets_the_http_status(finish, status):
+    """A constrained stream's headers wait for its first token (its grammar compiles in
+    the scheduler): a failure before it is the HTTP error the unstreamed request gets, and
+    the request is released.  An unconstrained stream starts at once (its failure is an
+    event in the stream: the next test)."""
+    async def fn(http, c, fake):
+        c.limits = Limits(context_len=512, vocab_size=100, pool_tokens=4096, grammar=True)
+        native = await http.post("/generate", json={**CONSTRAINED_GEN, "stream": True})
+        oai = await http.post("/v1/completions", json={**CONSTRAINED_CMPL, "stream": True})
+        plain = await http.post("/generate", json={**GEN, "stream": True})
+        return native, oai, plain, dict(c.states)
+
+    native, oai, plain, left = _run(finish, fn)
+    for r in (native, oai):
+        assert r.status_code == status, r.text
+        assert finish["message"] in r.json()["error"]["message"]
+    assert plain.status_code == 200 and finish["message"] in plain.text
+    assert left == {}
+
+
 def test_a_streamed_fault_ends_with_the_finish_it_carries():
-    """Streamed, /generate's last chunk carries the abort with its status and message
-    (the stream had begun 200); /v1/completions sends an error event, then [DONE]."""
+    """A failure after the stream began (200, tokens sent): /generate's last chunk
+    carries the abort with its status and message; /v1/completions sends an error event,
+    then [DONE]."""
     async def fn(http, c, fake):
         native = await http.post("/generate", json={**GEN, "stream": True})
         oai = await http.post("/v1/completions", json={**CMPL, "stream": True})
         return native, oai
 
-    native, oai = _run(OOM, fn)
+    native, oai = _run(OOM, fn, split=True)
+    assert native.status_code == oai.status_code == 200
     events = [ln[6:] for ln in native.text.splitlines() if ln.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["meta_info"]["finish_reason"] == OOM
@@ -223,3 +257,50 @@ def test_a_body_over_the_size_limit_is_a_413_whether_or_not_its_length_is_declar
         err = r.json()["error"]
         assert err["code"] == "request_too_large" and "--max-request-body-mb" in err["message"]
     assert small.status_code == 200 and sent == 1
+
+
+def test_a_client_gone_before_the_first_token_releases_its_requests():
+    """While a constrained stream's headers wait for its first token, a client that went
+    away is noticed (within a second) and its requests are aborted."""
+    from portaserve.server.common import make_req, start_stream, submit
+
+    class GoneRequest:
+        async def is_disconnected(self):
+            return True
+
+    async def main():
+        c, fake = _client(None)  # the scheduler never answers: the request stays queued
+        c.limits = Limits(context_len=512, vocab_size=100, pool_tokens=4096, grammar=True)
+        states = submit(c, [make_req(c, None, [1, 2, 3], {"max_new_tokens": 4, "regex": "[ab]+"})])
+        started = await start_stream(c, states, GoneRequest())
+        return started, dict(c.states), fake.sent
+
+    started, left, sent = asyncio.run(main())
+    assert started is False and left == {}
+    assert [m[0] for m in sent] == ["add", "abort"]
+
+
+def test_a_constrained_stream_still_queued_after_the_hold_starts(monkeypatch):
+    """The hold is bounded: a constrained request still queued after it streams as usual
+    (headers out, tokens when they come)."""
+    import time
+
+    from portaserve.server import common
+    from portaserve.server.common import make_req, start_stream, submit
+
+    class Here:
+        async def is_disconnected(self):
+            return False
+
+    monkeypatch.setattr(common, "HOLD_HEADERS_S", 0.3)
+
+    async def main():
+        c, fake = _client(None)
+        c.limits = Limits(context_len=512, vocab_size=100, pool_tokens=4096, grammar=True)
+        states = submit(c, [make_req(c, None, [1, 2, 3], {"max_new_tokens": 4, "regex": "[ab]+"})])
+        t0 = time.monotonic()
+        started = await start_stream(c, states, Here())
+        return started, time.monotonic() - t0, len(c.states)
+
+    started, waited, live = asyncio.run(main())
+    assert started is True and 0.25 < waited < 2.0 and live == 1
