@@ -3,6 +3,7 @@ streaming, seeded sampling, logprobs, abort, bad input."""
 from __future__ import annotations
 
 import threading
+import re
 import time
 
 import pytest
@@ -170,6 +171,26 @@ def test_stop_regex_against_brute_force(default_engine, pattern, min_new):
         assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": pattern}
         assert out["text"] == e.tokenizer.decode(ref[:k])
     assert streamed["text"] == out["text"] and streamed["meta_info"]["finish_reason"] == out["meta_info"]["finish_reason"]
+
+
+@pytest.mark.parametrize("forced,sp,text", [
+    # a lookahead's match appears only once the text it looks at has come
+    ("value 42\nnext line", {"stop_regex": r"\d+(?=\n)"}, "value 42\n"),
+    # a lookbehind's context lies before the match (outside its width bound)
+    ("The final Answer: 7. Done now", {"stop_regex": r"(?<=Answer: )\d"}, "The final Answer: 7"),
+    # characters of several byte tokens each (the windows counted characters as tokens)
+    ("x草莓y and more", {"stop_regex": "草莓"}, "x草莓"),
+    ("x草莓y and more", {"stop": "草莓"}, "x"),
+    ("x😀🚀y and more", {"stop": ["🚀"]}, "x😀"),
+])
+def test_stop_texts_that_need_context_or_span_byte_tokens(default_engine, forced, sp, text):
+    """Output forced by a regex constraint, stopped by a stop text found by review to be
+    missed: the answer ends where the text says."""
+    e = default_engine
+    ids = e.tokenizer.encode(forced, add_special_tokens=False)
+    assert len(ids) > len(forced.split()) + 1 or "草" not in forced  # (multi-byte: several tokens)
+    out = e.generate("Write:", {"max_new_tokens": 40, "temperature": 0, "regex": re.escape(forced).replace("\\ ", " "), **sp})
+    assert out["text"] == text and out["meta_info"]["finish_reason"]["type"] == "stop", out
 
 
 def test_stop_regex_that_backtracks_catastrophically_ends_its_own_request(default_engine):

@@ -489,6 +489,15 @@ UNENFORCED = [
     ({"type": "string", "pattern": "^(?!a)[ab]$"}, "a", "lookahead"),
     ({"type": "object", "properties": {"x": {"type": "array", "items": {"not": {"const": 0}}}}},
      {"x": [0]}, "at /properties/x/items"),
+    # assertions beside a combinator are dropped (found by a probe)
+    ({"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"],
+      "allOf": [{"$ref": "#/$defs/N"}], "$defs": {"N": {"type": "object", "properties": {
+          "name": {"type": "string"}}, "required": ["name"]}}}, {"name": "x"}, "'properties' beside 'allOf'"),
+    ({"$defs": {"X": {"type": "integer"}}, "$ref": "#/$defs/X", "maximum": 5}, 7, "'maximum' beside '$ref'"),
+    ({"anyOf": [{"type": "string"}, {"type": "null"}], "maxLength": 3}, "abcdef", "'maxLength' beside 'anyOf'"),
+    ({"type": "string", "format": "uri-reference", "minLength": 1}, "", "'format' 'uri-reference' together"),
+    ({"type": "string", "format": "email", "maxLength": 8}, "abcdefgh@example.com", "together with 'maxLength'"),
+    ({"type": ["number", "null"], "multipleOf": 2}, 3, "'multipleOf'"),
 ]
 
 
@@ -524,6 +533,17 @@ def test_schema_features_the_backend_would_not_enforce_are_refused(schema, bad, 
     ({"$defs": {"x": {"type": "integer"}}, "$ref": "#/$defs/x"}, "s"),
     ({"type": "object", "properties": {"not": {"type": "integer"}, "if": {"type": "integer"}},
       "required": ["not"], "default": {"not": 1}}, {"not": "s"}),  # property names and data, not keywords
+    # what pydantic writes: annotations beside $ref / anyOf / oneOf; AnyUrl and HttpUrl;
+    # Optional[int] with a multipleOf
+    ({"$defs": {"X": {"type": "integer"}}, "$ref": "#/$defs/X", "description": "d", "title": "t"}, "s"),
+    ({"anyOf": [{"type": "string"}, {"type": "null"}], "default": None, "title": "X"}, 5),
+    ({"oneOf": [{"$ref": "#/$defs/A"}, {"$ref": "#/$defs/B"}], "discriminator": {"propertyName": "k"},
+      "$defs": {"A": {"type": "object", "properties": {"k": {"const": "a"}}, "required": ["k"]},
+                "B": {"type": "object", "properties": {"k": {"const": "b"}}, "required": ["k"]}}}, {"k": "c"}),
+    ({"anyOf": [{"type": "string"}, {"type": "integer"}], "enum": ["a", 1]}, "b"),
+    ({"type": "string", "format": "uri", "minLength": 1}, ""),
+    ({"type": "string", "format": "uri", "minLength": 1, "maxLength": 2083}, ""),
+    ({"type": ["integer", "null"], "multipleOf": 2}, 3),
 ])
 def test_schema_features_the_backend_enforces_are_accepted(schema, bad):
     import xgrammar as xgr

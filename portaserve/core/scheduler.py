@@ -1103,7 +1103,9 @@ class Scheduler:
             if sp.stop_strs and self.decode_fn is not None:
                 # a stop string that this token completes: one that ended earlier was
                 # seen then, or came before min_new_tokens and does not count
-                longest = max(len(s) for s in sp.stop_strs)
+                # a token covers at least one byte of UTF-8 ('草莓' is 6 byte tokens of some
+                # tokenizers), plus two for a character split over tokens
+                longest = max(len(s.encode("utf-8")) for s in sp.stop_strs)
                 window = r.output_ids[-(longest + 2):]
                 tail = self.decode_fn(window)
                 hits = [s for s in sp.stop_strs if s in tail]

@@ -2,7 +2,8 @@
 
 xgrammar (0.2.x) compiles these without an error, often without even a warning, and then
 lets output through that breaks them: a ``not`` or ``if`` is dropped, ``required`` names
-that ``properties`` does not define are ignored, a ``pattern``'s lookahead is skipped.  A
+that ``properties`` does not define are ignored, a ``pattern``'s lookahead is skipped,
+assertions written beside ``$ref`` / ``allOf`` / ``anyOf`` / ``oneOf`` are dropped.  A
 request whose output would silently break its own schema is refused instead (a 400 that
 names the feature and where it is), as vLLM refuses the features its xgrammar backend
 lacks.  tests/test_grammar.py checks every entry against xgrammar itself, so an upgrade
@@ -23,6 +24,15 @@ REFUSAL = "{} cannot be enforced by structured output, so the output could break
 KNOWN_FORMATS = frozenset({
     "email", "date", "time", "date-time", "duration", "uuid", "uri", "uri-reference",
     "uri-template", "ipv4", "ipv6", "hostname", "json-pointer", "relative-json-pointer"})
+
+EMPTY_FORMATS = frozenset({"uri-reference", "uri-template", "json-pointer"})  # "" matches these
+LONG_ENOUGH = 1000
+
+# keywords that may stand beside $ref / allOf / anyOf / oneOf: annotations, which assert
+# nothing, and const / enum, which xgrammar enforces first
+_BESIDE_COMBINATORS = frozenset({
+    "title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
+    "writeOnly", "$schema", "$id", "$defs", "definitions", "discriminator", "const", "enum"})
 
 # keywords whose value holds subschemas: one, a list, or a map of them
 _ONE = ("additionalProperties", "items", "contains", "propertyNames", "not", "if", "then", "else",
@@ -66,7 +76,13 @@ def _check(s: dict) -> Optional[str]:
     ref = s.get("$ref")
     if isinstance(ref, str) and ref != "#" and not ref.startswith("#/"):
         return f"'$ref' {ref!r} (only references inside the schema, '#' or '#/...', are followed)"
-    if "multipleOf" in s and s.get("type") != "integer":
+    combinator = next((k for k in ("$ref", "allOf", "anyOf", "oneOf") if k in s), None)
+    if combinator:  # xgrammar follows the combinator and drops the assertions beside it
+        beside = sorted(k for k in s if k not in _BESIDE_COMBINATORS and k != combinator)
+        if beside:
+            return f"{beside[0]!r} beside {combinator!r}"
+    types = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
+    if "multipleOf" in s and ("integer" not in types or "number" in types):
         return "'multipleOf' on a non-integer type (it is enforced on type 'integer' only)"
     props = s.get("properties") if isinstance(s.get("properties"), dict) else {}
     if isinstance(s.get("required"), list):
@@ -77,8 +93,16 @@ def _check(s: dict) -> Optional[str]:
     lengths = [k for k in ("minLength", "maxLength") if k in s]
     if "pattern" in s and lengths:
         return f"'pattern' together with {lengths[0]!r}"
-    if s.get("format") in KNOWN_FORMATS and ("pattern" in s or lengths):
-        return f"'format' {s['format']!r} together with {('pattern' if 'pattern' in s else lengths[0])!r}"
+    fmt = s.get("format")
+    if fmt in KNOWN_FORMATS:
+        # the format's own grammar stands in for a length limit it makes moot: a minimum of
+        # one where the format has no empty string, a maximum of LONG_ENOUGH or more
+        # (pydantic's AnyUrl is minLength 1, its HttpUrl maxLength 2083)
+        moot = {"minLength": lambda v: v == 0 or (v == 1 and fmt not in EMPTY_FORMATS),
+                "maxLength": lambda v: v >= LONG_ENOUGH}
+        live = [k for k in lengths if not (isinstance(s[k], int) and moot[k](s[k]))]
+        if "pattern" in s or live:
+            return f"'format' {fmt!r} together with {('pattern' if 'pattern' in s else live[0])!r}"
     patterns = [s["pattern"]] if isinstance(s.get("pattern"), str) else []
     if isinstance(s.get("patternProperties"), dict):
         patterns += list(s["patternProperties"])

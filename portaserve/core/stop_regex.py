@@ -1,12 +1,14 @@
 """Stop regexes (SGLang's ``stop_regex``): a request stops once a match of one of its
 patterns ends in the output, found by searching the decoded tail after each token.
 
-* The tail is the last ``window(pattern)`` tokens: the most characters a match can span
-  (plus two tokens), or ``MAX_WINDOW`` tokens for a pattern without a bound (``\\n+``, ``.*``).
-  SGLang decodes the whole output then, every step; a match must end within the last
-  ``MAX_WINDOW`` tokens here, so each step's cost stays bounded.
-* Only a match that ends in the text the new token added counts (an earlier one came
-  before min_new_tokens).
+* The tail is the last ``window(pattern)`` tokens: the most UTF-8 bytes a match can span
+  (a token covers at least one byte; a character may take four), plus two, or
+  ``MAX_WINDOW`` tokens for a pattern without a bound (``\\n+``, ``.*``) or with a
+  lookbehind.  SGLang decodes the whole output then, every step; a match must lie within
+  the last ``MAX_WINDOW`` tokens here, so each step's cost stays bounded.
+* Only a match the last token made counts: one whose span was not a match before it
+  (an earlier one came before min_new_tokens; a lookahead's match appears only once the
+  text it looks at has come).
 * Matching runs on the scheduler's thread with a time limit (the ``regex`` module's
   ``timeout``): a pattern that backtracks catastrophically ends its own request with a 400
   rather than stall every other.
@@ -16,13 +18,17 @@ patterns ends in the output, found by searching the decoded tail after each toke
 from __future__ import annotations
 
 import functools
-import re
 from typing import Optional
 
 import regex
 
+try:
+    from re import _parser as _sre_parser  # Python 3.11+
+except ImportError:  # 3.10
+    import sre_parse as _sre_parser
+
 MAX_PATTERN_CHARS = 1000
-MAX_WINDOW = 1024  # tokens
+MAX_WINDOW = 256  # tokens
 TIME_LIMIT_S = 0.05  # per search
 
 
@@ -37,13 +43,14 @@ def compiled(pattern: str):
 
 @functools.lru_cache(maxsize=512)
 def window(pattern: str) -> int:
-    """Tokens of output to search: a character a token at least (a token that decodes to
-    nothing is rare), plus two for a character split over tokens."""
+    """Tokens of output to search (see the module's docstring)."""
+    if "(?<" in pattern:  # a lookbehind: its context is not in the width bound
+        return MAX_WINDOW
     try:
-        hi = re._parser.parse(pattern).getwidth()[1]  # noqa: SLF001 - the stdlib's own width bound
+        hi = _sre_parser.parse(pattern).getwidth()[1]  # the stdlib's own width bound
     except Exception:  # noqa: BLE001 - regex-only syntax: no bound known
         return MAX_WINDOW
-    return min(hi + 2, MAX_WINDOW)
+    return min(4 * hi + 2, MAX_WINDOW)
 
 
 def problem(pattern: str) -> Optional[str]:
@@ -59,11 +66,16 @@ def problem(pattern: str) -> Optional[str]:
     return None
 
 
-def search(pattern: str, text: str, after: int) -> bool:
-    """Whether a match of pattern ends in text past position `after` (overlapping matches
-    included).  Raises StopRegexTimeout past the time limit."""
+def search(pattern: str, text: str, before: int) -> bool:
+    """Whether text holds a match of pattern (overlapping ones included) whose span was no
+    match in text[:before], the text before the last token.  Raises StopRegexTimeout past
+    the time limit."""
+    rx = compiled(pattern)
     try:
-        return any(m.end() > after for m in compiled(pattern).finditer(
-            text, pos=0, overlapped=True, timeout=TIME_LIMIT_S))
+        spans = [m.span() for m in rx.finditer(text, overlapped=True, timeout=TIME_LIMIT_S)]
+        if not spans:
+            return False
+        old = {m.span() for m in rx.finditer(text[:before], overlapped=True, timeout=TIME_LIMIT_S)}
     except TimeoutError:
         raise StopRegexTimeout(pattern) from None
+    return any(s not in old for s in spans)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import AsyncIterator, Optional
 
 from portaserve.core.request import Req
@@ -32,8 +33,8 @@ def make_req(client: SchedulerClient, prompt, input_ids, sp: dict, return_logpro
                          logprob_start_len, top_logprobs_num, rid)
     except InvalidRequest as e:
         err = from_invalid(e, prefix)
-        for old, new in (rename or {}).items():
-            err.message = err.message.replace(old, new)
+        for old, new in (rename or {}).items():  # whole words: a property json_schema_v stays
+            err.message = re.sub(rf"\b{re.escape(old)}\b", new, err.message)
             if err.param == old:
                 err.param = new
         err.param = (param_rename or {}).get(err.param, err.param)

@@ -339,7 +339,8 @@ class SchedulerClient:
         if st.finished_reason is None:
             if st.error is None:
                 self.num_inflight -= 1
-                if self.metrics:
+                if self.metrics:  # it ends here for the HTTP side: finished, as an abort
+                    self.metrics.finished.inc()
                     self.metrics.aborted.inc()
                 if self.dead is None:
                     self._send.send_pyobj(("abort", st.rid))

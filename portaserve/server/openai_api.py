@@ -108,6 +108,8 @@ def sampling_params(body: dict, chat: bool) -> tuple[dict, dict]:
         v = get(body, name, typ)
         if v is not None:
             sp[key] = v
+    if get(body, "include_stop_str_in_output", bool, False):  # vLLM's name for it
+        sp["no_stop_trim"] = True
     for name in ("stop", "stop_regex"):  # stop_regex: SGLang's extra
         stop = get(body, name, (str, list))
         if stop is not None:
@@ -318,7 +320,10 @@ def _completion_logprobs(st: ReqState, texts, echo: bool, offset0: int, new_from
             token_lps.append(v)
             if want_top:
                 t = top_entries[k] if k < len(top_entries) else None
-                tops.append(None if t is None else {texts(b): a for a, b, _ in t})
+                top = None if t is None else {texts(b): a for a, b, _ in t}
+                if top is not None:  # with the token itself, as OpenAI's legacy API and vLLM
+                    top.setdefault(texts(tid), v)
+                tops.append(top)
             else:
                 tops.append(None)
 
@@ -331,6 +336,11 @@ def _completion_logprobs(st: ReqState, texts, echo: bool, offset0: int, new_from
         pos += len(t)
     return {"tokens": tokens, "token_logprobs": token_lps,
             "top_logprobs": tops if want_top else None, "text_offset": offsets}
+
+
+def _offset_after(lp: dict, start: int) -> int:
+    """The text offset after the tokens of a logprobs object that began at start."""
+    return lp["text_offset"][-1] + len(lp["tokens"][-1]) if lp["tokens"] else start
 
 
 @router.post("/v1/completions")
@@ -388,7 +398,9 @@ async def completions(request: Request):
                 "choices": choices, "usage": _usage(states, n)}
 
     async def gen():
-        text_pos = [0] * len(states)
+        # text_offset counts the tokens' texts reported so far, as unstreamed: not the text
+        # sent, which lags behind while a possible stop string or a split character is held
+        lp_pos = [0] * len(states)
         started = [False] * len(states)
         try:
             async for _ in follow(c, states):
@@ -400,8 +412,10 @@ async def completions(request: Request):
                         yield abort_event(st.finished_reason)
                         st.sent_ids = -1
                         continue
-                    delta = st.detok.pop_delta(done) if st.detok is not None else ""
                     first = not started[k]
+                    if first and echo and want_lp and not (st.output_ids or done):
+                        continue  # its prompt's logprobs come with its first output
+                    delta = st.detok.pop_delta(done) if st.detok is not None else ""
                     if first and echo:
                         delta = prompt_texts[k // n] + delta
                     n_new = len(st.output_ids) - st.sent_ids
@@ -409,10 +423,10 @@ async def completions(request: Request):
                         continue
                     ch = {"index": k, "text": delta, "logprobs": None, "finish_reason": None}
                     if want_lp:
-                        ch["logprobs"] = _completion_logprobs(st, texts, echo, text_pos[k],
+                        ch["logprobs"] = _completion_logprobs(st, texts, echo, lp_pos[k],
                                                               st.sent_ids, echo_prompt=first and echo)
+                        lp_pos[k] = _offset_after(ch["logprobs"], lp_pos[k])
                     started[k] = True
-                    text_pos[k] += len(delta)
                     st.sent_ids = len(st.output_ids)
                     if done:
                         ch["finish_reason"] = _finish(st.finished_reason)

@@ -141,7 +141,10 @@ def _arguments_schema(params: dict, prefix: str, defs: dict) -> dict:
     schema there: the parameters move to defs[prefix + "root"], their $defs beside it
     (prefixed, so two tools' definitions cannot clash), and every local $ref is rewritten
     to match, as SGLang and vLLM hoist $defs."""
-    params = {"type": "object", **params}
+    # (a copy: $defs are popped below) "type" is left out beside a $ref or a union, where
+    # it would not be enforced (schema_check refuses it there)
+    params = dict(params) if any(k in params for k in ("$ref", "allOf", "anyOf", "oneOf")) \
+        else {"type": "object", **params}
     if '"$ref"' not in json.dumps(params):
         return params
     root = prefix + "root"
@@ -439,6 +442,8 @@ class _CallObject:
         elif st == "colon":
             self._expect(ch == ":", "value_start", events)
         elif st == "value_start":
+            if self.key == "name" and self.name is not None:
+                return self._error("the call has a second name", events)
             if self.key in self.ARG_KEYS:
                 if self.args_kind is not None:
                     return self._error("the call has a second arguments object", events)

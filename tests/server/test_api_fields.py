@@ -202,3 +202,75 @@ def test_messages_as_clients_send_them(server, tok):
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "World"}]}]
     assert prompt_tokens(parts) == want([{"role": "user", "content": "Hello\nWorld"}])
     assert want([{"role": "user", "content": "Hello\nWorld"}]) != want([{"role": "user", "content": "HelloWorld"}])
+
+
+def _streamed_logprobs(server, body):
+    """Per choice: the streamed chunks' logprobs joined, and the text."""
+    events = server.post("/v1/completions", json={**body, "stream": True}).text
+    out: dict = {}
+    for ln in events.splitlines():
+        if not ln.startswith("data: {"):
+            continue
+        for ch in json.loads(ln[6:])["choices"]:
+            o = out.setdefault(ch["index"], {"text": "", "tokens": [], "token_logprobs": [], "text_offset": [],
+                                             "top_logprobs": []})
+            o["text"] += ch["text"]
+            for key in ("tokens", "token_logprobs", "text_offset", "top_logprobs"):
+                o[key] += (ch["logprobs"] or {}).get(key) or []
+    return [out[i] for i in sorted(out)]
+
+
+@pytest.mark.parametrize("extra", [
+    {"echo": True, "n": 2},  # choice 1 was once visited before its prompt's logprobs came: it lost them
+    {"echo": True, "prompt": ["The capital of France is", "One two three"]},
+    {"stop": ["xyzzy"]},  # text held back for a stop string shifted the streamed offsets
+    {"prompt": "Emoji: \U0001F600\U0001F680 and"},  # characters split over tokens, held back too
+])
+def test_streamed_completion_logprobs_equal_the_unstreamed_ones(server, extra):
+    body = {"model": "default", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True, "logprobs": 1, **extra}
+    whole = server.post("/v1/completions", json=body).json()["choices"]
+    for _ in range(3):  # (the lost prompt logprobs depended on timing)
+        _compare_streamed(_streamed_logprobs(server, body), whole)
+
+
+def _compare_streamed(streamed, whole):
+    assert len(streamed) == len(whole)
+    for s, w in zip(streamed, whole):
+        assert s["text"] == w["text"]
+        for key in ("tokens", "text_offset"):
+            assert s[key] == w["logprobs"][key], key
+        # (values to float noise: the two runs' prompt passes are batched differently)
+        assert s["token_logprobs"] == pytest.approx(w["logprobs"]["token_logprobs"], abs=1e-3, nan_ok=True)
+        assert [t and sorted(t) for t in s["top_logprobs"]] == [t and sorted(t) for t in w["logprobs"]["top_logprobs"]]
+        # the offsets index the text: each token's text sits at its offset (up to a token
+        # holding part of a character, whose text is U+FFFD: offsets count that, as vLLM's)
+        for t, off in zip(w["logprobs"]["tokens"], w["logprobs"]["text_offset"]):
+            if "\ufffd" in t:
+                break
+            assert w["text"][off:off + len(t)] == t
+
+
+def test_completion_top_logprobs_hold_the_chosen_token(server, tok):
+    """As OpenAI's legacy completions and vLLM: top_logprobs has the chosen token too when
+    it is not among the top ones (here forced by logit_bias, which logprobs ignore)."""
+    target = tok.encode(" sea", add_special_tokens=False)[0]
+    r = server.post("/v1/completions", json={"model": "default", "prompt": "Tell me", "max_tokens": 3,
+                                            "temperature": 0, "logprobs": 1, "logit_bias": {str(target): 100}})
+    lp = r.json()["choices"][0]["logprobs"]
+    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert token == tok.decode([target]) and top[token] == pytest.approx(value)
+        assert len(top) == 2 and max(top.values()) > value  # the top one, and the chosen one
+
+
+def test_stop_strings_kept_with_either_name(server):
+    """A stop string is trimmed from the text; SGLang's no_stop_trim and vLLM's
+    include_stop_str_in_output keep it (the latter was ignored)."""
+    kw = {"model": "default", "max_tokens": 24, "temperature": 0, "ignore_eos": True, "prompt": "Count: 1, 2, 3,"}
+    full = server.post("/v1/completions", json=kw).json()["choices"][0]["text"]
+    stop = full[4:7]
+    cut = server.post("/v1/completions", json={**kw, "stop": [stop]}).json()["choices"][0]
+    assert cut["text"] == full[:full.index(stop)] and cut["finish_reason"] == "stop"
+    for flag in ("no_stop_trim", "include_stop_str_in_output"):
+        kept = server.post("/v1/completions", json={**kw, "stop": [stop], flag: True}).json()["choices"][0]
+        assert kept["text"] == full[:full.index(stop) + len(stop)], flag

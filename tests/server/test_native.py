@@ -140,6 +140,25 @@ def test_abort_request(server):
     assert _counter(server, "num_aborted_requests") == before + 1  # the metric counts it
 
 
+def test_a_request_whose_client_left_counts_as_finished_and_aborted(server):
+    """num_finished_requests counts every request that ended, aborted ones too: one whose
+    client went away mid-stream is counted in both (it was counted as aborted only)."""
+    import httpx
+
+    server.wait_idle()
+    before = {n: _counter(server, n) for n in ("num_finished_requests", "num_aborted_requests")}
+    body = {"text": "Count slowly: 1, 2, 3,", "stream": True,
+            "sampling_params": {"max_new_tokens": 400, "ignore_eos": True, "temperature": 0}}
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", server.url + "/generate", json=body) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i >= 3:
+                    break
+    server.wait_idle()
+    assert _counter(server, "num_finished_requests") == before["num_finished_requests"] + 1
+    assert _counter(server, "num_aborted_requests") == before["num_aborted_requests"] + 1
+
+
 def test_abort_request_names_all_copies(server):
     """A request with rid R and n = 2 runs as R-0 and R-1: aborting R aborts both (as
     SGLang's prefix match does), and leaves a request named R + "2" alone."""

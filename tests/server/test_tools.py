@@ -504,7 +504,7 @@ def test_calls_with_arguments_that_are_not_json_are_cut_where_they_stop_being_js
     """A model's malformed arguments are streamed only as far as they are JSON: the call
     ends there, incomplete (finish_reason stays stop, not tool_calls), never concatenated
     into text no client can parse; stream and whole-text parse agree."""
-    names = {"get_weather"}
+    names = {"get_weather", "get_time"}
     cases = [
         ('<tool_call>{"name": "get_weather", "arguments": {"city": Paris}}</tool_call> ok', "hermes",
          '{"city": ', " ok"),
@@ -514,6 +514,11 @@ def test_calls_with_arguments_that_are_not_json_are_cut_where_they_stop_being_js
         ('<tool_call>{"name": "get_weather", "arguments": [1]}</tool_call>', "hermes", "", None),
         ('<tool_call>{"name": "get_weather", "arguments": {"n": 01}}</tool_call>', "hermes", '{"n": 0', None),
         ('{"name": "get_weather", "parameters": {"city": \'Oslo\'}}', "llama3", '{"city": ', None),
+        # a second name (the same or another) does not start a second call
+        ('<tool_call>{"name": "get_weather", "name": "get_weather", "arguments": {"a": 1}}</tool_call>',
+         "hermes", "", None),
+        ('<tool_call>{"name": "get_weather", "arguments": {"a": 1}, "name": "get_time"}</tool_call>',
+         "hermes", '{"a": 1}', None),
     ]
     for text, fmt, args, content in cases:
         got_content, calls, complete = tool_calls.parse(text, fmt, names)
@@ -529,3 +534,25 @@ def test_calls_with_arguments_that_are_not_json_are_cut_where_they_stop_being_js
     _, calls, complete = tool_calls.parse(
         '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}</tool_call>', "hermes", names)
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"} and complete
+
+
+def test_parameters_that_are_a_ref_or_a_union_are_constrained():
+    """Parameters written as a bare $ref (a self-referencing pydantic model) or anyOf (a
+    RootModel of a union): wrapping them with "type": "object" put an assertion beside the
+    combinator, which the structured-output check refuses (found by review)."""
+    from portaserve.core.grammar import validate_constraint
+
+    node = {"$ref": "#/$defs/N", "$defs": {"N": {"type": "object", "properties": {
+        "v": {"type": "integer"}, "child": {"anyOf": [{"$ref": "#/$defs/N"}, {"type": "null"}]}},
+        "required": ["v"]}}}
+    union = {"anyOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                       {"type": "object", "properties": {"b": {"type": "string"}}, "required": ["b"]}]}
+    tools = [{"type": "function", "function": {"name": "node", "parameters": node}},
+             {"type": "function", "function": {"name": "pick", "parameters": union}}]
+    tool_calls.check_enforceable(tools)
+    for choice, name in (("required", None), ("function", "node"), ("function", "pick")):
+        schema = tool_calls.constraint_schema(tools, choice, True, name)
+        validate_constraint("json_schema", json.dumps(schema))
+        call = {"name": "node", "arguments": {"v": 1, "child": {"v": 2, "child": None}}} if name != "pick" \
+            else {"name": "pick", "arguments": {"b": "x"}}
+        jsonschema.validate([call], schema)
