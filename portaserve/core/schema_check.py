@@ -28,11 +28,16 @@ KNOWN_FORMATS = frozenset({
 EMPTY_FORMATS = frozenset({"uri-reference", "uri-template", "json-pointer"})  # "" matches these
 LONG_ENOUGH = 1000
 
-# keywords that may stand beside $ref / allOf / anyOf / oneOf: annotations, which assert
-# nothing, and const / enum, which xgrammar enforces first
-_BESIDE_COMBINATORS = frozenset({
-    "title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
-    "writeOnly", "$schema", "$id", "$defs", "definitions", "discriminator", "const", "enum"})
+# assertions that xgrammar drops when they stand beside $ref / allOf / anyOf / oneOf
+# (annotations -- description, title, default, examples, vendor x-... keys -- assert
+# nothing, and const / enum it enforces first)
+_DROPPED_BESIDE_COMBINATORS = frozenset({
+    "type", "properties", "required", "additionalProperties", "patternProperties",
+    "propertyNames", "minProperties", "maxProperties", "items", "prefixItems", "additionalItems",
+    "minItems", "maxItems", "uniqueItems", "contains", "minContains", "maxContains", "minLength",
+    "maxLength", "pattern", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+    "multipleOf", "not", "if", "then", "else", "$ref", "allOf", "anyOf", "oneOf",
+    "dependentRequired", "dependentSchemas", "unevaluatedProperties", "unevaluatedItems", "nullable"})
 
 # keywords whose value holds subschemas: one, a list, or a map of them
 _ONE = ("additionalProperties", "items", "contains", "propertyNames", "not", "if", "then", "else",
@@ -78,7 +83,7 @@ def _check(s: dict) -> Optional[str]:
         return f"'$ref' {ref!r} (only references inside the schema, '#' or '#/...', are followed)"
     combinator = next((k for k in ("$ref", "allOf", "anyOf", "oneOf") if k in s), None)
     if combinator:  # xgrammar follows the combinator and drops the assertions beside it
-        beside = sorted(k for k in s if k not in _BESIDE_COMBINATORS and k != combinator)
+        beside = sorted(k for k in s if k in _DROPPED_BESIDE_COMBINATORS and k != combinator)
         if beside:
             return f"{beside[0]!r} beside {combinator!r}"
     types = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
