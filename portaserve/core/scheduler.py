@@ -1071,7 +1071,7 @@ class Scheduler:
         return True
 
     def _stop_regex_hit(self, r: Req) -> bool:
-        """A stop regex whose match ends in the text the last token added: the request
+        """A stop regex with a match the last token made (core/stop_regex.py): the request
         stops (matched: the pattern).  A search past its time limit ends it with a 400."""
         pats = r.sampling.stop_regex_strs
         window = r.output_ids[-max(stop_regex.window(p) for p in pats):]

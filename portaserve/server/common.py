@@ -50,6 +50,15 @@ def submit(client: SchedulerClient, reqs: list[Req], aborted: Optional[set] = No
         raise dead_error(str(e))
 
 
+def check_errors(client: SchedulerClient, states: list[ReqState]) -> None:
+    """503 if the engine died, 500 if a request's output could not be processed."""
+    for st in states:
+        if st.error is not None:
+            if client.dead is not None:
+                raise dead_error(st.error)
+            raise APIError(500, st.error, "server_error", None, "internal_error")
+
+
 async def wait_all(client: SchedulerClient, states: list[ReqState], request=None) -> None:
     """Wait until every state finished; abort them all if the client goes away."""
     event = states[0].event
@@ -68,11 +77,7 @@ async def wait_all(client: SchedulerClient, states: list[ReqState], request=None
                 next_check = loop.time() + 1.0
                 if await request.is_disconnected():
                     return
-        for st in states:
-            if st.error is not None:  # the engine died, or this request's output could not be processed
-                if client.dead is not None:
-                    raise dead_error(st.error)
-                raise APIError(500, st.error, "server_error", None, "internal_error")
+        check_errors(client, states)
     finally:
         for st in states:
             client.release(st)
@@ -105,10 +110,7 @@ async def start_stream(client: SchedulerClient, states: list[ReqState], request)
                 return False
     if any(st.error is not None or failed(st.finished_reason) for st in states):
         try:
-            for st in states:
-                if st.error is not None:
-                    raise dead_error(st.error) if client.dead is not None else APIError(
-                        500, st.error, "server_error", None, "internal_error")
+            check_errors(client, states)
             check_abort(states)
         finally:
             for st in states:
