@@ -223,6 +223,14 @@ def make_sample(g, device, dtype, filtered=None):
             min_p.float().to(device), noise.float().to(device))
 
 
+def make_linear(g, device, dtype):
+    # one row (the batch-1 GEMV path) or several; the weight sometimes a row slice of a
+    # fused projection (a row stride longer than K)
+    T, K, N = (1 if _randint(g, 0, 1) else _randint(g, 2, 9)), _randint(g, 1, 300), _randint(g, 1, 70)
+    w = _randn(g, N + 5, K + _randint(g, 0, 1) * 8, dtype=dtype, scale=K ** -0.5)[2:N + 2, :K]
+    return _randn(g, T, K, dtype=dtype).to(device), w.to(device)
+
+
 def make_moe_topk(g, device, dtype):
     T, E = _randint(g, 1, 12), _randint(g, 2, 10)
     k = _randint(g, 1, min(4, E))
@@ -268,6 +276,7 @@ SPECS: dict[str, OpSpec] = {
     "top_k_top_p_min_p_sample": OpSpec(make_sample, dtypes=(torch.float32,), exact=True),
     "moe_topk": OpSpec(make_moe_topk),
     "fused_moe": OpSpec(make_fused_moe),
+    "linear": OpSpec(make_linear, tol=GEMM_TOL),
     # quantized GEMMs: providers accumulate in another order and round through bf16
     "fp8_scaled_mm": OpSpec(make_fp8_scaled_mm, tol=GEMM_TOL),
     "int8_scaled_mm": OpSpec(make_int8_scaled_mm, tol=GEMM_TOL),

@@ -128,7 +128,7 @@ class UnquantizedLinearMethod(LinearMethod):
                   output_dim=0, input_dim=1)
 
     def apply(self, layer, x):
-        return F.linear(x, layer.weight)
+        return ops.linear(x, layer.weight)
 
 
 def linear_method(quant_config, prefix: str) -> LinearMethod:
@@ -291,7 +291,7 @@ class VocabParallelEmbedding(nn.Module):
 def vocab_parallel_logits(hidden: torch.Tensor, emb: VocabParallelEmbedding) -> torch.Tensor:
     """Full-vocabulary logits from a vocabulary-split weight (an LM head, or the tied
     embedding): each rank computes its slice, the slices are gathered, padding dropped."""
-    out = ops.all_gather(F.linear(hidden, emb.weight), -1)
+    out = ops.all_gather(ops.linear(hidden, emb.weight), -1)
     return out[..., :emb.vocab_size] if out.shape[-1] != emb.vocab_size else out
 
 

@@ -106,6 +106,19 @@ register_provider("int8_scaled_mm", "int_mm", ("cuda",),
                   requires=_cuda_quant_requirement("int_mm_supported"))
 
 
+def _gemv_selftest(model):
+    # compiled for the model's dtype and checked against torch on the device at startup
+    from portaserve.platforms.triton_kernels import gemv
+
+    return gemv.selftest(model)
+
+
+# One-row products (batch-1 decode) through the Triton GEMV, the rest through torch: on CUDA
+# only, where it was measured faster than cuBLAS (python -m portaserve.bench.gemv)
+register_provider("linear", "triton", ("cuda",), f"{_TK}.gemv:linear",
+                  requires=needs_module("triton"), supports=_gemv_selftest)
+
+
 def _int4_triton_selftest():
     # compiles the INT4 kernels on the device and checks them against the oracle at
     # startup, so a kernel that cannot compile here is rejected (with its reason) up front

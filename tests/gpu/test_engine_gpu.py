@@ -59,13 +59,17 @@ def test_bf16_runs_and_mostly_agrees(gpu_llama):
 
     hf = AutoModelForCausalLM.from_pretrained(str(gpu_llama), torch_dtype=torch.bfloat16).cuda().eval()
     prompts = random_prompts(8, 2048, 8, 300, seed=6)
+    sp = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
     with Engine(str(gpu_llama), skip_tokenizer_init=True, device="cuda", dtype="bfloat16",
                 max_total_tokens=20000) as eng:
-        outs = eng.generate(input_ids=prompts, sampling_params={"max_new_tokens": 8, "temperature": 0,
-                                                                "ignore_eos": True})
+        assert eng.get_server_info()["ops"]["linear"]["provider"] == "triton"
+        outs = eng.generate(input_ids=prompts, sampling_params=sp)
+        # one at a time: batch-1 decode steps, whose linear layers run the Triton GEMV
+        singles = [eng.generate(input_ids=p, sampling_params=sp) for p in prompts]
     agree = greedy_prefix_agreement(hf, prompts, outs, 8, 4)
-    print(f"bf16: first 4 tokens identical for {agree}/8 prompts")
-    assert agree >= 6
+    agree_1 = greedy_prefix_agreement(hf, prompts, singles, 8, 4)
+    print(f"bf16: first 4 tokens identical for {agree}/8 prompts batched, {agree_1}/8 one at a time")
+    assert agree >= 6 and agree_1 >= 6
 
 
 @pytest.mark.parametrize("graphs", [True, False])

@@ -93,6 +93,15 @@ def test_elementwise_gpu_variants(dtype):
         assert _kernels(lambda: rotary.rotary_kv_store(pos, q, k, v, cs, True, kc, kc, loc)) == ["_rope_store_kernel"]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_gpu_variant(dtype):
+    from portaserve.platforms.triton_kernels import gemv
+
+    for N, K in [(6144, 4096), (4096, 14336), (128256, 4096), (1152, 896)]:
+        assert _kernels(lambda: gemv.linear(_m(1, K, dtype=dtype), _m(N, K, dtype=dtype))) == ["_gemv_kernel"]
+    assert _kernels(lambda: gemv.linear(_m(2, 4096, dtype=dtype), _m(6144, 4096, dtype=dtype))) == []
+
+
 def test_sampling_gpu_variant():
     from portaserve.platforms.triton_kernels import sampling
 

@@ -157,6 +157,44 @@ def test_silu_and_mul():
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32] if DEVICE == "cpu" else [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,K,row_stride", [(37, 200, 200), (1027, 4136, 4136), (5, 2048, 2100)])
+def test_gemv(N, K, row_stride, dtype):
+    # the batch-1 GEMV against torch's product in float64: output rows and K not multiples
+    # of the blocks, several K blocks, a weight that is a row slice of a wider matrix
+    from portaserve.platforms.triton_kernels import gemv
+
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(N, row_stride, generator=g) * K ** -0.5).to(dtype)[:, :K]
+    x = torch.randn(1, K, generator=g).to(dtype)
+    want = torch.nn.functional.linear(x.double(), w.double())
+    got = gemv.gemv(*_to(DEVICE, x, w)).cpu()
+    assert got.dtype == dtype and got.shape == (1, N)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="the GEMV path is taken on an accelerator only")
+def test_linear_op_takes_the_gemv_for_one_16_bit_row(monkeypatch):
+    from portaserve.platforms.triton_kernels import gemv
+
+    calls = []
+    real = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda x, w: calls.append(x.shape) or real(x, w))
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(300, 512, generator=g).to(torch.bfloat16).to(DEVICE)
+    for x, path in [(torch.randn(1, 512), "gemv"), (torch.randn(1, 1, 512), "gemv"), (torch.randn(3, 512), "torch")]:
+        calls.clear()
+        xd = x.to(torch.bfloat16).to(DEVICE)
+        got = _triton("linear")(xd, w)
+        assert got.shape == (*x.shape[:-1], 300)
+        assert (len(calls) == 1) == (path == "gemv")
+        torch.testing.assert_close(got.float(), torch.nn.functional.linear(xd.float(), w.float()), atol=3e-2, rtol=3e-2)
+    calls.clear()  # float32 stays with cuBLAS
+    _triton("linear")(torch.randn(1, 512, device=DEVICE), w.float())
+    assert not calls
+
+
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("rot", [64, 32])
 def test_rotary(is_neox, rot):

@@ -39,6 +39,7 @@ _DECLARATIONS = [
     ("fused_moe", "moe", native.fused_moe),
     ("all_reduce", "collective", native.all_reduce),
     ("all_gather", "collective", native.all_gather),
+    ("linear", "gemm", native.linear),
     ("fp8_scaled_mm", "gemm", native.fp8_scaled_mm),
     ("int8_scaled_mm", "gemm", native.int8_scaled_mm),
     ("int4_gemm", "gemm", native.int4_gemm),
@@ -82,11 +83,12 @@ _COMPOSED = {"rotary_kv_store": _rotary_then_store}
 #   the registry chose;
 # * the elementwise ops (norms, rotary, activation, the KV store) are traced in their
 #   native torch form, so the compiler fuses them with each other and with the residual
-#   adds between the GEMMs (a provider's hand-written kernel would stay one launch each).
+#   adds between the GEMMs (a provider's hand-written kernel would stay one launch each);
+#   so is the plain linear, whose GEMM the compiler then chooses.
 # Outside compiled code (eager extend passes) every op still runs its chosen provider.
 _OPAQUE_ROUTES: dict = {}
 _FUSED_WHEN_COMPILED = ("rmsnorm", "fused_add_rmsnorm", "silu_and_mul", "rotary_embedding", "kv_store",
-                        "rotary_kv_store")
+                        "rotary_kv_store", "linear")
 
 
 def _native_when_compiling(name: str):
@@ -196,6 +198,11 @@ def all_gather(x, dim=-1):
     if parallel.tp_size() == 1:
         return x
     return _fns["all_gather"](x, dim, parallel.tp_group())
+
+
+def linear(x, w):
+    """x @ W^T for an unquantized W [N, K] (bias added by the caller)."""
+    return _fns["linear"](x, w)
 
 
 def fp8_scaled_mm(x, w, w_scale, input_scale, out_dtype):

@@ -284,8 +284,13 @@ def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-# ---- quantized GEMM (family "gemm") -----------------------------------------------------
-# Each computes x @ W^T for a quantized W by dequantizing everything to float32 first: the
+# ---- GEMM (family "gemm") ---------------------------------------------------------------
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ W^T (no bias) for an unquantized W [N, K]."""
+    return torch.nn.functional.linear(x, w)
+
+
+# Quantized: each computes x @ W^T for a quantized Wby dequantizing everything to float32 first: the
 # oracle the fused providers are compared with.  x: [..., K]; the result has x's leading
 # dims.  Formats and quantizers: core/ops/quant.py.
 def fp8_scaled_mm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,

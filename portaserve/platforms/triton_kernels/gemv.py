@@ -1,0 +1,96 @@
+"""y = x W^T for one row x: the linear layers of a batch-1 decode step.
+
+At batch 1 a decode step reads every weight once and does little else, so its time is the
+GEMMs' memory bandwidth.  cuBLAS runs one-row products as tiled GEMMs (128 x 8 tiles,
+split-K for the long ones) and reaches 2.5-4.4 TB/s on an H200 depending on the shape; this
+kernel, one program per BLOCK_N output rows over the whole K (no split-K: one launch, no
+partial sums), reads them at 3.3-4.6 TB/s (python -m portaserve.bench.gemv).
+
+``linear`` takes this path for one row in bf16/fp16 and hands every other case to torch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    kk = tl.arange(0, BLOCK_K)
+    rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # reduced once, after the loop
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        kmask = k < K
+        w = tl.load(rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        x = tl.load(x_ptr + k, mask=kmask, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    tl.store(y_ptr + n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+def config(N: int, K: int) -> tuple:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages): four rows by the largest of 2048/1024/512
+    columns that divides K (no masked tail), else by up to 1024 columns on two warps.  On an
+    H200 this was within 3.3% of the fastest of 84 configurations (geometric mean) and
+    faster than cuBLAS on each of 20 shapes of four models (docs/BENCHMARKS.md, session 16)."""
+    for bk in (2048, 1024, 512):
+        if K % bk == 0:
+            return 4, bk, 4, 3
+    return 4, min(1024, triton.next_power_of_2(K)), 2, 3
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, cfg=None) -> torch.Tensor:
+    """x [1, K] (or [K]) times w [N, K]^T: [1, N] in x's dtype."""
+    N, K = w.shape
+    if x.numel() != K or w.stride(-1) != 1:
+        raise ValueError(f"gemv takes one row of {K} and a row-major weight, got {tuple(x.shape)}")
+    x = x.reshape(K).contiguous()
+    y = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    BLOCK_N, BLOCK_K, warps, stages = cfg or config(N, K)
+    _gemv_kernel[(triton.cdiv(N, BLOCK_N),)](x, w, y, N, K, w.stride(0), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                             num_warps=warps, num_stages=stages)
+    return y
+
+
+def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``linear`` runs x through this kernel: one row, a 2-D row-major weight, both
+    bf16 or fp16 (float32 stays with cuBLAS, whose accumulation the fp32 tests match)."""
+    return (x.numel() == x.shape[-1] == w.shape[-1] and w.dim() == 2 and w.stride(-1) == 1
+            and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16) and x.device.type != "cpu")
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The op "linear" (x W^T) on a GPU: one row through the GEMV, the rest through torch."""
+    if takes(x, w):
+        return gemv(x, w).reshape(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w)
+
+
+_SELFTEST: dict = {}
+
+
+def selftest(model: dict) -> str | None:
+    """The registry's model check: the GEMV compiled on the accelerator for the model's
+    dtype and compared with torch on an odd shape; None when it agrees (or nothing to test)."""
+    from portaserve.platforms.triton_kernels.int4_gemm import _accel_device
+
+    dev, dt = _accel_device(), model.get("dtype")
+    if dev is None or dt not in (torch.bfloat16, torch.float16):
+        return None
+    key = (str(dev), dt)
+    if key not in _SELFTEST:
+        try:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(1, 2 * 2048 + 40, generator=g).to(dt)
+            w = (torch.randn(1027, x.shape[1], generator=g) / x.shape[1] ** 0.5).to(dt)
+            want = F.linear(x.float(), w.float())
+            got = gemv(x.to(dev), w.to(dev)).cpu().float()
+            ok = torch.allclose(got, want, atol=2e-2, rtol=2e-2)
+            _SELFTEST[key] = None if ok else f"the GEMV disagrees with torch on {dev}"
+        except Exception as e:  # a kernel that does not compile here
+            _SELFTEST[key] = f"the GEMV failed on {dev}: {type(e).__name__}: {e}"
+    return _SELFTEST[key]
