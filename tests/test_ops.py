@@ -227,8 +227,8 @@ def make_linear(g, device, dtype):
     # one row (the batch-1 GEMV path) or several; the weight sometimes a row slice of a
     # fused projection (a row stride longer than K)
     T, K, N = (1 if _randint(g, 0, 1) else _randint(g, 2, 9)), _randint(g, 1, 300), _randint(g, 1, 70)
-    w = _randn(g, N + 5, K + _randint(g, 0, 1) * 8, dtype=dtype, scale=K ** -0.5)[2:N + 2, :K]
-    return _randn(g, T, K, dtype=dtype).to(device), w.to(device)
+    w = _randn(g, N + 5, K + _randint(g, 0, 1) * 8, dtype=dtype, scale=K ** -0.5).to(device)[2:N + 2, :K]
+    return _randn(g, T, K, dtype=dtype).to(device), w
 
 
 def make_moe_topk(g, device, dtype):

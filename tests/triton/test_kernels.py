@@ -157,21 +157,29 @@ def test_silu_and_mul():
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32] if DEVICE == "cpu" else [torch.float32, torch.float16])
-@pytest.mark.parametrize("N,K,row_stride", [(37, 200, 200), (1027, 4136, 4136), (5, 2048, 2100)])
+GEMV_DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
+GEMV_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # the output's rounding
+
+
+@pytest.mark.parametrize("dtype", GEMV_DTYPES)
+@pytest.mark.parametrize("N,K,row_stride", [(37, 200, 200), (1027, 4136, 4136), (5, 2048, 2100), (9, 14336, 14336),
+                                            (6, 3584, 3584), (11, 896, 900)])
 def test_gemv(N, K, row_stride, dtype):
-    # the batch-1 GEMV against torch's product in float64: output rows and K not multiples
-    # of the blocks, several K blocks, a weight that is a row slice of a wider matrix
+    # the batch-1 GEMV against torch's product in float64: every branch of its config (K a
+    # multiple of 2048 over 7 blocks, of 512, neither, at most 1024), output rows and K not
+    # multiples of the blocks, a weight that is a row slice of a wider matrix (sliced on the
+    # device: a copy would make it dense)
     from portaserve.platforms.triton_kernels import gemv
 
     g = torch.Generator().manual_seed(3)
-    w = (torch.randn(N, row_stride, generator=g) * K ** -0.5).to(dtype)[:, :K]
+    full = (torch.randn(N, row_stride, generator=g) * K ** -0.5).to(dtype)
     x = torch.randn(1, K, generator=g).to(dtype)
-    want = torch.nn.functional.linear(x.double(), w.double())
-    got = gemv.gemv(*_to(DEVICE, x, w)).cpu()
+    want = torch.nn.functional.linear(x.double(), full[:, :K].double())
+    w = full.to(DEVICE)[:, :K]
+    assert w.stride(0) == row_stride
+    got = gemv.gemv(x.to(DEVICE), w).cpu()
     assert got.dtype == dtype and got.shape == (1, N)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(got.double(), want, atol=GEMV_TOL[dtype], rtol=GEMV_TOL[dtype])
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="the GEMV path is taken on an accelerator only")
@@ -180,16 +188,18 @@ def test_linear_op_takes_the_gemv_for_one_16_bit_row(monkeypatch):
 
     calls = []
     real = gemv.gemv
-    monkeypatch.setattr(gemv, "gemv", lambda x, w: calls.append(x.shape) or real(x, w))
+    monkeypatch.setattr(gemv, "gemv", lambda x, w: calls.append("gemv") or real(x, w))
     g = torch.Generator().manual_seed(4)
-    w = torch.randn(300, 512, generator=g).to(torch.bfloat16).to(DEVICE)
-    for x, path in [(torch.randn(1, 512), "gemv"), (torch.randn(1, 1, 512), "gemv"), (torch.randn(3, 512), "torch")]:
+    w = (torch.randn(300, 512, generator=g) / 512 ** 0.5).to(torch.bfloat16).to(DEVICE)
+    for x, path in [(torch.randn(1, 512), "gemv"), (torch.randn(1, 1, 512), "gemv"), (torch.randn(3, 512), None),
+                    (torch.randn(2, 1, 512), None), (torch.randn(0, 512), None)]:
         calls.clear()
         xd = x.to(torch.bfloat16).to(DEVICE)
         got = _triton("linear")(xd, w)
         assert got.shape == (*x.shape[:-1], 300)
-        assert (len(calls) == 1) == (path == "gemv")
-        torch.testing.assert_close(got.float(), torch.nn.functional.linear(xd.float(), w.float()), atol=3e-2, rtol=3e-2)
+        assert calls == ([path] if path else [])
+        torch.testing.assert_close(got.float(), torch.nn.functional.linear(xd.float(), w.float()), atol=1.6e-2,
+                                   rtol=1.6e-2)
     calls.clear()  # float32 stays with cuBLAS
     _triton("linear")(torch.randn(1, 512, device=DEVICE), w.float())
     assert not calls
@@ -274,6 +284,27 @@ def test_rotary_kv_store_startup_selftest(monkeypatch):
     monkeypatch.setattr(rotary, "_SELFTEST", {})
     monkeypatch.setattr(rotary, "rotary_kv_store", lambda *a: 1 / 0)
     assert "ZeroDivisionError" in rotary.selftest(model)
+
+
+def test_gemv_startup_selftest(monkeypatch):
+    """The linear provider's start-up check: float32 models are refused with the reason
+    (cuBLAS then runs everything); on the 'accelerator' (the interpreter here) every branch
+    of the configuration rule is compared with torch, and a wrong or failing kernel is named."""
+    from portaserve.platforms.triton_kernels import gemv, int4_gemm
+
+    assert "bfloat16/float16 only" in gemv.selftest({"dtype": torch.float32})
+    monkeypatch.setattr(int4_gemm, "_accel_device", lambda: None)
+    assert gemv.selftest({"dtype": torch.float16}) is None
+    monkeypatch.setattr(int4_gemm, "_accel_device", lambda: torch.device(DEVICE))
+    monkeypatch.setattr(gemv, "_SELFTEST", {})
+    assert gemv.selftest({"dtype": torch.float16}) is None
+    monkeypatch.setattr(gemv, "_SELFTEST", {})
+    good = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda x, w: good(x, w) * (1.5 if x.shape[1] == 3 * 512 else 1))
+    assert gemv.selftest({"dtype": torch.float16}).endswith("at K = [1536]")
+    monkeypatch.setattr(gemv, "_SELFTEST", {})
+    monkeypatch.setattr(gemv, "gemv", lambda x, w: 1 / 0)
+    assert "ZeroDivisionError" in gemv.selftest({"dtype": torch.float16})
 
 
 @pytest.mark.parametrize("T,H,I,E,K", [(1, 32, 16, 4, 2), (13, 64, 48, 6, 2), (40, 32, 32, 8, 3)])

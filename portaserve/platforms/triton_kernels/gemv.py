@@ -2,9 +2,9 @@
 
 At batch 1 a decode step reads every weight once and does little else, so its time is the
 GEMMs' memory bandwidth.  cuBLAS runs one-row products as tiled GEMMs (128 x 8 tiles,
-split-K for the long ones) and reaches 2.5-4.4 TB/s on an H200 depending on the shape; this
-kernel, one program per BLOCK_N output rows over the whole K (no split-K: one launch, no
-partial sums), reads them at 3.3-4.6 TB/s (python -m portaserve.bench.gemv).
+split-K for the long ones) and reads Llama-3.1-8B's five shapes at 2.55-4.20 TB/s on an
+H200; this kernel, one program per BLOCK_N output rows over the whole K (no split-K: one
+launch, no partial sums), reads them at 3.30-4.53 TB/s (python -m portaserve.bench.gemv).
 
 ``linear`` takes this path for one row in bf16/fp16 and hands every other case to torch.
 """
@@ -34,13 +34,16 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BL
 
 def config(N: int, K: int) -> tuple:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages): four rows by the largest of 2048/1024/512
-    columns that divides K (no masked tail), else by up to 1024 columns on two warps.  On an
-    H200 this was within 3.3% of the fastest of 84 configurations (geometric mean) and
-    faster than cuBLAS on each of 20 shapes of four models (docs/BENCHMARKS.md, session 16)."""
+    columns that divides K (no masked tail), else by 2048 columns, or for K <= 1024 by K's
+    next power of two on two warps.  On an H200 the sweep timed this within 2.5% of the
+    fastest of 84 configurations (geometric mean over 20 shapes of four models), and below
+    cuBLAS's time on each shape (docs/BENCHMARKS.md, session 16)."""
     for bk in (2048, 1024, 512):
         if K % bk == 0:
             return 4, bk, 4, 3
-    return 4, min(1024, triton.next_power_of_2(K)), 2, 3
+    if K > 1024:
+        return 4, 2048, 4, 3
+    return 4, triton.next_power_of_2(K), 2, 3
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, cfg=None) -> torch.Tensor:
@@ -57,10 +60,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, cfg=None) -> torch.Tensor:
 
 
 def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``linear`` runs x through this kernel: one row, a 2-D row-major weight, both
-    bf16 or fp16 (float32 stays with cuBLAS, whose accumulation the fp32 tests match)."""
-    return (x.numel() == x.shape[-1] == w.shape[-1] and w.dim() == 2 and w.stride(-1) == 1
-            and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16) and x.device.type != "cpu")
+    """Whether ``linear`` runs x through the GEMV: one row, a 2-D row-major weight on the
+    same accelerator, both bf16 or fp16 (float32 stays with cuBLAS, whose accumulation the
+    fp32 tests match).  Two or more rows stay with cuBLAS too: a tensor-core kernel for
+    2-8 rows was slower end to end on an H200 (docs/BENCHMARKS.md, session 16)."""
+    return (w.dim() == 2 and x.numel() == x.shape[-1] == w.shape[1] > 0 and w.stride(-1) == 1
+            and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16)
+            and x.device.type != "cpu" and x.device == w.device)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -74,23 +80,29 @@ _SELFTEST: dict = {}
 
 
 def selftest(model: dict) -> str | None:
-    """The registry's model check: the GEMV compiled on the accelerator for the model's
-    dtype and compared with torch on an odd shape; None when it agrees (or nothing to test)."""
+    """The registry's model check: each configuration ``config`` can pick, compiled on the
+    accelerator for the model's dtype and compared with torch; None when they agree (or
+    there is nothing to test yet), else the reason."""
     from portaserve.platforms.triton_kernels.int4_gemm import _accel_device
 
     dev, dt = _accel_device(), model.get("dtype")
-    if dev is None or dt not in (torch.bfloat16, torch.float16):
+    if dt is not None and dt not in (torch.bfloat16, torch.float16):
+        return f"the GEMV kernels run bfloat16/float16 only, the model is {str(dt).replace('torch.', '')}"
+    if dev is None or dt is None:
         return None
     key = (str(dev), dt)
     if key not in _SELFTEST:
         try:
             g = torch.Generator().manual_seed(0)
-            x = torch.randn(1, 2 * 2048 + 40, generator=g).to(dt)
-            w = (torch.randn(1027, x.shape[1], generator=g) / x.shape[1] ** 0.5).to(dt)
-            want = F.linear(x.float(), w.float())
-            got = gemv(x.to(dev), w.to(dev)).cpu().float()
-            ok = torch.allclose(got, want, atol=2e-2, rtol=2e-2)
-            _SELFTEST[key] = None if ok else f"the GEMV disagrees with torch on {dev}"
+            bad = []
+            for K in (3 * 2048, 3 * 1024, 3 * 512, 2048 + 40, 896):  # one per branch of config()
+                x = torch.randn(1, K, generator=g).to(dt)
+                w = (torch.randn(131, K, generator=g) / K ** 0.5).to(dt)  # 131: a partial row block
+                want = F.linear(x.float(), w.float())
+                got = gemv(x.to(dev), w.to(dev)).cpu().float()
+                if not torch.allclose(got, want, atol=2e-2, rtol=2e-2):
+                    bad.append(K)
+            _SELFTEST[key] = f"the GEMV disagrees with torch on {dev} at K = {bad}" if bad else None
         except Exception as e:  # a kernel that does not compile here
             _SELFTEST[key] = f"the GEMV failed on {dev}: {type(e).__name__}: {e}"
     return _SELFTEST[key]
