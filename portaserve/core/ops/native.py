@@ -290,8 +290,8 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, w)
 
 
-# Quantized: each computes x @ W^T for a quantized Wby dequantizing everything to float32 first: the
-# oracle the fused providers are compared with.  x: [..., K]; the result has x's leading
+# Quantized: each computes x @ W^T for a quantized W by dequantizing everything to float32
+# first: the oracle the fused providers are compared with.  x: [..., K]; the result has x's leading
 # dims.  Formats and quantizers: core/ops/quant.py.
 def fp8_scaled_mm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                   input_scale, out_dtype: torch.dtype) -> torch.Tensor:
