@@ -139,9 +139,45 @@ def _reachable(rules: dict, root: str) -> set:
     return reach
 
 
+def _post_order(rules: dict, reach: set) -> list:
+    """The rules of reach, each after the rules it uses (depth-first, iterative: chains of
+    thousands of rules; on a recursion, the rule first met comes last)."""
+    done, order = set(), []
+    for top in sorted(reach):
+        if top in done:
+            continue
+        stack = [(top, iter(_refs(rules[top], set())))]
+        done.add(top)
+        while stack:
+            r, it = stack[-1]
+            nxt = next((x for x in it if x in reach and x not in done), None)
+            if nxt is None:
+                stack.pop()
+                order.append(r)
+            else:
+                done.add(nxt)
+                stack.append((nxt, iter(_refs(rules[nxt], set()))))
+    return order
+
+
+def _alts_len(alts, best: dict):
+    return min((sum(_elem_len(e, best) for e in seq) for seq in alts), default=0)
+
+
+def _elem_len(e, best: dict):
+    (kind, val), (lo, _) = e
+    if lo == 0:
+        return 0
+    one = _alts_len(val, best) if kind == "group" else best.get(val, math.inf) if kind == "rule" else val
+    return one * lo
+
+
 def shortest(rules: dict, root: str = "root") -> dict:
     """{rule reachable from root: length of its shortest text} (math.inf: cannot finish).
-    A worklist: a rule is computed again only when a rule it uses got shorter."""
+    A worklist seeded in dependency order, so outside recursions each rule is computed once,
+    after the rules it uses; a rule is computed again only when a rule it uses got shorter.
+    (Seeded in any order, a root of n alternatives over n rules was computed ~n times: a
+    regex of 4,000 alternatives took 144 s.)"""
     reach = _reachable(rules, root)
     best = {r: math.inf for r in reach}
     users: dict = {r: set() for r in reach}
@@ -149,22 +185,11 @@ def shortest(rules: dict, root: str = "root") -> dict:
         for x in _refs(rules[r], set()):
             if x in users:
                 users[x].add(r)
-
-    def alts_len(alts):
-        return min((sum(elem_len(e) for e in seq) for seq in alts), default=0)
-
-    def elem_len(e):
-        (kind, val), (lo, _) = e
-        if lo == 0:
-            return 0
-        one = alts_len(val) if kind == "group" else best.get(val, math.inf) if kind == "rule" else val
-        return one * lo
-
-    todo, queued = list(reach), set(reach)
+    todo, queued = _post_order(rules, reach)[::-1], set(reach)  # popped from the end
     while todo:
         r = todo.pop()
         queued.discard(r)
-        n = alts_len(rules[r])
+        n = _alts_len(rules[r], best)
         if n < best[r]:
             best[r] = n
             for u in users[r] - queued:
@@ -217,23 +242,8 @@ def longest_forced(rules: dict, root: str = "root") -> int:
             top = max(top, run)
         return top
 
-    # rules after the rules they use (depth-first, iterative: chains of thousands of rules)
-    reach, done, order = _reachable(rules, root), set(), []
-    for top in reach:
-        stack = [(top, iter(_refs(rules[top], set())))]
-        done.add(top)
-        while stack:
-            r, it = stack[-1]
-            nxt = next((x for x in it if x in reach and x not in done), None)
-            if nxt is None:
-                stack.pop()
-                order.append(r)
-            else:
-                done.add(nxt)
-                stack.append((nxt, iter(_refs(rules[nxt], set()))))
-        if len(done) == len(reach):
-            break
-    for r in order:
+    reach = _reachable(rules, root)
+    for r in _post_order(rules, reach):
         single[r] = alts_single(rules[r])
     return max((runs(rules[r]) for r in reach), default=0)
 
