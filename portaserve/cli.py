@@ -120,8 +120,12 @@ def main(argv=None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
-        return importlib.import_module(f"portaserve.bench.{BENCHES[argv[1]][0]}").main(
-            argv[2:], prog=f"portaserve bench {argv[1]}")
+        prog = f"portaserve bench {argv[1]}"
+        try:
+            return importlib.import_module(f"portaserve.bench.{BENCHES[argv[1]][0]}").main(argv[2:], prog=prog)
+        except (ValueError, RuntimeError, OSError) as e:  # a model path, a device, a file that is not there
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2
 
     parser = argparse.ArgumentParser(prog="portaserve", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)

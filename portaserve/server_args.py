@@ -97,6 +97,12 @@ class ServerArgs:
             if choices and getattr(self, f.name) is not None and getattr(self, f.name) not in choices:
                 raise ValueError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r}: choose from "
                                  f"{', '.join(choices)}")
+        if self.device and self.device.lower() != "auto":  # before a scheduler process starts
+            from portaserve.platforms import platform_classes
+
+            if self.device.lower() not in platform_classes():
+                raise ValueError(f"--device {self.device!r}: unknown device; known: auto, "
+                                 f"{', '.join(platform_classes())}")
         if self.tp_size < 1:
             raise ValueError("--tp-size must be >= 1")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:

@@ -91,8 +91,20 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads():
                         (("serve", "--max-prefill-tokens", "-1"), "--max-prefill-tokens must be >= 1"),
                         (("generate", "hi", "--temperature", "nan"), "temperature"),
                         (("generate", "hi", "--max-new-tokens", "-1"), "max_new_tokens"),
-                        (("bench", "one-batch", "--batch-size", "-1"), "--batch-size values must be >= 1"),
-                        (("serve", "--host", "bogus.invalid"), "cannot be resolved")]:
+                        (("bench", "one-batch", "--batch-size", "-1"), "--batch-size: must be at least 1"),
+                        (("serve", "--host", "bogus.invalid"), "cannot be resolved"),
+                        (("serve", "--device", "foo"), "--device 'foo': unknown device"),
+                        # the benchmarks' options and inputs (a second probe): each was a traceback,
+                        # ran anyway, or failed only after the whole run
+                        (("bench", "one-batch", "--model-path", "/nonexistent"), "bench one-batch: error: model path"),
+                        (("bench", "offline", "--num-prompts", "-1"), "--num-prompts: must be at least 1"),
+                        (("bench", "grammar", "--repeats", "0"), "--repeats: must be at least 1"),
+                        (("bench", "lang-tree", "--width", "0"), "--width: must be at least 1"),
+                        (("bench", "sampling", "--top-p", "2"), "--top-p: must be between 0 and 1"),
+                        (("bench", "cascade", "--device", "foo"), "bench cascade: error: unknown device 'foo'"),
+                        (("bench", "serving", "--request-rate", "0"), "--request-rate: must be greater than 0"),
+                        (("bench", "serving", "--random-range-ratio", "nan"), "--random-range-ratio: must be at least"),
+                        (("bench", "serving", "--output-file", "/nonexistent-dir/x.jsonl"), "--output-file:")]:
         r = run(*args)
         assert r.returncode == 2, (args, r.returncode, r.stderr[-1000:])
         assert words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1000:])

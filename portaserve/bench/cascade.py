@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from portaserve.bench import POS
 from portaserve.bench.sampling import _time
 
 
@@ -24,15 +25,15 @@ def main(argv=None, prog=None) -> int:
 
     p = argparse.ArgumentParser(prog=prog or "python -m portaserve.bench.cascade", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
-    p.add_argument("--groups", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("--members", type=int, default=16, help="requests per group")
-    p.add_argument("--prefix-len", type=int, default=2048)
-    p.add_argument("--own-len", type=int, default=384, help="tokens after the prefix, per request")
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--groups", type=POS, nargs="+", default=[1, 16, 64])
+    p.add_argument("--members", type=POS, default=16, help="requests per group")
+    p.add_argument("--prefix-len", type=POS, default=2048)
+    p.add_argument("--own-len", type=POS, default=384, help="tokens after the prefix, per request")
+    p.add_argument("--heads", type=POS, default=32)
+    p.add_argument("--kv-heads", type=POS, default=8)
+    p.add_argument("--head-dim", type=POS, default=128)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--reps", type=POS, default=50)
     p.add_argument("--profile", action="store_true", help="device time per kernel of the cascade call")
     p.add_argument("--sweep", action="store_true",
                    help="also time the Triton shared-prefix kernel's launch alternatives (splits, "

@@ -31,6 +31,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from portaserve.bench import POS
+
 SHAPES_8B = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]
 M_DEFAULT = [1, 8, 32, 64, 2048]
 SHAPES_SMALL = [("qkv", 128, 192), ("o", 128, 128), ("gate_up", 128, 896), ("down", 448, 128)]
@@ -188,10 +190,10 @@ def main(argv=None, prog=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run)")
-    p.add_argument("--m", type=int, action="append", help="batch sizes (repeatable)")
+    p.add_argument("--m", type=POS, action="append", help="batch sizes (repeatable)")
     p.add_argument("--kinds", nargs="+", default=["bf16", "fp8", "int8", "int4"],
                    choices=["bf16", "fp8", "int8", "int4"])
-    p.add_argument("--iters", type=int, default=20, help="calls per timing")
+    p.add_argument("--iters", type=POS, default=20, help="calls per timing")
     p.add_argument("--kernel", action="append", help="OP=PROVIDER override")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--no-int4-paths", dest="int4_paths", action="store_false",

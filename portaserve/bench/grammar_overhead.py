@@ -28,6 +28,8 @@ import statistics
 import sys
 import time
 
+from portaserve.bench import POS
+
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 16}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
     "city": {"type": "string", "maxLength": 16}, "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]},
@@ -78,8 +80,8 @@ def main(argv=None, prog=None) -> int:
     from portaserve.server_args import ServerArgs
 
     p = argparse.ArgumentParser(prog=prog or "python -m portaserve.bench.grammar_overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-size", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
+    p.add_argument("--batch-size", type=POS, nargs="+", default=[1, 16])
+    p.add_argument("--repeats", type=POS, default=3, help="runs per figure; the median is reported")
     p.add_argument("--jump-mode", choices=["on", "whole-batch"], default="on",
                    help="the jump-forward mode of the second pass")
     ServerArgs.add_cli_args(p)

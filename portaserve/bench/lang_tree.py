@@ -32,6 +32,8 @@ import time
 
 import requests
 
+from portaserve.bench import POS
+
 SYSTEM = (
     "You are a careful problem solver. For every problem you first restate what is asked, "
     "list the facts you are given, and name the unknowns. Then you propose a plan of at "
@@ -162,11 +164,11 @@ def warmup(url: str) -> None:
 
 def main(argv=None, prog=None) -> int:
     p = argparse.ArgumentParser(prog=prog or "python -m portaserve.bench.lang_tree", description=__doc__.splitlines()[0])
-    p.add_argument("--width", type=int, default=4, help="forks per node (depth is 2)")
-    p.add_argument("--tokens", type=int, default=16, help="new tokens per generation")
+    p.add_argument("--width", type=POS, default=4, help="forks per node (depth is 2)")
+    p.add_argument("--tokens", type=POS, default=16, help="new tokens per generation")
     p.add_argument("--matrix", action="store_true",
                    help="also run lang without the cache and openai with it")
-    p.add_argument("--max-total-tokens", type=int, default=20000)
+    p.add_argument("--max-total-tokens", type=POS, default=20000)
     p.add_argument("--output-file", default=None, help="append the results as JSON lines")
     a = p.parse_args(argv)
 

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from portaserve.bench import NONNEG, POS, fraction, out_file
 from portaserve.bench.datasets import (BenchRequest, random_dataset, shared_prefix_dataset,
                                        uniform_dataset)
 
@@ -126,31 +127,31 @@ def make_dataset(ns, vocab: int) -> list[BenchRequest]:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=["mixed", "random", "generated-shared-prefix"], default="mixed")
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--min-input-len", type=int, default=20)
-    p.add_argument("--max-input-len", type=int, default=400)
-    p.add_argument("--min-output-len", type=int, default=8)
-    p.add_argument("--max-output-len", type=int, default=128)
-    p.add_argument("--random-input-len", type=int, default=1024)
-    p.add_argument("--random-output-len", type=int, default=1024)
-    p.add_argument("--random-range-ratio", type=float, default=0.0)
-    p.add_argument("--gsp-num-groups", type=int, default=8)
-    p.add_argument("--gsp-prompts-per-group", type=int, default=8)
-    p.add_argument("--gsp-system-prompt-len", type=int, default=512)
-    p.add_argument("--gsp-question-len", type=int, default=32)
-    p.add_argument("--gsp-output-len", type=int, default=32)
+    p.add_argument("--num-prompts", type=POS, default=32)
+    p.add_argument("--min-input-len", type=POS, default=20)
+    p.add_argument("--max-input-len", type=POS, default=400)
+    p.add_argument("--min-output-len", type=POS, default=8)
+    p.add_argument("--max-output-len", type=POS, default=128)
+    p.add_argument("--random-input-len", type=POS, default=1024)
+    p.add_argument("--random-output-len", type=POS, default=1024)
+    p.add_argument("--random-range-ratio", type=fraction, default=0.0)
+    p.add_argument("--gsp-num-groups", type=POS, default=8)
+    p.add_argument("--gsp-prompts-per-group", type=POS, default=8)
+    p.add_argument("--gsp-system-prompt-len", type=POS, default=512)
+    p.add_argument("--gsp-question-len", type=POS, default=32)
+    p.add_argument("--gsp-output-len", type=POS, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-path", default=None, help="local folder or .gguf file, or a Hugging Face repo id")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hugging Face repo id")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--load-format", default="auto")
-    p.add_argument("--max-total-tokens", type=int, default=None)
+    p.add_argument("--max-total-tokens", type=POS, default=None)
     p.add_argument("--chunked-prefill-size", type=int, default=8192)
-    p.add_argument("--max-running-requests", type=int, default=256)
+    p.add_argument("--max-running-requests", type=POS, default=256)
     p.add_argument("--mem-fraction-static", type=float, default=None)
     p.add_argument("--disable-cuda-graph", action="store_true")
-    p.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=1)
+    p.add_argument("--tp-size", "--tp", dest="tp_size", type=POS, default=1)
     p.add_argument("--enable-torch-compile", action="store_true")
     p.add_argument("--enable-mixed-chunk", action="store_true")
     p.add_argument("--disable-overlap-schedule", action="store_true")
@@ -160,7 +161,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-mixed-chunk", action="store_true",
                    help="also run with --enable-mixed-chunk flipped")
     p.add_argument("--compare-hf", action="store_true", help="also run transformers generate")
-    p.add_argument("--hf-batch-size", type=int, default=None, help="default: all prompts in one batch")
+    p.add_argument("--hf-batch-size", type=POS, default=None, help="default: all prompts in one batch")
     p.add_argument("--compare-no-cache", action="store_true", help="also run with --disable-radix-cache")
     p.add_argument("--cascade-attention", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm", "dfs-weight", "random"])
@@ -170,13 +171,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="also run with --attention-backend NAME (side by side, same prompts)")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over each timed run; prints device time per step kind")
-    p.add_argument("--profile-steps", type=int, default=None, help="profile only the first N steps")
+    p.add_argument("--profile-steps", type=POS, default=None, help="profile only the first N steps")
     p.add_argument("--profile-with-stack", action="store_true",
                    help="record Python functions too (host time per function; slows the steps)")
     p.add_argument("--profile-dir", default=None,
                    help="trace directory (default: $PORTASERVE_TORCH_PROFILER_DIR or /tmp/portaserve-profile)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--output-file", default=None)
+    p.add_argument("--warmup", type=NONNEG, default=1)
+    p.add_argument("--output-file", default=None, type=out_file)
 
 
 def main(argv=None, prog=None) -> int:

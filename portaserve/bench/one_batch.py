@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from portaserve.bench import NONNEG, POS, at_least, out_file
+
 
 def run(rt, batch_size: int, input_len: int, output_len: int, seed: int = 0, shared_len: int = 0) -> dict:
     """shared_len: the prompts' first shared_len tokens are the same (a system prompt:
@@ -74,24 +76,18 @@ def main(argv=None, prog=None) -> int:
     from portaserve.server_args import ServerArgs
 
     p = argparse.ArgumentParser(prog=prog or "python -m portaserve.bench.one_batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-size", type=int, nargs="+", default=[1])
-    p.add_argument("--input-len", type=int, nargs="+", default=[128])
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--shared-prefix-len", type=int, default=0,
+    p.add_argument("--batch-size", type=POS, nargs="+", default=[1])
+    p.add_argument("--input-len", type=POS, nargs="+", default=[128])
+    p.add_argument("--output-len", type=at_least(2), default=32)
+    p.add_argument("--shared-prefix-len", type=NONNEG, default=0,
                    help="the first N input tokens are the same in every prompt (a shared system prompt)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--output-file", default=None)
+    p.add_argument("--warmup", type=NONNEG, default=1)
+    p.add_argument("--output-file", default=None, type=out_file)
     p.add_argument("--profile", action="store_true", help="profile decode steps of the largest batch")
     p.add_argument("--compare-hf", action="store_true",
                    help="then time transformers generate on the same config and batch shapes")
     ServerArgs.add_cli_args(p)
     ns = p.parse_args(argv)
-    for name in ("batch_size", "input_len"):
-        if min(getattr(ns, name)) < 1:
-            p.error(f"--{name.replace('_', '-')} values must be >= 1")
-    if ns.output_len < 2 or ns.shared_prefix_len < 0 or ns.warmup < 0:
-        p.error("--output-len must be >= 2 (a decode step after the prefill), --shared-prefix-len "
-                "and --warmup >= 0")
     args = ServerArgs.from_cli(ns)
     args.skip_tokenizer_init = True
     args.max_running_requests = max(args.max_running_requests, max(ns.batch_size))

@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from portaserve.bench import NONNEG, POS, fraction, positive
+
 
 def _time(fn, sync, reps):
     fn()
@@ -23,6 +25,12 @@ def _time(fn, sync, reps):
     return (time.perf_counter() - t) / reps
 
 
+def _top_p(s: str) -> float:
+    v = fraction(s)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
+    return v
+
 def main(argv=None, prog=None) -> int:
     from portaserve.core.ops import native
     from portaserve.core.ops.registry import providers_for
@@ -31,13 +39,13 @@ def main(argv=None, prog=None) -> int:
 
     p = argparse.ArgumentParser(prog=prog or "python -m portaserve.bench.sampling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
-    p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--batch-size", type=int, nargs="+", default=[1, 16, 128])
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--temperature", type=float, default=3.0, help="scale of the random logits")
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--vocab", type=POS, default=128256)
+    p.add_argument("--batch-size", type=POS, nargs="+", default=[1, 16, 128])
+    p.add_argument("--top-k", type=NONNEG, default=50)
+    p.add_argument("--top-p", type=_top_p, default=0.9)
+    p.add_argument("--min-p", type=fraction, default=0.0)
+    p.add_argument("--temperature", type=positive, default=3.0, help="scale of the random logits")
+    p.add_argument("--reps", type=POS, default=20)
     ns = p.parse_args(argv)
     plat = resolve_platform(None if ns.device == "auto" else ns.device)
     dev = plat.device()

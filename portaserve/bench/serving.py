@@ -21,6 +21,8 @@ from typing import Optional
 
 import numpy as np
 
+from portaserve.bench import NONNEG, POS, fraction, out_file, positive
+
 
 @dataclass
 class RequestResult:
@@ -41,27 +43,27 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
     p.add_argument("--dataset-name", default="random", choices=["random", "generated-shared-prefix"])
-    p.add_argument("--num-prompts", type=int, default=100,
+    p.add_argument("--num-prompts", type=POS, default=100,
                    help="requests to send (random dataset; gsp uses groups x prompts per group)")
-    p.add_argument("--random-input-len", type=int, default=1024)
-    p.add_argument("--random-output-len", type=int, default=1024)
-    p.add_argument("--random-range-ratio", type=float, default=0.0,
+    p.add_argument("--random-input-len", type=POS, default=1024)
+    p.add_argument("--random-output-len", type=POS, default=1024)
+    p.add_argument("--random-range-ratio", type=fraction, default=0.0,
                    help="lengths drawn uniformly from [len * ratio, len]")
-    p.add_argument("--gsp-num-groups", type=int, default=64)
-    p.add_argument("--gsp-prompts-per-group", type=int, default=16)
-    p.add_argument("--gsp-system-prompt-len", type=int, default=2048)
-    p.add_argument("--gsp-question-len", type=int, default=128)
-    p.add_argument("--gsp-output-len", type=int, default=256)
-    p.add_argument("--request-rate", type=float, default=float("inf"),
+    p.add_argument("--gsp-num-groups", type=POS, default=64)
+    p.add_argument("--gsp-prompts-per-group", type=POS, default=16)
+    p.add_argument("--gsp-system-prompt-len", type=POS, default=2048)
+    p.add_argument("--gsp-question-len", type=POS, default=128)
+    p.add_argument("--gsp-output-len", type=POS, default=256)
+    p.add_argument("--request-rate", type=positive, default=float("inf"),
                    help="requests per second (Poisson arrivals); inf sends all at once")
-    p.add_argument("--max-concurrency", type=int, default=None,
+    p.add_argument("--max-concurrency", type=POS, default=None,
                    help="at most this many requests in flight")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--warmup-requests", type=int, default=1)
+    p.add_argument("--warmup-requests", type=NONNEG, default=1)
     p.add_argument("--flush-cache", action="store_true", help="POST /flush_cache before the run")
     p.add_argument("--disable-ignore-eos", action="store_true")
     p.add_argument("--disable-stream", action="store_true", help="(TTFT then equals latency)")
-    p.add_argument("--output-file", default=None, help="append the result as one JSON line")
+    p.add_argument("--output-file", default=None, type=out_file, help="append the result as one JSON line")
     p.add_argument("--disable-tqdm", action="store_true")
 
 
