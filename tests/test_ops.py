@@ -193,6 +193,16 @@ def make_apply_penalties(g, device, dtype):
     return tuple(t.to(device) for t in (logits, counts, seen, freq, pres, rep))
 
 
+def make_argmax(g, device, dtype):
+    """Rows with ties (small integers) or with a single winner, across the kernel's blocks."""
+    B, V = _randint(g, 1, 6), _randint(g, 2, 9000)
+    if _randint(g, 0, 1):
+        x = torch.randint(-3, 4, (B, V), generator=g).float()
+    else:
+        x = _randn(g, B, V)
+    return (x.to(device=device, dtype=dtype),)
+
+
 def make_sample(g, device, dtype, filtered=None):
     """Filter thresholds sit midway between the values they separate, so float rounding of
     the cumulative sums cannot flip a decision."""
@@ -274,6 +284,7 @@ SPECS: dict[str, OpSpec] = {
     "attention_decode_shared": OpSpec(make_attention_decode_shared),
     "apply_penalties": OpSpec(make_apply_penalties, dtypes=(torch.float32,)),
     "top_k_top_p_min_p_sample": OpSpec(make_sample, dtypes=(torch.float32,), exact=True),
+    "argmax": OpSpec(make_argmax, exact=True),
     "moe_topk": OpSpec(make_moe_topk),
     "fused_moe": OpSpec(make_fused_moe),
     "linear": OpSpec(make_linear, tol=GEMM_TOL),

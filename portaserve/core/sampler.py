@@ -69,7 +69,7 @@ class Sampler:
             grammar.apply_masks(logits, masks)
         greedy = [r.sampling.greedy for r in reqs]
         if all(greedy):
-            return logits.argmax(dim=-1), logprobs
+            return ops.argmax(logits), logprobs
         greedy += [True] * pad
         temps = self._h2d([1.0 if g else r.sampling.temperature for g, r in zip(greedy, reqs)] + [1.0] * pad,
                           logits.dtype)
@@ -89,7 +89,7 @@ class Sampler:
             min_p = self._h2d([r.sampling.min_p for r in reqs] + [0.0] * pad, probs.dtype)
             sampled = ops.top_k_top_p_min_p_sample(probs, top_k, top_p, min_p, noise)
         if any(greedy):
-            sampled = torch.where(self._h2d(greedy, torch.bool), logits.argmax(dim=-1), sampled)
+            sampled = torch.where(self._h2d(greedy, torch.bool), ops.argmax(logits), sampled)
         return sampled, logprobs
 
     def _mask_min_tokens(self, logits, reqs, eos_ids, masks=None):

@@ -91,3 +91,37 @@ def test_cascade_attention_matches_transformers(gpu_llama, graphs):
         counters = eng.get_server_info()["counters"]
     assert counters["decode_shared"] >= 20, counters
     _assert_greedy_matches(hf, prompts, outs, 32)
+
+
+def test_programmatic_dependent_launch_changes_no_bit(gpu_llama, monkeypatch):
+    """With PDL each decode kernel starts before the previous one ends and waits on the GPU
+    for it (platforms/triton_kernels/pdl.py).  A read or write placed before that wait races
+    the previous kernel, so outputs would change from run to run: require the same tokens
+    and bit-identical logprobs with it on and off, in captured graphs, batched (cuBLAS
+    GEMMs) and one prompt at a time (the GEMV, which reads weights before the wait)."""
+    from portaserve import Engine
+    from portaserve.platforms.triton_kernels import pdl
+
+    prompts = random_prompts(8, 2048, 8, 300, seed=7)
+    sp = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
+    runs = {}
+    for on in ("1", "0"):
+        monkeypatch.setenv("PORTASERVE_PDL", on)
+        monkeypatch.setattr(pdl, "_ON", {})
+        # no prefix cache: every repetition runs the same prompt passes
+        with Engine(str(gpu_llama), skip_tokenizer_init=True, device="cuda", dtype="bfloat16",
+                    max_total_tokens=20000, disable_radix_cache=True) as eng:
+            assert eng.get_server_info()["ops"]["argmax"]["provider"] == "triton"
+            assert eng.rt.scheduler.decode_graph is not None
+            assert pdl.enabled(torch.device("cuda", torch.cuda.current_device())) == (
+                on == "1" and torch.cuda.get_device_capability()[0] >= 9 and torch.version.hip is None)
+            outs = []
+            for _ in range(3):  # repeated: a race shows as a difference between runs too
+                outs.append(eng.generate(input_ids=prompts, sampling_params=sp, return_logprob=True))
+                outs.append([eng.generate(input_ids=p, sampling_params=sp, return_logprob=True)
+                             for p in prompts])
+        runs[on] = [[(o["output_ids"], [lp[0] for lp in o["meta_info"]["output_token_logprobs"]])
+                     for o in batch] for batch in outs]
+    for on, got in runs.items():  # batched runs (even) and one-at-a-time runs (odd)
+        for i, batch in enumerate(got):
+            assert batch == runs["0"][i % 2], (on, i)

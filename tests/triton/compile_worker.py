@@ -29,12 +29,17 @@ TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32), GPUTarget("hip"
 SHARED_LIMIT = {("cuda", 90): 232448, ("cuda", 80): 166912, ("hip", "gfx942"): 65536}
 
 
-def _launched_on(target, signature) -> bool:
+def _launched_on(target, req, params) -> bool:
     """Whether the runtime makes this launch on that target: before sm_89 Triton has no
     float8_e4m3fn, so the attention kernels read e4m3 caches as bytes there
     (attention._e4m3_as_bytes; the tests run that variant too) and FP8 GEMMs are not
-    offered (their provider needs sm_89)."""
-    return not (target.backend == "cuda" and target.arch < 89 and "*fp8e4nv" in signature.values())
+    offered (their provider needs sm_89); kernels launched with programmatic dependent
+    launch (a PDL constexpr that is true) run on NVIDIA sm_90 and later only (pdl.py)."""
+    signature = req["signature"]
+    if target.backend == "cuda" and target.arch < 89 and "*fp8e4nv" in signature.values():
+        return False
+    pdl = any(params[i] == "PDL" and v is True for i, v in req["constexprs"])
+    return not pdl or (target.backend == "cuda" and target.arch >= 90)
 
 
 def _value(v):
@@ -47,7 +52,7 @@ def compile_launch(req):
     fn = getattr(importlib.import_module(req["module"]), req["name"])
     constexprs = {(i,): _value(v) for i, v in req["constexprs"]}
     for target in TARGETS:
-        if not _launched_on(target, req["signature"]):
+        if not _launched_on(target, req, fn.arg_names):
             continue
         backend = make_backend(target)
         attrs = {(i,): backend.parse_attr(spec) for i, spec in req["attrs"][target.backend]}

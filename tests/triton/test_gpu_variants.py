@@ -26,6 +26,16 @@ pytestmark = [
 META = torch.device("meta")
 
 
+@pytest.fixture(params=[False, True], ids=["plain", "pdl"])
+def pdl_launch(request, monkeypatch):
+    """Both launches of the decode step's kernels: plain, and with programmatic dependent
+    launch as an sm_90+ GPU makes them (compiled for sm_90 only, pdl.py)."""
+    from portaserve.platforms.triton_kernels import pdl
+
+    monkeypatch.setattr(pdl, "enabled", lambda device: request.param)
+    return request.param
+
+
 def _m(*shape, dtype=torch.bfloat16):
     return torch.empty(*shape, dtype=dtype, device=META)
 
@@ -47,7 +57,7 @@ ATTENTION_CASES = [  # dtype, head size, heads, KV heads, KV cache
 
 
 @pytest.mark.parametrize("dtype,D,H,Hk,kv", ATTENTION_CASES)
-def test_attention_gpu_variants(dtype, D, H, Hk, kv, monkeypatch):
+def test_attention_gpu_variants(dtype, D, H, Hk, kv, monkeypatch, pdl_launch):
     from portaserve.platforms.triton_kernels import attention as ta
 
     monkeypatch.setattr(ta, "_e4m3_as_bytes", lambda device: kv == "fp8_e4m3_bytes")
@@ -60,7 +70,8 @@ def test_attention_gpu_variants(dtype, D, H, Hk, kv, monkeypatch):
     for splits in (1, 16):  # the split count is a constexpr: the two ends
         monkeypatch.setattr(ta, "_num_splits", lambda b, hk, dev, s=splits: s)
         got = _kernels(lambda: ta.attention_decode(q, kc, vc, r2t, rows, lens, D ** -0.5))
-        assert got == ["_decode_stage1", "_decode_stage2"], got
+        # one split: stage 1 writes the output, nothing to merge
+        assert got == ["_decode_stage1"] + ["_decode_stage2"] * (splits > 1), got
         tiles = B // 2
         shared = (_m(B, dtype=torch.int64), _m(tiles, dtype=torch.int64), _m(tiles, dtype=torch.int64),
                   _m(tiles, 16, dtype=torch.int64))
@@ -74,7 +85,7 @@ def test_attention_gpu_variants(dtype, D, H, Hk, kv, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_elementwise_gpu_variants(dtype):
+def test_elementwise_gpu_variants(dtype, pdl_launch):
     from portaserve.models.rope import cos_sin_cache
     from portaserve.platforms.triton_kernels import activation, norm, rotary
 
@@ -94,7 +105,7 @@ def test_elementwise_gpu_variants(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gemv_gpu_variant(dtype):
+def test_gemv_gpu_variant(dtype, pdl_launch):
     from portaserve.platforms.triton_kernels import gemv
 
     for N, K in [(6144, 4096), (4096, 14336), (128256, 4096), (1152, 896)]:
@@ -110,3 +121,6 @@ def test_sampling_gpu_variant():
     topk = _m(B, dtype=torch.int64)
     topp = _m(B, dtype=torch.float32)
     assert _kernels(lambda: sampling.top_k_top_p_min_p_sample(probs, topk, topp, topp, noise)) == ["_sample_kernel"]
+    for dtype in (torch.float32, torch.bfloat16):
+        assert _kernels(lambda: sampling.argmax(_m(B, V, dtype=dtype))) == ["_argmax_blocks", "_argmax_rows"]
+        assert _kernels(lambda: sampling.argmax(_m(1, V, dtype=dtype))) == ["_argmax_blocks", "_argmax_rows"]

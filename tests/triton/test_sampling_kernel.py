@@ -104,3 +104,39 @@ def test_startup_selftest_accepts_the_kernel_and_rejects_a_wrong_one(monkeypatch
     monkeypatch.setattr(sampling, "top_k_top_p_min_p_sample",
                         lambda probs, *a: torch.zeros(probs.shape[0], dtype=torch.int64))
     assert "disagrees with native" in sampling.selftest()
+
+
+# ---- greedy argmax ---------------------------------------------------------------------
+ARGMAX_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE != "cpu" else [])
+
+
+@pytest.mark.parametrize("dtype", ARGMAX_DTYPES)
+def test_argmax_kernel_matches_torch(dtype):
+    """The split-row argmax returns torch's index on rows built to tell implementations
+    apart (ties within and across blocks, NaN, infinities, signed zeros, the last column),
+    on random rows with many ties (small integers) and on a strided view."""
+    from portaserve.platforms.triton_kernels import sampling
+
+    cases = sampling.argmax_cases().to(dtype)
+    g = torch.Generator().manual_seed(1)
+    ties = torch.randint(-3, 4, (5, 2 * sampling.ARGMAX_BLOCK + 17), generator=g).to(dtype)
+    short = torch.randn(3, 7, generator=g).to(dtype)  # one partial block
+    wide = torch.randn(4, 3000, generator=g).to(dtype)
+    for x in (cases, ties, short, wide[:, 10:1510], wide[:, ::2]):  # a row stride; a column stride
+        want = x.float().argmax(dim=-1)
+        got = sampling.argmax(x.to(DEVICE)).cpu()
+        assert got.dtype == torch.int64
+        assert got.tolist() == want.tolist()
+    assert sampling.argmax(torch.empty(0, 10, device=DEVICE)).shape == (0,)
+
+
+def test_argmax_startup_selftest_accepts_the_kernel_and_rejects_a_wrong_one(monkeypatch):
+    from portaserve.platforms.triton_kernels import int4_gemm, sampling
+
+    monkeypatch.setattr(int4_gemm, "_accel_device", lambda: torch.device(DEVICE))
+    monkeypatch.setattr(sampling, "_ARGMAX_SELFTEST", {})
+    assert sampling.argmax_selftest() is None
+    monkeypatch.setattr(sampling, "_ARGMAX_SELFTEST", {})
+    # a plain max-reduction that ignores NaN: what the ordered keys are there to avoid
+    monkeypatch.setattr(sampling, "argmax", lambda x: torch.nan_to_num(x, nan=-1.0).argmax(dim=-1))
+    assert "disagrees with torch" in sampling.argmax_selftest()

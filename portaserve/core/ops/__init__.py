@@ -35,6 +35,7 @@ _DECLARATIONS = [
     ("attention_prepare", "attention", native.attention_prepare),
     ("apply_penalties", "sampling", native.apply_penalties),
     ("top_k_top_p_min_p_sample", "sampling", native.top_k_top_p_min_p_sample),
+    ("argmax", "sampling", native.argmax),
     ("moe_topk", "moe", native.moe_topk),
     ("fused_moe", "moe", native.fused_moe),
     ("all_reduce", "collective", native.all_reduce),
@@ -176,6 +177,10 @@ def apply_penalties(logits, output_counts, seen_mask, frequency, presence, repet
 
 def top_k_top_p_min_p_sample(probs, top_k, top_p, min_p, noise):
     return _fns["top_k_top_p_min_p_sample"](probs, top_k, top_p, min_p, noise)
+
+
+def argmax(logits):
+    return _fns["argmax"](logits)
 
 
 def moe_topk(router_logits, k, renormalize):

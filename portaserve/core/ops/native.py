@@ -208,6 +208,12 @@ def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, seen_mask
     return logits - presence.unsqueeze(1) * (counts > 0).to(logits.dtype)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy token of each row of logits [B, V]: the first index of the largest value,
+    a NaN counting as larger than any number (torch's argmax)."""
+    return logits.argmax(dim=-1)
+
+
 def top_k_top_p_min_p_sample(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                              min_p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Sample one token per row of probs [B, V] after top-k (k<=0: off), top-p and min-p

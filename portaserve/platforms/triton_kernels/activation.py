@@ -5,9 +5,13 @@ import torch
 import triton
 import triton.language as tl
 
+from portaserve.platforms.triton_kernels import pdl
+
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, y_ptr, d, stride_x, stride_y, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, y_ptr, d, stride_x, stride_y, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.start(PDL)
+    pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -27,5 +31,6 @@ def silu_and_mul(x):
     y = torch.empty((n, d), dtype=x.dtype, device=x.device)
     if n:
         BLOCK = min(1024, triton.next_power_of_2(d))
-        _silu_and_mul_kernel[(n, triton.cdiv(d, BLOCK))](x2, y, d, x2.stride(0), y.stride(0), BLOCK=BLOCK)
+        _silu_and_mul_kernel[(n, triton.cdiv(d, BLOCK))](x2, y, d, x2.stride(0), y.stride(0), BLOCK=BLOCK,
+                                                               **pdl.launch(x.device))
     return y.reshape(*shape[:-1], d)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from portaserve.platforms.triton_kernels import pdl
+
 # The most splits of a decode sequence.  The count a launch uses depends only on shapes
 # (batch size, KV heads), never on lengths, so a captured CUDA graph stays valid.
 NUM_KV_SPLITS = 16
@@ -102,7 +104,11 @@ def _decode_stage1(q_ptr, k_ptr, v_ptr, r2t_ptr, rpi_ptr, seq_ptr, start_ptr, mi
                    scale, n_heads, GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_START: tl.constexpr,
-                   E4M3_BITS: tl.constexpr):
+                   E4M3_BITS: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr):
+    # DIRECT (one split, no shared prefix): mid_o is the output [B, H, DV] itself, in its
+    # dtype, and there is nothing to merge
+    pdl.start(PDL)
+    pdl.wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -127,18 +133,24 @@ def _decode_stage1(q_ptr, k_ptr, v_ptr, r2t_ptr, rpi_ptr, seq_ptr, start_ptr, mi
                              stride_vt, stride_vh, start, end, scale, d, dmask, dv, dvmask, end,
                              ROWS=BLOCK_H, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N, CAUSAL=False,
                              E4M3_BITS=E4M3_BITS)
-    tl.store(mid_o + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + dv[None, :], out,
-             mask=hmask[:, None] & dvmask[None, :])
-    tl.store(mid_lse + b * stride_lb + heads * stride_lh + split, lse, mask=hmask)
+    if DIRECT:
+        tl.store(mid_o + b * stride_mb + heads[:, None] * stride_mh + dv[None, :],
+                 out.to(mid_o.dtype.element_ty), mask=hmask[:, None] & dvmask[None, :])
+    else:
+        tl.store(mid_o + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + dv[None, :], out,
+                 mask=hmask[:, None] & dvmask[None, :])
+        tl.store(mid_lse + b * stride_lb + heads * stride_lh + split, lse, mask=hmask)
 
 
 @triton.jit
 def _decode_stage2(mid_o, mid_lse, o_ptr, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
                    stride_ob, stride_oh, start_ptr, pmid_o, pmid_lse, stride_pb, stride_ph, stride_ps,
                    stride_plb, stride_plh, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, PREFIX_SPLITS: tl.constexpr):
+                   NUM_SPLITS: tl.constexpr, PREFIX_SPLITS: tl.constexpr, PDL: tl.constexpr):
     """Merge the splits' partial outputs by their log-sum-exp; with PREFIX_SPLITS, also the
     shared-prefix partials of requests that have one (start > 0)."""
+    pdl.start(PDL)
+    pdl.wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     dv = tl.arange(0, BLOCK_DV)
@@ -288,8 +300,12 @@ def _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale
     on_cpu = q.device.type == "cpu"
     k_cache, v_cache, e4m3_bits = _kv_operands(k_cache, v_cache)
     splits = _num_splits(B, Hk, q.device)
-    mid_o = torch.empty(B, H, splits, DV, dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+    direct = splits == 1 and shared is None  # a full device: stage 1 writes the output
+    if direct:
+        mid_o, mid_lse = o, None
+    else:
+        mid_o = torch.empty(B, H, splits, DV, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     BLOCK_H = max(16, triton.next_power_of_2(group))
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_DV = triton.next_power_of_2(DV)
@@ -311,20 +327,24 @@ def _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale
                 MEMBERS=members, SUBTILES=tile // members, BLOCK_N=32 if on_cpu else PREFIX_BLOCK_N,
                 PREFIX_SPLITS=PREFIX_SPLITS, E4M3_BITS=e4m3_bits, **({} if on_cpu else dict(num_warps=PREFIX_WARPS,
                                                                          num_stages=PREFIX_STAGES)))
+    launch = pdl.launch(q.device)
     _decode_stage1[(B, Hk, splits)](
         q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, kv_start, mid_o, mid_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1), scale, H, GROUP=group, D=D, DV=DV,
-        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_H=BLOCK_H,
-        BLOCK_N=32 if on_cpu else 64, NUM_SPLITS=splits, HAS_START=shared is not None, E4M3_BITS=e4m3_bits)
+        req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), 0 if direct else mid_o.stride(2),
+        0 if direct else mid_lse.stride(0), 0 if direct else mid_lse.stride(1), scale, H, GROUP=group,
+        D=D, DV=DV, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_H=BLOCK_H,
+        BLOCK_N=32 if on_cpu else 64, NUM_SPLITS=splits, HAS_START=shared is not None, E4M3_BITS=e4m3_bits,
+        DIRECT=direct, **launch)
+    if direct:
+        return o
     ps = (0, 0, 0, 0, 0) if shared is None else (
         pmid_o.stride(0), pmid_o.stride(1), pmid_o.stride(2), pmid_lse.stride(0), pmid_lse.stride(1))
     _decode_stage2[(B, H)](
         mid_o, mid_lse, o, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
         mid_lse.stride(1), o.stride(0), o.stride(1), kv_start, pmid_o, pmid_lse, *ps,
         DV=DV, BLOCK_DV=BLOCK_DV, NUM_SPLITS=splits,
-        PREFIX_SPLITS=0 if shared is None else PREFIX_SPLITS)
+        PREFIX_SPLITS=0 if shared is None else PREFIX_SPLITS, **launch)
     return o
 
 

@@ -15,15 +15,24 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from portaserve.platforms.triton_kernels import pdl
+
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr):
+    pdl.start(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     kk = tl.arange(0, BLOCK_K)
     rows = w_ptr + n[:, None].to(tl.int64) * stride_wn
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # reduced once, after the loop
-    for k0 in range(0, K, BLOCK_K):
+    # the weights are no earlier kernel's output: under PDL the first block is read while
+    # that kernel still runs, and only x waits for it
+    w = tl.load(rows + kk[None, :], mask=nmask[:, None] & (kk < K)[None, :], other=0.0)
+    pdl.wait(PDL)
+    x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+    acc = w.to(tl.float32) * x.to(tl.float32)[None, :]  # reduced once, after the loop
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + kk
         kmask = k < K
         w = tl.load(rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
@@ -55,7 +64,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, cfg=None) -> torch.Tensor:
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     BLOCK_N, BLOCK_K, warps, stages = cfg or config(N, K)
     _gemv_kernel[(triton.cdiv(N, BLOCK_N),)](x, w, y, N, K, w.stride(0), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                                             num_warps=warps, num_stages=stages)
+                                             num_warps=warps, num_stages=stages, **pdl.launch(x.device))
     return y
 
 

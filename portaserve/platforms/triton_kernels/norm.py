@@ -5,13 +5,18 @@ import torch
 import triton
 import triton.language as tl
 
+from portaserve.platforms.triton_kernels import pdl
+
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, r_out_ptr, n_cols, stride_x, stride_r, stride_y,
-                    stride_ro, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                    stride_ro, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: read before the wait
+    pdl.wait(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -20,7 +25,6 @@ def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, r_out_ptr, n_cols, stride_x, str
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / n_cols
     normed = (xf * tl.math.rsqrt(var + eps)).to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     tl.store(y_ptr + row * stride_y + cols, (w * normed).to(x.dtype), mask=mask)
 
 
@@ -41,7 +45,7 @@ def _launch(x, residual, weight, eps):
     if n:
         _rmsnorm_kernel[(n,)](x2, r2, weight, y, r_out, d, x2.stride(0), r2.stride(0), y.stride(0),
                               r_out.stride(0), eps, HAS_RESIDUAL=residual is not None,
-                              BLOCK=triton.next_power_of_2(d))
+                              BLOCK=triton.next_power_of_2(d), **pdl.launch(x.device))
     return y.reshape(shape), (r_out.reshape(shape) if residual is not None else None)
 
 

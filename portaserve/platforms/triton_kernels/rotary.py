@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from portaserve.platforms.triton_kernels import pdl
+
 
 @triton.jit
 def _rope_kernel(x_ptr, pos_ptr, cs_ptr, n_heads, stride_t, stride_h, stride_cs,
@@ -58,7 +60,10 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox=True):
 def _rope_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr, loc_ptr, cs_ptr,
                        n_q, n_kv, q_blocks, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
                        s_kcs, s_kch, s_vcs, s_vch, s_cs, D, HALF,
-                       BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, IS_NEOX: tl.constexpr):
+                       BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, IS_NEOX: tl.constexpr,
+                       PDL: tl.constexpr):
+    pdl.start(PDL)
+    pdl.wait(PDL)
     # Program (t, b): block b of q heads (b < q_blocks) rotated into qo, or block
     # b - q_blocks of KV heads: k rotated and v copied into the cache at slot loc[t].
     # Each element pairs with its rotation partner (neox: d +- HALF; interleaved: d ^ 1);
@@ -128,7 +133,7 @@ def rotary_kv_store(positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), cos_sin_cache.stride(0), D, cos_sin_cache.shape[-1] // 2,
-        BLOCK_H=BLOCK_H, BLOCK_D=triton.next_power_of_2(D), IS_NEOX=is_neox)
+        BLOCK_H=BLOCK_H, BLOCK_D=triton.next_power_of_2(D), IS_NEOX=is_neox, **pdl.launch(q.device))
     return out
 
 
