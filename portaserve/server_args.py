@@ -59,6 +59,7 @@ class ServerArgs:
     max_request_body_mb: int = _opt(64, "HTTP request bodies larger than this many MiB get HTTP 413 (0: no limit)")
     served_model_name: Optional[str] = _opt(None, "model name reported by the API (default: the model's)")
     chat_template: Optional[str] = _opt(None, "Jinja chat template file or string overriding the tokenizer's")
+    trust_request_chat_template: bool = _opt(False, "let a chat request bring its own Jinja template (chat_template, or chat_template_kwargs.chat_template, as in vLLM): it runs on the server's request-building thread, so without this flag such requests are refused")
     enable_metrics: bool = _opt(False, "serve Prometheus metrics at /metrics")
     log_requests: bool = _opt(False, "log each request as it arrives (id, prompt tokens, sampling parameters) and as it ends (finish reason, tokens, latency)")
     enable_cache_report: bool = _opt(False, "accepted for SGLang command lines: usage.prompt_tokens_details.cached_tokens is always reported")

@@ -567,6 +567,30 @@ def test_schema_features_the_backend_would_not_enforce_are_refused(schema, bad, 
     assert words in str(ei.value)
 
 
+@pytest.mark.parametrize("schema,text", [
+    ({"anyOf": []}, ""),
+    ({"type": "object", "properties": {"a": {"oneOf": []}}, "required": ["a"]}, '{"a": }'),
+    ({"type": "object", "properties": {"a": {"type": []}}, "required": ["a"]}, None),
+])
+def test_a_schema_no_value_matches_is_refused(schema, text):
+    """No JSON value matches an empty anyOf / oneOf / type list; xgrammar compiles
+    the combinators to a grammar of empty text, so the output was not JSON (found by
+    probing, session 17: '{"a": }' with status 200).  The Draft 2020-12 metaschema calls
+    such a schema invalid; jsonschema agrees that no value matches."""
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from portaserve.core.grammar import GrammarError, validate_constraint
+
+    for value in (None, 0, "", [], {}, {"a": 1}, {"a": None}):
+        assert not jsonschema.Draft202012Validator(schema).is_valid(value)
+    if text is not None:  # what xgrammar lets through
+        assert _is_grammar_accept_string(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False),
+                                         text), "xgrammar refuses this now"
+    with pytest.raises(GrammarError, match="matches no value"):
+        validate_constraint("json_schema", json.dumps(schema))
+
+
 @pytest.mark.parametrize("schema,bad", [
     ({"type": "string", "maxLength": 2}, "aaa"),
     ({"type": "string", "pattern": "^a+$"}, "b"),

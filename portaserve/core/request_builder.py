@@ -64,6 +64,11 @@ def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=F
             f"{len(input_ids) + params.max_new_tokens} tokens ({len(input_ids)} in the prompt, "
             f"{params.max_new_tokens} in max_new_tokens). Please reduce the length of the prompt "
             "or max_new_tokens.", "max_new_tokens", "context_length_exceeded")
+    if len(input_ids) >= limits.pool_tokens:  # the prompt alone: as the context check above
+        raise InvalidRequest(
+            f"This server's KV cache holds {limits.pool_tokens} tokens (less than the model's "
+            f"maximum context length of {ctx}). However, the prompt has {len(input_ids)} tokens. "
+            "Please reduce the length of the prompt.", "prompt", "context_length_exceeded")
     if len(input_ids) + params.max_new_tokens > limits.pool_tokens:
         raise InvalidRequest(
             f"prompt + max_new_tokens ({len(input_ids) + params.max_new_tokens}) exceeds the KV "

@@ -74,6 +74,9 @@ def _check(s: dict) -> Optional[str]:
               "$dynamicRef", "$recursiveRef"):
         if k in s:
             return f"{k!r}"
+    for k in ("anyOf", "oneOf", "type"):  # no value matches an empty one; xgrammar lets
+        if isinstance(s.get(k), list) and not s[k]:  # empty text through (anyOf/oneOf)
+            return f"an empty {k!r} (it matches no value)"
     if s.get("uniqueItems") is True:
         return "'uniqueItems'"
     if isinstance(s.get("allOf"), list) and len(s["allOf"]) > 1:

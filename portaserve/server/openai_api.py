@@ -509,6 +509,16 @@ def _chat_prompt_ids(c, body: dict, tools=None) -> list[int]:
         raise bad_request("this model has no chat template; start the server with --chat-template",
                           "messages")
     kwargs = dict(get(body, "chat_template_kwargs", dict, {}))
+    template = get(body, "chat_template", str)
+    if template is not None or "chat_template" in kwargs:
+        # a template is code: rendering a client's Jinja on the one request-building thread
+        # lets one request hold every other for as long as its loops run
+        if not getattr(c.args, "trust_request_chat_template", False):
+            raise bad_request("this server does not render chat templates sent with a request (start it "
+                              "with --trust-request-chat-template to allow that)",
+                              "chat_template" if template is not None else "chat_template_kwargs")
+        if template is not None:
+            kwargs["chat_template"] = template
     # vLLM's and SGLang's fields: continue the last (assistant) message instead of opening
     # a new turn; add_generation_prompt may also come in chat_template_kwargs
     cont = kwargs.pop("continue_final_message", get(body, "continue_final_message", bool, False))
@@ -524,7 +534,7 @@ def _chat_prompt_ids(c, body: dict, tools=None) -> list[int]:
         raise bad_request("continue_final_message needs the last message to be the assistant's",
                           "continue_final_message")
     if tools:
-        if tool_calls.template_knows_tools(tok.chat_template):
+        if tool_calls.template_knows_tools(kwargs.get("chat_template") or tok.chat_template):
             kwargs["tools"] = tools
         else:  # describe the tools in a system message the template does render
             prompt = tool_calls.tools_system_prompt(tools)

@@ -274,3 +274,36 @@ def test_stop_strings_kept_with_either_name(server):
     for flag in ("no_stop_trim", "include_stop_str_in_output"):
         kept = server.post("/v1/completions", json={**kw, "stop": [stop], flag: True}).json()["choices"][0]
         assert kept["text"] == full[:full.index(stop) + len(stop)], flag
+
+
+def test_a_request_chat_template_renders_only_when_the_server_trusts_it(tok):
+    """vLLM's rule: a template sent with a request (chat_template, or inside
+    chat_template_kwargs) is code the server would run, so it is refused unless the server
+    was started with --trust-request-chat-template; trusted, it renders as transformers
+    renders it."""
+    from types import SimpleNamespace
+
+    from portaserve.server.errors import APIError
+    from portaserve.server.openai_api import _chat_prompt_ids
+
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    msgs = [{"role": "user", "content": "hi"}]
+    want = tok.encode(tok.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                              add_generation_prompt=True), add_special_tokens=False)
+    assert want == tok.encode("<user>hi", add_special_tokens=False)
+    for trusted in (False, True):
+        c = SimpleNamespace(tokenizer=tok, args=SimpleNamespace(trust_request_chat_template=trusted))
+        for body, param in (({"messages": msgs, "chat_template": template}, "chat_template"),
+                            ({"messages": msgs, "chat_template_kwargs": {"chat_template": template}},
+                             "chat_template_kwargs")):
+            if trusted:
+                assert _chat_prompt_ids(c, body) == want
+            else:
+                with pytest.raises(APIError) as ei:
+                    _chat_prompt_ids(c, body)
+                assert ei.value.status == 400 and ei.value.param == param
+                assert "--trust-request-chat-template" in ei.value.message
+    # the server's own template is unaffected
+    c = SimpleNamespace(tokenizer=tok, args=SimpleNamespace(trust_request_chat_template=False))
+    own = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert _chat_prompt_ids(c, {"messages": msgs}) == tok.encode(own, add_special_tokens=False) != want

@@ -94,6 +94,15 @@ CASES = [
             "add_generation_prompt": True}, "cannot both", "continue_final_message"),
     (CHAT, {"messages": MSG, "chat_template_kwargs": {"add_generation_prompt": "yes"}}, "boolean",
      "add_generation_prompt"),
+    # a template is code the server would run (found by probing, session 17: a nested loop held
+    # every other request for seconds); vLLM refuses it too unless trusted
+    (CHAT, {"messages": MSG, "chat_template_kwargs": {"chat_template": "{{ 'x' }}"}},
+     "--trust-request-chat-template", "chat_template_kwargs"),
+    (CHAT, {"messages": MSG, "chat_template": "{{ 'x' }}"}, "--trust-request-chat-template", "chat_template"),
+    (C, {"prompt": "x", "json_schema": '{"anyOf": []}'}, "matches no value", "json_schema"),
+    (CHAT, {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"oneOf": []}}, "required": ["a"]}}}},
+     "matches no value", "response_format"),
     (C, {"prompt": ["a", "b"], "rid": ["only-one"]}, "rid must be", "rid"),
     ("/v1/tokenize", {"prompt": 5}, "prompt must be", "prompt"),
     ("/v1/detokenize", {"tokens": [1, "a"]}, "tokens must be", "tokens"),

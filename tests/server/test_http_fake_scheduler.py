@@ -216,6 +216,27 @@ def test_an_abort_for_an_unknown_id_is_not_kept():
     assert r.json()["meta_info"]["finish_reason"] == {"type": "length"}
 
 
+def test_a_prompt_longer_than_the_kv_pool_is_context_length_exceeded():
+    """A pool smaller than the context: a prompt that alone does not fit names the prompt
+    with OpenAI's code (clients trim and retry on it), not the max_tokens it never sent."""
+    async def fn(http, c, fake):
+        c.limits = Limits(context_len=512, vocab_size=100, pool_tokens=8)
+        long = list(range(1, 11))
+        cmpl = await http.post("/v1/completions", json={**CMPL, "prompt": long, "max_tokens": 1})
+        gen = await http.post("/generate", json={"input_ids": long, "sampling_params": {"max_new_tokens": 1}})
+        fits = await http.post("/generate", json={"input_ids": long[:5], "sampling_params": {"max_new_tokens": 9}})
+        return cmpl, gen, fits, len(fake.sent)
+
+    cmpl, gen, fits, sent = _run(ABORTED, fn)
+    for r in (cmpl, gen):
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["code"] == "context_length_exceeded", err
+        assert err["param"] in ("prompt", "text"), err
+        assert "KV cache holds 8 tokens" in err["message"] and "the prompt has 10 tokens" in err["message"]
+    assert fits.status_code == 400 and fits.json()["error"]["param"] == "max_new_tokens"  # its sum
+    assert sent == 0
+
+
 def test_top_logprobs_are_capped_by_the_server_limit():
     """--max-top-logprobs-num narrows OpenAI's 0-20 on /v1/completions and bounds
     /generate's top_logprobs_num; within it the request runs."""
