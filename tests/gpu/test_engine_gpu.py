@@ -122,6 +122,14 @@ def test_programmatic_dependent_launch_changes_no_bit(gpu_llama, monkeypatch):
                              for p in prompts])
         runs[on] = [[(o["output_ids"], [lp[0] for lp in o["meta_info"]["output_token_logprobs"]])
                      for o in batch] for batch in outs]
+    # only captured launches use it: launched eagerly it measured slower (pdl.launch)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    monkeypatch.setattr(pdl, "_ON", {dev: True})
+    assert pdl.launch(dev) is pdl._WITHOUT
+    graph, seen = torch.cuda.CUDAGraph(), []
+    with torch.cuda.graph(graph):
+        seen.append(pdl.launch(dev))
+    assert seen == [pdl._WITH]
     for on, got in runs.items():  # batched runs (even) and one-at-a-time runs (odd)
         for i, batch in enumerate(got):
             assert batch == runs["0"][i % 2], (on, i)

@@ -29,10 +29,10 @@ META = torch.device("meta")
 @pytest.fixture(params=[False, True], ids=["plain", "pdl"])
 def pdl_launch(request, monkeypatch):
     """Both launches of the decode step's kernels: plain, and with programmatic dependent
-    launch as an sm_90+ GPU makes them (compiled for sm_90 only, pdl.py)."""
+    launch as an sm_90+ GPU captures them into a graph (compiled for sm_90 only, pdl.py)."""
     from portaserve.platforms.triton_kernels import pdl
 
-    monkeypatch.setattr(pdl, "enabled", lambda device: request.param)
+    monkeypatch.setattr(pdl, "launch", lambda device: pdl._WITH if request.param else pdl._WITHOUT)
     return request.param
 
 

@@ -13,8 +13,8 @@ reads), before ``gdc_wait``.  Only weights are read before it.  Every such kerne
 unconditionally, so "finished" is transitive along the chain.  A kernel without PDL (torch's,
 cuBLAS's) never triggers, so the kernel after it starts as usual: correct in every mix.
 
-On by default where supported; ``PORTASERVE_PDL=0`` turns it off (A/B:
-``python -m portaserve.bench.one_batch`` with and without it).
+On by default where supported, for kernels captured into CUDA graphs; ``PORTASERVE_PDL=0``
+turns it off (A/B: ``python -m portaserve.bench.one_batch`` with and without it).
 """
 from __future__ import annotations
 
@@ -38,9 +38,19 @@ def enabled(device: torch.device) -> bool:
     return _ON[device]
 
 
+_WITH = {"PDL": True, "launch_pdl": True}
+_WITHOUT = {"PDL": False}
+
+
 def launch(device: torch.device) -> dict:
-    """Keyword arguments for a kernel launch with a ``PDL: tl.constexpr`` parameter."""
-    return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}
+    """Keyword arguments for a kernel launch with a ``PDL: tl.constexpr`` parameter: PDL
+    only while a CUDA graph is being captured (decode steps), where it was measured.  Eager
+    steps (prompt passes, --disable-cuda-graph) are paced by the host, not by the drain
+    between kernels; an eager A/B on an H200 was inconclusive (docs/BENCHMARKS.md, session
+    17), so they launch as before."""
+    if enabled(device) and torch.cuda.is_current_stream_capturing():
+        return _WITH
+    return _WITHOUT
 
 
 @triton.jit
