@@ -144,6 +144,7 @@ def sampling_params(body: dict, chat: bool) -> tuple[dict, dict]:
             rename["json_schema"] = "response_format"  # its errors name the field the client set
         elif kind == "json_object":
             sp["json_schema"] = json.dumps({"type": "object"})
+            rename["json_schema"] = "response_format"
         elif kind != "text":
             raise bad_request(f"response_format.type must be text, json_object or json_schema, "
                               f"got {kind!r}", "response_format")
@@ -533,8 +534,11 @@ def _chat_prompt_ids(c, body: dict, tools=None) -> list[int]:
     if cont and msgs[-1]["role"] != "assistant":
         raise bad_request("continue_final_message needs the last message to be the assistant's",
                           "continue_final_message")
+    knows_tools = tool_calls.template_knows_tools(kwargs.get("chat_template") or tok.chat_template)
+    if not knows_tools:  # earlier calls as text the template renders (it would drop tool_calls)
+        msgs = [tool_calls.calls_as_text(m) for m in msgs]
     if tools:
-        if tool_calls.template_knows_tools(kwargs.get("chat_template") or tok.chat_template):
+        if knows_tools:
             kwargs["tools"] = tools
         else:  # describe the tools in a system message the template does render
             prompt = tool_calls.tools_system_prompt(tools)
@@ -594,6 +598,7 @@ async def chat_completions(request: Request):
         # arguments constrained to the functions' schemas: they always parse
         tool_calls.check_enforceable(tools, named)
         sp["json_schema"] = json.dumps(tool_calls.constraint_schema(tools, choice, max_calls is None, named))
+        rename["json_schema"] = "tools"  # the schema the client wrote is in its tools
     parser = tool_calls.detect_parser(getattr(c.tokenizer, "chat_template", None),
                                       getattr(c.args, "tool_call_parser", None))
     if tools and choice == "auto" and parser == "mistral":

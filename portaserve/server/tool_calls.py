@@ -107,6 +107,24 @@ def tools_system_prompt(tools: list[dict]) -> str:
             "{\"name\": \"<function-name>\", \"arguments\": {...}}\n</tool_call>")
 
 
+def calls_as_text(msg: dict) -> dict:
+    """An assistant message's tool_calls written into its content the way
+    tools_system_prompt teaches: for chat templates that know no tools, which would drop
+    them, so the model sees which call each tool result answers."""
+    calls = msg.get("tool_calls")
+    if not isinstance(calls, list):
+        return msg
+    blocks = []
+    for tc in calls:
+        fn = tc.get("function") if isinstance(tc, dict) else None
+        if isinstance(fn, dict):
+            blocks.append("<tool_call>\n" + json.dumps({"name": fn.get("name"), "arguments": fn.get("arguments", {})})
+                          + "\n</tool_call>")
+    out = {k: v for k, v in msg.items() if k != "tool_calls"}
+    out["content"] = "\n".join(([msg["content"]] if msg.get("content") else []) + blocks)
+    return out
+
+
 def constraint_schema(tools: list[dict], choice: str, parallel: bool = True,
                       name: Optional[str] = None) -> dict:
     """JSON schema of the constrained output for required / named tool choice: a list of

@@ -307,3 +307,31 @@ def test_a_request_chat_template_renders_only_when_the_server_trusts_it(tok):
     c = SimpleNamespace(tokenizer=tok, args=SimpleNamespace(trust_request_chat_template=False))
     own = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert _chat_prompt_ids(c, {"messages": msgs}) == tok.encode(own, add_special_tokens=False) != want
+
+
+def test_earlier_tool_calls_reach_a_template_that_knows_no_tools(tok):
+    """SmolLM2's template renders no tools: the server describes them in a system message
+    (tool_calls.tools_system_prompt), and earlier assistant calls are written into the turn
+    in that same <tool_call> form, where the template used to drop them and the model saw a
+    tool result answering nothing (found by probing, session 17)."""
+    from types import SimpleNamespace
+
+    from portaserve.server import tool_calls
+    from portaserve.server.openai_api import _chat_prompt_ids
+
+    assert not tool_calls.template_knows_tools(tok.chat_template)
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "22C sunny"}]
+    as_text = [history[0], {"role": "assistant", "content": '<tool_call>\n{"name": "get_weather", "arguments": '
+                                                            '{"city": "Paris"}}\n</tool_call>'}, history[2]]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    c = SimpleNamespace(tokenizer=tok, args=SimpleNamespace())
+    for t in (None, tools):
+        got = _chat_prompt_ids(c, {"messages": history}, t)
+        assert got == _chat_prompt_ids(c, {"messages": as_text}, t)
+        assert got != _chat_prompt_ids(c, {"messages": [history[0], {"role": "assistant", "content": ""},
+                                                        history[2]]}, t)
+        assert '"name": "get_weather"' in tok.decode(got)

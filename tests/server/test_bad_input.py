@@ -103,6 +103,12 @@ CASES = [
     (CHAT, {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {"a": {"oneOf": []}}, "required": ["a"]}}}},
      "matches no value", "response_format"),
+    # errors name the field the client set, not the constraint built from it
+    (CHAT, {"messages": MSG, "tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "bogus"}}}}}]},
+     "invalid tools", "tools"),
+    (CHAT, {"messages": MSG, "response_format": {"type": "json_object"}, "regex": "a+"},
+     "only one of response_format, regex", "regex"),
     (C, {"prompt": ["a", "b"], "rid": ["only-one"]}, "rid must be", "rid"),
     ("/v1/tokenize", {"prompt": 5}, "prompt must be", "prompt"),
     ("/v1/detokenize", {"tokens": [1, "a"]}, "tokens must be", "tokens"),
