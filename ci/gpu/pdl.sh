@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Programmatic dependent launch (platforms/triton_kernels/pdl.py), the split-row argmax and
 # the single-launch decode attention at full batches, on one GPU: the kernel and engine
-# tests (PDL on, its default), then decode steps with PORTASERVE_PDL=1 and =0 alternating,
+# tests (the kernel tests launch eagerly, so without PDL; the engine tests capture decode
+# graphs with it), then decode steps with PORTASERVE_PDL=1 and =0 alternating,
 # the argmax against torch's (--kernel argmax=native), and a profile of batch 1.
 # FlashInfer is left out (its nvcc build takes ~2 min; decode is Triton either way).
 export PORTASERVE_SKIP_FLASHINFER_BUILD=1

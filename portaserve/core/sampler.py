@@ -82,7 +82,7 @@ class Sampler:
                 noise[i].exponential_(generator=r.generator)
         noise = noise.to(probs.device, non_blocking=True)
         if all(r.sampling.top_k <= 0 and r.sampling.top_p >= 1.0 and r.sampling.min_p <= 0.0 for r in reqs):
-            sampled = (probs / noise).argmax(dim=-1)  # nothing to filter: no sort needed
+            sampled = ops.argmax(probs / noise)  # nothing to filter: no sort needed
         else:
             top_k = self._h2d([r.sampling.top_k for r in reqs] + [0] * pad, torch.int64)
             top_p = self._h2d([r.sampling.top_p for r in reqs] + [1.0] * pad, probs.dtype)

@@ -534,8 +534,9 @@ def _chat_prompt_ids(c, body: dict, tools=None) -> list[int]:
     if cont and msgs[-1]["role"] != "assistant":
         raise bad_request("continue_final_message needs the last message to be the assistant's",
                           "continue_final_message")
-    knows_tools = tool_calls.template_knows_tools(kwargs.get("chat_template") or tok.chat_template)
-    if not knows_tools:  # earlier calls as text the template renders (it would drop tool_calls)
+    rendering = kwargs.get("chat_template") or tok.chat_template  # the template that will render
+    knows_tools = tool_calls.template_knows_tools(rendering)
+    if not tool_calls.template_renders_calls(rendering):  # it would drop them: written as text
         msgs = [tool_calls.calls_as_text(m) for m in msgs]
     if tools:
         if knows_tools:

@@ -84,10 +84,10 @@ def check_enforceable(tools: list[dict], name: Optional[str] = None) -> None:
                               f"{schema_check.REFUSAL.format(found[0])}", "tools")
 
 
-def detect_parser(chat_template: Optional[str], configured: Optional[str]) -> str:
+def detect_parser(chat_template, configured: Optional[str]) -> str:
     if configured:
         return configured
-    t = chat_template or ""
+    t = _template_text(chat_template)
     if "<|python_tag|>" in t or "ipython" in t:
         return "llama3"
     if "[TOOL_CALLS]" in t or "[AVAILABLE_TOOLS]" in t:
@@ -95,8 +95,21 @@ def detect_parser(chat_template: Optional[str], configured: Optional[str]) -> st
     return "hermes"
 
 
-def template_knows_tools(chat_template: Optional[str]) -> bool:
-    return bool(chat_template) and "tools" in chat_template
+def _template_text(chat_template) -> str:
+    # a tokenizer may hold several named templates (a dict): any of them may be used
+    if isinstance(chat_template, dict):
+        return "\n".join(str(t) for t in chat_template.values())
+    return chat_template or ""
+
+
+def template_knows_tools(chat_template) -> bool:
+    return "tools" in _template_text(chat_template)
+
+
+def template_renders_calls(chat_template) -> bool:
+    """Whether the template writes an assistant message's tool_calls itself (in the
+    model's own format); if not, calls_as_text writes them into the content."""
+    return "tool_calls" in _template_text(chat_template)
 
 
 def tools_system_prompt(tools: list[dict]) -> str:

@@ -320,6 +320,7 @@ def test_earlier_tool_calls_reach_a_template_that_knows_no_tools(tok):
     from portaserve.server.openai_api import _chat_prompt_ids
 
     assert not tool_calls.template_knows_tools(tok.chat_template)
+    assert not tool_calls.template_renders_calls(tok.chat_template)
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
     history = [{"role": "user", "content": "Weather in Paris?"},
                {"role": "assistant", "content": None, "tool_calls": [call]},
@@ -335,3 +336,10 @@ def test_earlier_tool_calls_reach_a_template_that_knows_no_tools(tok):
         assert got != _chat_prompt_ids(c, {"messages": [history[0], {"role": "assistant", "content": ""},
                                                         history[2]]}, t)
         assert '"name": "get_weather"' in tok.decode(got)
+    # a template that writes tool_calls itself keeps them, in its own format
+    own = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% for c in m.tool_calls or [] %}"
+           "[CALL {{ c.function.name }}]{% endfor %}{% endfor %}")
+    assert tool_calls.template_renders_calls(own) and tool_calls.template_renders_calls({"default": own})
+    c = SimpleNamespace(tokenizer=tok, args=SimpleNamespace(trust_request_chat_template=True))
+    got = tok.decode(_chat_prompt_ids(c, {"messages": history, "chat_template": own}))
+    assert "[CALL get_weather]" in got and "<tool_call>" not in got

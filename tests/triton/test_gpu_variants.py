@@ -124,3 +124,46 @@ def test_sampling_gpu_variant():
     for dtype in (torch.float32, torch.bfloat16):
         assert _kernels(lambda: sampling.argmax(_m(B, V, dtype=dtype))) == ["_argmax_blocks", "_argmax_rows"]
         assert _kernels(lambda: sampling.argmax(_m(1, V, dtype=dtype))) == ["_argmax_blocks", "_argmax_rows"]
+
+
+def test_pdl_is_used_only_where_its_probe_passed_and_only_in_captures(monkeypatch, caplog):
+    """pdl.enabled decides once per device: sm_90+ CUDA, PORTASERVE_PDL not 0, and a PDL
+    chain that ran and replayed from a graph (an older Triton, CUDA runtime or driver fails
+    it, and graphs are then captured without PDL instead of failing to capture).  Inside a
+    capture it cannot probe, so it decides nothing there.  Launches use PDL only while
+    captured.  (The probe itself runs on the GPU host: tests/gpu/test_engine_gpu.py.)"""
+    from portaserve.platforms.triton_kernels import pdl
+
+    dev = torch.device("cuda", 0)
+    capturing = [False]
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (9, 0))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.delenv("PORTASERVE_PDL", raising=False)
+
+    monkeypatch.setattr(pdl, "_ON", {})
+    monkeypatch.setattr(pdl, "_probe", lambda d: "no griddepcontrol in this Triton")
+    assert not pdl.enabled(dev)
+    assert "programmatic dependent launch is off on cuda:0: no griddepcontrol" in caplog.text
+    capturing[0] = True
+    assert pdl.launch(dev) is pdl._WITHOUT
+
+    monkeypatch.setattr(pdl, "_ON", {})
+    monkeypatch.setattr(pdl, "_probe", lambda d: pytest.fail("probed inside a capture"))
+    assert not pdl.enabled(dev) and dev not in pdl._ON
+
+    capturing[0] = False
+    monkeypatch.setattr(pdl, "_probe", lambda d: None)
+    assert pdl.enabled(dev) and pdl.launch(dev) is pdl._WITHOUT  # eager: as before
+    capturing[0] = True
+    assert pdl.launch(dev) is pdl._WITH
+
+    for env, cap in (("0", (9, 0)), ("1", (8, 0))):
+        monkeypatch.setenv("PORTASERVE_PDL", env)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=cap: c)
+        monkeypatch.setattr(pdl, "_ON", {})
+        assert not pdl.enabled(dev) and pdl.launch(dev) is pdl._WITHOUT
+    assert not pdl.enabled(torch.device("cpu")) and not pdl.enabled(torch.device("meta"))
+    # the probe's kernel, as the probe launches it (compiled for sm_90)
+    x = _m(128, dtype=torch.float32)
+    assert _kernels(lambda: pdl._probe_kernel[(1,)](x, x, **pdl._WITH)) == ["_probe_kernel"]

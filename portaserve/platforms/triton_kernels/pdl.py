@@ -18,24 +18,69 @@ turns it off (A/B: ``python -m portaserve.bench.one_batch`` with and without it)
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+logger = logging.getLogger(__name__)
 _ON: dict = {}
 
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels on ``device`` are launched with PDL: CUDA (not ROCm) on sm_90 or
-    later, unless PORTASERVE_PDL=0.  The CPU interpreter never is."""
+    later, unless PORTASERVE_PDL=0, and only once a two-kernel PDL chain compiled, ran,
+    and was captured into a CUDA graph and replayed correctly here (an older Triton, CUDA
+    runtime or driver fails that; decode graphs are then captured without PDL, rather
+    than not at all).  The CPU interpreter never is."""
     if device.type != "cuda" or torch.version.hip is not None:
         return False
     if device not in _ON:
-        _ON[device] = (os.environ.get("PORTASERVE_PDL", "1") != "0"
-                       and torch.cuda.get_device_capability(device)[0] >= 9)
+        if os.environ.get("PORTASERVE_PDL", "1") == "0" or torch.cuda.get_device_capability(device)[0] < 9:
+            _ON[device] = False
+        elif torch.cuda.is_current_stream_capturing():
+            return False  # cannot check inside a capture: without PDL for now, decided later
+        else:
+            why = _probe(device)
+            if why:
+                logger.warning("programmatic dependent launch is off on %s: %s", device, why)
+            _ON[device] = why is None
     return _ON[device]
+
+
+@triton.jit
+def _probe_kernel(x_ptr, y_ptr, PDL: tl.constexpr):
+    start(PDL)
+    wait(PDL)
+    i = tl.arange(0, 128)
+    tl.store(y_ptr + i, tl.load(x_ptr + i) + 1.0)
+
+
+def _probe(device: torch.device) -> str | None:
+    """None when y = x + 1 twice over, with PDL, runs right eagerly and from a CUDA graph;
+    else the reason."""
+    try:
+        with torch.cuda.device(device):
+            x = torch.arange(128, dtype=torch.float32, device=device)
+            y, z = torch.empty_like(x), torch.empty_like(x)
+            for _ in range(2):  # eagerly (compiles), then captured and replayed
+                _probe_kernel[(1,)](x, y, **_WITH)
+                _probe_kernel[(1,)](y, z, **_WITH)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                _probe_kernel[(1,)](x, y, **_WITH)
+                _probe_kernel[(1,)](y, z, **_WITH)
+            x.add_(10.0)
+            z.zero_()
+            graph.replay()
+            torch.cuda.synchronize(device)
+            if not torch.equal(z, x + 2.0):
+                return "a captured PDL chain computed the wrong result"
+    except Exception as e:  # no launch_pdl / griddepcontrol in this Triton, CUDA or driver
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return None
 
 
 _WITH = {"PDL": True, "launch_pdl": True}

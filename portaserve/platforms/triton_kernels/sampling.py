@@ -170,9 +170,9 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return native.argmax(logits)
     B, V = logits.shape
-    out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B == 0 or V == 0:
         return native.argmax(logits)  # torch's answer (an error for V = 0)
+    out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     n = triton.cdiv(V, ARGMAX_BLOCK)
