@@ -381,6 +381,36 @@ def test_overlap_schedule_logic_same_tokens(tiny_models):
             assert kv["free"] == kv["max_total_tokens"]
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_decode_batches_reach_the_model_longest_first(tiny_models, overlap):
+    """Each decode batch reaches the model with its sequences longest first (attention
+    kernels start programs in batch order; a long one started last runs alone at the
+    end), also after requests joined at other lengths, and every request gets the tokens
+    it gets alone."""
+    from portaserve import Engine
+
+    path = tiny_models("llama3")
+    prompts = random_prompts(9, 512, 3, 90, seed=5)
+    sps = [{"max_new_tokens": 4 + 5 * (i % 4), "temperature": 0, "ignore_eos": True} for i in range(9)]
+    with Engine(str(path), skip_tokenizer_init=True, max_total_tokens=3000, chunked_prefill_size=64) as e:
+        alone = [e.generate(input_ids=p, sampling_params=sp)["output_ids"] for p, sp in zip(prompts, sps)]
+        sched, seen = e.rt.scheduler, []
+        sched.overlap = overlap
+        forward = sched.model.forward
+
+        def spy(fb):
+            if fb.is_decode:
+                seen.append(fb.seq_lens_cpu.tolist())
+            return forward(fb)
+
+        sched.model.forward = spy
+        assert [o["output_ids"] for o in e.generate(input_ids=prompts, sampling_params=sps)] == alone
+    assert len(seen) > 10 and any(len(set(lens)) > 2 for lens in seen)
+    assert all(lens == sorted(lens, reverse=True) for lens in seen), seen
+    # not the order the requests came in (the arrival order is not sorted)
+    assert [len(p) for p in prompts] != sorted((len(p) for p in prompts), reverse=True)
+
+
 def test_decode_metadata_reaches_the_model_aligned(tiny_models):
     """Eager decode batches of every size (odd ones included) and cascade metadata reach
     the model's kernels 16-byte aligned: Triton compiles a kernel variant per pointer

@@ -5,11 +5,8 @@
 # graphs with it), then decode steps with PORTASERVE_PDL=1 and =0 alternating,
 # the argmax against torch's (--kernel argmax=native), and a profile of batch 1.
 # FlashInfer is left out (its nvcc build takes ~2 min; decode is Triton either way).
-export PORTASERVE_SKIP_FLASHINFER_BUILD=1
+export PORTASERVE_WITHOUT_FLASHINFER=1
 source ci/gpu/setup.sh || exit 1
-rm -rf /tmp/site/flashinfer*
-step() { local name=$1 secs=$2; shift 2; echo "== $name ($(date +%T))"
-  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "== $name rc=$? ($(date +%T))"; }
 M="--model-path /tmp/llama8b --load-format dummy --dtype bfloat16 --context-length 4096"
 step tests 420 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -rA \
   tests/triton/test_kernels.py tests/triton/test_sampling_kernel.py tests/gpu/test_engine_gpu.py

@@ -9,8 +9,6 @@
 #     pass (session 7 call 1, before: 200.1 wall / 184.2 device ms).
 # Then ci/gpu/overlap_prefill.sh (the headline offline run; mixed chunk there too).
 source ci/gpu/setup.sh || exit 1
-step() { local name=$1 secs=$2; shift 2; echo "== $name ($(date +%T))"
-  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "== $name rc=$? ($(date +%T))"; }
 M="--model-path /tmp/llama8b --load-format dummy --dtype bfloat16"
 step engine_gpu 180 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/gpu/test_engine_gpu.py -rA
 grep -E "PASSED|FAILED|ERROR|passed|failed" $OUT/engine_gpu.log | tail -8

@@ -1,6 +1,10 @@
-# Sourced at the start of every GPU-host command: carried wheels, paths, the 8B config.
+# Sourced at the start of every GPU-host command: carried wheels, paths, the 8B config, and
+# `step NAME SECONDS CMD...` (CMD's output to $OUT/NAME.log under a time limit; with STEP_SHOW
+# set, the log's lines matching it after).  PORTASERVE_WITHOUT_FLASHINFER=1 leaves FlashInfer
+# out: with it importable, every engine start on a fresh machine builds its kernels (~2 min).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .gpu-wheels/*.whl || return 1
+[ -z "${PORTASERVE_WITHOUT_FLASHINFER:-}" ] || rm -rf /tmp/site/flashinfer*
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 # FlashInfer (carried wheel, the [cuda] extra) builds its kernels with the toolkit's nvcc
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} && export PATH=$CUDA_HOME/bin:$PATH MAX_JOBS=${MAX_JOBS:-16}
@@ -11,7 +15,13 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 # FlashInfer builds its kernels with nvcc at the first engine start on a fresh machine (~80 s,
 # cached after): build them here for the 8B shape (bf16, head size 128, 32/8 heads), so no
 # benchmark's timing or a step's time limit has to absorb it (session 7 lost a call to that)
-if [ -z "$PORTASERVE_SKIP_FLASHINFER_BUILD" ]; then
+if [ -z "${PORTASERVE_WITHOUT_FLASHINFER:-}" ]; then
   python3 -c "import time, torch; from portaserve.platforms.cuda import flashinfer_ops as f; t = time.time(); \
 r = f.selftest(torch.bfloat16, 32, 8, 128) if torch.cuda.is_available() else 'no CUDA device'; print(f'flashinfer kernels: {r or \"built and checked\"} ({time.time() - t:.0f} s)')"
 fi
+step() {
+  local name=$1 secs=$2; shift 2
+  echo "== $name ($(date +%T))"
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "== $name rc=$? ($(date +%T))"
+  [ -z "${STEP_SHOW:-}" ] || grep -v "^\[" "$OUT/$name.log" | grep -E "$STEP_SHOW" | tail -"${STEP_SHOW_LINES:-12}"
+}

@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 POLICIES = ("fcfs", "lpm", "dfs-weight", "random")
 
 
+def _longest_first(r: Req) -> int:
+    return -r.kv_len
+
+
 @dataclass
 class _Inflight:
     reqs: list
@@ -270,6 +274,13 @@ class Scheduler:
         """Run one forward pass.  Returns requests that produced tokens or finished."""
         self.last_step = StepStats()
         self._poll_grammars()
+        # Decode batches go longest first: attention kernels start a batch's programs in
+        # batch order, and a long sequence started last runs alone at the end of the launch
+        # (the Triton decode kernel took 0.80-0.86x the time this way with the lengths of an
+        # offline run; docs/BENCHMARKS.md, session 18).  Lengths grow together, so the list
+        # stays sorted between admissions and this is one linear pass.
+        if len(self.running) > 1:
+            self.running.sort(key=_longest_first)
         early, self._finished_early = self._finished_early, []
         if self.inflight is not None:
             return early + self._step_overlapped()
