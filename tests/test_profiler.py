@@ -76,6 +76,28 @@ def test_profile_num_steps_stops_by_itself(default_engine, tmp_path):
     assert len(_run(eng, n=1, new=2)[0]["output_ids"]) == 2
 
 
+def test_bench_profile_window_starts_into_the_run(default_engine, tmp_path):
+    """`bench offline --profile --profile-after S --profile-steps N`: the window starts S
+    seconds into the timed run (a running batch, past its prompt passes) from another
+    thread, and covers N steps; a run that ends first has no profile, and no timer is left."""
+    import threading
+
+    from portaserve.bench.datasets import BenchRequest
+    from portaserve.bench.offline import run_engine
+
+    eng = default_engine
+    reqs = [BenchRequest([5 + i, 17, 230 + i, 9, 41], 60) for i in range(4)]
+    r = run_engine(eng, reqs, {"output_dir": str(tmp_path), "num_steps": 3, "after": 0.5, "with_stack": False})
+    assert r["seconds"] > 0.5  # else the window could not start: slower asserts below explain
+    assert r["profile"]["steps"] == 3 and _trace_steps(r["profile"]["trace"]) == 3
+    kinds = [k for k, _ in eng.rt.profiler.steps]
+    assert kinds and set(kinds) <= {"decode", "resolve"}, kinds  # the prompt passes were over
+    r = run_engine(eng, reqs[:1], {"output_dir": str(tmp_path / "late"), "num_steps": 3, "after": 120.0,
+                                   "with_stack": False})
+    assert "profile" not in r and not eng.rt.profiler.active
+    assert not any(isinstance(x, threading.Timer) for x in threading.enumerate())
+
+
 def test_profile_bad_requests(default_engine, tmp_path):
     eng = default_engine
     for kw, msg in [({"num_steps": 0}, "positive integer"), ({"num_steps": "3"}, "positive integer"),

@@ -12,11 +12,12 @@ import gc
 import json
 import platform
 import sys
+import threading
 import time
 
 import torch
 
-from portaserve.bench import NONNEG, POS, fraction, out_file
+from portaserve.bench import NONNEG, POS, at_least, fraction, out_file
 from portaserve.bench.datasets import (BenchRequest, random_dataset, shared_prefix_dataset,
                                        uniform_dataset)
 
@@ -60,13 +61,23 @@ def run_engine(engine, reqs: list[BenchRequest], profile: dict = None) -> dict:
     """profile: Engine.start_profile options, to profile this run (its first num_steps)."""
     sps = [{"max_new_tokens": r.output_len, "temperature": 0, "ignore_eos": True} for r in reqs]
     timer = StepTimer(engine.rt.scheduler) if engine.rt.tp is None else None
+    starter = None
     if profile is not None:
         earlier = engine.rt.profiler.last
-        engine.start_profile(**profile)
+        profile = dict(profile)
+        after = profile.pop("after", 0)
+        if after:  # from another thread, through the engine's inbox like any command
+            starter = threading.Timer(after, engine.start_profile, kwargs=profile)
+            starter.start()
+        else:
+            engine.start_profile(**profile)
     t0 = time.perf_counter()
     outs = engine.generate(input_ids=[r.input_ids for r in reqs], sampling_params=sps)
     dt = time.perf_counter() - t0
     prof = None
+    if starter is not None:
+        starter.cancel()
+        starter.join()
     if profile is not None:  # stopped by num_steps already, or now
         from portaserve.profiler import ProfileError
 
@@ -172,6 +183,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over each timed run; prints device time per step kind")
     p.add_argument("--profile-steps", type=POS, default=None, help="profile only the first N steps")
+    p.add_argument("--profile-after", type=at_least(0.0, float), default=0.0, metavar="SECONDS",
+                   help="start the profile this many seconds into the timed run (with --profile-steps: "
+                        "a window of a running batch rather than the first prompt passes)")
     p.add_argument("--profile-with-stack", action="store_true",
                    help="record Python functions too (host time per function; slows the steps)")
     p.add_argument("--profile-dir", default=None,
@@ -217,7 +231,7 @@ def main(argv=None, prog=None) -> int:
             if warm:
                 run_engine(eng, warm)
                 eng.flush_cache()
-            prof = {"output_dir": ns.profile_dir, "num_steps": ns.profile_steps,
+            prof = {"output_dir": ns.profile_dir, "num_steps": ns.profile_steps, "after": ns.profile_after,
                     "with_stack": ns.profile_with_stack} if ns.profile else None
             results[label] = run_engine(eng, reqs, prof)
             engine_outputs = engine_outputs or results[label]["outputs"]
