@@ -156,6 +156,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hugging Face repo id")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3", "fp8_e5m2"],
+                   help="KV cache storage (as `serve --kv-cache-dtype`)")
     p.add_argument("--load-format", default="auto")
     p.add_argument("--max-total-tokens", type=POS, default=None)
     p.add_argument("--chunked-prefill-size", type=int, default=8192)
@@ -201,6 +203,7 @@ def main(argv=None, prog=None) -> int:
     from portaserve import Engine
 
     kw = dict(skip_tokenizer_init=True, model_path=ns.model_path, revision=ns.revision, device=ns.device, dtype=ns.dtype, load_format=ns.load_format,
+              kv_cache_dtype=ns.kv_cache_dtype,
               max_total_tokens=ns.max_total_tokens, chunked_prefill_size=ns.chunked_prefill_size,
               max_running_requests=ns.max_running_requests, mem_fraction_static=ns.mem_fraction_static,
               disable_cuda_graph=ns.disable_cuda_graph, tp_size=ns.tp_size,
