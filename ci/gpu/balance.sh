@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 18, call 1: the GPU tests on this tree (kernels, sampling, engine, the PDL chain
+# Session 18, call 2: the GPU tests on this tree (kernels, sampling, engine, the PDL chain
 # captured against eager and the one-split decode in 16-bit), then decode attention with a
 # running offline batch's lengths (ci/gpu/decode_balance.py), then one-batch at 1 and 128.
 export PORTASERVE_WITHOUT_FLASHINFER=1

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 18, call 2: decode batches longest first with stage 1's grid (KV heads, batch,
+# Session 18, calls 3-4: decode batches longest first with stage 1's grid (KV heads, batch,
 # splits), against the tree before it (0af7f1e), alternating on one machine.  The base
 # tree is made on the dev machine and carried (git-ignored):
 #   rm -rf .ab-base && mkdir .ab-base && git archive 0af7f1e portaserve | tar -x -C .ab-base
