@@ -76,26 +76,44 @@ def test_profile_num_steps_stops_by_itself(default_engine, tmp_path):
     assert len(_run(eng, n=1, new=2)[0]["output_ids"]) == 2
 
 
-def test_bench_profile_window_starts_into_the_run(default_engine, tmp_path):
+def test_bench_profile_window_starts_into_the_run(default_engine, tmp_path, monkeypatch):
     """`bench offline --profile --profile-after S --profile-steps N`: the window starts S
     seconds into the timed run (a running batch, past its prompt passes) from another
-    thread, and covers N steps; a run that ends first has no profile, and no timer is left."""
+    thread, and covers N steps.  A run that ends first has no profile, an empty one
+    included, and no timer is left behind, also when the run fails."""
     import threading
+    import time
 
     from portaserve.bench.datasets import BenchRequest
     from portaserve.bench.offline import run_engine
 
     eng = default_engine
-    reqs = [BenchRequest([5 + i, 17, 230 + i, 9, 41], 60) for i in range(4)]
-    r = run_engine(eng, reqs, {"output_dir": str(tmp_path), "num_steps": 3, "after": 0.5, "with_stack": False})
-    assert r["seconds"] > 0.5  # else the window could not start: slower asserts below explain
+    reqs = [BenchRequest([5 + i, 17, 230 + i, 9, 41], 100) for i in range(4)]
+    r = run_engine(eng, reqs, {"output_dir": str(tmp_path), "num_steps": 3, "after": 0.3, "with_stack": False})
+    assert r["seconds"] > 0.6, "the run was too short to test a window in it"
     assert r["profile"]["steps"] == 3 and _trace_steps(r["profile"]["trace"]) == 3
     kinds = [k for k, _ in eng.rt.profiler.steps]
     assert kinds and set(kinds) <= {"decode", "resolve"}, kinds  # the prompt passes were over
+
+    def timers():
+        return [x for x in threading.enumerate() if isinstance(x, threading.Timer)]
+
     r = run_engine(eng, reqs[:1], {"output_dir": str(tmp_path / "late"), "num_steps": 3, "after": 120.0,
                                    "with_stack": False})
-    assert "profile" not in r and not eng.rt.profiler.active
-    assert not any(isinstance(x, threading.Timer) for x in threading.enumerate())
+    assert "profile" not in r and not eng.rt.profiler.active and not timers()
+    # the timer fires as the run ends: the profiler starts with no step left to record
+    real = eng.generate
+    monkeypatch.setattr(eng, "generate", lambda *a, **kw: (real(*a, **kw), time.sleep(1.5))[0])
+    t = time.perf_counter()
+    r = run_engine(eng, [BenchRequest([5, 17], 1)], {"output_dir": str(tmp_path / "end"), "num_steps": 3,
+                                                      "after": 1.0, "with_stack": False})
+    assert time.perf_counter() - t > 1.5
+    assert "profile" not in r and not eng.rt.profiler.active and not timers()
+    monkeypatch.setattr(eng, "generate", lambda *a, **kw: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        run_engine(eng, reqs[:1], {"output_dir": str(tmp_path / "fail"), "num_steps": 3, "after": 120.0,
+                                   "with_stack": False})
+    assert not timers()
 
 
 def test_profile_bad_requests(default_engine, tmp_path):

@@ -4,7 +4,7 @@
 source ci/gpu/setup.sh || exit 1
 export NCCL_NVLS_ENABLE=0 NCCL_CUMEM_ENABLE=0
 nvidia-smi topo -m | head -4
-STEP_SHOW="TP=|prompt|bs=|tok/s|Throughput|throughput|Error|error|Traceback"
+STEP_SHOW="TP=|prompt|bs=|tok/s|Throughput|throughput|Error|error|Traceback" STEP_HIDE="^\["
 step tp_check 200 python3 ci/gpu/tp_check.py /tmp/llama8b
 M="--model-path /tmp/llama8b --load-format dummy --dtype bfloat16 --context-length 8192 --cuda-graph-max-bs 64"
 step one_batch_tp1 90 python3 -m portaserve.bench.one_batch $M --tp 1 --batch-size 1 --input-len 128 --output-len 64

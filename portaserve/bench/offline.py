@@ -61,23 +61,32 @@ def run_engine(engine, reqs: list[BenchRequest], profile: dict = None) -> dict:
     """profile: Engine.start_profile options, to profile this run (its first num_steps)."""
     sps = [{"max_new_tokens": r.output_len, "temperature": 0, "ignore_eos": True} for r in reqs]
     timer = StepTimer(engine.rt.scheduler) if engine.rt.tp is None else None
-    starter = None
+    starter, late = None, []
     if profile is not None:
         earlier = engine.rt.profiler.last
         profile = dict(profile)
         after = profile.pop("after", 0)
         if after:  # from another thread, through the engine's inbox like any command
-            starter = threading.Timer(after, engine.start_profile, kwargs=profile)
+            def start_late():
+                try:
+                    engine.start_profile(**profile)
+                except Exception as e:  # noqa: BLE001 - reported after the run
+                    late.append(e)
+
+            starter = threading.Timer(after, start_late)
+            starter.daemon = True  # a failed run exits without waiting for it
             starter.start()
         else:
             engine.start_profile(**profile)
     t0 = time.perf_counter()
-    outs = engine.generate(input_ids=[r.input_ids for r in reqs], sampling_params=sps)
+    try:
+        outs = engine.generate(input_ids=[r.input_ids for r in reqs], sampling_params=sps)
+    finally:
+        if starter is not None:
+            starter.cancel()
+            starter.join()  # one that fired has finished starting
     dt = time.perf_counter() - t0
     prof = None
-    if starter is not None:
-        starter.cancel()
-        starter.join()
     if profile is not None:  # stopped by num_steps already, or now
         from portaserve.profiler import ProfileError
 
@@ -85,8 +94,10 @@ def run_engine(engine, reqs: list[BenchRequest], profile: dict = None) -> dict:
             prof = engine.stop_profile()
         except ProfileError:
             prof = engine.rt.profiler.last
-        if prof is earlier:  # this run's profile was not written (its stop logged why)
-            print("profile: none written for this run", file=sys.stderr)
+        if prof is earlier or (prof is not None and not prof["steps"]):
+            # not written (its stop logged why), or started as the run ended
+            why = f": the window did not start: {late[0]}" if late else ""
+            print(f"profile: none written for this run{why}", file=sys.stderr)
             prof = None
     steps = timer.remove() if timer is not None else {}
     out_tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
@@ -200,6 +211,10 @@ def main(argv=None, prog=None) -> int:
     p = argparse.ArgumentParser(prog=prog or "python -m portaserve.bench.offline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p)
     ns = p.parse_args(argv)
+    if ns.profile_after and not ns.profile:
+        p.error("--profile-after: only with --profile")
+    if ns.profile_after == float("inf"):
+        p.error("--profile-after: must be finite")
     from portaserve import Engine
 
     kw = dict(skip_tokenizer_init=True, model_path=ns.model_path, revision=ns.revision, device=ns.device, dtype=ns.dtype, load_format=ns.load_format,
@@ -242,6 +257,7 @@ def main(argv=None, prog=None) -> int:
             results[label]["counters"] = eng.get_server_info()["counters"]
             table = eng.rt.op_table.as_dict()
             results[label]["attention"] = {k: table[f"attention_{k}"]["provider"] for k in ("extend", "decode")}
+            results[label]["kv_cache_dtype"] = info["kv_cache_dtype"]
         del eng  # shutdown() released its memory; drop the handle too
         gc.collect()
     if ns.compare_hf:
@@ -265,7 +281,8 @@ def main(argv=None, prog=None) -> int:
 
     print(f"\n# {ns.dataset}: {len(reqs)} requests, {sum(len(r.input_ids) for r in reqs)} prompt tokens, "
           f"{sum(r.output_len for r in reqs)} output tokens; {info['platform']} ({info['device_name']}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, python {platform.python_version()}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, python {platform.python_version()}"
+          f"{'' if ns.kv_cache_dtype == 'auto' else f'; KV cache {ns.kv_cache_dtype}'}")
     base = results.get("transformers")
     print(f"{'run':<36}{'seconds':>9}{'out tok/s':>11}{'total tok/s':>13}{'cache hit':>11}{'vs HF':>8}")
     for label, r in results.items():

@@ -104,17 +104,20 @@ def _decode_stage1(q_ptr, k_ptr, v_ptr, r2t_ptr, rpi_ptr, seq_ptr, start_ptr, mi
                    scale, n_heads, GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_START: tl.constexpr,
-                   E4M3_BITS: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr):
+                   E4M3_BITS: tl.constexpr, DIRECT: tl.constexpr, KV_HEADS: tl.constexpr,
+                   PDL: tl.constexpr):
     # DIRECT (one split, no shared prefix): mid_o is the output [B, H, DV] itself, in its
-    # dtype, and there is nothing to merge.  The grid is (KV heads, batch, splits): programs
-    # start in order of their ids, so a request's heads run together (they read neighbouring
-    # bytes of the same slots), and requests start in batch order, which the scheduler makes
-    # longest first, so no long sequence starts last and runs alone at the end
+    # dtype, and there is nothing to merge.  The grid is (batch x KV heads, splits), the KV
+    # head varying fastest: programs start in order of their ids, so a request's heads run
+    # together (they read neighbouring bytes of the same slots), and requests start in batch
+    # order, which the scheduler makes longest first, so no long sequence starts last and
+    # runs alone at the end.  (One axis: a grid's second axis stops at 65,535.)
     pdl.start(PDL)
     pdl.wait(PDL)
-    kvh = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
+    pid = tl.program_id(0)
+    kvh = pid % KV_HEADS
+    b = (pid // KV_HEADS).to(tl.int64)
+    split = tl.program_id(1)
     heads = kvh * GROUP + tl.arange(0, BLOCK_H)
     hmask = (tl.arange(0, BLOCK_H) < GROUP) & (heads < n_heads)
     d = tl.arange(0, BLOCK_D)
@@ -331,14 +334,14 @@ def _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale
                 PREFIX_SPLITS=PREFIX_SPLITS, E4M3_BITS=e4m3_bits, **({} if on_cpu else dict(num_warps=PREFIX_WARPS,
                                                                          num_stages=PREFIX_STAGES)))
     launch = pdl.launch(q.device)
-    _decode_stage1[(Hk, B, splits)](
+    _decode_stage1[(B * Hk, splits)](
         q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, kv_start, mid_o, mid_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), 0 if direct else mid_o.stride(2),
         0 if direct else mid_lse.stride(0), 0 if direct else mid_lse.stride(1), scale, H, GROUP=group,
         D=D, DV=DV, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_H=BLOCK_H,
         BLOCK_N=32 if on_cpu else 64, NUM_SPLITS=splits, HAS_START=shared is not None, E4M3_BITS=e4m3_bits,
-        DIRECT=direct, **launch)
+        DIRECT=direct, KV_HEADS=Hk, **launch)
     if direct:
         return o
     ps = (0, 0, 0, 0, 0) if shared is None else (
