@@ -269,12 +269,12 @@ def test_rotary_kv_store_startup_selftest(monkeypatch):
     """The provider's start-up check (here on the interpreter as the 'accelerator'): None
     when the kernel agrees with native for the model's dtypes and head size, the reason when
     it fails or disagrees (the registry then chooses native); nothing to check without one."""
-    from portaserve.platforms.triton_kernels import int4_gemm, rotary
+    from portaserve.platforms.triton_kernels import rotary, selftest
 
     model = {"dtype": torch.float32, "kv_dtype": torch.float32, "head_dim": 64}
-    monkeypatch.setattr(int4_gemm, "_accel_device", lambda: None)
+    monkeypatch.setattr(selftest, "accel_device", lambda: None)
     assert rotary.selftest(model) is None
-    monkeypatch.setattr(int4_gemm, "_accel_device", lambda: torch.device(DEVICE))
+    monkeypatch.setattr(selftest, "accel_device", lambda: torch.device(DEVICE))
     monkeypatch.setattr(rotary, "_SELFTEST", {})
     assert rotary.selftest(model) is None
     monkeypatch.setattr(rotary, "_SELFTEST", {})
@@ -290,12 +290,12 @@ def test_gemv_startup_selftest(monkeypatch):
     """The linear provider's start-up check: float32 models are refused with the reason
     (cuBLAS then runs everything); on the 'accelerator' (the interpreter here) every branch
     of the configuration rule is compared with torch, and a wrong or failing kernel is named."""
-    from portaserve.platforms.triton_kernels import gemv, int4_gemm
+    from portaserve.platforms.triton_kernels import gemv, selftest
 
     assert "bfloat16/float16 only" in gemv.selftest({"dtype": torch.float32})
-    monkeypatch.setattr(int4_gemm, "_accel_device", lambda: None)
+    monkeypatch.setattr(selftest, "accel_device", lambda: None)
     assert gemv.selftest({"dtype": torch.float16}) is None
-    monkeypatch.setattr(int4_gemm, "_accel_device", lambda: torch.device(DEVICE))
+    monkeypatch.setattr(selftest, "accel_device", lambda: torch.device(DEVICE))
     monkeypatch.setattr(gemv, "_SELFTEST", {})
     assert gemv.selftest({"dtype": torch.float16}) is None
     monkeypatch.setattr(gemv, "_SELFTEST", {})

@@ -95,9 +95,9 @@ def test_startup_selftest_accepts_the_kernel_and_rejects_a_wrong_one(monkeypatch
     """The provider's start-up check (compile on the device, compare with native) passes
     for the kernel and names the disagreement for a broken one (the registry then picks
     native).  Here the 'device' is the interpreter."""
-    from portaserve.platforms.triton_kernels import int4_gemm, sampling
+    from portaserve.platforms.triton_kernels import sampling, selftest
 
-    monkeypatch.setattr(int4_gemm, "_accel_device", lambda: torch.device(DEVICE))
+    monkeypatch.setattr(selftest, "accel_device", lambda: torch.device(DEVICE))
     monkeypatch.setattr(sampling, "_SELFTEST", {})
     assert sampling.selftest() is None
     monkeypatch.setattr(sampling, "_SELFTEST", {})
@@ -131,9 +131,9 @@ def test_argmax_kernel_matches_torch(dtype):
 
 
 def test_argmax_startup_selftest_accepts_the_kernel_and_rejects_a_wrong_one(monkeypatch):
-    from portaserve.platforms.triton_kernels import int4_gemm, sampling
+    from portaserve.platforms.triton_kernels import sampling, selftest
 
-    monkeypatch.setattr(int4_gemm, "_accel_device", lambda: torch.device(DEVICE))
+    monkeypatch.setattr(selftest, "accel_device", lambda: torch.device(DEVICE))
     monkeypatch.setattr(sampling, "_ARGMAX_SELFTEST", {})
     assert sampling.argmax_selftest() is None
     monkeypatch.setattr(sampling, "_ARGMAX_SELFTEST", {})

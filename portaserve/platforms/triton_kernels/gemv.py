@@ -92,26 +92,24 @@ def selftest(model: dict) -> str | None:
     """The registry's model check: each configuration ``config`` can pick, compiled on the
     accelerator for the model's dtype and compared with torch; None when they agree (or
     there is nothing to test yet), else the reason."""
-    from portaserve.platforms.triton_kernels.int4_gemm import _accel_device
+    from portaserve.platforms.triton_kernels import selftest as st
 
-    dev, dt = _accel_device(), model.get("dtype")
+    dev, dt = st.accel_device(), model.get("dtype")
     if dt is not None and dt not in (torch.bfloat16, torch.float16):
         return f"the GEMV kernels run bfloat16/float16 only, the model is {str(dt).replace('torch.', '')}"
     if dev is None or dt is None:
         return None
-    key = (str(dev), dt)
-    if key not in _SELFTEST:
-        try:
-            g = torch.Generator().manual_seed(0)
-            bad = []
-            for K in (3 * 2048, 3 * 1024, 3 * 512, 2048 + 40, 896):  # one per branch of config()
-                x = torch.randn(1, K, generator=g).to(dt)
-                w = (torch.randn(131, K, generator=g) / K ** 0.5).to(dt)  # 131: a partial row block
-                want = F.linear(x.float(), w.float())
-                got = gemv(x.to(dev), w.to(dev)).cpu().float()
-                if not torch.allclose(got, want, atol=2e-2, rtol=2e-2):
-                    bad.append(K)
-            _SELFTEST[key] = f"the GEMV disagrees with torch on {dev} at K = {bad}" if bad else None
-        except Exception as e:  # a kernel that does not compile here
-            _SELFTEST[key] = f"the GEMV failed on {dev}: {type(e).__name__}: {e}"
-    return _SELFTEST[key]
+
+    def check():
+        g = torch.Generator().manual_seed(0)
+        bad = []
+        for K in (3 * 2048, 3 * 1024, 3 * 512, 2048 + 40, 896):  # one per branch of config()
+            x = torch.randn(1, K, generator=g).to(dt)
+            w = (torch.randn(131, K, generator=g) / K ** 0.5).to(dt)  # 131: a partial row block
+            want = F.linear(x.float(), w.float())
+            got = gemv(x.to(dev), w.to(dev)).cpu().float()
+            if not torch.allclose(got, want, atol=2e-2, rtol=2e-2):
+                bad.append(K)
+        return f"the GEMV disagrees with torch on {dev} at K = {bad}" if bad else None
+
+    return st.once(_SELFTEST, (str(dev), dt), dev, "the GEMV", check)

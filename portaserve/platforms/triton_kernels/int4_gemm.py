@@ -552,15 +552,6 @@ def int4_gemm(x, qweight, scales, qzeros, g_idx, layout, split_k=None, path=None
 
 
 # ---- startup self-test (the provider's requirement) ---------------------------------------------
-def _accel_device():
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_available():
-        return torch.device("xpu", xpu.current_device())
-    return None
-
-
 _SELFTEST: dict = {}
 
 
@@ -569,7 +560,9 @@ def selftest() -> str | None:
     tiny shapes.  None when the general kernel works (a failing decode kernel is disabled
     with a warning), else the reason.  No accelerator: nothing to test, None.  Once per
     device and process."""
-    dev = _accel_device()
+    from portaserve.platforms.triton_kernels import selftest as st
+
+    dev = st.accel_device()
     if dev is None:
         return None
     if str(dev) not in _SELFTEST:

@@ -147,33 +147,31 @@ def selftest(model: dict) -> str | None:
     accelerator, no model shape yet), else the reason (native is then chosen, which runs
     the two ops through their own providers)."""
     from portaserve.core.ops import native
-    from portaserve.platforms.triton_kernels.int4_gemm import _accel_device
+    from portaserve.platforms.triton_kernels import selftest as st
 
-    dev, dt, kv, D = _accel_device(), model.get("dtype"), model.get("kv_dtype"), model.get("head_dim")
+    dev, dt, kv, D = st.accel_device(), model.get("dtype"), model.get("kv_dtype"), model.get("head_dim")
     if dev is None or dt is None or D is None:
         return None
     kv = kv or dt
-    key = (str(dev), dt, kv, D)
-    if key not in _SELFTEST:
-        try:
-            g = torch.Generator().manual_seed(0)
-            T, S = 5, 16
-            H, Hk = model.get("heads") or 4, model.get("kv_heads") or 2  # the engine's variant
-            qkv = torch.randn(T, (H + 2 * Hk) * D, generator=g).to(dt)
-            q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, Hk * D, Hk * D], 1))
-            pos, loc = torch.tensor([0, 1, 7, 100, 3]), torch.tensor([3, 9, 1, 15, 4])
-            cs = torch.randn(128, D, generator=g)
-            kc, vc = torch.zeros(S, Hk, D, dtype=kv), torch.zeros(S, Hk, D, dtype=kv)
-            want_q = native.rotary_kv_store(pos, q, k, v, cs, True, kc, vc, loc)
-            qkv_d = qkv.to(dev)
-            qd, kd, vd = (t.view(T, -1, D) for t in qkv_d.split([H * D, Hk * D, Hk * D], 1))
-            kcd, vcd = torch.zeros_like(kc, device=dev), torch.zeros_like(vc, device=dev)
-            got_q = rotary_kv_store(pos.to(dev), qd, kd, vd, cs.to(dev), True, kcd, vcd, loc.to(dev))
-            tol = 1e-5 if dt == torch.float32 else 2e-2
-            ok = (torch.allclose(got_q.cpu().float(), want_q.float(), atol=tol, rtol=tol)
-                  and torch.allclose(kcd.cpu().float(), kc.float(), atol=tol, rtol=tol)
-                  and torch.equal(vcd.cpu().float(), vc.float()))
-            _SELFTEST[key] = None if ok else f"fused rotary + KV store disagrees with native on {dev}"
-        except Exception as e:  # a kernel that does not compile here
-            _SELFTEST[key] = f"fused rotary + KV store failed on {dev}: {type(e).__name__}: {e}"
-    return _SELFTEST[key]
+
+    def check():
+        g = torch.Generator().manual_seed(0)
+        T, S = 5, 16
+        H, Hk = model.get("heads") or 4, model.get("kv_heads") or 2  # the engine's variant
+        qkv = torch.randn(T, (H + 2 * Hk) * D, generator=g).to(dt)
+        q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, Hk * D, Hk * D], 1))
+        pos, loc = torch.tensor([0, 1, 7, 100, 3]), torch.tensor([3, 9, 1, 15, 4])
+        cs = torch.randn(128, D, generator=g)
+        kc, vc = torch.zeros(S, Hk, D, dtype=kv), torch.zeros(S, Hk, D, dtype=kv)
+        want_q = native.rotary_kv_store(pos, q, k, v, cs, True, kc, vc, loc)
+        qkv_d = qkv.to(dev)
+        qd, kd, vd = (t.view(T, -1, D) for t in qkv_d.split([H * D, Hk * D, Hk * D], 1))
+        kcd, vcd = torch.zeros_like(kc, device=dev), torch.zeros_like(vc, device=dev)
+        got_q = rotary_kv_store(pos.to(dev), qd, kd, vd, cs.to(dev), True, kcd, vcd, loc.to(dev))
+        tol = 1e-5 if dt == torch.float32 else 2e-2
+        ok = (torch.allclose(got_q.cpu().float(), want_q.float(), atol=tol, rtol=tol)
+              and torch.allclose(kcd.cpu().float(), kc.float(), atol=tol, rtol=tol)
+              and torch.equal(vcd.cpu().float(), vc.float()))
+        return None if ok else f"fused rotary + KV store disagrees with native on {dev}"
+
+    return st.once(_SELFTEST, (str(dev), dt, kv, D), dev, "fused rotary + KV store", check)

@@ -106,30 +106,28 @@ def selftest() -> str | None:
     rows (ties, top-k, top-p, min-p, a NaN row) before it is chosen: None when it agrees,
     else the reason (the registry then picks native and says why).  No accelerator:
     nothing to test.  Once per device and process."""
-    from portaserve.platforms.triton_kernels.int4_gemm import _accel_device
+    from portaserve.platforms.triton_kernels import selftest as st
 
-    dev = _accel_device()
+    dev = st.accel_device()
     if dev is None:
         return None
-    key = str(dev)
-    if key not in _SELFTEST:
-        try:
-            g = torch.Generator().manual_seed(0)
-            B, V = 6, 5000
-            logits = (torch.randn(B, V, generator=g) * 3).to(torch.bfloat16).float()
-            logits[5] = -float("inf")
-            probs = torch.softmax(logits, dim=-1)
-            noise = torch.empty(B, V).exponential_(generator=g)
-            k = torch.tensor([0, 1, 40, 0, 7, 5])
-            p = torch.tensor([0.9, 1.0, 0.8, 1.0, 0.3, 1.0])
-            m = torch.tensor([0.0, 0.0, 0.0, 0.1, 0.0, 0.0])
-            ref = native.top_k_top_p_min_p_sample(probs[:5], k[:5], p[:5], m[:5], noise[:5]).tolist()
-            got = top_k_top_p_min_p_sample(*[t.to(dev) for t in (probs, k, p, m, noise)]).tolist()
-            _SELFTEST[key] = (None if got[:5] == ref and got[5] == 0 else
-                              f"Triton sampler disagrees with native on {dev}: {got} vs {ref} + [0]")
-        except Exception as e:  # a kernel that does not compile here
-            _SELFTEST[key] = f"Triton sampler failed on {dev}: {type(e).__name__}: {e}"
-    return _SELFTEST[key]
+
+    def check():
+        g = torch.Generator().manual_seed(0)
+        B, V = 6, 5000
+        logits = (torch.randn(B, V, generator=g) * 3).to(torch.bfloat16).float()
+        logits[5] = -float("inf")
+        probs = torch.softmax(logits, dim=-1)
+        noise = torch.empty(B, V).exponential_(generator=g)
+        k = torch.tensor([0, 1, 40, 0, 7, 5])
+        p = torch.tensor([0.9, 1.0, 0.8, 1.0, 0.3, 1.0])
+        m = torch.tensor([0.0, 0.0, 0.0, 0.1, 0.0, 0.0])
+        ref = native.top_k_top_p_min_p_sample(probs[:5], k[:5], p[:5], m[:5], noise[:5]).tolist()
+        got = top_k_top_p_min_p_sample(*[t.to(dev) for t in (probs, k, p, m, noise)]).tolist()
+        return None if got[:5] == ref and got[5] == 0 else \
+            f"Triton sampler disagrees with native on {dev}: {got} vs {ref} + [0]"
+
+    return st.once(_SELFTEST, str(dev), dev, "Triton sampler", check)
 
 
 # ---- greedy: argmax over the vocabulary ----------------------------------------------------
@@ -188,22 +186,18 @@ _ARGMAX_SELFTEST: dict = {}
 
 def argmax_selftest() -> str | None:
     """As selftest(), for argmax: ties, NaN, infinities and signed zeros against torch."""
-    from portaserve.platforms.triton_kernels.int4_gemm import _accel_device
+    from portaserve.platforms.triton_kernels import selftest as st
 
-    dev = _accel_device()
+    dev = st.accel_device()
     if dev is None:
         return None
-    key = str(dev)
-    if key not in _ARGMAX_SELFTEST:
-        try:
-            x = argmax_cases()
-            want = native.argmax(x).tolist()
-            got = argmax(x.to(dev)).tolist()
-            _ARGMAX_SELFTEST[key] = (None if got == want else
-                                     f"Triton argmax disagrees with torch on {dev}: {got} vs {want}")
-        except Exception as e:  # a kernel that does not compile here
-            _ARGMAX_SELFTEST[key] = f"Triton argmax failed on {dev}: {type(e).__name__}: {e}"
-    return _ARGMAX_SELFTEST[key]
+
+    def check():
+        x = argmax_cases()
+        want, got = native.argmax(x).tolist(), argmax(x.to(dev)).tolist()
+        return None if got == want else f"Triton argmax disagrees with torch on {dev}: {got} vs {want}"
+
+    return st.once(_ARGMAX_SELFTEST, str(dev), dev, "Triton argmax", check)
 
 
 def argmax_cases(V: int = 3 * ARGMAX_BLOCK + 5) -> torch.Tensor:
