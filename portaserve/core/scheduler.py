@@ -276,9 +276,9 @@ class Scheduler:
         self._poll_grammars()
         # Decode batches go longest first: attention kernels start a batch's programs in
         # batch order, and a long sequence started last runs alone at the end of the launch
-        # (the Triton decode kernel took 0.80-0.86x the time this way with the lengths of an
-        # offline run; docs/BENCHMARKS.md, session 18).  Lengths grow together, so the list
-        # stays sorted between admissions and this is one linear pass.
+        # (with an offline run's lengths the Triton decode kernel took 0.77-0.93x the time,
+        # and the run gave 1.04x the tokens/s; docs/BENCHMARKS.md, session 18).  Lengths grow
+        # together, so the list stays sorted between admissions and this is one linear pass.
         if len(self.running) > 1:
             self.running.sort(key=_longest_first)
         early, self._finished_early = self._finished_early, []
