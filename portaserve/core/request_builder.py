@@ -73,6 +73,10 @@ def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=F
         raise InvalidRequest(
             f"prompt + max_new_tokens ({len(input_ids) + params.max_new_tokens}) exceeds the KV "
             f"pool ({limits.pool_tokens} tokens)", "max_new_tokens")
+    bad = [t for t in params.stop_token_ids or () if not 0 <= t < limits.vocab_size]
+    if bad:  # could never be sampled: a typo, or ids of another model's vocabulary
+        raise InvalidRequest(f"stop_token_ids: token id {bad[0]} is outside the vocabulary (size "
+                             f"{limits.vocab_size})", "stop_token_ids")
     if params.logit_bias:
         bad = [t for t in params.logit_bias if not 0 <= t < limits.vocab_size]
         if bad:

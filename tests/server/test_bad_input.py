@@ -86,6 +86,8 @@ CASES = [
     (C, {"prompt": "x", "logit_bias": {"5": 101}}, "from -100 to 100", "logit_bias"),
     (C, {"prompt": "x", "logit_bias": {"49152": 1}}, "outside the vocabulary", "logit_bias"),
     (GEN, {"text": "x", "sampling_params": {"logit_bias": [1, 2]}}, "logit_bias must be an object", "logit_bias"),
+    (C, {"prompt": "x", "stop_token_ids": [2, 49152]}, "outside the vocabulary", "stop_token_ids"),
+    (GEN, {"text": "x", "sampling_params": {"stop_token_ids": [-1]}}, "outside the vocabulary", "stop_token_ids"),
     (GEN, {"text": "x", "image_data": "a.png"}, "image", "image_data"),
     (GEN, {"text": "x", "lora_path": "my-adapter"}, "LoRA", "lora_path"),
     (GEN, {"text": "x", "return_hidden_states": True}, "return_hidden_states", "return_hidden_states"),

@@ -67,44 +67,66 @@ def test_int4_gemm_leading_dims():
     torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kv_dtype,as_bytes", [(torch.float8_e4m3fn, False), (torch.float8_e4m3fn, True),
-                                              (torch.float8_e5m2, False)])
-def test_attention_over_fp8_kv_cache(kv_dtype, as_bytes, monkeypatch):
+@pytest.mark.parametrize("kv_dtype,as_bytes,q_dtype", [
+    (torch.float8_e4m3fn, False, torch.float32), (torch.float8_e4m3fn, True, torch.float32),
+    (torch.float8_e5m2, False, torch.float32), (torch.float8_e4m3fn, False, torch.bfloat16),
+    (torch.float8_e5m2, False, torch.bfloat16),
+    pytest.param(torch.float8_e4m3fn, True, torch.bfloat16, marks=pytest.mark.skipif(
+        DEVICE == "cpu", reason="the interpreter's bfloat16 dot is wrong (GPU only)"))])
+@pytest.mark.parametrize("grouped_k_t", [False, True])
+def test_attention_over_fp8_kv_cache(kv_dtype, as_bytes, q_dtype, grouped_k_t, monkeypatch):
     """Reading an FP8 pool is the same as reading its upcast copy (the rounding happened
     at store time): decode, cascade decode and extend.  as_bytes: the path of GPUs whose
-    Triton has no e4m3 type (the A100), which reads the cache as bytes and decodes them."""
+    Triton has no e4m3 type (the A100), which reads the cache as bytes and decodes them.
+    A bfloat16 q meets the cache in float16 (attention._q_for_fp8): its tolerance is
+    bfloat16's, and a q past float16's range (clamped) still gives finite outputs; its
+    values are decoded from 16-bit pairs (attention._fp8_pairs_to_f16) or converted."""
     from portaserve.platforms.triton_kernels import attention as ta
     from tests.test_cascade_attention import paged_shared_batch
-    from tests.triton.test_kernels import _paged_setup
+    from tests.triton.test_kernels import _paged_setup, attention_launch
 
     monkeypatch.setattr(ta, "_e4m3_as_bytes", lambda device: as_bytes)
+    attention_launch(monkeypatch, grouped=grouped_k_t, k_t=grouped_k_t)
+    monkeypatch.setattr(ta, "FP8_V_PAIRS", grouped_k_t)  # values decoded from 16-bit pairs, or with .to()
+    f16 = q_dtype == torch.bfloat16 and not as_bytes
+    _, v_seen, q_f16, _, pairs = ta._kv_operands(torch.empty(1, dtype=q_dtype), torch.empty(1, 2, 4, dtype=kv_dtype),
+                                                 torch.empty(1, 2, 4, dtype=kv_dtype))
+    assert q_f16 == f16 and bool(pairs) == (f16 and grouped_k_t)
+    assert v_seen.dtype == (torch.int16 if pairs else torch.uint8 if as_bytes else kv_dtype)
+    tol = dict(atol=2e-3, rtol=2e-3) if q_dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     g = torch.Generator().manual_seed(5)
     H, Hk, D = 8, 2, 32
     seq = [1, 17, 70, 5]
     k, v, r2t, rows = _paged_setup(g, seq, [0] * len(seq), H, Hk, D, torch.float32)
     k8, v8 = k.to(kv_dtype), v.to(kv_dtype)
-    q = torch.randn(len(seq), H, D, generator=g)
+    q = torch.randn(len(seq), H, D, generator=g).to(q_dtype)
     sl = torch.tensor(seq)
-    ref = native.attention_decode(q, k8.float(), v8.float(), r2t, rows, sl, D ** -0.5)
-    torch.testing.assert_close(native.attention_decode(q, k8, v8, r2t, rows, sl, D ** -0.5), ref)
+    ref = native.attention_decode(q.float(), k8.float(), v8.float(), r2t, rows, sl, D ** -0.5)
+    if q_dtype == torch.float32:
+        torch.testing.assert_close(native.attention_decode(q, k8, v8, r2t, rows, sl, D ** -0.5), ref)
     out = ta.attention_decode(*_dev(q, k8, v8, r2t, rows, sl), D ** -0.5)
-    torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out.cpu().float(), ref, **tol)
+    if q_dtype == torch.bfloat16:  # past float16's range: clamped, not inf/NaN
+        big = q.clone()
+        big[0, 0, 0] = 1e6
+        out = ta.attention_decode(*_dev(big, k8, v8, r2t, rows, sl), D ** -0.5)
+        assert out.float().isfinite().all()
 
     q, k, v, r2t, rows, sl, m = paged_shared_batch(g, [(150, 3), (0, 2)], H, Hk, D, pad_tiles=1)
-    k8, v8 = k.to(kv_dtype), v.to(kv_dtype)
-    ref = native.attention_decode(q, k8.float(), v8.float(), r2t, rows, sl, D ** -0.5)
+    k8, v8, q = k.to(kv_dtype), v.to(kv_dtype), q.to(q_dtype)
+    ref = native.attention_decode(q.float(), k8.float(), v8.float(), r2t, rows, sl, D ** -0.5)
     args = _dev(q, k8, v8, r2t, rows, sl, m.kv_start, m.tile_rows, m.tile_lens, m.tile_members)
     out = ta.attention_decode_shared(*args[:6], D ** -0.5, *args[6:])
-    torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out.cpu().float(), ref, **tol)
 
     prefix, ext = [0, 40, 3], [7, 33, 1]
     k, v, r2t, rows = _paged_setup(g, prefix, ext, H, Hk, D, torch.float32)
     k8, v8 = k.to(kv_dtype), v.to(kv_dtype)
-    q = torch.randn(sum(ext), H, D, generator=g)
+    q = torch.randn(sum(ext), H, D, generator=g).to(q_dtype)
     pl, el = torch.tensor(prefix), torch.tensor(ext)
-    ref = native.attention_extend(q, k8.float(), v8.float(), r2t, rows, pl, el, D ** -0.5)
+    ref = native.attention_extend(q.float(), k8.float(), v8.float(), r2t, rows, pl, el, D ** -0.5)
     out = ta.attention_extend(*_dev(q, k8, v8, r2t, rows, pl, el), D ** -0.5)
-    torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out.cpu().float(), ref, **tol)
 
 
 if importlib.util.find_spec("triton") is not None:  # module level: the compile check imports it
@@ -117,6 +139,38 @@ if importlib.util.find_spec("triton") is not None:  # module level: the compile 
     def _decode_e4m3_all(x_ptr, y_ptr):
         i = tl.arange(0, 256)
         tl.store(y_ptr + i, _e4m3_bits_to_f32(tl.load(x_ptr + i)))
+
+
+if importlib.util.find_spec("triton") is not None:
+    from portaserve.platforms.triton_kernels.attention import _fp8_pairs_to_f16
+
+    @triton.jit
+    def _decode_pairs_all(w_ptr, y_ptr, FORMAT: tl.constexpr):
+        r = tl.arange(0, 512)
+        c = tl.arange(0, 128)
+        w = tl.load(w_ptr + r[:, None] * 128 + c[None, :])
+        c2 = tl.arange(0, 256)
+        tl.store(y_ptr + r[:, None] * 256 + c2[None, :], _fp8_pairs_to_f16(w, FORMAT, 512, 256))
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_fp8_pairs_decode_every_word(fmt):
+    """The value cache's 16-bit pairs decoder against torch's fp8 types, all 65,536 words:
+    column 2j from the low byte, 2j + 1 from the high one; e4m3 reads as 2^-8 of the
+    value (the kernel scales its output by 256), its NaN patterns as +-480 (as the byte
+    decoder); e5m2 exactly, NaN and inf included."""
+    words = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(512, 128)
+    nbytes = words.view(torch.uint8)  # [512, 256], little-endian: each word's low byte first
+    want = nbytes.view(torch.float8_e4m3fn if fmt == 1 else torch.float8_e5m2).float()
+    if fmt == 1:
+        nan = want.isnan()
+        want[nan] = torch.where(nbytes[nan] >= 128, -480.0, 480.0)
+        want = want / 256
+    y = torch.empty(512, 256, dtype=torch.float16, device=DEVICE)
+    _decode_pairs_all[(1,)](words.to(DEVICE), y, FORMAT=fmt)
+    got = y.cpu().float()
+    same = (got == want) | (got.isnan() & want.isnan())
+    assert same.all(), (got[~same][:5], want[~same][:5])
 
 
 def test_e4m3_bytes_decode_every_value():
