@@ -1,8 +1,7 @@
 """The Triton attention kernels' launch (attention.Launch: rows and keys per block, warps,
-stages, heads per program, K's layout) and, over an fp8 cache, how its values reach the
-dots (bfloat16 or float16 dots: attention.FP8_DOTS_IN_F16; values converted with .to() or
-decoded from 16-bit pairs: attention.FP8_V_PAIRS), timed per cache dtype on shapes of the
-offline benchmark (Llama-3.1-8B: 32 query / 8 KV heads x 128).
+stages, heads per program) and, over an fp8 cache, the dtype of the dots (bfloat16 or
+float16: attention.FP8_DOTS_IN_F16), timed per cache dtype on shapes of the offline
+benchmark (Llama-3.1-8B: 32 query / 8 KV heads x 128).
 
 - decode: one layer's call with a running offline batch's lengths (prompt in [1, 4096] plus
   a uniform share of an output in [1, 2048]), longest first as the scheduler orders it;
@@ -40,20 +39,19 @@ def _show(cfg) -> str:
 
 
 def _variants(dtype, table, match=None):
-    """(launch, float16 dots, values from 16-bit pairs) to time for a cache dtype: over
-    fp8, the first launch also with bfloat16 dots and with .to() for the values; with
-    match, those whose label it finds."""
+    """(launch, float16 dots) to time for a cache dtype: over fp8, float16 dots, and the
+    first launch with bfloat16 dots too; with match, those whose label it finds."""
     import re
 
     if dtype == torch.bfloat16:
-        out = [(cfg, False, False) for cfg in table]
+        out = [(cfg, False) for cfg in table]
     else:
-        out = [(table[0], False, False), (table[0], True, False)] + [(cfg, True, True) for cfg in table]
+        out = [(table[0], False)] + [(cfg, True) for cfg in table]
     return [v for v in out if not match or re.search(match, _label(dtype, *v))]
 
 
-def _label(dtype, cfg, f16, pairs) -> str:
-    return f"{str(dtype)[6:]} {_show(cfg)} f16={f16:d} pairs={pairs:d}"
+def _label(dtype, cfg, f16) -> str:
+    return f"{str(dtype)[6:]} {_show(cfg)} f16={f16:d}"
 
 
 class _Grab:
@@ -91,9 +89,9 @@ def decode(ns, bw, ta, native, dev):
     H, Hk, D = 32, 8, 128
     grab = _Grab(ta, "_decode_stage1")
     L = ta.Launch
-    configs = [L(), L(block_n=128, warps=4, stages=2), L(k_t=True), L(block_n=128, warps=4, stages=2, k_t=True),
-               L(warps=4, stages=4), L(block_n=32, warps=4, stages=3), L(warps=8, stages=3),
-               L(block_n=128, warps=8, stages=2), L(warps=4, stages=2)]
+    configs = [L(), L(block_n=128, warps=4, stages=2), L(warps=4, stages=4), L(block_n=32, warps=4, stages=3),
+               L(warps=8, stages=3), L(block_n=128, warps=8, stages=2), L(warps=4, stages=2), L(warps=4, stages=1),
+               L(block_n=128, warps=4, stages=1)]
     for B in ns.batch:
         g = torch.Generator().manual_seed(ns.seed + B)
         inp = torch.randint(1, 4097, (B,), generator=g)
@@ -118,26 +116,26 @@ def decode(ns, bw, ta, native, dev):
             n = min(B, 8)
             ref = native.attention_decode(q[:n].float(), k.float(), v.float(), r2t[:n], rows[:n], sl[:n], D ** -0.5)
             esize = k.element_size()
-            saved = ta.DECODE_LAUNCH[esize], ta.FP8_DOTS_IN_F16, ta.FP8_V_PAIRS
+            saved = ta.DECODE_LAUNCH[esize], ta.FP8_DOTS_IN_F16
             best = None
             try:
-                for cfg, f16, pairs in _variants(dtype, configs, ns.match):
-                    ta.DECODE_LAUNCH[esize], ta.FP8_DOTS_IN_F16, ta.FP8_V_PAIRS = cfg, f16, pairs
+                for cfg, f16 in _variants(dtype, configs, ns.match):
+                    ta.DECODE_LAUNCH[esize], ta.FP8_DOTS_IN_F16 = cfg, f16
                     fn = lambda: ta.attention_decode(q, k, v, r2t, rows, sl, D ** -0.5)  # noqa: E731
                     try:
                         o = fn()
                         t = _time(fn, ns.reps)
                     except Exception as e:  # a launch that does not fit (shared memory)
-                        print(f"  {_label(dtype, cfg, f16, pairs)}: failed: {type(e).__name__}: {str(e)[:120]}")
+                        print(f"  {_label(dtype, cfg, f16)}: failed: {type(e).__name__}: {str(e)[:120]}")
                         continue
                     err = (o[:n].float() - ref).abs().max().item()
-                    info = grab.info(ns.asm_dir if B == ns.batch[-1] else None, _label(dtype, cfg, f16, pairs))
-                    print(f"  {_label(dtype, cfg, f16, pairs):>60}: {t * 1e3:7.3f} ms "
+                    info = grab.info(ns.asm_dir if B == ns.batch[-1] else None, _label(dtype, cfg, f16))
+                    print(f"  {_label(dtype, cfg, f16):>60}: {t * 1e3:7.3f} ms "
                           f"{nbytes / t / 1e12:5.2f} TB/s ({nbytes / t / bw:4.0%} of copy)  max|diff| {err:.1e}{info}")
                     if best is None or t < best[0]:
-                        best = (t, _label(dtype, cfg, f16, pairs))
+                        best = (t, _label(dtype, cfg, f16))
             finally:
-                ta.DECODE_LAUNCH[esize], ta.FP8_DOTS_IN_F16, ta.FP8_V_PAIRS = saved
+                ta.DECODE_LAUNCH[esize], ta.FP8_DOTS_IN_F16 = saved
             if best is not None:
                 print(f"  best: {best[1]} {best[0] * 1e3:.3f} ms")
         del kf, vf
@@ -177,25 +175,25 @@ def extend(ns, ta, native, dev):
             ref = native.attention_extend(q[-64:].float(), k.float(), v.float(), r2t[-1:], rows[:1],
                                           pl[-1:] + el[-1:] - 64, torch.tensor([64], device=dev), D ** -0.5)
             esize = k.element_size()
-            saved = ta.EXTEND_LAUNCH[esize], ta.FP8_DOTS_IN_F16, ta.FP8_V_PAIRS
+            saved = ta.EXTEND_LAUNCH[esize], ta.FP8_DOTS_IN_F16
             best = None
             try:
-                for cfg, f16, pairs in _variants(dtype, configs, ns.match):
-                    ta.EXTEND_LAUNCH[esize], ta.FP8_DOTS_IN_F16, ta.FP8_V_PAIRS = cfg, f16, pairs
+                for cfg, f16 in _variants(dtype, configs, ns.match):
+                    ta.EXTEND_LAUNCH[esize], ta.FP8_DOTS_IN_F16 = cfg, f16
                     fn = lambda: ta.attention_extend(q, k, v, r2t, rows, pl, el, D ** -0.5, max(ext))  # noqa: E731
                     try:
                         o = fn()
                         t = _time(fn, max(3, ns.reps // 4))
                     except Exception as e:
-                        print(f"  {_label(dtype, cfg, f16, pairs)}: failed: {type(e).__name__}: {str(e)[:120]}")
+                        print(f"  {_label(dtype, cfg, f16)}: failed: {type(e).__name__}: {str(e)[:120]}")
                         continue
                     err = (o[-64:].float() - ref).abs().max().item()
-                    print(f"  {_label(dtype, cfg, f16, pairs):>72}: {t * 1e3:7.3f} ms "
+                    print(f"  {_label(dtype, cfg, f16):>72}: {t * 1e3:7.3f} ms "
                           f"{flops / t / 1e12:6.1f} TFLOP/s  max|diff| {err:.1e}{grab.info(None, '')}")
                     if best is None or t < best[0]:
-                        best = (t, _label(dtype, cfg, f16, pairs))
+                        best = (t, _label(dtype, cfg, f16))
             finally:
-                ta.EXTEND_LAUNCH[esize], ta.FP8_DOTS_IN_F16, ta.FP8_V_PAIRS = saved
+                ta.EXTEND_LAUNCH[esize], ta.FP8_DOTS_IN_F16 = saved
             if best is not None:
                 print(f"  best: {best[1]} {best[0] * 1e3:.3f} ms")
         del kf, vf
@@ -213,7 +211,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["decode", "extend"], default=None)
     p.add_argument("--match", default=None,
-                   help="only the variants whose label (dtype, launch, f16=0|1 pairs=0|1) this finds")
+                   help="only the variants whose label (dtype, launch, f16=0|1) this finds")
     p.add_argument("--asm-dir", default=None, help="write the decode kernel's TTGIR and PTX per variant here")
     ns = p.parse_args()
     dev = torch.device("cuda")

@@ -73,26 +73,22 @@ def test_int4_gemm_leading_dims():
     (torch.float8_e5m2, False, torch.bfloat16),
     pytest.param(torch.float8_e4m3fn, True, torch.bfloat16, marks=pytest.mark.skipif(
         DEVICE == "cpu", reason="the interpreter's bfloat16 dot is wrong (GPU only)"))])
-@pytest.mark.parametrize("grouped_k_t", [False, True])
-def test_attention_over_fp8_kv_cache(kv_dtype, as_bytes, q_dtype, grouped_k_t, monkeypatch):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_attention_over_fp8_kv_cache(kv_dtype, as_bytes, q_dtype, grouped, monkeypatch):
     """Reading an FP8 pool is the same as reading its upcast copy (the rounding happened
     at store time): decode, cascade decode and extend.  as_bytes: the path of GPUs whose
     Triton has no e4m3 type (the A100), which reads the cache as bytes and decodes them.
     A bfloat16 q meets the cache in float16 (attention._q_for_fp8): its tolerance is
-    bfloat16's, and a q past float16's range (clamped) still gives finite outputs; its
-    values are decoded from 16-bit pairs (attention._fp8_pairs_to_f16) or converted."""
+    bfloat16's, a q past float16's range (clamped) still gives finite outputs, and a NaN
+    in q still gives NaN.  Extend runs with one query head per program and grouped."""
     from portaserve.platforms.triton_kernels import attention as ta
     from tests.test_cascade_attention import paged_shared_batch
     from tests.triton.test_kernels import _paged_setup, attention_launch
 
     monkeypatch.setattr(ta, "_e4m3_as_bytes", lambda device: as_bytes)
-    attention_launch(monkeypatch, grouped=grouped_k_t, k_t=grouped_k_t)
-    monkeypatch.setattr(ta, "FP8_V_PAIRS", grouped_k_t)  # values decoded from 16-bit pairs, or with .to()
-    f16 = q_dtype == torch.bfloat16 and not as_bytes
-    _, v_seen, q_f16, _, pairs = ta._kv_operands(torch.empty(1, dtype=q_dtype), torch.empty(1, 2, 4, dtype=kv_dtype),
-                                                 torch.empty(1, 2, 4, dtype=kv_dtype))
-    assert q_f16 == f16 and bool(pairs) == (f16 and grouped_k_t)
-    assert v_seen.dtype == (torch.int16 if pairs else torch.uint8 if as_bytes else kv_dtype)
+    attention_launch(monkeypatch, grouped=grouped)
+    assert ta._kv_operands(torch.empty(1, dtype=q_dtype), torch.empty(1, dtype=kv_dtype),
+                           torch.empty(1, dtype=kv_dtype))[2] == (q_dtype == torch.bfloat16 and not as_bytes)
     tol = dict(atol=2e-3, rtol=2e-3) if q_dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     g = torch.Generator().manual_seed(5)
     H, Hk, D = 8, 2, 32
@@ -111,6 +107,9 @@ def test_attention_over_fp8_kv_cache(kv_dtype, as_bytes, q_dtype, grouped_k_t, m
         big[0, 0, 0] = 1e6
         out = ta.attention_decode(*_dev(big, k8, v8, r2t, rows, sl), D ** -0.5)
         assert out.float().isfinite().all()
+        big[0, 0, 0] = float("nan")
+        out = ta.attention_decode(*_dev(big, k8, v8, r2t, rows, sl), D ** -0.5).cpu().float()
+        assert out[0, 0].isnan().all() and out[1:].isfinite().all()
 
     q, k, v, r2t, rows, sl, m = paged_shared_batch(g, [(150, 3), (0, 2)], H, Hk, D, pad_tiles=1)
     k8, v8, q = k.to(kv_dtype), v.to(kv_dtype), q.to(q_dtype)
@@ -139,38 +138,6 @@ if importlib.util.find_spec("triton") is not None:  # module level: the compile 
     def _decode_e4m3_all(x_ptr, y_ptr):
         i = tl.arange(0, 256)
         tl.store(y_ptr + i, _e4m3_bits_to_f32(tl.load(x_ptr + i)))
-
-
-if importlib.util.find_spec("triton") is not None:
-    from portaserve.platforms.triton_kernels.attention import _fp8_pairs_to_f16
-
-    @triton.jit
-    def _decode_pairs_all(w_ptr, y_ptr, FORMAT: tl.constexpr):
-        r = tl.arange(0, 512)
-        c = tl.arange(0, 128)
-        w = tl.load(w_ptr + r[:, None] * 128 + c[None, :])
-        c2 = tl.arange(0, 256)
-        tl.store(y_ptr + r[:, None] * 256 + c2[None, :], _fp8_pairs_to_f16(w, FORMAT, 512, 256))
-
-
-@pytest.mark.parametrize("fmt", [1, 2])
-def test_fp8_pairs_decode_every_word(fmt):
-    """The value cache's 16-bit pairs decoder against torch's fp8 types, all 65,536 words:
-    column 2j from the low byte, 2j + 1 from the high one; e4m3 reads as 2^-8 of the
-    value (the kernel scales its output by 256), its NaN patterns as +-480 (as the byte
-    decoder); e5m2 exactly, NaN and inf included."""
-    words = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(512, 128)
-    nbytes = words.view(torch.uint8)  # [512, 256], little-endian: each word's low byte first
-    want = nbytes.view(torch.float8_e4m3fn if fmt == 1 else torch.float8_e5m2).float()
-    if fmt == 1:
-        nan = want.isnan()
-        want[nan] = torch.where(nbytes[nan] >= 128, -480.0, 480.0)
-        want = want / 256
-    y = torch.empty(512, 256, dtype=torch.float16, device=DEVICE)
-    _decode_pairs_all[(1,)](words.to(DEVICE), y, FORMAT=fmt)
-    got = y.cpu().float()
-    same = (got == want) | (got.isnan() & want.isnan())
-    assert same.all(), (got[~same][:5], want[~same][:5])
 
 
 def test_e4m3_bytes_decode_every_value():

@@ -46,10 +46,8 @@ def _to(dev, *ts):
     return [t.to(dev) for t in ts]
 
 
-@pytest.mark.parametrize("k_t", [False, True])
 @pytest.mark.parametrize("H,Hk,D", [(4, 4, 32), (8, 2, 64), (6, 2, 48)])
-def test_attention_decode(H, Hk, D, k_t, monkeypatch):
-    attention_launch(monkeypatch, k_t=k_t)
+def test_attention_decode(H, Hk, D):
     g = torch.Generator().manual_seed(H * 100 + D)
     seq = [1, 17, 70, 5, 133]
     k, v, r2t, rows = _paged_setup(g, seq, [0] * len(seq), H, Hk, D, torch.float32)
@@ -61,27 +59,21 @@ def test_attention_decode(H, Hk, D, k_t, monkeypatch):
     torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
 
 
-def attention_launch(monkeypatch, grouped: bool = False, k_t: bool = False):
-    """Run the attention kernels with a variant of their launch (attention.Launch): in
-    extend, a KV head's query heads together in one program's rows, or one head per
-    program; K loaded as [head dim, keys] or [keys, head dim]."""
+def attention_launch(monkeypatch, grouped: bool = False):
+    """Run the extend kernel with a KV head's query heads together in one program's rows
+    (attention.Launch.grouped), or one head per program."""
     from portaserve.platforms.triton_kernels import attention as tk
 
     def ext(b):
-        return tk.Launch(block_m=b, block_n=32, warps=4, stages=2, grouped=grouped, k_t=k_t)
-
-    def dec(b):
-        return tk.Launch(block_n=b, warps=4, stages=2, k_t=k_t)
+        return tk.Launch(block_m=b, block_n=32, warps=4, stages=2, grouped=grouped)
     monkeypatch.setattr(tk, "EXTEND_LAUNCH_CPU", ext(32))
-    monkeypatch.setattr(tk, "DECODE_LAUNCH_CPU", dec(32))
     monkeypatch.setattr(tk, "EXTEND_LAUNCH", {e: ext(64) for e in (4, 2, 1)})
-    monkeypatch.setattr(tk, "DECODE_LAUNCH", {e: dec(64) for e in (4, 2, 1)})
 
 
-@pytest.mark.parametrize("grouped,k_t", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("H,Hk,D", [(4, 4, 32), (8, 2, 64), (6, 3, 48), (8, 1, 32)])
-def test_attention_extend(H, Hk, D, grouped, k_t, monkeypatch):
-    attention_launch(monkeypatch, grouped, k_t)
+def test_attention_extend(H, Hk, D, grouped, monkeypatch):
+    attention_launch(monkeypatch, grouped)
     g = torch.Generator().manual_seed(H * 10 + D)
     prefix = [0, 40, 3, 0, 65]
     ext = [7, 33, 1, 70, 20]

@@ -27,31 +27,30 @@ PROGRAMS_PER_SM = 4
 
 class Launch(NamedTuple):
     """How an attention kernel is launched: query rows per program (extend), keys per
-    block, warps and pipeline stages (None: Triton's default for the device), whether a
-    program's rows are a KV head's query heads together (extend: positions x heads, so
-    each K/V block read serves them all), and whether K is loaded as [head dim, keys] (the
-    score product's right operand as it is, not a transpose of [keys, head dim])."""
+    block, warps and pipeline stages (None: Triton's default for the device), and whether
+    a program's rows are a KV head's query heads together (extend: positions x heads, so
+    each K/V block read serves them all)."""
     block_m: int = 64
     block_n: int = 64
     warps: Optional[int] = None
     stages: Optional[int] = None
     grouped: bool = False
-    k_t: bool = False
 
 
 # By the cache's bytes per element, on a GPU; ci/gpu/attention_sweep.py times alternatives.
 DECODE_LAUNCH = {4: Launch(), 2: Launch(), 1: Launch()}
 # fp8 extend: 128 rows of a KV head's 4 heads x 32 positions, 128 keys, 8 warps: 1.5-1.65x
-# the one-head launch (H200, session 19); for 16-bit caches the one-head launch was fastest
+# the one-head launch (H200, session 19); for 16-bit caches the one-head launch was fastest.
+# Head sizes above 128 keep the one-head launch: the large one's pipelined blocks would not
+# fit an A100's or an MI300's shared memory (EXTEND_LAUNCH_WIDE).
 EXTEND_LAUNCH = {4: Launch(block_n=32), 2: Launch(block_n=32),
                  1: Launch(block_m=128, block_n=128, warps=8, stages=2, grouped=True)}
+EXTEND_LAUNCH_WIDE = Launch(block_n=32)
 # On the CPU (the interpreter: tests), small blocks; tests switch the variants
 DECODE_LAUNCH_CPU = Launch(block_n=32)
 EXTEND_LAUNCH_CPU = Launch(block_m=32, block_n=32)
-# Whether a bfloat16 q meets an fp8 cache in float16 (_q_for_fp8), and then whether the
-# values are decoded from 16-bit pairs (_fp8_pairs_to_f16); the sweep compares.
+# Whether a bfloat16 q meets an fp8 cache in float16 (_q_for_fp8); the sweep compares.
 FP8_DOTS_IN_F16 = True
-FP8_V_PAIRS = True
 
 
 def _num_splits(batch: int, kv_heads: int, device) -> int:
@@ -90,49 +89,22 @@ def _q_for_fp8(q, Q_F16: tl.constexpr):
     """q as the dots over an fp8 cache take it.  Q_F16: in float16, into which e4m3 and e5m2
     convert in one instruction per pair (to bfloat16 they go through float32: three), so
     the keys' and values' conversion does not bound the kernel; float16 holds more of q's
-    mantissa than bfloat16, and q is clamped to its range."""
+    mantissa than bfloat16, and q is clamped to its range (NaN stays NaN)."""
     if Q_F16:
-        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL).to(tl.float16)
     return q
-
-
-@triton.jit
-def _fp8_pairs_to_f16(w, FORMAT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """[ROWS, COLS] float16 from [ROWS, COLS // 2] 16-bit words of two fp8 values each
-    (column 2j in the low byte).  FORMAT 2, e5m2: a float16's high byte.  FORMAT 1, e4m3:
-    sign, then exponent and mantissa shifted into float16's places, which reads as 2^-8 of
-    the value (float16's exponent bias is 8 more), subnormals included: exact, and the
-    caller scales by 256.  The decoding is integer work on the pairs, joined after: the
-    compiler cannot move it past the layout change the value product needs, so no fp8
-    byte is read from shared memory on its own (as when fp8 values are converted to
-    float16 with .to(): Triton then fetched each byte of the transposed block singly)."""
-    x = w.to(tl.int32) & 0xFFFF
-    lo = x & 0xFF
-    hi = x >> 8
-    if FORMAT == 2:
-        lo = lo << 8
-        hi = hi << 8
-    else:
-        lo = ((lo & 0x80) << 8) | ((lo & 0x7F) << 7)
-        hi = ((hi & 0x80) << 8) | ((hi & 0x7F) << 7)
-    lo = lo.to(tl.int16).to(tl.float16, bitcast=True)
-    hi = hi.to(tl.int16).to(tl.float16, bitcast=True)
-    return tl.reshape(tl.join(lo, hi), [ROWS, COLS])
 
 
 @triton.jit
 def _attend_range(q, k_ptr, v_ptr, row_ptr, kvh, stride_kt, stride_kh, stride_vt, stride_vh, start, end,
                   scale, d, dmask, dv, dvmask, qpos, ROWS: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, E4M3_BITS: tl.constexpr,
-                  K_T: tl.constexpr, V_PAIRS: tl.constexpr = 0, DV: tl.constexpr = 0):
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, E4M3_BITS: tl.constexpr):
     """Online softmax of the ROWS query rows q (heads of one KV head, or a block of prompt
     positions) over positions [start, end) of one request-table row (row_ptr): the
     normalised output [ROWS, BLOCK_DV] and the log-sum-exp [ROWS] (float32; -inf for an
     empty range), the partial result the split merge (_decode_stage2) combines.  CAUSAL:
     row r sees positions <= qpos[r] only (every row must see position start).  E4M3_BITS:
-    the caches are float8_e4m3fn seen as bytes (uint8 pointers), decoded here.  V_PAIRS:
-    the value cache is fp8 seen as 16-bit words (two neighbouring columns each; strides
-    in words), decoded to float16 here (_fp8_pairs_to_f16)."""
+    the caches are float8_e4m3fn seen as bytes (uint8 pointers), decoded here."""
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
@@ -140,18 +112,11 @@ def _attend_range(q, k_ptr, v_ptr, row_ptr, kvh, stride_kt, stride_kh, stride_vt
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
         slots = tl.load(row_ptr + n, mask=nmask, other=0).to(tl.int64)
-        if K_T:  # [head dim, keys]
-            k = tl.load(k_ptr + slots[None, :] * stride_kt + kvh * stride_kh + d[:, None],
-                        mask=nmask[None, :] & dmask[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptr + slots[:, None] * stride_kt + kvh * stride_kh + d[None, :],
-                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+        k = tl.load(k_ptr + slots[:, None] * stride_kt + kvh * stride_kh + d[None, :],
+                    mask=nmask[:, None] & dmask[None, :], other=0.0)
         if E4M3_BITS:
             k = _e4m3_bits_to_f32(k)
-        if K_T:
-            s = tl.dot(q, k.to(q.dtype), input_precision="ieee").to(tl.float32) * scale
-        else:
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee").to(tl.float32) * scale
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee").to(tl.float32) * scale
         if CAUSAL:
             s = tl.where((n[None, :] <= qpos[:, None]) & nmask[None, :], s, float("-inf"))
         else:
@@ -159,14 +124,8 @@ def _attend_range(q, k_ptr, v_ptr, row_ptr, kvh, stride_kt, stride_kh, stride_vt
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
-        if V_PAIRS:
-            dw = tl.arange(0, BLOCK_DV // 2)
-            w = tl.load(v_ptr + slots[:, None] * stride_vt + kvh * stride_vh + dw[None, :],
-                        mask=nmask[:, None] & (dw < DV // 2)[None, :], other=0)
-            v = _fp8_pairs_to_f16(w, V_PAIRS, BLOCK_N, BLOCK_DV)
-        else:
-            v = tl.load(v_ptr + slots[:, None] * stride_vt + kvh * stride_vh + dv[None, :],
-                        mask=nmask[:, None] & dvmask[None, :], other=0.0)
+        v = tl.load(v_ptr + slots[:, None] * stride_vt + kvh * stride_vh + dv[None, :],
+                    mask=nmask[:, None] & dvmask[None, :], other=0.0)
         if E4M3_BITS:
             v = _e4m3_bits_to_f32(v)
         v = v.to(q.dtype)  # fp8 caches upcast
@@ -174,8 +133,6 @@ def _attend_range(q, k_ptr, v_ptr, row_ptr, kvh, stride_kt, stride_kh, stride_vt
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     has = end > start
-    if V_PAIRS == 1:
-        acc = acc * 256.0  # e4m3 values were decoded as 2^-8 of themselves
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     return out, lse
@@ -188,9 +145,8 @@ def _decode_stage1(q_ptr, k_ptr, v_ptr, r2t_ptr, rpi_ptr, seq_ptr, start_ptr, mi
                    scale, n_heads, GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_START: tl.constexpr,
-                   E4M3_BITS: tl.constexpr, Q_F16: tl.constexpr, K_T: tl.constexpr,
-                   V_PAIRS: tl.constexpr, DIRECT: tl.constexpr, KV_HEADS: tl.constexpr,
-                   PDL: tl.constexpr):
+                   E4M3_BITS: tl.constexpr, Q_F16: tl.constexpr, DIRECT: tl.constexpr,
+                   KV_HEADS: tl.constexpr, PDL: tl.constexpr):
     # DIRECT (one split, no shared prefix): mid_o is the output [B, H, DV] itself, in its
     # dtype, and there is nothing to merge.  The grid is (batch x KV heads, splits), the KV
     # head varying fastest: programs start in order of their ids, so a request's heads run
@@ -224,7 +180,7 @@ def _decode_stage1(q_ptr, k_ptr, v_ptr, r2t_ptr, rpi_ptr, seq_ptr, start_ptr, mi
     out, lse = _attend_range(q, k_ptr, v_ptr, r2t_ptr + row * stride_r2t, kvh, stride_kt, stride_kh,
                              stride_vt, stride_vh, start, end, scale, d, dmask, dv, dvmask, end,
                              ROWS=BLOCK_H, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N, CAUSAL=False,
-                             E4M3_BITS=E4M3_BITS, K_T=K_T, V_PAIRS=V_PAIRS, DV=DV)
+                             E4M3_BITS=E4M3_BITS)
     if DIRECT:
         tl.store(mid_o + b * stride_mb + heads[:, None] * stride_mh + dv[None, :],
                  out.to(mid_o.dtype.element_ty), mask=hmask[:, None] & dvmask[None, :])
@@ -278,8 +234,7 @@ def _shared_prefix_kernel(q_ptr, k_ptr, v_ptr, r2t_ptr, tile_row_ptr, tile_len_p
                           GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr,
                           MEMBERS: tl.constexpr, SUBTILES: tl.constexpr, BLOCK_N: tl.constexpr,
-                          PREFIX_SPLITS: tl.constexpr, E4M3_BITS: tl.constexpr, Q_F16: tl.constexpr,
-                          K_T: tl.constexpr, V_PAIRS: tl.constexpr):
+                          PREFIX_SPLITS: tl.constexpr, E4M3_BITS: tl.constexpr, Q_F16: tl.constexpr):
     """Cascade attention, level 1: the requests of one tile share the first tile_len
     positions of the KV (the same slots, through the radix cache).  Their queries (MEMBERS
     requests x the GROUP heads of one KV head, as the rows of one matrix) attend to that
@@ -315,7 +270,7 @@ def _shared_prefix_kernel(q_ptr, k_ptr, v_ptr, r2t_ptr, tile_row_ptr, tile_len_p
     out, lse = _attend_range(q, k_ptr, v_ptr, r2t_ptr + row * stride_r2t, kvh, stride_kt, stride_kh,
                              stride_vt, stride_vh, start, end, scale, d, dmask, dv, dvmask, end,
                              ROWS=MEMBERS * BLOCK_G, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N, CAUSAL=False,
-                             E4M3_BITS=E4M3_BITS, K_T=K_T, V_PAIRS=V_PAIRS, DV=DV)
+                             E4M3_BITS=E4M3_BITS)
     tl.store(pmid_o + member[:, None] * stride_pb + heads[:, None] * stride_ph + split * stride_ps + dv[None, :],
              out, mask=rmask[:, None] & dvmask[None, :])
     tl.store(pmid_lse + member * stride_plb + heads * stride_plh + split, lse, mask=rmask)
@@ -371,15 +326,12 @@ def _warps_stages(cfg: Launch) -> dict:
 
 
 def _kv_operands(q, k_cache, v_cache):
-    """The caches as the kernels read them, whether as e4m3 bytes (E4M3_BITS), whether a
-    bfloat16 q meets an fp8 cache in float16 (Q_F16, _q_for_fp8), and whether the value
-    cache is read as 16-bit pairs of fp8 values (V_PAIRS: 1 e4m3, 2 e5m2; with Q_F16)."""
+    """The caches as the kernels read them, whether as e4m3 bytes (E4M3_BITS), and whether
+    a bfloat16 q meets an fp8 cache in float16 (Q_F16, _q_for_fp8)."""
     if k_cache.dtype == torch.float8_e4m3fn and _e4m3_as_bytes(k_cache.device):
-        return k_cache.view(torch.uint8), v_cache.view(torch.uint8), False, True, 0
-    fp8 = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}.get(k_cache.dtype, 0)
-    q_f16 = bool(fp8) and q.dtype == torch.bfloat16 and FP8_DOTS_IN_F16
-    pairs = fp8 if q_f16 and FP8_V_PAIRS and v_cache.shape[-1] % 2 == 0 and v_cache.stride(-1) == 1 else 0
-    return k_cache, v_cache.view(torch.int16) if pairs else v_cache, q_f16, False, pairs
+        return k_cache.view(torch.uint8), v_cache.view(torch.uint8), False, True
+    fp8 = k_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    return k_cache, v_cache, fp8 and q.dtype == torch.bfloat16 and FP8_DOTS_IN_F16, False
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -401,7 +353,7 @@ def _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale
     if B == 0:
         return o
     on_cpu = q.device.type == "cpu"
-    k_cache, v_cache, q_f16, e4m3_bits, v_pairs = _kv_operands(q, k_cache, v_cache)
+    k_cache, v_cache, q_f16, e4m3_bits = _kv_operands(q, k_cache, v_cache)
     splits = _num_splits(B, Hk, q.device)
     direct = splits == 1 and shared is None  # a full device: stage 1 writes the output
     if direct:
@@ -428,11 +380,10 @@ def _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale
                 pmid_o.stride(1), pmid_o.stride(2), pmid_lse.stride(0), pmid_lse.stride(1), scale, H,
                 GROUP=group, D=D, DV=DV, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_G=block_g,
                 MEMBERS=members, SUBTILES=tile // members, BLOCK_N=32 if on_cpu else PREFIX_BLOCK_N,
-                PREFIX_SPLITS=PREFIX_SPLITS, E4M3_BITS=e4m3_bits, Q_F16=q_f16, K_T=False, V_PAIRS=v_pairs,
+                PREFIX_SPLITS=PREFIX_SPLITS, E4M3_BITS=e4m3_bits, Q_F16=q_f16,
                 **({} if on_cpu else dict(num_warps=PREFIX_WARPS, num_stages=PREFIX_STAGES)))
     launch = pdl.launch(q.device)
     cfg = DECODE_LAUNCH_CPU if on_cpu else DECODE_LAUNCH[k_cache.element_size()]
-    launch = dict(launch, **_warps_stages(cfg))
     _decode_stage1[(B * Hk, splits)](
         q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, kv_start, mid_o, mid_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
@@ -440,7 +391,7 @@ def _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale
         0 if direct else mid_lse.stride(0), 0 if direct else mid_lse.stride(1), scale, H, GROUP=group,
         D=D, DV=DV, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_H=BLOCK_H,
         BLOCK_N=cfg.block_n, NUM_SPLITS=splits, HAS_START=shared is not None, E4M3_BITS=e4m3_bits,
-        Q_F16=q_f16, K_T=cfg.k_t, V_PAIRS=v_pairs, DIRECT=direct, KV_HEADS=Hk, **launch)
+        Q_F16=q_f16, DIRECT=direct, KV_HEADS=Hk, **launch, **_warps_stages(cfg))
     if direct:
         return o
     ps = (0, 0, 0, 0, 0) if shared is None else (
@@ -458,8 +409,7 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r2t_ptr, rpi_ptr, prefix_ptr, ext
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                    stride_r2t, scale, GROUP: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr,
                    DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, E4M3_BITS: tl.constexpr, Q_F16: tl.constexpr,
-                   K_T: tl.constexpr, V_PAIRS: tl.constexpr):
+                   BLOCK_N: tl.constexpr, E4M3_BITS: tl.constexpr, Q_F16: tl.constexpr):
     """One program: BLOCK_M query rows, BLOCK_M // HEADS prompt positions x HEADS query
     heads of one KV head (HEADS divides GROUP), so the K/V blocks it reads serve HEADS
     heads at once."""
@@ -490,7 +440,7 @@ def _extend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, r2t_ptr, rpi_ptr, prefix_ptr, ext
     out, _ = _attend_range(q, k_ptr, v_ptr, r2t_ptr + row * stride_r2t, kvh, stride_kt, stride_kh,
                            stride_vt, stride_vh, 0, kv_end, scale, d, dmask, dv, dvmask, prefix + m,
                            ROWS=BLOCK_M, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N, CAUSAL=True,
-                           E4M3_BITS=E4M3_BITS, K_T=K_T, V_PAIRS=V_PAIRS, DV=DV)
+                           E4M3_BITS=E4M3_BITS)
     tl.store(o_ptr + (q0 + m[:, None]) * stride_ot + h[:, None] * stride_oh + dv[None, :],
              out.to(o_ptr.dtype.element_ty), mask=mmask[:, None] & dvmask[None, :])
 
@@ -509,7 +459,12 @@ def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix
     qstart = torch.zeros(B, dtype=torch.int64, device=q.device)
     qstart[1:] = torch.cumsum(extend_lens, 0)[:-1]
     on_cpu = q.device.type == "cpu"
-    cfg = EXTEND_LAUNCH_CPU if on_cpu else EXTEND_LAUNCH[k_cache.element_size()]
+    if on_cpu:
+        cfg = EXTEND_LAUNCH_CPU
+    elif max(D, DV) > 128:
+        cfg = EXTEND_LAUNCH_WIDE
+    else:
+        cfg = EXTEND_LAUNCH[k_cache.element_size()]
     block_m = cfg.block_m
     group = H // Hk
     heads = 1
@@ -518,12 +473,11 @@ def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix
     # the grid needs the longest extend on the host: the engine passes it (ForwardBatch.
     # max_extend_len); reading it from the device would wait for all queued work
     max_ext = int(extend_lens.max()) if max_extend is None else max_extend
-    k_cache, v_cache, q_f16, e4m3_bits, v_pairs = _kv_operands(q, k_cache, v_cache)
+    k_cache, v_cache, q_f16, e4m3_bits = _kv_operands(q, k_cache, v_cache)
     _extend_kernel[(B, H // heads, triton.cdiv(max_ext, block_m // heads))](
         q, k_cache, v_cache, o, req_to_token, req_pool_indices, prefix_lens, extend_lens, qstart,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         o.stride(0), o.stride(1), req_to_token.stride(0), scale, GROUP=group, HEADS=heads, D=D, DV=DV,
         BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV), BLOCK_M=block_m,
-        BLOCK_N=cfg.block_n, E4M3_BITS=e4m3_bits, Q_F16=q_f16, K_T=cfg.k_t, V_PAIRS=v_pairs,
-        **_warps_stages(cfg))
+        BLOCK_N=cfg.block_n, E4M3_BITS=e4m3_bits, Q_F16=q_f16, **_warps_stages(cfg))
     return o
