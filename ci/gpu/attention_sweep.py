@@ -85,6 +85,32 @@ class _Grab:
         return f"  regs {getattr(ck, 'n_regs', '?')} spills {getattr(ck, 'n_spills', '?')}"
 
 
+def _sweep(ns, ta, table, dtype, configs, esize, fn, reps, error, rate, grab, asm_dir) -> None:
+    """Time fn under each launch variant (ta.<table>[esize] and ta.FP8_DOTS_IN_F16 set for
+    the call), print its time, rate(t), error(output) against native and registers, then
+    the fastest; the module's settings are restored after."""
+    launches = getattr(ta, table)
+    saved = launches[esize], ta.FP8_DOTS_IN_F16
+    best = None
+    try:
+        for cfg, f16 in _variants(dtype, configs, ns.match):
+            launches[esize], ta.FP8_DOTS_IN_F16 = cfg, f16
+            label = _label(dtype, cfg, f16)
+            try:
+                o = fn()
+                t = _time(fn, reps)
+            except Exception as e:  # a launch that does not fit (shared memory)
+                print(f"  {label}: failed: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            print(f"  {label:>72}: {t * 1e3:7.3f} ms {rate(t)}  max|diff| {error(o):.1e}{grab.info(asm_dir, label)}")
+            if best is None or t < best[0]:
+                best = (t, label)
+    finally:
+        launches[esize], ta.FP8_DOTS_IN_F16 = saved
+    if best is not None:
+        print(f"  best: {best[1]} {best[0] * 1e3:.3f} ms")
+
+
 def decode(ns, bw, ta, native, dev):
     H, Hk, D = 32, 8, 128
     grab = _Grab(ta, "_decode_stage1")
@@ -115,29 +141,11 @@ def decode(ns, bw, ta, native, dev):
             nbytes = total * Hk * D * 2 * k.element_size() + total * 4
             n = min(B, 8)
             ref = native.attention_decode(q[:n].float(), k.float(), v.float(), r2t[:n], rows[:n], sl[:n], D ** -0.5)
-            esize = k.element_size()
-            saved = ta.DECODE_LAUNCH[esize], ta.FP8_DOTS_IN_F16
-            best = None
-            try:
-                for cfg, f16 in _variants(dtype, configs, ns.match):
-                    ta.DECODE_LAUNCH[esize], ta.FP8_DOTS_IN_F16 = cfg, f16
-                    fn = lambda: ta.attention_decode(q, k, v, r2t, rows, sl, D ** -0.5)  # noqa: E731
-                    try:
-                        o = fn()
-                        t = _time(fn, ns.reps)
-                    except Exception as e:  # a launch that does not fit (shared memory)
-                        print(f"  {_label(dtype, cfg, f16)}: failed: {type(e).__name__}: {str(e)[:120]}")
-                        continue
-                    err = (o[:n].float() - ref).abs().max().item()
-                    info = grab.info(ns.asm_dir if B == ns.batch[-1] else None, _label(dtype, cfg, f16))
-                    print(f"  {_label(dtype, cfg, f16):>60}: {t * 1e3:7.3f} ms "
-                          f"{nbytes / t / 1e12:5.2f} TB/s ({nbytes / t / bw:4.0%} of copy)  max|diff| {err:.1e}{info}")
-                    if best is None or t < best[0]:
-                        best = (t, _label(dtype, cfg, f16))
-            finally:
-                ta.DECODE_LAUNCH[esize], ta.FP8_DOTS_IN_F16 = saved
-            if best is not None:
-                print(f"  best: {best[1]} {best[0] * 1e3:.3f} ms")
+            asm = ns.asm_dir if B == ns.batch[-1] else None
+            _sweep(ns, ta, "DECODE_LAUNCH", dtype, configs, k.element_size(),
+                   lambda: ta.attention_decode(q, k, v, r2t, rows, sl, D ** -0.5), ns.reps,
+                   lambda o: (o[:n].float() - ref).abs().max().item(),
+                   lambda t: f"{nbytes / t / 1e12:5.2f} TB/s ({nbytes / t / bw:4.0%} of copy)", grab, asm)
         del kf, vf
 
 
@@ -174,28 +182,10 @@ def extend(ns, ta, native, dev):
             # the last request's last 64 rows against native (float, on the upcast cache)
             ref = native.attention_extend(q[-64:].float(), k.float(), v.float(), r2t[-1:], rows[:1],
                                           pl[-1:] + el[-1:] - 64, torch.tensor([64], device=dev), D ** -0.5)
-            esize = k.element_size()
-            saved = ta.EXTEND_LAUNCH[esize], ta.FP8_DOTS_IN_F16
-            best = None
-            try:
-                for cfg, f16 in _variants(dtype, configs, ns.match):
-                    ta.EXTEND_LAUNCH[esize], ta.FP8_DOTS_IN_F16 = cfg, f16
-                    fn = lambda: ta.attention_extend(q, k, v, r2t, rows, pl, el, D ** -0.5, max(ext))  # noqa: E731
-                    try:
-                        o = fn()
-                        t = _time(fn, max(3, ns.reps // 4))
-                    except Exception as e:
-                        print(f"  {_label(dtype, cfg, f16)}: failed: {type(e).__name__}: {str(e)[:120]}")
-                        continue
-                    err = (o[-64:].float() - ref).abs().max().item()
-                    print(f"  {_label(dtype, cfg, f16):>72}: {t * 1e3:7.3f} ms "
-                          f"{flops / t / 1e12:6.1f} TFLOP/s  max|diff| {err:.1e}{grab.info(None, '')}")
-                    if best is None or t < best[0]:
-                        best = (t, _label(dtype, cfg, f16))
-            finally:
-                ta.EXTEND_LAUNCH[esize], ta.FP8_DOTS_IN_F16 = saved
-            if best is not None:
-                print(f"  best: {best[1]} {best[0] * 1e3:.3f} ms")
+            _sweep(ns, ta, "EXTEND_LAUNCH", dtype, configs, k.element_size(),
+                   lambda: ta.attention_extend(q, k, v, r2t, rows, pl, el, D ** -0.5, max(ext)),
+                   max(3, ns.reps // 4), lambda o: (o[-64:].float() - ref).abs().max().item(),
+                   lambda t: f"{flops / t / 1e12:6.1f} TFLOP/s", grab, None)
         del kf, vf
 
 
