@@ -39,7 +39,7 @@ class Launch(NamedTuple):
 
 # By the cache's bytes per element, on a GPU; ci/gpu/attention_sweep.py times alternatives.
 DECODE_LAUNCH = {4: Launch(), 2: Launch(), 1: Launch()}
-# fp8 extend: 128 rows of a KV head's 4 heads x 32 positions, 128 keys, 8 warps: 1.5-1.65x
+# fp8 extend: 128 rows of a KV head's 4 heads x 32 positions, 128 keys, 8 warps: 1.4-1.6x
 # the one-head launch (H200, session 19); for 16-bit caches the one-head launch was fastest.
 # Head sizes above 128 keep the one-head launch: the large one's pipelined blocks would not
 # fit an A100's or an MI300's shared memory (EXTEND_LAUNCH_WIDE).
