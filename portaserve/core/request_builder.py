@@ -35,10 +35,7 @@ def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=F
         raise InvalidRequest("input_ids must be a list of integers", "input_ids")
     if not input_ids:
         raise InvalidRequest("the prompt is empty", "prompt")
-    bad = [t for t in input_ids if not 0 <= t < limits.vocab_size]
-    if bad:
-        raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (size {limits.vocab_size})",
-                             "input_ids")
+    _in_vocab(limits, input_ids, "input_ids", "")
     if limits.sampling_defaults and (sp is None or isinstance(sp, dict)):
         sp = dict(sp or {})
         for k, v in limits.sampling_defaults.items():
@@ -73,15 +70,9 @@ def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=F
         raise InvalidRequest(
             f"prompt + max_new_tokens ({len(input_ids) + params.max_new_tokens}) exceeds the KV "
             f"pool ({limits.pool_tokens} tokens)", "max_new_tokens")
-    bad = [t for t in params.stop_token_ids or () if not 0 <= t < limits.vocab_size]
-    if bad:  # could never be sampled: a typo, or ids of another model's vocabulary
-        raise InvalidRequest(f"stop_token_ids: token id {bad[0]} is outside the vocabulary (size "
-                             f"{limits.vocab_size})", "stop_token_ids")
-    if params.logit_bias:
-        bad = [t for t in params.logit_bias if not 0 <= t < limits.vocab_size]
-        if bad:
-            raise InvalidRequest(f"logit_bias: token id {bad[0]} is outside the vocabulary (size "
-                                 f"{limits.vocab_size})", "logit_bias")
+    # ids that could never be sampled: a typo, or ids of another model's vocabulary
+    _in_vocab(limits, params.stop_token_ids or (), "stop_token_ids", "stop_token_ids: ")
+    _in_vocab(limits, params.logit_bias or (), "logit_bias", "logit_bias: ")
     for kind in ("json_schema", "regex", "ebnf"):
         value = getattr(params, kind)
         if value is None:
@@ -114,6 +105,12 @@ def build_req(limits: Limits, tokenizer, prompt, input_ids, sp, return_logprob=F
                              f"position in the prompt, below its {len(input_ids)} tokens", "logprob_start_len")
     return Req(rid or uuid.uuid4().hex, list(input_ids), params, bool(return_logprob), start,
                int(top_logprobs_num or 0))
+
+
+def _in_vocab(limits: Limits, ids, param: str, prefix: str) -> None:
+    bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"{prefix}token id {bad} is outside the vocabulary (size {limits.vocab_size})", param)
 
 
 def copy_params(sp, j: int):
