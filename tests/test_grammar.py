@@ -634,3 +634,40 @@ def test_lookahead_detection():
     assert has_lookahead("a(?=b)") and has_lookahead("(?!x)y") and has_lookahead("[a](?=b)")
     assert not has_lookahead(r"\(?=b") and not has_lookahead("[(?=]b") and not has_lookahead("(?:a)b")
     assert not has_lookahead(r"[\]](?:=)")
+
+
+def test_constraint_verdicts_are_cached_and_bounded(monkeypatch):
+    """validate_constraint keeps each (kind, text)'s verdict: a repeated constraint is not
+    parsed again, a bad one is refused again with the same message, and the texts kept stay
+    within CHECKED_CHARS (least recently used dropped first)."""
+    import uuid
+
+    from portaserve.core import grammar
+
+    calls = []
+    real = grammar._validate
+    monkeypatch.setattr(grammar, "_validate", lambda kind, text: (calls.append(text), real(kind, text))[1])
+    tag = uuid.uuid4().hex[:8]
+    good, bad = f"a{tag}[0-9]+", f"a{tag}[0-9"
+    for _ in range(2):
+        grammar.validate_constraint("regex", good)
+    msgs = []
+    for _ in range(2):
+        with pytest.raises(grammar.GrammarError) as e:
+            grammar.validate_constraint("regex", bad)
+        msgs.append(str(e.value))
+    assert calls == [good, bad] and msgs[0] == msgs[1] and msgs[0].startswith("invalid regex")
+
+    from collections import OrderedDict
+
+    monkeypatch.setattr(grammar, "_checked", OrderedDict())  # other tests' verdicts left out
+    monkeypatch.setattr(grammar, "_checked_chars", 0)
+    monkeypatch.setattr(grammar, "CHECKED_CHARS", 3 * len(good))
+    texts = [f"b{tag}{i}[0-9]" for i in range(5)]  # as long as good
+    for t in texts:
+        grammar.validate_constraint("regex", t)
+    assert grammar._checked_chars <= grammar.CHECKED_CHARS
+    assert ("regex", texts[-1]) in grammar._checked and ("regex", texts[0]) not in grammar._checked
+    calls.clear()
+    grammar.validate_constraint("regex", texts[0])  # dropped: checked again
+    assert calls == [texts[0]]

@@ -69,28 +69,74 @@ _validator: Optional[ThreadPoolExecutor] = None
 _validator_lock = threading.Lock()
 
 
-def deep_stack_pool(name: str) -> ThreadPoolExecutor:
-    """A one-thread pool whose thread has a DEEP_STACK stack."""
+def deep_stack_pool(name: str, workers: int = 1) -> ThreadPoolExecutor:
+    """A pool whose threads have DEEP_STACK stacks."""
     old = threading.stack_size()
     try:
         threading.stack_size(DEEP_STACK)
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        pool.submit(lambda: None).result()  # its thread starts now, with that stack
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        # its threads start now, with that stack: each task holds one until all have started
+        started = threading.Barrier(workers + 1)
+        for _ in range(workers):
+            pool.submit(started.wait)
+        started.wait()
     finally:
         threading.stack_size(old)
     return pool
 
 
+# Checked constraints, (kind, text) -> None (valid) or the GrammarError's message, least
+# recently used first: clients repeat their schemas, and the server checks each request's
+# constraints ahead of building it (check_ahead), then the build finds the verdict here.
+_checked: "OrderedDict[tuple[str, str], Optional[str]]" = OrderedDict()
+CHECK_THREADS = 4
+CHECKED_CHARS = 16 << 20  # the texts kept, at most (a few 1 MiB constraints, or many schemas)
+_checked_chars = 0
+
+
 def validate_constraint(kind: str, text: str) -> None:
     """Raise GrammarError naming the problem if the constraint cannot be compiled."""
-    global _validator
+    global _validator, _checked_chars
     if len(text) > MAX_CONSTRAINT_CHARS:
         raise GrammarError(f"the {kind} is {len(text)} characters long, more than the "
                            f"{MAX_CONSTRAINT_CHARS} allowed")
+    key = (kind, text)
     with _validator_lock:
+        if key in _checked:
+            _checked.move_to_end(key)
+            why = _checked[key]
+            if why is not None:
+                raise GrammarError(why)
+            return
         if _validator is None:
-            _validator = deep_stack_pool("grammar-check")
-    return _validator.submit(_validate, kind, text).result()
+            # a few threads: a large constraint's check holds one, not the others' checks
+            _validator = deep_stack_pool("grammar-check", CHECK_THREADS)
+    try:
+        _validator.submit(_validate, kind, text).result()
+        why = None
+    except GrammarError as e:
+        why = str(e)
+    with _validator_lock:
+        if key not in _checked:
+            _checked[key] = why
+            _checked_chars += len(text)
+            while _checked_chars > CHECKED_CHARS:
+                (_, old), _ = _checked.popitem(last=False)
+                _checked_chars -= len(old)
+    if why is not None:
+        raise GrammarError(why)
+
+
+def check_ahead(constraints) -> None:
+    """Check (kind, value) pairs as the request builder will (normalise, then
+    validate_constraint), keeping the verdicts for it: the server calls this off its one
+    request-building thread, so a large constraint's check (seconds near the 1 MiB limit)
+    holds only its own request.  Errors are left to the build, which words them."""
+    for kind, value in constraints:
+        try:
+            validate_constraint(kind, normalise(kind, value))
+        except Exception:  # noqa: BLE001 - the build checks again and refuses it
+            pass
 
 
 def _validate(kind: str, text: str) -> None:

@@ -41,6 +41,20 @@ def make_req(client: SchedulerClient, prompt, input_ids, sp: dict, return_logpro
         raise err
 
 
+async def check_constraints(client: SchedulerClient, sps) -> None:
+    """Check the constraints of these sampling params (dicts; others are the build's to
+    refuse) on a worker thread, before the request is built: the build then finds each
+    verdict cached (grammar.check_ahead), and other requests are not built behind a
+    large constraint's check."""
+    if client.limits is None or not client.limits.grammar:
+        return
+    from portaserve.core.grammar import KINDS, check_ahead
+
+    work = [(k, sp[k]) for sp in sps if isinstance(sp, dict) for k in KINDS if sp.get(k) is not None]
+    if work:
+        await asyncio.get_running_loop().run_in_executor(None, check_ahead, work)
+
+
 def submit(client: SchedulerClient, reqs: list[Req], aborted: Optional[set] = None) -> list[ReqState]:
     try:
         return client.submit(reqs, aborted=aborted)

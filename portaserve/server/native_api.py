@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from portaserve.core.request_builder import copy_params
 from portaserve.core.sampling_params import MAX_N, lax_int
-from portaserve.server.common import (SSE_DONE, check_abort, dead_error, follow, make_req, sse,
+from portaserve.server.common import (SSE_DONE, check_abort, check_constraints, dead_error, follow, make_req, sse,
                                       sse_error, start_stream, submit, wait_all)
 from portaserve.server.errors import APIError, bad_request, get, read_json_object, refuse_unsupported
 from portaserve.server.manager import ReqState, SchedulerDead
@@ -139,6 +139,8 @@ async def generate(request: Request):
     body = await read_json_object(request)
     stream = get(body, "stream", bool, False)
     with_text = get(body, "return_text_in_logprobs", bool, False)
+    sps = body.get("sampling_params")
+    await check_constraints(client, sps if isinstance(sps, list) else [sps])
     with client.building_request(body.get("rid")) as aborted:  # an /abort_request meanwhile
         reqs, batch = await client.off_loop(_build_reqs, client, body)
         states = submit(client, reqs, aborted)

@@ -17,7 +17,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from portaserve.core.request_builder import copy_params
 from portaserve.core.sampling_params import MAX_N
-from portaserve.server.common import (SSE_DONE, abort_event, check_abort, dead_error, failed,
+from portaserve.server.common import (SSE_DONE, abort_event, check_abort, check_constraints, dead_error, failed,
                                       follow, make_req, sse, sse_error, start_stream, submit, wait_all)
 from portaserve.server.errors import APIError, bad_request, get, read_json_object, refuse_unsupported
 from portaserve.server import reasoning, tool_calls
@@ -375,6 +375,7 @@ async def completions(request: Request):
                                     if c.tokenizer is not None else "")
         return reqs, prompt_texts
 
+    await check_constraints(c, [sp])
     with c.building_request(body.get("rid")) as aborted:  # an /abort_request meanwhile
         reqs, prompt_texts = await c.off_loop(build)
         _set_rids(body, reqs)
@@ -624,6 +625,7 @@ async def chat_completions(request: Request):
                          param_rename={"prompt": "messages"})
                 for j in range(n)]
 
+    await check_constraints(c, [sp])
     with c.building_request(body.get("rid")) as aborted:  # an /abort_request meanwhile
         reqs = await c.off_loop(build)
         _set_rids(body, reqs)

@@ -325,3 +325,55 @@ def test_a_constrained_stream_still_queued_after_the_hold_starts(monkeypatch):
 
     started, waited, live = asyncio.run(main())
     assert started is True and 0.25 < waited < 2.0 and live == 1
+
+
+def test_a_slow_constraint_check_holds_only_its_own_request(monkeypatch):
+    """Constraints are checked before their request is built, off the one building thread
+    (common.check_constraints): while one constraint's check runs (held here; seconds for a
+    regex near the 1 MiB limit), an unconstrained request and one with another constraint
+    are built, answered, and the held one is answered after.  A bad constraint is refused
+    with the build's wording, whether its verdict is new or cached."""
+    import uuid
+
+    from portaserve.core import grammar
+
+    tag = uuid.uuid4().hex[:8]  # verdicts are cached per text: fresh texts for this test
+    slow, other, bad = f"slow{tag}[a-z]+", f"fast{tag}[0-9]+", f"bad{tag}[a-z"
+    gate, entered = threading.Event(), threading.Event()
+    real = grammar._validate
+
+    def held(kind, text):
+        if text == slow:
+            entered.set()
+            assert gate.wait(20)
+        return real(kind, text)
+
+    monkeypatch.setattr(grammar, "_validate", held)
+
+    async def fn(http, c, fake):
+        c.limits = Limits(context_len=512, vocab_size=100, pool_tokens=4096, grammar=True)
+        fake.finish = {"type": "length"}
+        fake.loop = asyncio.get_running_loop()
+        held_req = asyncio.create_task(http.post("/generate", json={
+            **GEN, "sampling_params": {"max_new_tokens": 4, "regex": slow}}))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        plain = await http.post("/v1/completions", json=CMPL)
+        constrained = await http.post("/v1/completions", json={**CMPL, "regex": other})
+        refused = [await http.post("/generate", json={**GEN, "sampling_params": {"regex": bad}})
+                   for _ in range(2)]  # the second finds the first's verdict
+        still_held = not held_req.done()
+        gate.set()
+        return plain, constrained, refused, still_held, await held_req, fake
+
+    plain, constrained, refused, still_held, held_r, fake = _run(ABORTED, fn)
+    assert still_held
+    assert plain.status_code == 200 and constrained.status_code == 200, (plain.text, constrained.text)
+    assert held_r.status_code == 200, held_r.text
+    assert held_r.json()["meta_info"]["finish_reason"] == {"type": "length"}
+    for r in refused:
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "regex" and err["message"].startswith("invalid regex"), err
+    assert refused[0].json() == refused[1].json()
+    added = [m[1].sampling.regex for m in fake.sent if m[0] == "add"]
+    assert added[-1] == slow and set(added) == {None, other, slow}  # the held one was added last
