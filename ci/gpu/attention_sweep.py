@@ -1,5 +1,5 @@
 """The Triton attention kernels' launch (attention.Launch: rows and keys per block, warps,
-stages, heads per program) and, over an fp8 cache, the dtype of the dots (bfloat16 or
+stages, heads per program, a register cap) and, over an fp8 cache, the dtype of the dots (bfloat16 or
 float16: attention.FP8_DOTS_IN_F16), timed per cache dtype on shapes of the offline
 benchmark (Llama-3.1-8B: 32 query / 8 KV heads x 128).
 
@@ -117,7 +117,8 @@ def decode(ns, bw, ta, native, dev):
     L = ta.Launch
     configs = [L(), L(block_n=128, warps=4, stages=2), L(warps=4, stages=4), L(block_n=32, warps=4, stages=3),
                L(warps=8, stages=3), L(block_n=128, warps=8, stages=2), L(warps=4, stages=2), L(warps=4, stages=1),
-               L(block_n=128, warps=4, stages=1)]
+               L(block_n=128, warps=4, stages=1), L(maxnreg=128), L(block_n=128, warps=4, stages=2, maxnreg=128),
+               L(maxnreg=96), L(block_n=32, warps=4, stages=3, maxnreg=96)]
     for B in ns.batch:
         g = torch.Generator().manual_seed(ns.seed + B)
         inp = torch.randint(1, 4097, (B,), generator=g)

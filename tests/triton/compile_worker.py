@@ -57,7 +57,10 @@ def compile_launch(req):
         backend = make_backend(target)
         attrs = {(i,): backend.parse_attr(spec) for i, spec in req["attrs"][target.backend]}
         src = ASTSource(fn, req["signature"], constexprs=constexprs, attrs=attrs)
-        kernel = triton.compile(src, target=target, options=req["options"])
+        options = dict(req["options"])
+        if target.backend == "hip":
+            options.pop("maxnreg", None)  # NVIDIA only: attention._options drops it on ROCm
+        kernel = triton.compile(src, target=target, options=options)
         limit = SHARED_LIMIT[(target.backend, target.arch)]
         if kernel.metadata.shared > limit:
             raise RuntimeError(f"{target.backend} {target.arch}: needs {kernel.metadata.shared} bytes of "

@@ -69,7 +69,7 @@ def _signature(fn, args, kwargs):
         for b, (_, spec) in specs.items():
             if spec:
                 attrs[b].append((i, spec))
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     return {"module": fn.__module__, "name": fn.__name__, "signature": sig, "constexprs": consts,
             "attrs": attrs, "options": options}
 

@@ -29,16 +29,21 @@ class Launch(NamedTuple):
     """How an attention kernel is launched: query rows per program (extend), keys per
     block, warps and pipeline stages (None: Triton's default for the device), and whether
     a program's rows are a KV head's query heads together (extend: positions x heads, so
-    each K/V block read serves them all)."""
+    each K/V block read serves them all); maxnreg caps the registers per thread (NVIDIA's
+    .maxnreg: more programs per SM, at the risk of spills; ignored elsewhere)."""
     block_m: int = 64
     block_n: int = 64
     warps: Optional[int] = None
     stages: Optional[int] = None
     grouped: bool = False
+    maxnreg: Optional[int] = None
 
 
 # By the cache's bytes per element, on a GPU; ci/gpu/attention_sweep.py times alternatives.
-DECODE_LAUNCH = {4: Launch(), 2: Launch(), 1: Launch()}
+# fp8 decode capped at 128 registers: 0.467 ms against 0.497 ms uncapped (156 registers),
+# no spills, batch 256 x ~2.5k cached tokens (H200, session 20); a 16-bit cache's kernel
+# spills under that cap and was no faster.
+DECODE_LAUNCH = {4: Launch(), 2: Launch(), 1: Launch(maxnreg=128)}
 # fp8 extend: 128 rows of a KV head's 4 heads x 32 positions, 128 keys, 8 warps: 1.4-1.6x
 # the one-head launch (H200, session 19); for 16-bit caches the one-head launch was fastest.
 # Head sizes above 128 keep the one-head launch: the large one's pipelined blocks would not
@@ -321,8 +326,11 @@ def _e4m3_as_bytes(device) -> bool:
     return _E4M3_BYTES[device]
 
 
-def _warps_stages(cfg: Launch) -> dict:
-    return {k: v for k, v in (("num_warps", cfg.warps), ("num_stages", cfg.stages)) if v is not None}
+def _options(cfg: Launch) -> dict:
+    """A Launch's compile options for a GPU launch, those it sets."""
+    opts = {"num_warps": cfg.warps, "num_stages": cfg.stages,
+            "maxnreg": None if torch.version.hip else cfg.maxnreg}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def _kv_operands(q, k_cache, v_cache):
@@ -391,7 +399,7 @@ def _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale
         0 if direct else mid_lse.stride(0), 0 if direct else mid_lse.stride(1), scale, H, GROUP=group,
         D=D, DV=DV, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_H=BLOCK_H,
         BLOCK_N=cfg.block_n, NUM_SPLITS=splits, HAS_START=shared is not None, E4M3_BITS=e4m3_bits,
-        Q_F16=q_f16, DIRECT=direct, KV_HEADS=Hk, **launch, **_warps_stages(cfg))
+        Q_F16=q_f16, DIRECT=direct, KV_HEADS=Hk, **launch, **_options(cfg))
     if direct:
         return o
     ps = (0, 0, 0, 0, 0) if shared is None else (
@@ -479,5 +487,5 @@ def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         o.stride(0), o.stride(1), req_to_token.stride(0), scale, GROUP=group, HEADS=heads, D=D, DV=DV,
         BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV), BLOCK_M=block_m,
-        BLOCK_N=cfg.block_n, E4M3_BITS=e4m3_bits, Q_F16=q_f16, **_warps_stages(cfg))
+        BLOCK_N=cfg.block_n, E4M3_BITS=e4m3_bits, Q_F16=q_f16, **_options(cfg))
     return o
