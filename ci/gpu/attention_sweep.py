@@ -118,7 +118,9 @@ def decode(ns, bw, ta, native, dev):
     configs = [L(), L(block_n=128, warps=4, stages=2), L(warps=4, stages=4), L(block_n=32, warps=4, stages=3),
                L(warps=8, stages=3), L(block_n=128, warps=8, stages=2), L(warps=4, stages=2), L(warps=4, stages=1),
                L(block_n=128, warps=4, stages=1), L(maxnreg=128), L(block_n=128, warps=4, stages=2, maxnreg=128),
-               L(maxnreg=96), L(block_n=32, warps=4, stages=3, maxnreg=96)]
+               L(maxnreg=96), L(block_n=32, warps=4, stages=3, maxnreg=96), L(stages=4, maxnreg=128),
+               L(stages=5, maxnreg=128), L(block_n=128, warps=8, stages=2, maxnreg=128),
+               L(block_n=128, warps=8, stages=3, maxnreg=128), L(block_n=32, stages=5, maxnreg=128)]
     for B in ns.batch:
         g = torch.Generator().manual_seed(ns.seed + B)
         inp = torch.randint(1, 4097, (B,), generator=g)
