@@ -18,6 +18,9 @@ run one_batch python3 -m portaserve.bench.one_batch $M --context-length 8192 --b
   --input-len 128 --output-len 64 --compare-hf --output-file $OUT/one_batch.json
 run offline_random python3 -m portaserve.bench.offline $M --dataset random --num-prompts 500 \
   --random-input-len 4096 --random-output-len 2048 --random-range-ratio 0 --output-file $OUT/offline_random.json
+# the same with an fp8 KV cache: twice the tokens in the pool (on an H100 the bf16 pool caps the batch)
+run offline_random_fp8 python3 -m portaserve.bench.offline $M --dataset random --num-prompts 500 --kv-cache-dtype fp8_e4m3 \
+  --random-input-len 4096 --random-output-len 2048 --random-range-ratio 0 --output-file $OUT/offline_random_fp8.json
 run offline_gsp python3 -m portaserve.bench.offline $M --dataset generated-shared-prefix --gsp-num-groups 64 \
   --gsp-prompts-per-group 16 --gsp-system-prompt-len 2048 --gsp-question-len 128 --gsp-output-len 256 \
   --schedule-policy lpm --compare-cascade-off --compare-no-cache --output-file $OUT/offline_gsp.json
