@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import jsonschema
 import pytest
@@ -671,3 +672,57 @@ def test_constraint_verdicts_are_cached_and_bounded(monkeypatch):
     calls.clear()
     grammar.validate_constraint("regex", texts[0])  # dropped: checked again
     assert calls == [texts[0]]
+
+
+def test_one_check_per_constraint_in_flight(monkeypatch):
+    """check_ahead starts a constraint's check on the checking threads and returns its
+    future; a second check_ahead and the build (validate_constraint) of the same text,
+    while it runs, wait on that check rather than repeating it, and all get its verdict.
+    A check dropped at a server's close (cancelled while queued) is done by the build
+    itself."""
+    import uuid
+    from concurrent.futures import Future
+
+    from portaserve.core import grammar
+
+    tag = uuid.uuid4().hex[:8]
+    slow, bad = f"s{tag}[a-z]+", f"s{tag}[a-z"
+    gate, calls = threading.Event(), []
+    real = grammar._validate
+
+    def held(kind, text):
+        calls.append(text)
+        if text in (slow, bad):
+            assert gate.wait(20)
+        return real(kind, text)
+
+    monkeypatch.setattr(grammar, "_validate", held)
+    first = grammar.check_ahead([("regex", slow), ("regex", bad)])
+    again = grammar.check_ahead([("regex", slow), ("regex", bad)])
+    assert len(first) == 2 and first == again
+    outcome = {}
+
+    def build(text):
+        try:
+            grammar.validate_constraint("regex", text)
+            outcome[text] = None
+        except grammar.GrammarError as e:
+            outcome[text] = str(e)
+
+    builders = [threading.Thread(target=build, args=(t,)) for t in (slow, bad)]
+    for t in builders:
+        t.start()
+    gate.set()
+    for t in builders:
+        t.join(20)
+    assert calls.count(slow) == 1 and calls.count(bad) == 1
+    assert outcome[slow] is None and outcome[bad].startswith("invalid regex")
+    assert grammar.check_ahead([("regex", slow)]) == []  # its verdict is kept: nothing to wait for
+
+    # a queued check cancelled (a server closing): the build checks on its own thread
+    late = f"l{tag}[0-9]+"
+    queued = Future()
+    queued.cancel()
+    grammar._inflight[("regex", late)] = queued
+    grammar.validate_constraint("regex", late)
+    assert calls.count(late) == 1 and ("regex", late) in grammar._checked and ("regex", late) not in grammar._inflight

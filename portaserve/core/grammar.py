@@ -22,7 +22,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -65,7 +65,7 @@ def normalise(kind: str, value) -> str:
 # chain of ~10k $refs; ~0.5 s to convert).
 DEEP_STACK = 256 << 20
 MAX_CONSTRAINT_CHARS = 1 << 20
-_validator: Optional[ThreadPoolExecutor] = None
+_pools: dict = {}  # name -> ThreadPoolExecutor (deep stacks), made on first use
 _validator_lock = threading.Lock()
 
 
@@ -77,45 +77,75 @@ def deep_stack_pool(name: str, workers: int = 1) -> ThreadPoolExecutor:
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
         # its threads start now, with that stack: each task holds one until all have started
         started = threading.Barrier(workers + 1)
-        for _ in range(workers):
-            pool.submit(started.wait)
-        started.wait()
+        try:
+            for _ in range(workers):
+                pool.submit(started.wait)
+            started.wait()
+        except BaseException:  # a thread could not start (e.g. no room for its stack)
+            started.abort()  # releases those that did
+            pool.shutdown(wait=False)
+            raise
     finally:
         threading.stack_size(old)
     return pool
 
 
+def _pool(name: str, workers: int) -> ThreadPoolExecutor:
+    with _validator_lock:
+        if name not in _pools:
+            _pools[name] = deep_stack_pool(name, workers)
+        return _pools[name]
+
+
 # Checked constraints, (kind, text) -> None (valid) or the GrammarError's message, least
 # recently used first: clients repeat their schemas, and the server checks each request's
 # constraints ahead of building it (check_ahead), then the build finds the verdict here.
+# A check under way is in _inflight, so a second caller waits on it rather than repeating it.
 _checked: "OrderedDict[tuple[str, str], Optional[str]]" = OrderedDict()
+_inflight: "dict[tuple[str, str], Future]" = {}
 CHECK_THREADS = 4
 CHECKED_CHARS = 16 << 20  # the texts kept, at most (a few 1 MiB constraints, or many schemas)
 _checked_chars = 0
 
 
-def validate_constraint(kind: str, text: str) -> None:
-    """Raise GrammarError naming the problem if the constraint cannot be compiled."""
-    global _validator, _checked_chars
+def _length_check(kind: str, text: str) -> None:
     if len(text) > MAX_CONSTRAINT_CHARS:
         raise GrammarError(f"the {kind} is {len(text)} characters long, more than the "
                            f"{MAX_CONSTRAINT_CHARS} allowed")
+
+
+def _verdict_or_check(kind: str, text: str, pool: str, workers: int) -> "tuple[Optional[str], Optional[Future]]":
+    """The cached verdict (message or None) and no future; or no verdict and the future of
+    the check under way (started here on the named pool when none is)."""
     key = (kind, text)
     with _validator_lock:
         if key in _checked:
             _checked.move_to_end(key)
-            why = _checked[key]
-            if why is not None:
-                raise GrammarError(why)
-            return
-        if _validator is None:
-            # a few threads: a large constraint's check holds one, not the others' checks
-            _validator = deep_stack_pool("grammar-check", CHECK_THREADS)
+            return _checked[key], None
+        fut = _inflight.get(key)
+        if fut is not None and not fut.cancelled():
+            return None, fut
+    executor = _pool(pool, workers)
+    with _validator_lock:
+        fut = _inflight.get(key)
+        if fut is None or fut.cancelled():
+            fut = _inflight[key] = executor.submit(_validate, kind, text)
+        return None, fut
+
+
+def _record(kind: str, text: str, fut: Future) -> Optional[str]:
+    """The verdict of a finished check (kept in _checked); other exceptions propagate."""
+    global _checked_chars
+    key = (kind, text)
     try:
-        _validator.submit(_validate, kind, text).result()
+        fut.result()
         why = None
     except GrammarError as e:
         why = str(e)
+    finally:
+        with _validator_lock:
+            if _inflight.get(key) is fut:
+                del _inflight[key]
     with _validator_lock:
         if key not in _checked:
             _checked[key] = why
@@ -123,20 +153,55 @@ def validate_constraint(kind: str, text: str) -> None:
             while _checked_chars > CHECKED_CHARS:
                 (_, old), _ = _checked.popitem(last=False)
                 _checked_chars -= len(old)
+    return why
+
+
+def validate_constraint(kind: str, text: str) -> None:
+    """Raise GrammarError naming the problem if the constraint cannot be compiled.  The
+    request builder calls this: it finds check_ahead's verdict, waits for its check if one
+    is under way, or checks on its own thread."""
+    _length_check(kind, text)
+    why, fut = _verdict_or_check(kind, text, "grammar-check", 1)
+    if fut is not None:
+        try:
+            why = _record(kind, text, fut)
+        except CancelledError:  # check_ahead's queued check, dropped at a server's close
+            why = _record(kind, text, _pool("grammar-check", 1).submit(_validate, kind, text))
     if why is not None:
         raise GrammarError(why)
 
 
-def check_ahead(constraints) -> None:
-    """Check (kind, value) pairs as the request builder will (normalise, then
-    validate_constraint), keeping the verdicts for it: the server calls this off its one
-    request-building thread, so a large constraint's check (seconds near the 1 MiB limit)
-    holds only its own request.  Errors are left to the build, which words them."""
+def check_ahead(constraints) -> "list[Future]":
+    """Start checking (kind, value) pairs as the request builder will (normalise, then
+    validate_constraint) on CHECK_THREADS threads of their own, and return the checks'
+    futures (done ones included).  The server awaits them off its one request-building
+    thread, so a large constraint's check (seconds near the 1 MiB limit) holds only its own
+    request; the build then finds the verdicts.  Bad values are left to the build, which
+    words its refusal."""
+    futures = []
     for kind, value in constraints:
         try:
-            validate_constraint(kind, normalise(kind, value))
-        except Exception:  # noqa: BLE001 - the build checks again and refuses it
-            pass
+            text = normalise(kind, value)
+            _length_check(kind, text)
+        except GrammarError:
+            continue
+        why, fut = _verdict_or_check(kind, text, "grammar-ahead", CHECK_THREADS)
+        if fut is not None:
+            fut.add_done_callback(lambda f, kind=kind, text=text: _record_quietly(kind, text, f))
+            futures.append(fut)
+    return futures
+
+
+def _record_quietly(kind: str, text: str, fut: Future) -> None:
+    if fut.cancelled():
+        with _validator_lock:
+            if _inflight.get((kind, text)) is fut:
+                del _inflight[(kind, text)]
+        return
+    try:
+        _record(kind, text, fut)
+    except Exception:  # noqa: BLE001 - not a GrammarError: the build checks again and says
+        pass
 
 
 def _validate(kind: str, text: str) -> None:

@@ -43,16 +43,23 @@ def make_req(client: SchedulerClient, prompt, input_ids, sp: dict, return_logpro
 
 async def check_constraints(client: SchedulerClient, sps) -> None:
     """Check the constraints of these sampling params (dicts; others are the build's to
-    refuse) on a worker thread, before the request is built: the build then finds each
-    verdict cached (grammar.check_ahead), and other requests are not built behind a
-    large constraint's check."""
+    refuse) on the checking threads (grammar.check_ahead) before the request is built: the
+    build then finds each verdict, and other requests are not built behind a large
+    constraint's check.  Called inside building_request, so an /abort_request meanwhile
+    still applies."""
     if client.limits is None or not client.limits.grammar:
         return
     from portaserve.core.grammar import KINDS, check_ahead
 
     work = [(k, sp[k]) for sp in sps if isinstance(sp, dict) for k in KINDS if sp.get(k) is not None]
-    if work:
-        await asyncio.get_running_loop().run_in_executor(None, check_ahead, work)
+    futures = check_ahead(work) if work else []
+    if not futures:
+        return
+    client.checks.update(futures)
+    try:  # a check's outcome is the build's to report: only wait here
+        await asyncio.wait([asyncio.wrap_future(f) for f in futures])
+    finally:
+        client.checks.difference_update(futures)
 
 
 def submit(client: SchedulerClient, reqs: list[Req], aborted: Optional[set] = None) -> list[ReqState]:

@@ -115,6 +115,9 @@ class SchedulerClient:
         # requests being built (see building_request): the ids each body names, and the
         # ids /abort_request named for it meanwhile
         self.building: list[tuple[list[str], set[str]]] = []
+        # constraint checks requests await before their build (common.check_constraints):
+        # those still queued are dropped at close
+        self.checks: set = set()
         self.num_inflight = 0  # submitted, not yet finished in the scheduler
         self.pending: dict[str, asyncio.Future] = {}
         self.dead: Optional[str] = None
@@ -400,6 +403,8 @@ class SchedulerClient:
         for t in self._tasks:
             t.cancel()
         self._builder.shutdown(wait=False, cancel_futures=True)
+        for fut in list(self.checks):
+            fut.cancel()
         if self.proc is not None and self.proc.is_alive():
             try:
                 self._send.send_pyobj(("shutdown",))

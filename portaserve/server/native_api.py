@@ -140,8 +140,8 @@ async def generate(request: Request):
     stream = get(body, "stream", bool, False)
     with_text = get(body, "return_text_in_logprobs", bool, False)
     sps = body.get("sampling_params")
-    await check_constraints(client, sps if isinstance(sps, list) else [sps])
     with client.building_request(body.get("rid")) as aborted:  # an /abort_request meanwhile
+        await check_constraints(client, sps if isinstance(sps, list) else [sps])
         reqs, batch = await client.off_loop(_build_reqs, client, body)
         states = submit(client, reqs, aborted)
     texts = request.app.state.token_texts

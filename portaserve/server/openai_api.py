@@ -375,8 +375,8 @@ async def completions(request: Request):
                                     if c.tokenizer is not None else "")
         return reqs, prompt_texts
 
-    await check_constraints(c, [sp])
     with c.building_request(body.get("rid")) as aborted:  # an /abort_request meanwhile
+        await check_constraints(c, [sp])
         reqs, prompt_texts = await c.off_loop(build)
         _set_rids(body, reqs)
         states = submit(c, reqs, aborted)
@@ -625,8 +625,8 @@ async def chat_completions(request: Request):
                          param_rename={"prompt": "messages"})
                 for j in range(n)]
 
-    await check_constraints(c, [sp])
     with c.building_request(body.get("rid")) as aborted:  # an /abort_request meanwhile
+        await check_constraints(c, [sp])
         reqs = await c.off_loop(build)
         _set_rids(body, reqs)
         states = submit(c, reqs, aborted)

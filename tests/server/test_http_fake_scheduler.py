@@ -354,16 +354,18 @@ def test_a_slow_constraint_check_holds_only_its_own_request(monkeypatch):
         c.limits = Limits(context_len=512, vocab_size=100, pool_tokens=4096, grammar=True)
         fake.finish = {"type": "length"}
         fake.loop = asyncio.get_running_loop()
-        held_req = asyncio.create_task(http.post("/generate", json={
-            **GEN, "sampling_params": {"max_new_tokens": 4, "regex": slow}}))
-        while not entered.is_set():
-            await asyncio.sleep(0.01)
-        plain = await http.post("/v1/completions", json=CMPL)
-        constrained = await http.post("/v1/completions", json={**CMPL, "regex": other})
-        refused = [await http.post("/generate", json={**GEN, "sampling_params": {"regex": bad}})
-                   for _ in range(2)]  # the second finds the first's verdict
-        still_held = not held_req.done()
-        gate.set()
+        try:
+            held_req = asyncio.create_task(http.post("/generate", json={
+                **GEN, "sampling_params": {"max_new_tokens": 4, "regex": slow}}))
+            while not entered.is_set():
+                await asyncio.sleep(0.01)
+            plain = await http.post("/v1/completions", json=CMPL)
+            constrained = await http.post("/v1/completions", json={**CMPL, "regex": other})
+            refused = [await http.post("/generate", json={**GEN, "sampling_params": {"regex": bad}})
+                       for _ in range(2)]  # the second finds the first's verdict
+            still_held = not held_req.done()
+        finally:
+            gate.set()
         return plain, constrained, refused, still_held, await held_req, fake
 
     plain, constrained, refused, still_held, held_r, fake = _run(ABORTED, fn)
@@ -377,3 +379,40 @@ def test_a_slow_constraint_check_holds_only_its_own_request(monkeypatch):
     assert refused[0].json() == refused[1].json()
     added = [m[1].sampling.regex for m in fake.sent if m[0] == "add"]
     assert added[-1] == slow and set(added) == {None, other, slow}  # the held one was added last
+
+
+def test_abort_request_during_a_constraint_check_is_not_lost(monkeypatch):
+    """An /abort_request naming a request whose constraint is still being checked (before
+    its build) aborts it: the check runs inside building_request (found by review)."""
+    import uuid
+
+    from portaserve.core import grammar
+
+    slow = f"slow{uuid.uuid4().hex[:8]}[a-z]+"
+    gate, entered = threading.Event(), threading.Event()
+    real = grammar._validate
+
+    def held(kind, text):
+        if text == slow:
+            entered.set()
+            assert gate.wait(20)
+        return real(kind, text)
+
+    monkeypatch.setattr(grammar, "_validate", held)
+
+    async def fn(http, c, fake):
+        c.limits = Limits(context_len=512, vocab_size=100, pool_tokens=4096, grammar=True)
+        fake.finish = {"type": "length"}
+        fake.loop = asyncio.get_running_loop()
+        try:
+            held_req = asyncio.create_task(http.post("/generate", json={
+                **GEN, "rid": "r-checked", "sampling_params": {"max_new_tokens": 4, "regex": slow}}))
+            while not entered.is_set():
+                await asyncio.sleep(0.01)
+            assert (await http.post("/abort_request", json={"rid": "r-checked"})).status_code == 200
+        finally:
+            gate.set()
+        return await held_req
+
+    r = _run(ABORTED, fn)
+    assert r.status_code == 200 and r.json()["meta_info"]["finish_reason"]["type"] == "abort", r.text

@@ -363,3 +363,17 @@ def test_mixed_tail_slices_reach_the_kernels_aligned(monkeypatch):
     out = ta.attention_decode(q[1:], k, v, r2t, tail_rows, tail_lens, D ** -0.5)
     torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
     assert seen and all(m == 0 for m in seen[0]), seen
+
+
+def test_the_register_cap_goes_to_nvidia_launches_only(monkeypatch):
+    """Launch.maxnreg is an NVIDIA compile option: Triton's AMD and Intel backends refuse
+    an unknown launch keyword, so _options leaves it out there (found by review: fp8 decode
+    on XPU would have failed at its first launch)."""
+    from portaserve.platforms.triton_kernels import attention as ta
+
+    cfg = ta.Launch(warps=4, maxnreg=128)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert ta._options(cfg, torch.device("cuda")) == {"num_warps": 4, "maxnreg": 128}
+    assert ta._options(cfg, torch.device("xpu")) == {"num_warps": 4}
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert ta._options(cfg, torch.device("cuda")) == {"num_warps": 4}

@@ -30,7 +30,7 @@ class Launch(NamedTuple):
     block, warps and pipeline stages (None: Triton's default for the device), and whether
     a program's rows are a KV head's query heads together (extend: positions x heads, so
     each K/V block read serves them all); maxnreg caps the registers per thread (NVIDIA's
-    .maxnreg: more programs per SM, at the risk of spills; ignored elsewhere)."""
+    .maxnreg: more programs per SM, at the risk of spills; not passed on AMD or Intel)."""
     block_m: int = 64
     block_n: int = 64
     warps: Optional[int] = None
@@ -326,10 +326,11 @@ def _e4m3_as_bytes(device) -> bool:
     return _E4M3_BYTES[device]
 
 
-def _options(cfg: Launch) -> dict:
-    """A Launch's compile options for a GPU launch, those it sets."""
-    opts = {"num_warps": cfg.warps, "num_stages": cfg.stages,
-            "maxnreg": None if torch.version.hip else cfg.maxnreg}
+def _options(cfg: Launch, device: torch.device) -> dict:
+    """A Launch's compile options for a GPU launch, those it sets (maxnreg on NVIDIA only:
+    Triton's AMD and Intel backends refuse it)."""
+    nvidia = torch.version.hip is None and device.type != "xpu"
+    opts = {"num_warps": cfg.warps, "num_stages": cfg.stages, "maxnreg": cfg.maxnreg if nvidia else None}
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -392,6 +393,10 @@ def _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale
                 **({} if on_cpu else dict(num_warps=PREFIX_WARPS, num_stages=PREFIX_STAGES)))
     launch = pdl.launch(q.device)
     cfg = DECODE_LAUNCH_CPU if on_cpu else DECODE_LAUNCH[k_cache.element_size()]
+    if cfg.maxnreg and (max(D, DV) > 128 or e4m3_bits):
+        # the cap was measured at head size 128 over a float8 cache Triton reads as such;
+        # wider heads or the byte decoder (before sm_89) need more registers: no cap there
+        cfg = cfg._replace(maxnreg=None)
     _decode_stage1[(B * Hk, splits)](
         q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, kv_start, mid_o, mid_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
@@ -399,7 +404,7 @@ def _decode(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale
         0 if direct else mid_lse.stride(0), 0 if direct else mid_lse.stride(1), scale, H, GROUP=group,
         D=D, DV=DV, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_H=BLOCK_H,
         BLOCK_N=cfg.block_n, NUM_SPLITS=splits, HAS_START=shared is not None, E4M3_BITS=e4m3_bits,
-        Q_F16=q_f16, DIRECT=direct, KV_HEADS=Hk, **launch, **_options(cfg))
+        Q_F16=q_f16, DIRECT=direct, KV_HEADS=Hk, **launch, **_options(cfg, q.device))
     if direct:
         return o
     ps = (0, 0, 0, 0, 0) if shared is None else (
@@ -487,5 +492,5 @@ def attention_extend(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         o.stride(0), o.stride(1), req_to_token.stride(0), scale, GROUP=group, HEADS=heads, D=D, DV=DV,
         BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV), BLOCK_M=block_m,
-        BLOCK_N=cfg.block_n, E4M3_BITS=e4m3_bits, Q_F16=q_f16, **_options(cfg))
+        BLOCK_N=cfg.block_n, E4M3_BITS=e4m3_bits, Q_F16=q_f16, **_options(cfg, q.device))
     return o
