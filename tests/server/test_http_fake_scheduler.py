@@ -327,45 +327,64 @@ def test_a_constrained_stream_still_queued_after_the_hold_starts(monkeypatch):
     assert started is True and 0.25 < waited < 2.0 and live == 1
 
 
+class HeldCheck:
+    """A constraint (text) whose check blocks until release(); entered is set once it runs.
+    Fresh per test: verdicts are cached per text."""
+
+    def __init__(self, monkeypatch):
+        import uuid
+
+        from portaserve.core import grammar
+
+        self.tag = uuid.uuid4().hex[:8]
+        self.text = f"slow{self.tag}[a-z]+"
+        self.gate, self.entered = threading.Event(), threading.Event()
+        real = grammar._validate
+
+        def held(kind, text):
+            if text == self.text:
+                self.entered.set()
+                assert self.gate.wait(20)
+            return real(kind, text)
+
+        monkeypatch.setattr(grammar, "_validate", held)
+
+    async def running(self):
+        while not self.entered.is_set():
+            await asyncio.sleep(0.01)
+
+    def release(self):
+        self.gate.set()
+
+
+def _grammar_on(c, fake):
+    c.limits = Limits(context_len=512, vocab_size=100, pool_tokens=4096, grammar=True)
+    fake.finish = {"type": "length"}
+    fake.loop = asyncio.get_running_loop()
+
+
 def test_a_slow_constraint_check_holds_only_its_own_request(monkeypatch):
     """Constraints are checked before their request is built, off the one building thread
     (common.check_constraints): while one constraint's check runs (held here; seconds for a
     regex near the 1 MiB limit), an unconstrained request and one with another constraint
     are built, answered, and the held one is answered after.  A bad constraint is refused
     with the build's wording, whether its verdict is new or cached."""
-    import uuid
-
-    from portaserve.core import grammar
-
-    tag = uuid.uuid4().hex[:8]  # verdicts are cached per text: fresh texts for this test
-    slow, other, bad = f"slow{tag}[a-z]+", f"fast{tag}[0-9]+", f"bad{tag}[a-z"
-    gate, entered = threading.Event(), threading.Event()
-    real = grammar._validate
-
-    def held(kind, text):
-        if text == slow:
-            entered.set()
-            assert gate.wait(20)
-        return real(kind, text)
-
-    monkeypatch.setattr(grammar, "_validate", held)
+    check = HeldCheck(monkeypatch)
+    slow, other, bad = check.text, f"fast{check.tag}[0-9]+", f"bad{check.tag}[a-z"
 
     async def fn(http, c, fake):
-        c.limits = Limits(context_len=512, vocab_size=100, pool_tokens=4096, grammar=True)
-        fake.finish = {"type": "length"}
-        fake.loop = asyncio.get_running_loop()
+        _grammar_on(c, fake)
         try:
             held_req = asyncio.create_task(http.post("/generate", json={
                 **GEN, "sampling_params": {"max_new_tokens": 4, "regex": slow}}))
-            while not entered.is_set():
-                await asyncio.sleep(0.01)
+            await check.running()
             plain = await http.post("/v1/completions", json=CMPL)
             constrained = await http.post("/v1/completions", json={**CMPL, "regex": other})
             refused = [await http.post("/generate", json={**GEN, "sampling_params": {"regex": bad}})
                        for _ in range(2)]  # the second finds the first's verdict
             still_held = not held_req.done()
         finally:
-            gate.set()
+            check.release()
         return plain, constrained, refused, still_held, await held_req, fake
 
     plain, constrained, refused, still_held, held_r, fake = _run(ABORTED, fn)
@@ -384,34 +403,17 @@ def test_a_slow_constraint_check_holds_only_its_own_request(monkeypatch):
 def test_abort_request_during_a_constraint_check_is_not_lost(monkeypatch):
     """An /abort_request naming a request whose constraint is still being checked (before
     its build) aborts it: the check runs inside building_request (found by review)."""
-    import uuid
-
-    from portaserve.core import grammar
-
-    slow = f"slow{uuid.uuid4().hex[:8]}[a-z]+"
-    gate, entered = threading.Event(), threading.Event()
-    real = grammar._validate
-
-    def held(kind, text):
-        if text == slow:
-            entered.set()
-            assert gate.wait(20)
-        return real(kind, text)
-
-    monkeypatch.setattr(grammar, "_validate", held)
+    check = HeldCheck(monkeypatch)
 
     async def fn(http, c, fake):
-        c.limits = Limits(context_len=512, vocab_size=100, pool_tokens=4096, grammar=True)
-        fake.finish = {"type": "length"}
-        fake.loop = asyncio.get_running_loop()
+        _grammar_on(c, fake)
         try:
             held_req = asyncio.create_task(http.post("/generate", json={
-                **GEN, "rid": "r-checked", "sampling_params": {"max_new_tokens": 4, "regex": slow}}))
-            while not entered.is_set():
-                await asyncio.sleep(0.01)
+                **GEN, "rid": "r-checked", "sampling_params": {"max_new_tokens": 4, "regex": check.text}}))
+            await check.running()
             assert (await http.post("/abort_request", json={"rid": "r-checked"})).status_code == 200
         finally:
-            gate.set()
+            check.release()
         return await held_req
 
     r = _run(ABORTED, fn)
