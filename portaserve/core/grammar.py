@@ -193,14 +193,9 @@ def check_ahead(constraints) -> "list[Future]":
 
 
 def _record_quietly(kind: str, text: str, fut: Future) -> None:
-    if fut.cancelled():
-        with _validator_lock:
-            if _inflight.get((kind, text)) is fut:
-                del _inflight[(kind, text)]
-        return
     try:
         _record(kind, text, fut)
-    except Exception:  # noqa: BLE001 - not a GrammarError: the build checks again and says
+    except Exception:  # noqa: BLE001 - cancelled, or not a GrammarError: the build checks again
         pass
 
 
