@@ -56,10 +56,18 @@ async def check_constraints(client: SchedulerClient, sps) -> None:
     if not futures:
         return
     client.checks.update(futures)
-    try:  # a check's outcome is the build's to report: only wait here
-        await asyncio.wait([asyncio.wrap_future(f) for f in futures])
+    waits = [asyncio.wrap_future(f) for f in futures]
+    for w in waits:  # a check's outcome is the build's to report: read here only so that
+        w.add_done_callback(_quiet)  # asyncio does not log a refused constraint's traceback
+    try:
+        await asyncio.wait(waits)
     finally:
         client.checks.difference_update(futures)
+
+
+def _quiet(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def submit(client: SchedulerClient, reqs: list[Req], aborted: Optional[set] = None) -> list[ReqState]:

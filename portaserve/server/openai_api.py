@@ -148,8 +148,68 @@ def sampling_params(body: dict, chat: bool) -> tuple[dict, dict]:
         elif kind != "text":
             raise bad_request(f"response_format.type must be text, json_object or json_schema, "
                               f"got {kind!r}", "response_format")
+    vllm = _vllm_constraint(body)
+    if vllm is not None:
+        kind, text, field = vllm
+        others = [k for k in ("json_schema", "regex", "ebnf") if k in sp]
+        if others:
+            raise bad_request(f"only one output constraint may be set (got {field} and "
+                              f"{rename.get(others[0], others[0])})", field)
+        sp[kind] = text
+        rename[kind] = field  # its errors name the field the client set
     refuse_unsupported(body, UNSUPPORTED_FIELDS)
     return sp, rename
+
+
+# vLLM's structured-output fields, onto the same constraints: guided_json, guided_regex,
+# guided_choice and guided_grammar (vLLM up to 0.10), and structured_outputs {json, regex,
+# choice, grammar, json_object} (later releases).  guided_decoding_backend and
+# guided_whitespace_pattern are ignored, as other unknown fields (xgrammar decides both).
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+           "guided_grammar": "grammar"}
+_STRUCTURED = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+def _regex_literal(text: str) -> str:
+    """A regex (xgrammar's syntax) matching exactly text: metacharacters escaped, nothing
+    else (xgrammar warns on escapes it does not know, such as a space's)."""
+    return "".join("\\" + ch if ch in "\\.^$|?*+()[]{}-/" else ch for ch in text)
+
+
+def _vllm_constraint(body: dict) -> Optional[tuple[str, str, str]]:
+    """(kind, text, field) of the vLLM structured-output field the body sets, if any: kind
+    is json_schema, regex or ebnf; field names it in errors."""
+    found = [(what, body[name], name) for name, what in _GUIDED.items() if body.get(name) is not None]
+    so = get(body, "structured_outputs", dict)
+    for what in _STRUCTURED if so else ():
+        if so.get(what) not in (None, False):
+            found.append((what, so[what], f"structured_outputs.{what}"))
+    if not found:
+        return None
+    if len(found) > 1:
+        raise bad_request("only one output constraint may be set (got "
+                          + ", ".join(f for _, _, f in found) + ")", found[1][2])
+    what, value, field = found[0]
+    if what == "json":
+        if isinstance(value, dict):
+            return "json_schema", json.dumps(value), field
+        if isinstance(value, str):
+            return "json_schema", value, field
+        raise bad_request(f"{field} must be a JSON schema (an object or its text)", field)
+    if what == "json_object":
+        if value is not True:
+            raise bad_request(f"{field} must be a boolean", field)
+        return "json_schema", json.dumps({"type": "object"}), field
+    if what in ("regex", "grammar"):
+        if not isinstance(value, str) or not value:
+            raise bad_request(f"{field} must be a non-empty string", field)
+        return ("regex" if what == "regex" else "ebnf"), value, field
+    if what == "choice":
+        if (not isinstance(value, list) or not value
+                or not all(isinstance(x, str) and x for x in value)):
+            raise bad_request(f"{field} must be a non-empty list of non-empty strings", field)
+        return "regex", "(" + "|".join(_regex_literal(x) for x in value) + ")", field
+    raise bad_request(f"{field} is not supported (use json, regex, choice or grammar)", field)
 
 
 # Fields of OpenAI's or SGLang's request bodies that this server cannot honour: a request
@@ -161,6 +221,12 @@ UNSUPPORTED_FIELDS = {
     "custom_logit_processor": "custom logit processors are not supported",
     "audio": "audio output is not supported",
     "prediction": "predicted outputs are not supported",
+    # vLLM's
+    "use_beam_search": "beam search is not supported",
+    "allowed_token_ids": "allowed_token_ids is not supported (a logit_bias or a regex can restrict the output)",
+    "bad_words": "bad_words is not supported",
+    "prompt_logprobs": "prompt_logprobs is not supported (use echo with logprobs on /v1/completions, or "
+                       "return_logprob with logprob_start_len on /generate)",
 }
 
 
@@ -215,6 +281,34 @@ def _usage(states: list[ReqState], n: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _choice_usage(st: ReqState) -> dict:
+    """continuous_usage_stats: one choice's usage so far (its prompt and its tokens), as
+    vLLM reports it on each chunk."""
+    prompt, completion = st.meta["prompt_tokens"], st.meta["completion_tokens"]
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _token_texts(request: Request, body: dict):
+    """How logprobs name tokens: by their text, or (vLLM's return_tokens_as_token_ids) as
+    "token_id:<id>", which stays unambiguous where a token is part of a character."""
+    if get(body, "return_tokens_as_token_ids", bool, False):
+        return lambda tid: f"token_id:{tid}"
+    return request.app.state.token_texts
+
+
+def _keep_last(c, body: dict) -> Optional[int]:
+    """vLLM's truncate_prompt_tokens: how many of the prompt's last tokens to keep (-1: the
+    model's context length), or None."""
+    k = get(body, "truncate_prompt_tokens", int)
+    if k is None:
+        return None
+    if k == -1:
+        return c.limits.context_len
+    if k < 1:
+        raise bad_request(f"truncate_prompt_tokens must be -1 or at least 1, got {k}", "truncate_prompt_tokens")
+    return k
 
 
 # ---- /v1/tokenize, /v1/detokenize (SGLang's; also without /v1) --------------------------------
@@ -360,10 +454,15 @@ async def completions(request: Request):
     if get(body, "suffix", str):
         raise bad_request("suffix is not supported", "suffix")
     want_lp = logprobs is not None
+    keep = _keep_last(c, body)
 
     def build():  # on the request-building thread: it tokenizes
         reqs, prompt_texts = [], []
         for i, (text, ids) in enumerate(prompts):
+            if keep is not None:  # the prompt's last tokens (echo shows what is kept)
+                if ids is None:
+                    ids = _tokenizer_or_400(c, "prompt").encode(text, add_special_tokens=True)
+                text, ids = None, ids[-keep:]
             kw = dict(return_logprob=want_lp, logprob_start_len=0 if (want_lp and echo) else None,
                       top_logprobs_num=logprobs or 0, rename=rename,
                       prefix=f"prompt {i}: " if len(prompts) > 1 else "")
@@ -380,7 +479,7 @@ async def completions(request: Request):
         reqs, prompt_texts = await c.off_loop(build)
         _set_rids(body, reqs)
         states = submit(c, reqs, aborted)
-    texts = request.app.state.token_texts
+    texts = _token_texts(request, body)
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
@@ -437,7 +536,7 @@ async def completions(request: Request):
                     chunk = {"id": rid, "object": "text_completion", "created": created,
                              "model": model, "choices": [ch]}
                     if usage_mode:
-                        chunk["usage"] = _usage(states, n) if usage_mode == "every" else None
+                        chunk["usage"] = _choice_usage(st) if usage_mode == "every" else None
                     yield sse(chunk)
             if usage_mode:
                 yield sse({"id": rid, "object": "text_completion", "created": created,
@@ -483,6 +582,7 @@ def _messages(body: dict) -> list[dict]:
             raise bad_request(f"messages[{i}].content must be a string or a list of text parts",
                               "messages")
         msg = {"role": "system" if role == "developer" else role, "content": content}
+        _check_message_fields(m, i)
         for key in ("tool_calls", "tool_call_id", "name"):
             # assistant calls and tool results go to the template as given; a null is left
             # out (the openai client's message.model_dump() sends tool_calls: null, and
@@ -499,6 +599,24 @@ def _messages(body: dict) -> list[dict]:
                         pass
         out.append(msg)
     return out
+
+
+def _check_message_fields(m: dict, i: int) -> None:
+    """A message's name, tool_call_id and tool_calls, typed as OpenAI's API has them."""
+    for key in ("name", "tool_call_id"):
+        if m.get(key) is not None and not isinstance(m[key], str):
+            raise bad_request(f"messages[{i}].{key} must be a string", "messages")
+    calls = m.get("tool_calls")
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise bad_request(f"messages[{i}].tool_calls must be a list of tool calls", "messages")
+    for j, tc in enumerate(calls):
+        fn = tc.get("function") if isinstance(tc, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(
+                fn.get("arguments", ""), (str, dict)):
+            raise bad_request(f"messages[{i}].tool_calls[{j}] must be an object with a function "
+                              "{name, arguments}", "messages")
 
 
 def _chat_prompt_ids(c, body: dict, tools=None) -> list[int]:
@@ -614,9 +732,13 @@ async def chat_completions(request: Request):
         think_parser = None
     think_parser = reasoning.for_request(think_parser, any(k in sp for k in ("json_schema", "regex", "ebnf")))
     stream_reasoning = get(body, "stream_reasoning", bool, True)
+    keep = _keep_last(c, body)
+    echo = get(body, "echo", bool, False)
 
     def build():  # on the request-building thread: it renders the template and tokenizes
         ids = _chat_prompt_ids(c, body, tools)
+        if keep is not None:
+            ids = ids[-keep:]
         if "max_new_tokens" not in sp:
             # no max_tokens: up to the context (and the KV pool), as OpenAI does
             room = min(c.limits.context_len, c.limits.pool_tokens) - len(ids)
@@ -630,8 +752,12 @@ async def chat_completions(request: Request):
         reqs = await c.off_loop(build)
         _set_rids(body, reqs)
         states = submit(c, reqs, aborted)
-    texts = request.app.state.token_texts
+    texts = _token_texts(request, body)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
+    # vLLM's echo: the answer starts with the last message when it is the assistant's (the
+    # message the answer continues)
+    last = _messages(body)[-1] if echo else None
+    echoed = last["content"] if last is not None and last["role"] == "assistant" else ""
     created = int(time.time())
 
     tool_names = {t["function"]["name"] for t in tools} if tools else set()
@@ -656,9 +782,13 @@ async def chat_completions(request: Request):
         finish = _finish(st.finished_reason)
         if tools:
             content, calls, complete = tool_calls.parse(text, call_format, tool_names, max_calls, parser)
+            if calls and choice == "auto" and not (complete and tool_calls.arguments_parse(calls)):
+                calls = []  # a call that does not parse: the whole answer is text (as vLLM)
             if calls:
                 msg.update(content=content, tool_calls=calls)
                 finish = tool_finish(st, calls, complete)
+        if echoed:
+            msg["content"] = echoed + (msg["content"] or "")
         return msg, finish
 
     if not stream:
@@ -678,7 +808,8 @@ async def chat_completions(request: Request):
         d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
              "choices": choices}
         if usage_mode:
-            d["usage"] = _usage(states, n) if usage or usage_mode == "every" else None
+            d["usage"] = (_usage(states, n) if usage else _choice_usage(states[choices[0]["index"]])
+                          if usage_mode == "every" else None)
         return sse(d)
 
     async def gen():
@@ -693,6 +824,9 @@ async def chat_completions(request: Request):
             for k in range(n):
                 yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}])
+                if echoed:
+                    yield chunk([{"index": k, "delta": {"content": echoed}, "logprobs": None,
+                                  "finish_reason": None}])
             async for _ in follow(c, states):
                 for k, st in enumerate(states):
                     if st.sent_ids < 0:

@@ -846,6 +846,17 @@ def parse(text: str, fmt: str, tool_names, max_calls: Optional[int] = None,
     return content, calls, p.complete()
 
 
+def arguments_parse(calls: list[dict]) -> bool:
+    """Whether every call's arguments are a JSON object, as a client's json.loads needs."""
+    for c in calls:
+        try:
+            if not isinstance(json.loads(c["function"]["arguments"]), dict):
+                return False
+        except ValueError:
+            return False
+    return True
+
+
 def parse_free(text: str, parser: str, tool_names: set) -> tuple[Optional[str], list[dict]]:
     """(content, tool_calls) from free-form output; text that doesn't parse stays content."""
     content, calls, _ = parse(text, parser, tool_names)

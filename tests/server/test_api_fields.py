@@ -64,6 +64,126 @@ def test_continuous_usage_stats(server):
     assert all(c["usage"]["prompt_tokens"] == chunks[-1]["usage"]["prompt_tokens"] for c in chunks)
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats_count_each_choice(server, path):
+    """With n choices, a chunk's usage is its own choice's (its prompt and its tokens so
+    far, as vLLM reports it); the last chunk sums them all."""
+    body = {"model": "default", "max_tokens": 5, "temperature": 1.0, "seed": 3, "ignore_eos": True, "n": 2,
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body.update({"prompt": "Once upon a time"} if "chat" not in path else
+                {"messages": [{"role": "user", "content": "Tell me a story"}]})
+    r = server.post(path, stream=True, json=body)
+    chunks = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True)
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    seen = {0: [], 1: []}
+    for c in chunks[:-1]:
+        (ch,) = c["choices"]
+        seen[ch["index"]].append(c["usage"]["completion_tokens"])
+        if ch["finish_reason"] is not None:
+            assert c["usage"]["completion_tokens"] == 5
+    prompt = chunks[-1]["usage"]["prompt_tokens"]
+    assert all(c["usage"]["prompt_tokens"] == prompt for c in chunks)
+    for counts in seen.values():  # each choice counts up to its own 5
+        assert counts == sorted(counts) and counts[-1] == 5 and counts[0] <= 1
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 10
+
+
+def test_vllm_structured_output_fields(server, tok):
+    """vLLM's guided_* fields and structured_outputs constrain the answer as the equivalent
+    regex / json_schema / ebnf fields do (the same greedy text), and what comes back
+    belongs to the language each describes."""
+    chat = {"model": "default", "messages": [{"role": "user", "content": "Pick a colour."}], "max_tokens": 24}
+
+    def ask(path, **extra):
+        r = server.post(path, json={**(chat if "chat" in path else {"model": "default", "prompt": "Colour:",
+                                                                      "max_tokens": 24}), **extra})
+        assert r.status_code == 200, r.text
+        ch = r.json()["choices"]
+        return [c["message"]["content"] if "chat" in path else c["text"] for c in ch]
+
+    CHAT, C = "/v1/chat/completions", "/v1/completions"
+    options = ["red", "dark blue", "x-ray (green)?", "naïve|tab\t"]
+    for got in (ask(CHAT, guided_choice=options, temperature=1.0, seed=1, n=6),
+                ask(C, structured_outputs={"choice": options}, temperature=1.0, seed=2, n=6)):
+        assert all(g in options for g in got), got
+    rx = "[a-z]{3,8}(, [a-z]{3,8}){2}"
+    for path in (CHAT, C):
+        plain = ask(path, regex=rx, temperature=0)
+        assert re.fullmatch(rx, plain[0])
+        assert ask(path, guided_regex=rx, temperature=0) == plain
+        assert ask(path, structured_outputs={"regex": rx}, temperature=0) == plain
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 10}},
+              "required": ["colour"], "additionalProperties": False}
+    plain = ask(CHAT, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+                temperature=0)
+    jsonschema.validate(json.loads(plain[0]), schema)
+    assert ask(CHAT, guided_json=schema, temperature=0) == plain
+    assert ask(CHAT, guided_json=json.dumps(schema), temperature=0) == plain
+    assert ask(CHAT, structured_outputs={"json": schema}, temperature=0) == plain
+    obj = ask(CHAT, structured_outputs={"json_object": True}, temperature=0)
+    assert obj == ask(CHAT, response_format={"type": "json_object"}, temperature=0) and obj[0].startswith("{")
+    grammar = 'root ::= "yes" | "no" | "maybe"'
+    assert ask(C, guided_grammar=grammar, temperature=0) == ask(C, ebnf=grammar, temperature=0)
+    assert all(g in ("yes", "no", "maybe") for g in ask(CHAT, guided_grammar=grammar, temperature=1.0, n=4, seed=5))
+
+
+def test_return_tokens_as_token_ids(server, tok):
+    """vLLM's return_tokens_as_token_ids: logprobs name each token "token_id:<id>", and
+    those ids are the answer's tokens (they decode to its text)."""
+    r = server.post("/v1/completions", json={
+        "model": "default", "prompt": "The sea is", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+        "logprobs": 2, "return_tokens_as_token_ids": True}).json()["choices"][0]
+    ids = [int(re.fullmatch(r"token_id:(\d+)", t).group(1)) for t in r["logprobs"]["tokens"]]
+    assert len(ids) == 8 and tok.decode(ids) == r["text"]
+    assert all(re.fullmatch(r"token_id:\d+", k) for top in r["logprobs"]["top_logprobs"] for k in top)
+    c = server.post("/v1/chat/completions", json={
+        "model": "default", "messages": MSGS[:1], "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+        "logprobs": True, "top_logprobs": 2, "return_tokens_as_token_ids": True}).json()["choices"][0]
+    content = c["logprobs"]["content"]
+    ids = [int(e["token"].split(":")[1]) for e in content]
+    assert tok.decode(ids) == c["message"]["content"]
+    assert all(bytes(e["bytes"]).decode() == e["token"] and len(e["top_logprobs"]) == 2 for e in content)
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server, tok):
+    """vLLM's truncate_prompt_tokens: the answer is the native API's on the prompt's last k
+    tokens (of the tokenizer's own encoding, or of the rendered chat)."""
+    prompt = "one two three four five six seven eight nine ten"
+    ids = tok.encode(prompt, add_special_tokens=True)
+    r = server.post("/v1/completions", json={"model": "default", "prompt": prompt, "max_tokens": 6,
+                                             "temperature": 0, "ignore_eos": True, "truncate_prompt_tokens": 4,
+                                             "echo": True}).json()
+    assert r["usage"]["prompt_tokens"] == 4
+    tail = tok.decode(ids[-4:])
+    assert r["choices"][0]["text"] == tail + _greedy_from_ids(server, ids[-4:], 6)["text"]
+    chat = tok.encode(tok.apply_chat_template(MSGS[:1], tokenize=False, add_generation_prompt=True),
+                      add_special_tokens=False)
+    r = server.post("/v1/chat/completions", json={"model": "default", "messages": MSGS[:1], "max_tokens": 6,
+                                                  "temperature": 0, "ignore_eos": True,
+                                                  "truncate_prompt_tokens": 7}).json()
+    assert r["usage"]["prompt_tokens"] == 7
+    assert r["choices"][0]["message"]["content"] == _greedy_from_ids(server, chat[-7:], 6)["text"]
+
+
+def test_chat_echo_prepends_the_assistant_message_it_continues(server):
+    """vLLM's chat echo: with the last message the assistant's, the answer starts with it;
+    the rest is the answer without echo, streamed or not."""
+    base = {"model": "default", "messages": MSGS, "continue_final_message": True, "max_tokens": 6,
+            "temperature": 0, "ignore_eos": True}
+    plain = server.post("/v1/chat/completions", json=base).json()["choices"][0]["message"]["content"]
+    echoed = server.post("/v1/chat/completions", json={**base, "echo": True}).json()
+    assert echoed["choices"][0]["message"]["content"] == MSGS[-1]["content"] + plain
+    r = server.post("/v1/chat/completions", stream=True, json={**base, "echo": True, "stream": True})
+    deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in r.iter_lines(decode_unicode=True)
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "".join(d.get("content") or "" for d in deltas) == MSGS[-1]["content"] + plain
+    # a new turn (the last message the user's) has nothing to echo
+    user_last = {**base, "messages": MSGS[:1], "continue_final_message": False, "echo": True}
+    r = server.post("/v1/chat/completions", json=user_last).json()["choices"][0]["message"]["content"]
+    assert r == server.post("/v1/chat/completions", json={**user_last, "echo": False}).json()[
+        "choices"][0]["message"]["content"]
+
+
 def test_response_format_on_completions(server):
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                                "age": {"type": "integer", "minimum": 0, "maximum": 120}},

@@ -155,6 +155,29 @@ CASES = [
     (GEN, {"text": "x", "sampling_params": {"max_new_tokens": 2.5}}, "max_new_tokens must be an integer",
      "max_new_tokens"),
     (GEN, {"text": "x", "sampling_params": {"ignore_eos": 2}}, "ignore_eos must be a boolean", "ignore_eos"),
+    # vLLM's fields (found by an audit, session 22: each was a 200 that ignored it)
+    (CHAT, {"messages": MSG, "use_beam_search": True}, "beam search", "use_beam_search"),
+    (C, {"prompt": "x", "allowed_token_ids": [1, 2]}, "allowed_token_ids", "allowed_token_ids"),
+    (C, {"prompt": "x", "bad_words": ["a"]}, "bad_words", "bad_words"),
+    (C, {"prompt": "x", "prompt_logprobs": 1}, "echo", "prompt_logprobs"),
+    (C, {"prompt": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be", "truncate_prompt_tokens"),
+    (CHAT, {"messages": MSG, "guided_choice": []}, "non-empty list", "guided_choice"),
+    (CHAT, {"messages": MSG, "guided_choice": ["a", 5]}, "non-empty list", "guided_choice"),
+    (CHAT, {"messages": MSG, "guided_json": {}, "guided_regex": "a"}, "only one output constraint", "guided_regex"),
+    (C, {"prompt": "x", "response_format": {"type": "json_object"}, "guided_regex": "a"},
+     "only one output constraint may be set (got guided_regex and response_format)", "guided_regex"),
+    (C, {"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}}, "only one output constraint",
+     "structured_outputs.choice"),
+    (C, {"prompt": "x", "structured_outputs": {"structural_tag": "{}"}}, "not supported",
+     "structured_outputs.structural_tag"),
+    (C, {"prompt": "x", "structured_outputs": {"json": 5}}, "JSON schema", "structured_outputs.json"),
+    (C, {"prompt": "x", "guided_regex": "(unclosed"}, "guided_regex", "guided_regex"),
+    (CHAT, {"messages": MSG, "guided_grammar": 'root ::= "a" root'}, "matches no finite text", None),
+    (CHAT, {"messages": [{"role": "assistant", "content": "x", "tool_calls": "oops"}] + MSG},
+     "tool_calls must be a list", "messages"),
+    (CHAT, {"messages": [{"role": "assistant", "content": "x", "tool_calls": ["oops"]}] + MSG},
+     "tool_calls[0] must be an object", "messages"),
+    (CHAT, {"messages": [{"role": "user", "content": "x", "name": 5}]}, "name must be a string", "messages"),
 ]
 
 
@@ -267,3 +290,18 @@ def test_model_names_a_client_may_use(server):
         assert r.status_code == 404, r.text
         err = r.json()["error"]
         assert err["code"] == "model_not_found" and err["param"] == "model" and "does not exist" in err["message"]
+
+
+def test_a_refused_constraint_leaves_no_traceback_in_the_log(server):
+    """A constraint refused while checked ahead (a 400 to its client) is not also logged
+    as an unread asyncio exception with a traceback (any client could fill the log)."""
+    import time
+    import uuid
+
+    for body in ({"prompt": "x", "max_tokens": 2, "regex": f"(unclosed{uuid.uuid4().hex}"},
+                 {"prompt": "x", "max_tokens": 2, "json_schema": {"type": f"t{uuid.uuid4().hex}"}}):
+        assert requests.post(server.url + C, json=body, timeout=60).status_code == 400
+    for _ in range(3):  # the futures go with a cycle (the error's frames): let the collector run
+        assert requests.post(server.url + C, json={"prompt": "x", "max_tokens": 1}, timeout=60).status_code == 200
+    time.sleep(1.0)
+    assert "never retrieved" not in server.log_path.read_text(errors="replace")

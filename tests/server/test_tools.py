@@ -143,6 +143,29 @@ def test_streaming_hermes_calls_among_text(oai, seed):
     assert order[0] == "content" and order[-2:] == [("call", 0), ("call", 1)]
 
 
+@pytest.mark.parametrize("written", [
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": Paris}}\n</tool_call>',
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "x": True}}\n</tool_call>',
+    '<tool_call>\n{"name": "get_weather", "arguments": null}\n</tool_call>',
+    'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"',  # cut short by EOS
+])
+def test_a_call_that_does_not_parse_leaves_the_answer_as_text(oai, written):
+    """A free ("auto") answer whose call is not JSON, or stops part-way, comes back whole as
+    content with no tool_calls (as vLLM answers), not as a call a client cannot json.loads;
+    a well-formed call in the same form is a call (the parse is what decides)."""
+    import re
+
+    kw = dict(model="default", messages=MSGS, tools=[WEATHER, TIME], tool_choice="auto", max_tokens=60,
+              temperature=0)
+    r = oai.chat.completions.create(extra_body={"regex": re.escape(written)}, **kw).choices[0]
+    assert r.message.tool_calls is None and r.message.content == written and r.finish_reason == "stop"
+    good = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+    r = oai.chat.completions.create(extra_body={"regex": re.escape(good)}, **kw).choices[0]
+    assert [c.function.name for c in r.message.tool_calls] == ["get_weather"]
+    assert json.loads(r.message.tool_calls[0].function.arguments) == {"city": "Paris", "unit": "celsius"}
+    assert r.finish_reason == "tool_calls"
+
+
 def test_parallel_tool_calls_false_keeps_one_call(oai):
     """The same two-call output (a regex makes the model write two hermes calls) comes back
     as two calls, and as one with parallel_tool_calls false, streamed or not; tool_choice
