@@ -9,12 +9,10 @@ out = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/out")
 
 def load(name):
     p = out / name
-    if not p.exists():
+    text = p.read_text().strip() if p.exists() else ""
+    if not text:  # not run, or cut off before it wrote anything
         return None
-    if p.suffix == ".jsonl":
-        lines = p.read_text().splitlines()
-        return json.loads(lines[-1]) if lines else None
-    return json.loads(p.read_text())
+    return json.loads(text.splitlines()[-1] if p.suffix == ".jsonl" else text)
 
 
 rows = []
