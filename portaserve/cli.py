@@ -108,6 +108,7 @@ BENCHES = {
     "offline": ("offline", "in-process Engine throughput on a dataset (SGLang's bench_offline_throughput)"),
     "one-batch": ("one_batch", "prefill and per-step decode latency of one static batch (SGLang's bench_one_batch)"),
     "gemm": ("gemm", "quantized GEMMs against bf16 on the Llama-3.1-8B linear shapes"),
+    "schedule": ("schedule", "replay a dataset through the scheduler alone (no model): passes, batch sizes, tail"),
     "cascade": ("cascade", "decode attention over shared prefixes: plain against cascade"),
     "sampling": ("sampling", "top-k/top-p/min-p sampling providers against the native op"),
     "grammar": ("grammar_overhead", "per-token cost of constrained decoding (JSON schema)"),

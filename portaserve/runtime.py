@@ -255,6 +255,30 @@ def jump_forward_mode(args, graphs: bool) -> str:
     return "on" if args.jump_forward == "on" or not graphs else "off"
 
 
+def scheduler_config(args: ServerArgs, context_len: int, tokens: int, overlap: bool,
+                     deterministic: bool = False) -> SchedulerConfig:
+    """The scheduler's settings from the server's flags, for a pool of `tokens` KV slots
+    (also bench schedule's, which replays a dataset through the scheduler alone)."""
+    return SchedulerConfig(
+        context_len=context_len,
+        max_total_tokens=tokens,
+        max_running_requests=args.max_running_requests,
+        chunked_prefill_size=args.chunked_prefill_size,
+        max_prefill_tokens=args.max_prefill_tokens,
+        page_size=args.page_size,
+        schedule_policy=args.schedule_policy,
+        disable_radix_cache=args.disable_radix_cache,
+        random_seed=args.random_seed,
+        overlap=overlap,
+        overlap_prefill=not args.disable_overlap_prefill,
+        deterministic=deterministic,
+        enable_mixed_chunk=args.enable_mixed_chunk,
+        # SGLang's --schedule-conservativeness scales both ends of the estimate
+        init_new_token_ratio=min(SchedulerConfig.init_new_token_ratio * args.schedule_conservativeness, 1.0),
+        min_new_token_ratio=min(SchedulerConfig.min_new_token_ratio * args.schedule_conservativeness, 1.0),
+    )
+
+
 def build_runtime(args: ServerArgs, tp_rank: int = 0) -> Runtime:
     """The runtime of one rank (rank 0 unless called by a tensor-parallel follower;
     rank 0 of node 0 starts the other ranks of its node)."""
@@ -352,24 +376,8 @@ def _build_rank(args, platform, src, cfg, dtype, context_len, tp) -> Runtime:
 
         grammar = GrammarBackend(tokenizer, cfg.vocab_size, eos, pin_memory=platform.pin_memory)
     sched = Scheduler(
-        SchedulerConfig(
-            context_len=context_len,
-            max_total_tokens=tokens,
-            max_running_requests=args.max_running_requests,
-            chunked_prefill_size=args.chunked_prefill_size,
-            max_prefill_tokens=args.max_prefill_tokens,
-            page_size=page,
-            schedule_policy=args.schedule_policy,
-            disable_radix_cache=args.disable_radix_cache,
-            random_seed=args.random_seed,
-            overlap=not args.disable_overlap_schedule and platform.overlap_schedule,
-            overlap_prefill=not args.disable_overlap_prefill,
-            deterministic=tp is not None,
-            enable_mixed_chunk=args.enable_mixed_chunk,
-            # SGLang's --schedule-conservativeness scales both ends of the estimate
-            init_new_token_ratio=min(SchedulerConfig.init_new_token_ratio * args.schedule_conservativeness, 1.0),
-            min_new_token_ratio=min(SchedulerConfig.min_new_token_ratio * args.schedule_conservativeness, 1.0),
-        ),
+        scheduler_config(args, context_len, tokens, overlap=not args.disable_overlap_schedule and platform.overlap_schedule,
+                         deterministic=tp is not None),
         model, kv, device, eos, decode_fn if tokenizer is not None else None, grammar,
         jump_forward=False, rng_device=platform.rng_device(),
         inference_mode=platform.inference_mode, pin_memory=platform.pin_memory)

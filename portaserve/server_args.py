@@ -47,7 +47,7 @@ class ServerArgs:
     max_prefill_tokens: int = _opt(16384, "maximum prompt tokens in one prefill batch")
     enable_mixed_chunk: bool = _opt(False, "run the running requests' decode step inside each prefill batch instead of pausing them while it runs (the chunk gives up one token per running request)")
     page_size: int = _opt(1, "KV pool page size in tokens")
-    schedule_policy: str = _opt("fcfs", "order of admission", choices=["fcfs", "lpm", "dfs-weight", "random"])
+    schedule_policy: str = _opt("fcfs", "order of admission", choices=["fcfs", "lpm", "dfs-weight", "lof", "random"])
     schedule_conservativeness: float = _opt(1.0, "how much of the running requests' remaining max_new_tokens admission keeps free in the KV pool (SGLang's flag: scales the estimated share, 0.7 at start, decaying to 0.1): above 1 fewer requests are admitted and fewer retracted later, below 1 more are admitted")
     stream_interval: int = _opt(1, "stream a request's tokens to the HTTP side every N tokens (its first token and its end at once): larger values cut per-token work at high concurrency, smaller ones stream more smoothly")
     dp_size: int = _opt(1, "data parallel replicas: only 1 (run several servers behind a load balancer for more)", aliases=["--dp"])

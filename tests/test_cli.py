@@ -83,6 +83,22 @@ def test_bench_offline_and_one_batch_commands(tiny_models, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("usage: portaserve bench one-batch")
 
 
+def test_bench_schedule_command(tmp_path):
+    """`portaserve bench schedule` replays a dataset through the scheduler with no model
+    (its counts are checked against the engine in test_schedule_policy.py)."""
+    import json
+
+    out = tmp_path / "schedule.json"
+    r = run("bench", "schedule", "--dataset", "random", "--num-prompts", "50", "--random-input-len", "300",
+            "--random-output-len", "200", "--max-total-tokens", "3000", "--schedule-policy", "fcfs", "lof",
+            "--output-file", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res) == {"fcfs", "lof"} and all(v["decode_steps"] > 0 for v in res.values())
+    assert res["lof"]["decode_steps"] < res["fcfs"]["decode_steps"]  # the long outputs no longer run last
+    assert "tail steps" in r.stdout and "lof" in r.stdout
+
+
 def test_bad_flags_are_one_line_errors_before_the_model_loads():
     """Found by probing: each of these was a traceback (some after the model had loaded),
     or was accepted and broke every request later."""
@@ -104,7 +120,12 @@ def test_bad_flags_are_one_line_errors_before_the_model_loads():
                         (("bench", "cascade", "--device", "foo"), "bench cascade: error: unknown device 'foo'"),
                         (("bench", "serving", "--request-rate", "0"), "--request-rate: must be greater than 0"),
                         (("bench", "serving", "--random-range-ratio", "nan"), "--random-range-ratio: must be at least"),
-                        (("bench", "serving", "--output-file", "/nonexistent-dir/x.jsonl"), "--output-file:")]:
+                        (("bench", "serving", "--output-file", "/nonexistent-dir/x.jsonl"), "--output-file:"),
+                        (("bench", "schedule", "--max-total-tokens", "500", "--schedule-policy", "sjf"),
+                         "--schedule-policy: invalid choice: 'sjf'"),
+                        (("bench", "schedule", "--max-total-tokens", "100"), "requests do not fit"),
+                        (("bench", "schedule", "--max-total-tokens", "5000", "--page-size", "0"),
+                         "--page-size must be >= 1")]:
         r = run(*args)
         assert r.returncode == 2, (args, r.returncode, r.stderr[-1000:])
         assert words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1000:])

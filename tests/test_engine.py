@@ -80,7 +80,7 @@ def test_retraction_under_memory_pressure(reference_outputs):
         _free_all(eng)
 
 
-@pytest.mark.parametrize("policy", ["lpm", "dfs-weight", "random"])
+@pytest.mark.parametrize("policy", ["lpm", "dfs-weight", "lof", "random"])
 def test_schedule_policies_same_outputs(tiny_models, policy):
     from portaserve import Engine
 

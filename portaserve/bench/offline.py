@@ -20,6 +20,7 @@ import torch
 from portaserve.bench import NONNEG, POS, at_least, fraction, out_file
 from portaserve.bench.datasets import (BenchRequest, random_dataset, shared_prefix_dataset,
                                        uniform_dataset)
+from portaserve.core.scheduler import POLICIES
 
 
 class StepTimer:
@@ -147,7 +148,7 @@ def make_dataset(ns, vocab: int) -> list[BenchRequest]:
                                  ns.gsp_question_len, ns.gsp_output_len, vocab, ns.seed)
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
+def add_dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=["mixed", "random", "generated-shared-prefix"], default="mixed")
     p.add_argument("--num-prompts", type=POS, default=32)
     p.add_argument("--min-input-len", type=POS, default=20)
@@ -163,6 +164,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gsp-question-len", type=POS, default=32)
     p.add_argument("--gsp-output-len", type=POS, default=32)
     p.add_argument("--seed", type=int, default=0)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    add_dataset_args(p)
     p.add_argument("--model-path", default=None, help="local folder or .gguf file, or a Hugging Face repo id")
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hugging Face repo id")
     p.add_argument("--device", default="auto")
@@ -188,7 +193,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-batch-size", type=POS, default=None, help="default: all prompts in one batch")
     p.add_argument("--compare-no-cache", action="store_true", help="also run with --disable-radix-cache")
     p.add_argument("--cascade-attention", default="auto", choices=["auto", "on", "off"])
-    p.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm", "dfs-weight", "random"])
+    p.add_argument("--schedule-policy", default="fcfs", choices=POLICIES)
+    p.add_argument("--compare-schedule-policy", default=None, metavar="NAME",
+                   choices=POLICIES, help="also run with --schedule-policy NAME (side by side, same prompts)")
     p.add_argument("--compare-cascade-off", action="store_true", help="also run with --cascade-attention off")
     p.add_argument("--attention-backend", default=None, help="flashinfer, triton, ... (default: the platform's)")
     p.add_argument("--compare-attention-backend", default=None, metavar="NAME",
@@ -231,6 +238,9 @@ def main(argv=None, prog=None) -> int:
     if ns.compare_attention_backend:
         configs.append((f"portaserve --attention-backend {ns.compare_attention_backend}",
                         {"attention_backend": ns.compare_attention_backend}))
+    if ns.compare_schedule_policy:
+        configs.append((f"portaserve --schedule-policy {ns.compare_schedule_policy}",
+                        {"schedule_policy": ns.compare_schedule_policy}))
     if ns.compare_cascade_off:
         configs.append(("portaserve --cascade-attention off", {"cascade_attention": "off"}))
     if ns.compare_no_cache:

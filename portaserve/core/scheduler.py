@@ -37,7 +37,10 @@ from portaserve.core.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 
-POLICIES = ("fcfs", "lpm", "dfs-weight", "random")
+# Admission orders (SGLang's --schedule-policy): lpm and dfs-weight look at the radix
+# cache (without one they admit in arrival order, as SGLang's do); fcfs, lof (longest
+# output first: the largest max_new_tokens, arrival order among equals) and random do not.
+POLICIES = ("fcfs", "lpm", "dfs-weight", "lof", "random")
 
 
 def _longest_first(r: Req) -> int:
@@ -409,10 +412,13 @@ class Scheduler:
     # ---- policies ---------------------------------------------------------------------
     def _order_waiting(self) -> None:
         p = self.cfg.schedule_policy
-        if p == "fcfs" or self.tree is None:
-            return
         if p == "random":
             self.rng.shuffle(self.waiting)
+            return
+        if p == "lof":  # a retracted request keeps its place by its whole max_new_tokens
+            self.waiting.sort(key=lambda r: -r.sampling.max_new_tokens)
+            return
+        if p == "fcfs" or self.tree is None:
             return
         for r in self.waiting:
             self._match(r)

@@ -1,0 +1,87 @@
+"""Admission orders (--schedule-policy) and `bench schedule`, the scheduler replayed with
+no model.  References: the order the requests' max_new_tokens prescribe, and the step
+counts of the engine itself on the same dataset and pool."""
+from __future__ import annotations
+
+import pytest
+
+from portaserve.bench.datasets import random_dataset
+from portaserve.core.request_builder import build_req
+from portaserve.runtime import build_runtime
+from portaserve.server_args import ServerArgs
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+def _finish_order(path, lengths, **kw):
+    """Requests with these max_new_tokens, queued at once, one running at a time: the
+    order they finish in is the order they were admitted in."""
+    rt = build_runtime(ServerArgs(model_path=str(path), skip_tokenizer_init=True, grammar_backend="none",
+                                  max_running_requests=1, **kw))
+    s = rt.scheduler
+    for i, n in enumerate(lengths):
+        s.add_request(build_req(rt.limits(), None, None, [5 + i, 7, 9], {"max_new_tokens": n, **GREEDY},
+                                rid=str(i)))
+    order = []
+    steps = 0
+    while s.has_work():
+        order += [int(r.rid) for r in s.step() if r.finished_reason is not None]
+        steps += 1
+        assert steps < 500
+    return order
+
+
+LENGTHS = [3, 8, 5, 8, 2, 6]
+
+
+def test_lof_admits_the_longest_output_first(tiny_models):
+    path = tiny_models("llama3")
+    want = sorted(range(len(LENGTHS)), key=lambda i: -LENGTHS[i])  # stable: arrival order among equals
+    assert want == [1, 3, 5, 2, 0, 4]
+    assert _finish_order(path, LENGTHS, schedule_policy="lof") == want
+    assert _finish_order(path, LENGTHS, schedule_policy="lof", disable_radix_cache=True) == want
+    assert _finish_order(path, LENGTHS, schedule_policy="fcfs") == list(range(len(LENGTHS)))
+
+
+def test_random_policy_applies_without_a_radix_cache(tiny_models):
+    """random is cache-agnostic (as in SGLang): it used to fall back to arrival order
+    whenever --disable-radix-cache was set."""
+    path = tiny_models("llama3")
+    order = _finish_order(path, LENGTHS, schedule_policy="random", disable_radix_cache=True)
+    assert sorted(order) == list(range(len(LENGTHS)))
+    assert order != list(range(len(LENGTHS)))  # the seeded shuffle (random_seed 0) is not the identity
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "lof", "lpm"])
+def test_replay_takes_the_engines_steps(tiny_models, policy):
+    """bench schedule's counts are the engine's: the same dataset through a real Engine
+    (tiny model, CPU) on a pool small enough that decode batches are memory-bound and
+    requests get retracted."""
+    from portaserve import Engine
+    from portaserve.bench.offline import run_engine
+    from portaserve.bench.schedule import replay
+
+    path = tiny_models("llama3")
+    reqs = random_dataset(40, 200, 60, 0.0, 512, seed=3)
+    flags = dict(max_total_tokens=400, chunked_prefill_size=128, max_running_requests=32,
+                 schedule_policy=policy)
+    with Engine(str(path), skip_tokenizer_init=True, **flags) as eng:
+        assert eng.rt.scheduler.cfg.overlap is False  # the replay runs without overlap, as the CPU does
+        steps = run_engine(eng, reqs)["steps"]
+        retractions = eng.get_server_info()["counters"]["retractions"]
+        context = eng.rt.scheduler.cfg.context_len
+    sim = replay(reqs, ServerArgs(**flags), context)
+    assert sim["decode_steps"] == steps["decode_steps"]
+    assert sim["extend_steps"] == steps["extend_steps"]
+    assert sim["mean_decode_batch"] == steps["mean_decode_batch"]
+    assert sim["retractions"] == retractions
+    assert retractions > 0  # the pool is small enough for the retraction path to count
+
+
+def test_every_policy_is_a_serve_flag_choice():
+    import dataclasses
+
+    from portaserve.core.scheduler import POLICIES
+
+    field = next(f for f in dataclasses.fields(ServerArgs) if f.name == "schedule_policy")
+    assert sorted(field.metadata["choices"]) == sorted(POLICIES)
