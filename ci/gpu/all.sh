@@ -2,10 +2,11 @@
 # The whole GPU leg in one go: kernel/engine checks, then every benchmark of the CUDA issue
 # (Llama-3.1-8B shape, random bf16 weights), the MoE and quantized-GEMM figures, TP=2 when
 # two GPUs are visible, and one summary table (ci/gpu/summary.py) at the end.
-# Took 22 min on one H200 (session 9: set-up 2.5, tests 10.5, benchmarks 9). Where one
-# command may run 10 minutes at most (the device tool's calls), run it across calls on one
-# warm machine with ci/gpu/bg.sh (`bg.sh start ci/gpu/all.sh`, then `bg.sh wait`, as often
-# as needed), or run the parts (correctness.sh, throughput.sh, serving.sh, gsp_moe.sh, tp2.sh).
+# Took 22 min on one H200 (session 9: set-up 2.5, tests 10.5, benchmarks 9); session 23 added
+# a ~2 min lof run.  Where one command may run 10 minutes at most (the device tool's calls),
+# run it across calls on one warm machine with ci/gpu/bg.sh (`bg.sh start ci/gpu/all.sh`,
+# then `bg.sh wait`, as often as needed), or run the parts (correctness.sh, throughput.sh,
+# serving.sh, gsp_moe.sh, tp2.sh).
 source ci/gpu/setup.sh || exit 1
 M="--model-path /tmp/llama8b --load-format dummy --dtype bfloat16"
 # ONLY="tests offline_random ..." runs just those parts (same commands; the rest show as 'not run')
@@ -16,8 +17,11 @@ run tests env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovid
   tests/test_quantization.py --deselect tests/test_quantization.py::test_fp8_against_the_float_model
 run one_batch python3 -m portaserve.bench.one_batch $M --context-length 8192 --batch-size 1 32 128 \
   --input-len 128 --output-len 64 --compare-hf --output-file $OUT/one_batch.json
+# and, in the same process, longest output first (session 23: the fcfs run's last ~2,000
+# decode steps are the last-admitted long outputs finishing in small batches)
 run offline_random python3 -m portaserve.bench.offline $M --dataset random --num-prompts 500 \
-  --random-input-len 4096 --random-output-len 2048 --random-range-ratio 0 --output-file $OUT/offline_random.json
+  --random-input-len 4096 --random-output-len 2048 --random-range-ratio 0 --compare-schedule-policy lof \
+  --output-file $OUT/offline_random.json
 # the same with an fp8 KV cache: twice the tokens in the pool (on an H100 the bf16 pool caps the batch)
 run offline_random_fp8 python3 -m portaserve.bench.offline $M --dataset random --num-prompts 500 --kv-cache-dtype fp8_e4m3 \
   --random-input-len 4096 --random-output-len 2048 --random-range-ratio 0 --output-file $OUT/offline_random_fp8.json

@@ -10,6 +10,10 @@ export PORTASERVE_WITHOUT_FLASHINFER=1
 source ci/gpu/setup.sh || exit 1
 M="--model-path /tmp/llama8b --load-format dummy --dtype bfloat16"
 R="--dataset random --num-prompts 500 --random-input-len 4096 --random-output-len 2048 --random-range-ratio 0"
+# first, the bf16 decode kernel's register cap by batch size (session 21 measured 0.148 ms
+# capped against 0.176 ms uncapped at batch 64, 2 splits, and 1.5% slower capped at 256)
+STEP_SHOW="^decode batch|  bfloat16|Error" STEP_SHOW_LINES=40 step sweep 240 python3 ci/gpu/attention_sweep.py --only decode \
+  --batch 8 16 32 64 96 128 192 256 --match "^bfloat16 (default|maxnreg=128) f16"
 STEP_SHOW="^portaserve|^#|Error|KV pool"
 step lof_h200 330 python3 -m portaserve.bench.offline $M $R --compare-schedule-policy lof --output-file $OUT/lof_h200.json
 step lof_h100_pool 360 python3 -m portaserve.bench.offline $M $R --max-total-tokens 430000 --compare-schedule-policy lof \

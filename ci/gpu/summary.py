@@ -40,6 +40,9 @@ off = load("offline_random.json")
 row("offline random 500 prompts (out tok/s)", off and f"{off['portaserve']['output_tok_s']:,.0f}", ">= 4,500 (H100)")
 c = off and off["portaserve"].get("counters")
 row("  its prompt passes / decode steps", c and f"{c['forward_extend']} / {c['forward_decode']}", "measured")
+lof = off and off.get("portaserve --schedule-policy lof")
+row("  the same, --schedule-policy lof", lof and f"{lof['output_tok_s']:,.0f} "
+    f"({lof['output_tok_s'] / off['portaserve']['output_tok_s']:.2f}x fcfs)", "measured")
 fp8 = load("offline_random_fp8.json")
 fp8_tok = fp8 and fp8["portaserve"]["output_tok_s"]
 row("  the same, --kv-cache-dtype fp8_e4m3", fp8 and f"{fp8_tok:,.0f}" + (

@@ -78,6 +78,7 @@ def replay(reqs, args: ServerArgs, context_len: int) -> dict:
     return {"extend_steps": n["extend"], "mixed_steps": n["mixed"], "decode_steps": n["decode"],
             "mean_decode_batch": round(rows / dec, 1), "mean_kv_use": round(used / dec / cfg.max_total_tokens, 3),
             "retractions": retracted, "cached_tokens": s.counters.cached_tokens,
+            "prompt_tokens_computed": s.counters.extend_tokens,
             "tail_decode_steps": tail, "tail_mean_batch": round(tail_rows / max(tail, 1), 1),
             "replay_seconds": round(time.perf_counter() - t0, 2)}
 
@@ -121,13 +122,16 @@ def main(argv=None, prog=None) -> int:
           f"{sum(r.output_len for r in reqs)} output tokens; pool {ns.max_total_tokens} tokens, "
           f"max running {ns.max_running_requests}, chunk {ns.chunked_prefill_size}")
     cols = [("policy", 12), ("extend", 8), ("mixed", 7), ("decode", 8), ("mean batch", 11), ("KV use", 8),
-            ("retracted", 10), ("tail steps", 11), ("tail batch", 11)]
+            ("retracted", 10), ("recomputed", 11), ("tail steps", 11), ("tail batch", 11)]
+    prompt = sum(len(r.input_ids) for r in reqs)
     print("".join(f"{c:>{w}}" for c, w in cols))
     for policy, r in results.items():
         vals = [policy, r["extend_steps"], r["mixed_steps"], r["decode_steps"], r["mean_decode_batch"],
-                f"{r['mean_kv_use']:.0%}", r["retractions"], r["tail_decode_steps"], r["tail_mean_batch"]]
+                f"{r['mean_kv_use']:.0%}", r["retractions"], r["prompt_tokens_computed"] + r["cached_tokens"] - prompt,
+                r["tail_decode_steps"], r["tail_mean_batch"]]
         print("".join(f"{v:>{w}}" for v, (_, w) in zip(vals, cols)))
-    print("(tail: decode steps after the queue emptied; KV use: slots held by running requests, mean over decode steps)")
+    print("(recomputed: tokens prefilled again after a retraction; tail: decode steps after the queue emptied;\n"
+          " KV use: slots held by running requests, mean over decode steps)")
     if ns.output_file:
         with open(ns.output_file, "w") as f:
             json.dump(results, f, indent=2)
