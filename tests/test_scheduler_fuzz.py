@@ -1,9 +1,9 @@
 """Randomised differential test of the scheduler's loops: the plain loop, the overlap
 scheduler without and with overlapped prompt passes, driven step by step over random
 workloads (prompt and output lengths, stop tokens, seeded sampling, max_new_tokens 0..many,
-page sizes, chunk sizes, pools small enough to retract, mixed chunk, aborts at random
-steps).  Every loop must give each request the tokens and finish reason the plain loop
-gives it, and leave no KV slot or request row behind.  On the CPU each step runs
+page sizes, chunk sizes, pools small enough to retract, mixed chunk, admission orders,
+aborts at random steps).  Every loop must give each request the tokens and finish reason
+the plain loop gives it, and leave no KV slot or request row behind.  On the CPU each step runs
 synchronously, so this checks the bookkeeping, not device ordering."""
 import random
 
@@ -32,6 +32,9 @@ def _workload(seed):
     # a long-serving scheduler reserves little for running requests' future tokens, so
     # admission is optimistic and decode steps retract (0.7 is a fresh one's share)
     config["reserve"] = rnd.choice([0.7, 0.05])
+    # admission orders that reorder the queue without the radix cache's help (drawn last, so
+    # the draws above match the workloads this test had before)
+    config["schedule_policy"] = rnd.choice(["fcfs", "fcfs", "lof", "random"])
     return prompts, sps, config, aborts
 
 
