@@ -17,7 +17,7 @@ def _finish_order(path, lengths, **kw):
     """Requests with these max_new_tokens, queued at once, one running at a time: the
     order they finish in is the order they were admitted in."""
     rt = build_runtime(ServerArgs(model_path=str(path), skip_tokenizer_init=True, grammar_backend="none",
-                                  max_running_requests=1, **kw))
+                                  device="cpu", max_running_requests=1, **kw))
     s = rt.scheduler
     for i, n in enumerate(lengths):
         s.add_request(build_req(rt.limits(), None, None, [5 + i, 7, 9], {"max_new_tokens": n, **GREEDY},
@@ -65,7 +65,7 @@ def test_replay_takes_the_engines_steps(tiny_models, policy):
     reqs = random_dataset(40, 200, 60, 0.0, 512, seed=3)
     flags = dict(max_total_tokens=400, chunked_prefill_size=128, max_running_requests=32,
                  schedule_policy=policy)
-    with Engine(str(path), skip_tokenizer_init=True, **flags) as eng:
+    with Engine(str(path), skip_tokenizer_init=True, device="cpu", **flags) as eng:
         assert eng.rt.scheduler.cfg.overlap is False  # the replay runs without overlap, as the CPU does
         steps = run_engine(eng, reqs)["steps"]
         retractions = eng.get_server_info()["counters"]["retractions"]
