@@ -166,6 +166,14 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def check_dataset_args(p: argparse.ArgumentParser, ns) -> None:
+    """Errors argparse cannot see: ranges given backwards."""
+    for kind in ("input", "output"):
+        lo, hi = getattr(ns, f"min_{kind}_len"), getattr(ns, f"max_{kind}_len")
+        if lo > hi:
+            p.error(f"--min-{kind}-len ({lo}) is greater than --max-{kind}-len ({hi})")
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     add_dataset_args(p)
     p.add_argument("--model-path", default=None, help="local folder or .gguf file, or a Hugging Face repo id")
@@ -218,6 +226,10 @@ def main(argv=None, prog=None) -> int:
     p = argparse.ArgumentParser(prog=prog or "python -m portaserve.bench.offline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p)
     ns = p.parse_args(argv)
+    check_dataset_args(p, ns)
+    if ns.compare_schedule_policy == ns.schedule_policy:
+        p.error(f"--compare-schedule-policy {ns.compare_schedule_policy}: the main run's policy already "
+                "(--schedule-policy picks the other one)")
     if ns.profile_after and not ns.profile:
         p.error("--profile-after: only with --profile")
     if ns.profile_after == float("inf"):
@@ -292,7 +304,8 @@ def main(argv=None, prog=None) -> int:
     print(f"\n# {ns.dataset}: {len(reqs)} requests, {sum(len(r.input_ids) for r in reqs)} prompt tokens, "
           f"{sum(r.output_len for r in reqs)} output tokens; {info['platform']} ({info['device_name']}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, python {platform.python_version()}"
-          f"{'' if ns.kv_cache_dtype == 'auto' else f'; KV cache {ns.kv_cache_dtype}'}")
+          f"{'' if ns.kv_cache_dtype == 'auto' else f'; KV cache {ns.kv_cache_dtype}'}"
+          f"{'' if ns.schedule_policy == 'fcfs' else f'; portaserve runs --schedule-policy {ns.schedule_policy}'}")
     base = results.get("transformers")
     print(f"{'run':<36}{'seconds':>9}{'out tok/s':>11}{'total tok/s':>13}{'cache hit':>11}{'vs HF':>8}")
     for label, r in results.items():
@@ -301,8 +314,10 @@ def main(argv=None, prog=None) -> int:
         print(f"{label:<36}{r['seconds']:>9.2f}{r['output_tok_s']:>11.1f}{r['total_tok_s']:>13.1f}{hit:>11}{ratio:>8}")
     for label, r in results.items():
         if r.get("steps"):
-            shared = r.get("counters", {}).get("decode_shared", 0)
+            counters = r.get("counters", {})
+            shared = counters.get("decode_shared", 0)
             print(f"{label} steps: " + ", ".join(f"{k}={v}" for k, v in r["steps"].items())
+                  + f", retractions={counters.get('retractions', 0)}"
                   + (f", cascade-attention decode steps={shared}" if shared else ""))
     for label, r in results.items():
         if r.get("profile"):

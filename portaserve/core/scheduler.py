@@ -40,7 +40,13 @@ logger = logging.getLogger(__name__)
 # Admission orders (SGLang's --schedule-policy): lpm and dfs-weight look at the radix
 # cache (without one they admit in arrival order, as SGLang's do); fcfs, lof (longest
 # output first: the largest max_new_tokens, arrival order among equals) and random do not.
+# Under lof a request that has run already (retracted, or re-queued by jump-forward) stays
+# ahead of the ones that have not, as it does under fcfs.
 POLICIES = ("fcfs", "lpm", "dfs-weight", "lof", "random")
+
+
+def _lof_key(r: Req) -> tuple:
+    return (not r.admitted_once, -r.sampling.max_new_tokens)
 
 
 def _longest_first(r: Req) -> int:
@@ -415,8 +421,8 @@ class Scheduler:
         if p == "random":
             self.rng.shuffle(self.waiting)
             return
-        if p == "lof":  # a retracted request keeps its place by its whole max_new_tokens
-            self.waiting.sort(key=lambda r: -r.sampling.max_new_tokens)
+        if p == "lof":
+            self.waiting.sort(key=_lof_key)
             return
         if p == "fcfs" or self.tree is None:
             return
@@ -879,6 +885,8 @@ class Scheduler:
             return False
         if self.req_pool.available() == 0:
             return False
+        if self.cfg.schedule_policy == "lof":
+            self._order_waiting()  # look at the request admission takes first (sorting is idempotent)
         first = self.waiting[0]
         return first.seq_len <= self._available() - self._reserved_for_running()
 
